@@ -1,0 +1,250 @@
+-- citapulse: install (idempotent; run with psql -f sql/install.sql, as often as you like).
+--
+-- Creates schema citapulse with:
+--   citapulse.events    the durable change log (what makes delivery lossless)
+--   citapulse.wakeup    one row: whether the triggers call pg_notify (adaptive wake-up)
+--   citapulse.settings  one row: knobs the daemon writes and the triggers read
+--   citapulse.watch(), citapulse.unwatch(), citapulse.emit(), citapulse.version()
+-- User tables are never altered; watch() only adds triggers named citapulse_*.
+
+BEGIN;
+SET LOCAL client_min_messages = warning;
+
+CREATE SCHEMA IF NOT EXISTS citapulse;
+
+-- The version the daemon checks at start-up; bump on any incompatible change.
+CREATE OR REPLACE FUNCTION citapulse.version() RETURNS integer
+LANGUAGE sql IMMUTABLE AS $$ SELECT 1 $$;
+
+-- One row per changed row (or one calendar_refresh per tenant for a bulk statement).
+-- xid and horizon make replay lossless when transactions commit out of id order:
+-- every event committing after event X was written has xid >= X.horizon.
+CREATE TABLE IF NOT EXISTS citapulse.events (
+    id          bigserial PRIMARY KEY,
+    tenant      text        NOT NULL,            -- '*' = every tenant (TRUNCATE)
+    kind        text        NOT NULL,            -- event family: appointment, schedule, custom
+    event_type  text        NOT NULL,            -- message type sent to clients
+    tbl         text,                            -- schema.table, NULL for emit()
+    op          text        NOT NULL,            -- INSERT UPDATE DELETE TRUNCATE EMIT
+    row_data    jsonb,                           -- new row (INSERT/UPDATE) or deleted row
+    old_data    jsonb,                           -- old row (UPDATE/DELETE)
+    payload     jsonb,                           -- emit() data, calendar_refresh details
+    xid         xid8        NOT NULL DEFAULT pg_current_xact_id(),
+    horizon     xid8        NOT NULL DEFAULT pg_snapshot_xmin(pg_current_snapshot()),
+    created_at  timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+-- Replay of one tenant's channel.
+CREATE INDEX IF NOT EXISTS events_tenant_id_idx ON citapulse.events (tenant, id);
+-- Late commits: the daemon re-reads events of transactions that were in progress.
+CREATE INDEX IF NOT EXISTS events_xid_idx ON citapulse.events (xid);
+-- Pruning by age: BRIN stays tiny and cheap to maintain because created_at grows with id.
+CREATE INDEX IF NOT EXISTS events_created_brin ON citapulse.events USING brin (created_at) WITH (pages_per_range = 16, autosummarize = on);
+
+CREATE TABLE IF NOT EXISTS citapulse.wakeup (
+    singleton   boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    notify      boolean     NOT NULL DEFAULT true,
+    reason      text        NOT NULL DEFAULT 'installed',
+    changed_at  timestamptz NOT NULL DEFAULT now(),
+    changed_by  text
+);
+INSERT INTO citapulse.wakeup (singleton) VALUES (true) ON CONFLICT DO NOTHING;
+
+CREATE TABLE IF NOT EXISTS citapulse.settings (
+    singleton       boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    bulk_threshold  integer NOT NULL DEFAULT 100 CHECK (bulk_threshold >= 0),
+    -- Highest event id ever pruned: a resume from below it answers history_expired.
+    pruned_upto     bigint  NOT NULL DEFAULT 0
+);
+INSERT INTO citapulse.settings (singleton) VALUES (true) ON CONFLICT DO NOTHING;
+
+-- The event type of one changed row, by family.
+CREATE OR REPLACE FUNCTION citapulse.event_type(kind text, op text, new_row jsonb, old_row jsonb)
+RETURNS text LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE
+        WHEN kind = 'appointment' THEN
+            CASE op
+                WHEN 'INSERT' THEN 'cita_created'
+                WHEN 'DELETE' THEN 'cita_deleted'
+                ELSE CASE
+                    WHEN new_row -> 'estado' IS DISTINCT FROM old_row -> 'estado' THEN 'status_changed'
+                    WHEN new_row -> 'fecha' IS DISTINCT FROM old_row -> 'fecha'
+                      OR new_row -> 'hora_inicio' IS DISTINCT FROM old_row -> 'hora_inicio'
+                      OR new_row -> 'hora_fin' IS DISTINCT FROM old_row -> 'hora_fin' THEN 'cita_rescheduled'
+                    ELSE 'cita_updated'
+                END
+            END
+        WHEN kind = 'schedule' THEN 'schedule_updated'
+        ELSE kind || '_' || CASE op WHEN 'INSERT' THEN 'created' WHEN 'DELETE' THEN 'deleted' ELSE 'updated' END
+    END
+$$;
+
+-- The `data` object of the message clients receive for one log row. The daemon sends
+-- {"type": event_type, "channel": "estadisticas:<tenant>", "id": id, "data": event_data(e)}.
+CREATE OR REPLACE FUNCTION citapulse.event_data(e citapulse.events) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT CASE
+        WHEN e.op = 'EMIT' THEN coalesce(e.payload, '{}'::jsonb)
+        WHEN e.event_type = 'calendar_refresh' THEN
+            e.payload || jsonb_build_object('table', e.tbl, 'timestamp', floor(extract(epoch FROM e.created_at))::bigint)
+        ELSE jsonb_build_object(
+                 'action', CASE e.op WHEN 'INSERT' THEN 'created' WHEN 'DELETE' THEN 'deleted' ELSE 'updated' END,
+                 'table', e.tbl,
+                 'row', coalesce(e.row_data, e.old_data),
+                 'old', e.old_data,
+                 'timestamp', floor(extract(epoch FROM e.created_at))::bigint)
+             || CASE WHEN e.kind = 'schedule' THEN jsonb_build_object(
+                 'profesional_id', coalesce(e.row_data, e.old_data) -> 'profesional_id',
+                 'dia_semana', coalesce(e.row_data, e.old_data) -> 'dia_semana')
+                ELSE '{}'::jsonb END
+    END
+$$;
+
+-- Writes one statement's changes to the log with one INSERT ... SELECT, then one pg_notify
+-- per tenant while notifying is on. It must never make the application's statement fail on
+-- data: NULL tenants are skipped, every column type travels through to_jsonb, and the
+-- notification payload is cut to a safe size (row data travels through the log).
+-- A statement changing more than settings.bulk_threshold rows of one tenant logs a single
+-- calendar_refresh for that tenant instead of one event per row.
+-- TG_ARGV: [0] tenant column, [1] kind (event family).
+CREATE OR REPLACE FUNCTION citapulse.capture() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    tenant_col text := TG_ARGV[0];
+    fam        text := TG_ARGV[1];
+    tname      text := format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME);
+    threshold  integer;
+    notifying  boolean;
+    news       jsonb[];
+    olds       jsonb[];
+    wake       text[];
+BEGIN
+    -- PostgreSQL fills both transition tables of an UPDATE in the same order, so the
+    -- i-th new row pairs with the i-th old row.
+    IF TG_OP IN ('INSERT', 'UPDATE') THEN
+        SELECT array_agg(to_jsonb(t.*)) INTO news FROM citapulse_new t;
+    END IF;
+    IF TG_OP IN ('UPDATE', 'DELETE') THEN
+        SELECT array_agg(to_jsonb(t.*)) INTO olds FROM citapulse_old t;
+    END IF;
+    IF coalesce(cardinality(news), cardinality(olds), 0) = 0 THEN
+        RETURN NULL;
+    END IF;
+
+    SELECT s.bulk_threshold, w.notify INTO threshold, notifying
+      FROM citapulse.settings s, citapulse.wakeup w;
+
+    WITH changed AS (
+        SELECT news[i] AS r, olds[i] AS o
+          FROM generate_subscripts(coalesce(news, olds), 1) AS i
+    ), tagged AS (
+        SELECT r, o, coalesce(r, o) ->> tenant_col AS tenant FROM changed
+    ), per_tenant AS (
+        SELECT tenant, count(*) AS n FROM tagged WHERE tenant IS NOT NULL GROUP BY tenant
+    ), logged AS (
+        INSERT INTO citapulse.events (tenant, kind, event_type, tbl, op, row_data, old_data, payload)
+        SELECT t.tenant, fam, citapulse.event_type(fam, TG_OP, t.r, t.o), tname, TG_OP, t.r, t.o, NULL
+          FROM tagged t JOIN per_tenant p USING (tenant)
+         WHERE p.n <= coalesce(threshold, 100)
+        UNION ALL
+        SELECT p.tenant, fam, 'calendar_refresh', tname, TG_OP, NULL, NULL,
+               jsonb_build_object('reason', 'bulk', 'rows', p.n, 'action', lower(TG_OP))
+          FROM per_tenant p
+         WHERE p.n > coalesce(threshold, 100)
+        RETURNING tenant, id
+    )
+    SELECT array_agg(left(tenant, 200) || ':' || last_id) INTO wake
+      FROM (SELECT tenant, max(id) AS last_id FROM logged GROUP BY tenant) l;
+
+    IF coalesce(notifying, true) AND wake IS NOT NULL THEN
+        PERFORM pg_notify('citapulse', w) FROM unnest(wake) AS w;
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+-- A TRUNCATE removes rows without transition tables: one calendar_refresh for every tenant
+-- ('*'); the daemon hands it to the tenants that have subscribers.
+CREATE OR REPLACE FUNCTION citapulse.capture_truncate() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    new_id bigint;
+BEGIN
+    INSERT INTO citapulse.events (tenant, kind, event_type, tbl, op, payload)
+    VALUES ('*', TG_ARGV[0], 'calendar_refresh', format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME),
+            'TRUNCATE', jsonb_build_object('reason', 'truncate', 'action', 'truncate'))
+    RETURNING id INTO new_id;
+    IF coalesce((SELECT notify FROM citapulse.wakeup), true) THEN
+        PERFORM pg_notify('citapulse', '*:' || new_id);
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+-- Attaches the four triggers (one per operation: transition tables allow one event each).
+-- Calling it again replaces them, so changing tenant_column or kind is one call.
+CREATE OR REPLACE FUNCTION citapulse.watch(tbl regclass, tenant_column text, kind text DEFAULT 'appointment')
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    IF tenant_column IS NULL OR kind IS NULL OR kind !~ '^[a-z][a-z0-9_]{0,40}$' THEN
+        RAISE EXCEPTION 'citapulse.watch: tenant_column must be set and kind must match ^[a-z][a-z0-9_]{0,40}$ (got %)', kind;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute
+                    WHERE attrelid = tbl AND attname = tenant_column AND attnum > 0 AND NOT attisdropped) THEN
+        RAISE EXCEPTION 'citapulse.watch: table % has no column %', tbl, tenant_column;
+    END IF;
+    PERFORM citapulse.unwatch(tbl);
+    EXECUTE format('CREATE TRIGGER citapulse_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS citapulse_new '
+                   'FOR EACH STATEMENT EXECUTE FUNCTION citapulse.capture(%L, %L)', tbl, tenant_column, kind);
+    EXECUTE format('CREATE TRIGGER citapulse_update AFTER UPDATE ON %s REFERENCING OLD TABLE AS citapulse_old NEW TABLE AS citapulse_new '
+                   'FOR EACH STATEMENT EXECUTE FUNCTION citapulse.capture(%L, %L)', tbl, tenant_column, kind);
+    EXECUTE format('CREATE TRIGGER citapulse_delete AFTER DELETE ON %s REFERENCING OLD TABLE AS citapulse_old '
+                   'FOR EACH STATEMENT EXECUTE FUNCTION citapulse.capture(%L, %L)', tbl, tenant_column, kind);
+    EXECUTE format('CREATE TRIGGER citapulse_truncate AFTER TRUNCATE ON %s '
+                   'FOR EACH STATEMENT EXECUTE FUNCTION citapulse.capture_truncate(%L)', tbl, kind);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION citapulse.unwatch(tbl regclass) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    trg name;
+BEGIN
+    FOR trg IN SELECT t.tgname FROM pg_trigger t
+                WHERE t.tgrelid = tbl AND NOT t.tgisinternal
+                  AND t.tgfoid IN ('citapulse.capture'::regproc, 'citapulse.capture_truncate'::regproc)
+    LOOP
+        EXECUTE format('DROP TRIGGER %I ON %s', trg, tbl);
+    END LOOP;
+END
+$$;
+
+-- The watched tables, for `citapulse check` and DBAs.
+CREATE OR REPLACE VIEW citapulse.watched AS
+SELECT t.tgrelid::regclass AS tbl,
+       count(*) AS triggers,
+       array_agg(t.tgname::text ORDER BY t.tgname) AS trigger_names
+  FROM pg_trigger t
+ WHERE NOT t.tgisinternal
+   AND t.tgfoid IN ('citapulse.capture'::regproc, 'citapulse.capture_truncate'::regproc)
+ GROUP BY t.tgrelid;
+
+-- Publishes a custom event in the caller's transaction: delivered only if it commits.
+CREATE OR REPLACE FUNCTION citapulse.emit(tenant text, event_type text, data jsonb DEFAULT '{}')
+RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    new_id bigint;
+BEGIN
+    IF tenant IS NULL OR event_type IS NULL OR event_type !~ '^[A-Za-z][A-Za-z0-9_.:-]{0,63}$' THEN
+        RAISE EXCEPTION 'citapulse.emit: tenant must be set and event_type must match ^[A-Za-z][A-Za-z0-9_.:-]{0,63}$';
+    END IF;
+    INSERT INTO citapulse.events (tenant, kind, event_type, op, payload)
+    VALUES (tenant, 'custom', event_type, 'EMIT', coalesce(data, '{}'::jsonb))
+    RETURNING id INTO new_id;
+    IF coalesce((SELECT notify FROM citapulse.wakeup), true) THEN
+        PERFORM pg_notify('citapulse', left(tenant, 200) || ':' || new_id);
+    END IF;
+    RETURN new_id;
+END
+$$;
+
+COMMIT;

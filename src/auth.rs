@@ -1,0 +1,324 @@
+//! JWT checks and per-tenant authorization.
+//!
+//! Owns which algorithms and keys are accepted and what a verified identity may read.
+//! Must never log a token.
+
+use std::collections::HashSet;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde_json::{Map, Value};
+
+use crate::config::{AuthConfig, ConfigError};
+
+/// The channel prefix for a tenant's statistics and events.
+pub const STATS_PREFIX: &str = "estadisticas:";
+/// Longest tenant id accepted in a channel name.
+pub const MAX_TENANT_LEN: usize = 64;
+
+/// Why a token was refused; the text is safe to show the client.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AuthError {
+    /// No token in query, header or subprotocol.
+    #[error("missing token")]
+    Missing,
+    /// The token is past `exp`.
+    #[error("token expired")]
+    Expired,
+    /// Anything else: bad signature, algorithm, claims or encoding.
+    #[error("invalid token: {0}")]
+    Invalid(&'static str),
+}
+
+/// A verified caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// `sub`.
+    pub user_id: String,
+    /// The tenant claim, if present.
+    pub tenant: Option<String>,
+    /// `role`, if present.
+    pub role: Option<String>,
+    /// `exp`, Unix seconds.
+    pub expires_at: u64,
+    /// Whether the role is one of `auth.super_roles`.
+    pub is_super: bool,
+}
+
+/// Verifies tokens with the configured keys and algorithms.
+pub struct Authenticator {
+    keys: Vec<(Algorithm, DecodingKey)>,
+    validation: Validation,
+    tenant_claim: String,
+    super_roles: HashSet<String>,
+    signing: Option<EncodingKey>,
+}
+
+fn parse_alg(name: &str) -> Option<Algorithm> {
+    Some(match name {
+        "HS256" => Algorithm::HS256,
+        "HS384" => Algorithm::HS384,
+        "HS512" => Algorithm::HS512,
+        "RS256" => Algorithm::RS256,
+        "RS384" => Algorithm::RS384,
+        "RS512" => Algorithm::RS512,
+        "PS256" => Algorithm::PS256,
+        "PS384" => Algorithm::PS384,
+        "PS512" => Algorithm::PS512,
+        "ES256" => Algorithm::ES256,
+        "ES384" => Algorithm::ES384,
+        "EdDSA" => Algorithm::EdDSA,
+        _ => return None,
+    })
+}
+
+impl Authenticator {
+    /// Builds the verifier; fails on unreadable or mismatched key material.
+    pub fn new(cfg: &AuthConfig) -> Result<Self, ConfigError> {
+        let mut keys = Vec::new();
+        let pem = match &cfg.public_key_file {
+            Some(path) => Some(std::fs::read(path).map_err(|e| ConfigError::Invalid {
+                key: "auth.public_key_file",
+                reason: format!("cannot read {}: {e}", path.display()),
+            })?),
+            None => None,
+        };
+        let mut algorithms = Vec::new();
+        for name in &cfg.algorithms {
+            let alg = parse_alg(name).ok_or_else(|| ConfigError::Invalid {
+                key: "auth.algorithms",
+                reason: format!("unknown algorithm {name:?}"),
+            })?;
+            let bad_key = |e: jsonwebtoken::errors::Error| ConfigError::Invalid {
+                key: "auth.public_key_file",
+                reason: format!("not a usable {name} public key: {e}"),
+            };
+            let key = match alg {
+                Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => {
+                    let secret = cfg.jwt_secret.as_ref().ok_or(ConfigError::Invalid {
+                        key: "auth.jwt_secret",
+                        reason: "is required for HS* algorithms".into(),
+                    })?;
+                    DecodingKey::from_secret(secret.expose().as_bytes())
+                }
+                Algorithm::RS256
+                | Algorithm::RS384
+                | Algorithm::RS512
+                | Algorithm::PS256
+                | Algorithm::PS384
+                | Algorithm::PS512 => DecodingKey::from_rsa_pem(pem.as_deref().unwrap_or_default())
+                    .map_err(bad_key)?,
+                Algorithm::ES256 | Algorithm::ES384 => {
+                    DecodingKey::from_ec_pem(pem.as_deref().unwrap_or_default()).map_err(bad_key)?
+                }
+                Algorithm::EdDSA => {
+                    DecodingKey::from_ed_pem(pem.as_deref().unwrap_or_default()).map_err(bad_key)?
+                }
+                _ => {
+                    return Err(ConfigError::Invalid {
+                        key: "auth.algorithms",
+                        reason: format!("algorithm {name:?} is not supported"),
+                    });
+                }
+            };
+            algorithms.push(alg);
+            keys.push((alg, key));
+        }
+        let mut validation =
+            Validation::new(algorithms.first().copied().unwrap_or(Algorithm::HS256));
+        validation.algorithms = algorithms;
+        validation.leeway = 5;
+        validation.validate_exp = true;
+        validation.validate_nbf = true;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        if let Some(iss) = &cfg.issuer {
+            validation.set_issuer(&[iss]);
+        }
+        match &cfg.audience {
+            Some(aud) => validation.set_audience(&[aud]),
+            None => validation.validate_aud = false,
+        }
+        let signing = cfg
+            .jwt_secret
+            .as_ref()
+            .map(|s| EncodingKey::from_secret(s.expose().as_bytes()));
+        Ok(Self {
+            keys,
+            validation,
+            tenant_claim: cfg.tenant_claim.clone(),
+            super_roles: cfg.super_roles.iter().cloned().collect(),
+            signing,
+        })
+    }
+
+    /// Verifies a token and extracts the identity.
+    pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        use jsonwebtoken::errors::ErrorKind;
+        if token.is_empty() {
+            return Err(AuthError::Missing);
+        }
+        if token.len() > 8192 {
+            return Err(AuthError::Invalid("too long"));
+        }
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|_| AuthError::Invalid("malformed"))?;
+        let key = self
+            .keys
+            .iter()
+            .find(|(alg, _)| *alg == header.alg)
+            .map(|(_, k)| k)
+            .ok_or(AuthError::Invalid("algorithm not accepted"))?;
+        let data = jsonwebtoken::decode::<Map<String, Value>>(token, key, &self.validation)
+            .map_err(|e| match e.kind() {
+                ErrorKind::ExpiredSignature => AuthError::Expired,
+                ErrorKind::ImmatureSignature => AuthError::Invalid("not valid yet (nbf)"),
+                ErrorKind::InvalidSignature => AuthError::Invalid("bad signature"),
+                ErrorKind::InvalidIssuer => AuthError::Invalid("wrong issuer"),
+                ErrorKind::InvalidAudience => AuthError::Invalid("wrong audience"),
+                ErrorKind::MissingRequiredClaim(_) => AuthError::Invalid("missing exp or sub"),
+                ErrorKind::InvalidAlgorithm => AuthError::Invalid("algorithm not accepted"),
+                _ => AuthError::Invalid("malformed"),
+            })?;
+        let claims = data.claims;
+        let user_id = claim_text(claims.get("sub")).ok_or(AuthError::Invalid("bad sub"))?;
+        let expires_at = claims
+            .get("exp")
+            .and_then(Value::as_u64)
+            .ok_or(AuthError::Invalid("bad exp"))?;
+        let tenant = claim_text(claims.get(&self.tenant_claim));
+        let role = claim_text(claims.get("role"));
+        let is_super = role.as_ref().is_some_and(|r| self.super_roles.contains(r));
+        Ok(Identity {
+            user_id,
+            tenant,
+            role,
+            expires_at,
+            is_super,
+        })
+    }
+
+    /// Mints a development token with the HMAC secret (`citapulse token`, demo).
+    pub fn mint(
+        &self,
+        sub: &str,
+        tenant: Option<&str>,
+        role: Option<&str>,
+        ttl_secs: u64,
+    ) -> Option<String> {
+        let key = self.signing.as_ref()?;
+        let mut claims = Map::new();
+        claims.insert("sub".into(), Value::from(sub));
+        if let Some(t) = tenant {
+            claims.insert(self.tenant_claim.clone(), Value::from(t));
+        }
+        if let Some(r) = role {
+            claims.insert("role".into(), Value::from(r));
+        }
+        let now = unix_now();
+        claims.insert("iat".into(), Value::from(now));
+        claims.insert("exp".into(), Value::from(now + ttl_secs));
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, key).ok()
+    }
+}
+
+fn claim_text(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) if !s.is_empty() && s.len() <= 256 => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+/// Why a channel name or subscription was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelError {
+    /// Not a known channel shape.
+    BadName,
+    /// A well-formed channel of another tenant.
+    Forbidden,
+}
+
+/// Validates a channel name and returns its tenant: `estadisticas:` followed by
+/// 1–64 characters of `[A-Za-z0-9_.-]`.
+pub fn channel_tenant(channel: &str) -> Result<&str, ChannelError> {
+    let tenant = channel
+        .strip_prefix(STATS_PREFIX)
+        .ok_or(ChannelError::BadName)?;
+    if is_valid_tenant(tenant) {
+        Ok(tenant)
+    } else {
+        Err(ChannelError::BadName)
+    }
+}
+
+/// Whether a tenant id may appear in a channel name.
+pub fn is_valid_tenant(tenant: &str) -> bool {
+    !tenant.is_empty()
+        && tenant.len() <= MAX_TENANT_LEN
+        && tenant
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+}
+
+/// Whether `who` may read `channel`; returns the tenant when allowed.
+pub fn authorize<'c>(who: &Identity, channel: &'c str) -> Result<&'c str, ChannelError> {
+    let tenant = channel_tenant(channel)?;
+    if who.is_super || who.tenant.as_deref() == Some(tenant) {
+        Ok(tenant)
+    } else {
+        Err(ChannelError::Forbidden)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+
+    fn auth() -> Authenticator {
+        let cfg = AuthConfig {
+            jwt_secret: Some(Secret::new("0123456789abcdef0123")),
+            ..AuthConfig::default()
+        };
+        Authenticator::new(&cfg).unwrap()
+    }
+
+    #[test]
+    fn minted_token_verifies() {
+        let a = auth();
+        let t = a.mint("u1", Some("n1"), Some("staff"), 60).unwrap();
+        let id = a.verify(&t).unwrap();
+        assert_eq!(id.user_id, "u1");
+        assert_eq!(id.tenant.as_deref(), Some("n1"));
+        assert!(!id.is_super);
+    }
+
+    #[test]
+    fn alg_none_is_refused() {
+        // {"alg":"none","typ":"JWT"}.{"sub":"u","exp":9999999999,"negocio_id":"n1"}.
+        let t = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJ1IiwiZXhwIjo5OTk5OTk5OTk5LCJuZWdvY2lvX2lkIjoibjEifQ.";
+        assert!(auth().verify(t).is_err());
+    }
+
+    #[test]
+    fn channels_are_validated() {
+        assert_eq!(channel_tenant("estadisticas:negocio_1"), Ok("negocio_1"));
+        assert_eq!(channel_tenant("estadisticas:"), Err(ChannelError::BadName));
+        assert_eq!(
+            channel_tenant("estadisticas:a b"),
+            Err(ChannelError::BadName)
+        );
+        assert_eq!(channel_tenant("estadisticas:*"), Err(ChannelError::BadName));
+        assert_eq!(channel_tenant("other:x"), Err(ChannelError::BadName));
+        let long = format!("estadisticas:{}", "a".repeat(65));
+        assert_eq!(channel_tenant(&long), Err(ChannelError::BadName));
+    }
+}

@@ -1,0 +1,581 @@
+//! Configuration: defaults in code ← `config.toml` ← environment, validated once.
+//!
+//! Owns the one `Config` struct and its validation; every key is documented in the
+//! repository's `config.toml`. Secrets are wrapped so they never reach a log line.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// The default statistics query: one row of FILTER aggregates for tenant `$1`.
+/// `$2` is today's date (text) in `stats.timezone`.
+pub const DEFAULT_STATS_QUERY: &str = "SELECT \
+count(*) FILTER (WHERE fecha = $2::date) AS citas_hoy, \
+count(*) AS total_citas, \
+count(*) FILTER (WHERE estado = 'atendida') AS citas_completadas, \
+count(*) FILTER (WHERE estado = 'cancelada') AS citas_canceladas \
+FROM citas WHERE negocio_id = $1";
+
+/// Why a configuration could not be used; names the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file or environment did not parse into the expected shape.
+    #[error("{0}")]
+    Load(#[from] Box<figment::Error>),
+    /// A value parsed but is not acceptable.
+    #[error("config key `{key}`: {reason}")]
+    Invalid {
+        /// The dotted key, e.g. `auth.jwt_secret`.
+        key: &'static str,
+        /// What is wrong and how to fix it.
+        reason: String,
+    },
+}
+
+/// A string that must not be printed (JWT secret, database URL with password).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"<redacted>\"")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Secret)
+    }
+}
+
+/// Everything the daemon can be told; see `config.toml` for each key's meaning.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address of the HTTP/WebSocket listener.
+    pub listen: SocketAddr,
+    /// Name of this instance in logs and metrics.
+    pub instance: String,
+    /// Database connection.
+    pub database: DatabaseConfig,
+    /// Token checks and authorization.
+    pub auth: AuthConfig,
+    /// Statistics recomputation.
+    pub stats: StatsConfig,
+    /// Event shaping.
+    pub events: EventsConfig,
+    /// The durable log.
+    pub outbox: OutboxConfig,
+    /// How the daemon learns of new rows.
+    pub wakeup: WakeupConfig,
+    /// Per-client and per-address limits.
+    pub limits: LimitsConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// `[database]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// libpq-style URL or key=value string.
+    pub url: Secret,
+    /// Connections for stats and replay queries (LISTEN uses one more).
+    pub pool_size: usize,
+}
+
+/// `[auth]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// HMAC secret for HS256/384/512.
+    pub jwt_secret: Option<Secret>,
+    /// PEM public key for RS*/ES*/PS* algorithms.
+    pub public_key_file: Option<PathBuf>,
+    /// Accepted algorithms; anything else is refused.
+    pub algorithms: Vec<String>,
+    /// Claim holding the tenant id.
+    pub tenant_claim: String,
+    /// Roles that may subscribe to any tenant and read `/stats`.
+    pub super_roles: Vec<String>,
+    /// Required `iss`, when set.
+    pub issuer: Option<String>,
+    /// Required `aud`, when set.
+    pub audience: Option<String>,
+    /// Shared secret accepted in `X-Citapulse-Secret` by `POST /notify/cita`.
+    pub notify_secret: Option<Secret>,
+}
+
+/// `[stats]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StatsConfig {
+    /// One-row query; `$1` tenant id (text), `$2` today's date (text).
+    pub query: String,
+    /// Trailing-edge interval of the coalescer.
+    pub min_interval_ms: u64,
+    /// Time zone of "today" (IANA name, checked against the database).
+    pub timezone: String,
+    /// Shifts the daemon's notion of "now" (testing day rollover).
+    pub clock_offset_secs: i64,
+}
+
+/// `[events]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsConfig {
+    /// Above this many rows of one tenant in one statement, one `calendar_refresh`.
+    pub bulk_threshold: u32,
+}
+
+/// `[outbox]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboxConfig {
+    /// How long events stay replayable.
+    #[serde(with = "humantime")]
+    pub retention: Duration,
+    /// How often the log is pruned.
+    #[serde(with = "humantime")]
+    pub prune_every: Duration,
+    /// Rows deleted per prune statement.
+    pub prune_batch: u32,
+}
+
+/// Wake-up strategy (DESIGN.md §1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WakeupMode {
+    /// Notify while quiet, poll while busy.
+    Adaptive,
+    /// Always notify.
+    Notify,
+    /// Never notify; poll.
+    Poll,
+}
+
+/// `[wakeup]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WakeupConfig {
+    /// `adaptive`, `notify` or `poll`.
+    pub mode: WakeupMode,
+    /// Adaptive: switch to polling above this many changes per second.
+    pub poll_above_per_sec: u32,
+    /// Adaptive: switch back to notifying below this many changes per second.
+    pub notify_below_per_sec: u32,
+    /// Poll period while polling.
+    pub poll_interval_ms: u64,
+    /// Safety-net poll period in every mode.
+    pub safety_poll_ms: u64,
+}
+
+/// `[limits]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest accepted client frame/message.
+    pub max_frame_bytes: usize,
+    /// Events queued per client before it is closed as a slow consumer.
+    pub queue_len: usize,
+    /// Concurrent sockets per client IP.
+    pub connections_per_ip: usize,
+    /// Client messages per second per connection.
+    pub messages_per_sec: u32,
+    /// Channels one connection may subscribe to.
+    pub subscriptions_per_connection: usize,
+    /// Seconds between server pings on a socket.
+    pub ping_interval_secs: u64,
+    /// Seconds without any frame from the peer before it is dropped.
+    pub idle_timeout_secs: u64,
+    /// Seconds a graceful shutdown waits for sockets to close.
+    pub shutdown_grace_secs: u64,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: String,
+    /// A tracing filter, e.g. `info` or `citapulse=debug`.
+    pub level: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            instance: default_instance(),
+            database: DatabaseConfig::default(),
+            auth: AuthConfig::default(),
+            stats: StatsConfig::default(),
+            events: EventsConfig::default(),
+            outbox: OutboxConfig::default(),
+            wakeup: WakeupConfig::default(),
+            limits: LimitsConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+fn default_instance() -> String {
+    let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+    let host = host.trim();
+    if host.is_empty() {
+        format!("citapulse-{}", std::process::id())
+    } else {
+        format!("{host}-{}", std::process::id())
+    }
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: Secret::new("postgres://postgres@localhost/postgres"),
+            pool_size: 4,
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            jwt_secret: None,
+            public_key_file: None,
+            algorithms: vec!["HS256".into()],
+            tenant_claim: "negocio_id".into(),
+            super_roles: vec!["admin".into(), "superadmin".into()],
+            issuer: None,
+            audience: None,
+            notify_secret: None,
+        }
+    }
+}
+
+impl Default for StatsConfig {
+    fn default() -> Self {
+        Self {
+            query: DEFAULT_STATS_QUERY.into(),
+            min_interval_ms: 250,
+            timezone: "UTC".into(),
+            clock_offset_secs: 0,
+        }
+    }
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        Self {
+            bulk_threshold: 100,
+        }
+    }
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        Self {
+            retention: Duration::from_secs(24 * 3600),
+            prune_every: Duration::from_secs(60),
+            prune_batch: 5000,
+        }
+    }
+}
+
+impl Default for WakeupConfig {
+    fn default() -> Self {
+        Self {
+            mode: WakeupMode::Adaptive,
+            poll_above_per_sec: 500,
+            notify_below_per_sec: 100,
+            poll_interval_ms: 20,
+            safety_poll_ms: 1000,
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_frame_bytes: 64 * 1024,
+            queue_len: 1024,
+            connections_per_ip: 256,
+            messages_per_sec: 50,
+            subscriptions_per_connection: 64,
+            ping_interval_secs: 30,
+            idle_timeout_secs: 75,
+            shutdown_grace_secs: 10,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: "text".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+/// Where the configuration file comes from.
+pub fn config_path(explicit: Option<&Path>) -> Option<PathBuf> {
+    if let Some(p) = explicit {
+        return Some(p.to_path_buf());
+    }
+    if let Some(p) = std::env::var_os("CITAPULSE_CONFIG") {
+        return Some(PathBuf::from(p));
+    }
+    let local = PathBuf::from("config.toml");
+    local.exists().then_some(local)
+}
+
+impl Config {
+    /// Loads defaults ← file ← environment, then validates.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = config_path(file) {
+            if !path.exists() {
+                return Err(ConfigError::Invalid {
+                    key: "--config",
+                    reason: format!("file {} does not exist", path.display()),
+                });
+            }
+            fig = fig.merge(Toml::file_exact(path));
+        }
+        fig = fig
+            .merge(
+                Env::raw()
+                    .only(&["DATABASE_URL"])
+                    .map(|_| "database.url".into()),
+            )
+            .merge(
+                Env::raw()
+                    .only(&["JWT_SECRET"])
+                    .map(|_| "auth.jwt_secret".into()),
+            )
+            .merge(Env::prefixed("CITAPULSE_").ignore(&["CONFIG"]).split("__"));
+        let config: Config = fig.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that parse but cannot work; names the key at fault.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                reason: reason.to_string(),
+            })
+        };
+        if self.database.url.expose().trim().is_empty() {
+            return invalid("database.url", "is empty; set DATABASE_URL or database.url");
+        }
+        if self.database.pool_size == 0 || self.database.pool_size > 64 {
+            return invalid("database.pool_size", "must be between 1 and 64");
+        }
+        if self.auth.algorithms.is_empty() {
+            return invalid(
+                "auth.algorithms",
+                "must list at least one algorithm, e.g. [\"HS256\"]",
+            );
+        }
+        for alg in &self.auth.algorithms {
+            match alg.as_str() {
+                "HS256" | "HS384" | "HS512" => match &self.auth.jwt_secret {
+                    None => {
+                        return invalid(
+                            "auth.jwt_secret",
+                            "is required for HS* algorithms; set JWT_SECRET or auth.jwt_secret (there is no default secret)",
+                        );
+                    }
+                    Some(s) if s.expose().len() < 16 => {
+                        return invalid("auth.jwt_secret", "must be at least 16 bytes long");
+                    }
+                    Some(_) => {}
+                },
+                "RS256" | "RS384" | "RS512" | "PS256" | "PS384" | "PS512" | "ES256" | "ES384"
+                | "EdDSA" => {
+                    if self.auth.public_key_file.is_none() {
+                        return invalid(
+                            "auth.public_key_file",
+                            &format!("is required for {alg}: a PEM public key file"),
+                        );
+                    }
+                }
+                other => {
+                    return invalid(
+                        "auth.algorithms",
+                        &format!(
+                            "unknown or unsafe algorithm {other:?} (`none` is never accepted)"
+                        ),
+                    );
+                }
+            }
+        }
+        if self.auth.tenant_claim.trim().is_empty() {
+            return invalid("auth.tenant_claim", "must not be empty");
+        }
+        if self.stats.query.trim().is_empty() {
+            return invalid("stats.query", "must not be empty");
+        }
+        if self.stats.min_interval_ms == 0 || self.stats.min_interval_ms > 60_000 {
+            return invalid("stats.min_interval_ms", "must be between 1 and 60000");
+        }
+        if self.stats.timezone.trim().is_empty() {
+            return invalid(
+                "stats.timezone",
+                "must name a time zone, e.g. America/Bogota",
+            );
+        }
+        if self.events.bulk_threshold == 0 {
+            return invalid("events.bulk_threshold", "must be at least 1");
+        }
+        if self.outbox.retention < Duration::from_secs(60) {
+            return invalid("outbox.retention", "must be at least 1m");
+        }
+        if self.outbox.prune_batch == 0 {
+            return invalid("outbox.prune_batch", "must be at least 1");
+        }
+        if self.wakeup.poll_interval_ms == 0 {
+            return invalid("wakeup.poll_interval_ms", "must be at least 1");
+        }
+        if self.wakeup.safety_poll_ms == 0 {
+            return invalid("wakeup.safety_poll_ms", "must be at least 1");
+        }
+        if self.wakeup.notify_below_per_sec >= self.wakeup.poll_above_per_sec {
+            return invalid(
+                "wakeup.notify_below_per_sec",
+                "must be below wakeup.poll_above_per_sec (hysteresis)",
+            );
+        }
+        if self.limits.max_frame_bytes < 256 || self.limits.max_frame_bytes > 16 << 20 {
+            return invalid("limits.max_frame_bytes", "must be between 256 and 16777216");
+        }
+        if self.limits.queue_len == 0 {
+            return invalid("limits.queue_len", "must be at least 1");
+        }
+        if self.limits.connections_per_ip == 0 {
+            return invalid("limits.connections_per_ip", "must be at least 1");
+        }
+        if self.limits.messages_per_sec == 0 {
+            return invalid("limits.messages_per_sec", "must be at least 1");
+        }
+        if self.limits.subscriptions_per_connection == 0 {
+            return invalid("limits.subscriptions_per_connection", "must be at least 1");
+        }
+        if self.limits.ping_interval_secs == 0 {
+            return invalid("limits.ping_interval_secs", "must be at least 1");
+        }
+        if self.limits.idle_timeout_secs <= self.limits.ping_interval_secs {
+            return invalid(
+                "limits.idle_timeout_secs",
+                "must be greater than limits.ping_interval_secs",
+            );
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return invalid("log.format", "must be \"text\" or \"json\"");
+        }
+        Ok(())
+    }
+}
+
+/// Durations written as `24h`, `90s`, `15m`, `7d` or `500ms`.
+pub mod humantime {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Parses `<number><unit>` with unit ms, s, m, h or d.
+    pub fn parse(text: &str) -> Result<Duration, String> {
+        let text = text.trim();
+        let split = text
+            .find(|c: char| !c.is_ascii_digit())
+            .ok_or_else(|| format!("{text:?} has no unit (ms, s, m, h, d)"))?;
+        let (num, unit) = text.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("{text:?} does not start with a number"))?;
+        let secs = match unit.trim() {
+            "ms" => return Ok(Duration::from_millis(n)),
+            "s" => 1,
+            "m" => 60,
+            "h" => 3600,
+            "d" => 86_400,
+            other => return Err(format!("unknown unit {other:?} (ms, s, m, h, d)")),
+        };
+        n.checked_mul(secs)
+            .map(Duration::from_secs)
+            .ok_or_else(|| format!("{text:?} is too large"))
+    }
+
+    /// Serde adapter: deserialize.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        parse(&s).map_err(serde::de::Error::custom)
+    }
+
+    /// Serde adapter: serialize.
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        let secs = d.as_secs();
+        if d.subsec_millis() != 0 {
+            s.serialize_str(&format!("{}ms", d.as_millis()))
+        } else {
+            s.serialize_str(&format!("{secs}s"))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(humantime::parse("24h"), Ok(Duration::from_secs(86_400)));
+        assert_eq!(humantime::parse("500ms"), Ok(Duration::from_millis(500)));
+        assert!(humantime::parse("12").is_err());
+        assert!(humantime::parse("3 weeks").is_err());
+    }
+
+    #[test]
+    fn hs256_without_secret_names_the_key() {
+        let c = Config::default();
+        let err = c
+            .validate()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("auth.jwt_secret"), "{err}");
+    }
+
+    #[test]
+    fn secrets_are_not_printed() {
+        let mut c = Config::default();
+        c.auth.jwt_secret = Some(Secret::new("super-secret-value-123"));
+        assert!(!format!("{c:?}").contains("super-secret-value-123"));
+    }
+}

@@ -1,0 +1,366 @@
+//! PostgreSQL access: connections, the embedded SQL, and every query on the log.
+//!
+//! Owns the SQL text the daemon runs, so the lossless rule (DESIGN.md §1) lives in one
+//! place: the live reader and client replay both use it.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::{Client, NoTls};
+
+use crate::config::Config;
+use crate::hub::LogEvent;
+
+/// `sql/install.sql`, embedded.
+pub const INSTALL_SQL: &str = include_str!("../sql/install.sql");
+/// `sql/uninstall.sql`, embedded.
+pub const UNINSTALL_SQL: &str = include_str!("../sql/uninstall.sql");
+/// `sql/example_schema.sql`, embedded.
+pub const EXAMPLE_SCHEMA_SQL: &str = include_str!("../sql/example_schema.sql");
+/// The `citapulse.version()` this daemon speaks.
+pub const SQL_VERSION: i32 = 1;
+/// The NOTIFY channel the triggers use.
+pub const NOTIFY_CHANNEL: &str = "citapulse";
+
+/// Database failures, by what the daemon was doing.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// The URL did not parse.
+    #[error("database.url is not a valid connection string")]
+    BadUrl(#[source] tokio_postgres::Error),
+    /// Connecting or querying failed.
+    #[error("database error")]
+    Postgres(#[from] tokio_postgres::Error),
+    /// The pool could not hand out a connection.
+    #[error("no database connection available")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    /// `sql/install.sql` has not been run on this database.
+    #[error(
+        "citapulse SQL is not installed in this database: run `citapulse sql install --apply` (or psql -f sql/install.sql)"
+    )]
+    NotInstalled,
+    /// The LISTEN connection closed.
+    #[error("connection to the database was lost")]
+    Closed,
+    /// The installed SQL is of another version.
+    #[error(
+        "citapulse SQL version {found} is installed but this daemon needs version {expected}: run `citapulse sql install --apply`"
+    )]
+    Incompatible {
+        /// What the database has.
+        found: i32,
+        /// What the daemon needs.
+        expected: i32,
+    },
+}
+
+/// Parses the configured URL, tagging connections with the application name.
+pub fn pg_config(config: &Config) -> Result<tokio_postgres::Config, DbError> {
+    let mut pg =
+        tokio_postgres::Config::from_str(config.database.url.expose()).map_err(DbError::BadUrl)?;
+    pg.application_name("citapulse");
+    if pg.get_connect_timeout().is_none() {
+        pg.connect_timeout(Duration::from_secs(5));
+    }
+    pg.keepalives_idle(Duration::from_secs(30));
+    Ok(pg)
+}
+
+/// The pool for stats, replay and maintenance queries.
+pub fn pool(config: &Config) -> Result<Pool, DbError> {
+    let manager = Manager::from_config(
+        pg_config(config)?,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    // Building only fails without a runtime, which is not the case here.
+    Pool::builder(manager)
+        .max_size(config.database.pool_size)
+        .wait_timeout(Some(Duration::from_secs(5)))
+        .create_timeout(Some(Duration::from_secs(5)))
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .build()
+        .map_err(|_| DbError::NotInstalled)
+}
+
+/// Connects one dedicated client; its connection future is driven by the caller.
+pub async fn connect(
+    config: &Config,
+) -> Result<
+    (
+        Client,
+        tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
+    ),
+    DbError,
+> {
+    Ok(pg_config(config)?.connect(NoTls).await?)
+}
+
+/// Refuses to run against a database without the expected SQL.
+pub async fn check_version(client: &Client) -> Result<(), DbError> {
+    let row = client
+        .query_one(
+            "SELECT to_regprocedure('citapulse.version()') IS NOT NULL",
+            &[],
+        )
+        .await?;
+    if !row.get::<_, bool>(0) {
+        return Err(DbError::NotInstalled);
+    }
+    let found: i32 = client
+        .query_one("SELECT citapulse.version()", &[])
+        .await?
+        .get(0);
+    if found != SQL_VERSION {
+        return Err(DbError::Incompatible {
+            found,
+            expected: SQL_VERSION,
+        });
+    }
+    Ok(())
+}
+
+/// Where the live reader stands in the log.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cursor {
+    /// Highest event id read.
+    pub last_id: i64,
+    /// Transactions in progress at the last read (xid8 as text): their events may
+    /// still appear below `last_id`.
+    pub in_progress: Vec<String>,
+}
+
+const EVENT_COLUMNS: &str = "e.id, e.tenant, e.event_type, citapulse.event_data(e)::text, \
+                             extract(epoch FROM e.created_at)::float8";
+
+fn event_from_row(row: &tokio_postgres::Row) -> LogEvent {
+    LogEvent {
+        id: row.get(0),
+        tenant: row.get(1),
+        event_type: row.get(2),
+        data: row.get::<_, Option<String>>(3).unwrap_or_default(),
+        created: row.get::<_, Option<f64>>(4).unwrap_or_default(),
+    }
+}
+
+/// The reader's starting point: the newest id and the transactions still open.
+pub async fn initial_cursor(client: &Client) -> Result<Cursor, DbError> {
+    let row = client
+        .query_one(
+            "SELECT (SELECT coalesce(max(id), 0) FROM citapulse.events), \
+                    (SELECT coalesce(array_agg(x::text), '{}') FROM pg_snapshot_xip(pg_current_snapshot()) AS x)",
+            &[],
+        )
+        .await?;
+    Ok(Cursor {
+        last_id: row.get(0),
+        in_progress: row.get(1),
+    })
+}
+
+/// Prepares the reader's statement on its dedicated connection.
+pub async fn prepare_reader(client: &Client) -> Result<tokio_postgres::Statement, DbError> {
+    let sql = format!(
+        "SELECT NULL::bigint, NULL::text, NULL::text, NULL::text, NULL::float8, \
+                (SELECT coalesce(array_agg(x::text), '{{}}') FROM pg_snapshot_xip(pg_current_snapshot()) AS x), \
+                (SELECT notify FROM citapulse.wakeup) \
+         UNION ALL \
+         (SELECT {EVENT_COLUMNS}, NULL, NULL FROM citapulse.events e \
+           WHERE e.xid = ANY($2::text[]::xid8[]) AND e.id <= $1) \
+         UNION ALL \
+         (SELECT {EVENT_COLUMNS}, NULL, NULL FROM citapulse.events e \
+           WHERE e.id > $1 ORDER BY e.id LIMIT $3)"
+    );
+    Ok(client.prepare(&sql).await?)
+}
+
+/// One read of the log.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// New events, in id order.
+    pub events: Vec<LogEvent>,
+    /// The batch was cut at the limit: read again at once.
+    pub more: bool,
+    /// `citapulse.wakeup.notify` as seen by this read.
+    pub triggers_notify: bool,
+}
+
+/// Reads the next batch after `cursor` and advances it.
+///
+/// One statement, one snapshot: events of transactions still open in that snapshot are
+/// re-checked next time by xid, so a late commit below `last_id` is never skipped, and
+/// nothing is returned twice.
+pub async fn read_batch(
+    client: &Client,
+    stmt: &tokio_postgres::Statement,
+    cursor: &mut Cursor,
+    limit: i64,
+) -> Result<Batch, DbError> {
+    let rows = client
+        .query(stmt, &[&cursor.last_id, &cursor.in_progress, &limit])
+        .await?;
+    let mut events = Vec::with_capacity(rows.len());
+    let mut in_progress = Vec::new();
+    let mut triggers_notify = true;
+    let mut above = 0i64;
+    for row in &rows {
+        match row.get::<_, Option<i64>>(0) {
+            None => {
+                in_progress = row.get::<_, Option<Vec<String>>>(5).unwrap_or_default();
+                triggers_notify = row.get::<_, Option<bool>>(6).unwrap_or(true);
+            }
+            Some(id) => {
+                if id > cursor.last_id {
+                    above += 1;
+                }
+                events.push(event_from_row(row));
+            }
+        }
+    }
+    events.sort_unstable_by_key(|e| e.id);
+    if let Some(max) = events.last().map(|e| e.id) {
+        cursor.last_id = cursor.last_id.max(max);
+    }
+    cursor.in_progress = in_progress;
+    Ok(Batch {
+        events,
+        more: above >= limit,
+        triggers_notify,
+    })
+}
+
+/// What a client's resume found.
+#[derive(Debug)]
+pub enum Replay {
+    /// The events after `since`, in id order (some the client may already have).
+    Events(Vec<LogEvent>),
+    /// `since` is older than the retained log, or unknown: the client must reload.
+    Expired,
+}
+
+/// The events of a tenant a client that processed `since` may have missed: `id > since`
+/// plus the events below it whose transaction committed after `since` was written
+/// (xid at or above its horizon). Capped at `max` events (beyond: expired).
+pub async fn replay(
+    client: &mut deadpool_postgres::Object,
+    tenant: &str,
+    since: i64,
+    max: i64,
+) -> Result<Replay, DbError> {
+    let tx = client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await?;
+    let bounds = tx
+        .query_one(
+            "SELECT (SELECT pruned_upto FROM citapulse.settings), \
+                    (SELECT coalesce(max(id), 0) FROM citapulse.events), \
+                    (SELECT horizon::text FROM citapulse.events WHERE id <= $1 ORDER BY id DESC LIMIT 1)",
+            &[&since],
+        )
+        .await?;
+    let pruned_upto: i64 = bounds.get(0);
+    let newest: i64 = bounds.get(1);
+    let horizon: Option<String> = bounds.get(2);
+    if since < pruned_upto || since > newest {
+        tx.commit().await?;
+        return Ok(Replay::Expired);
+    }
+    let horizon = horizon.unwrap_or_else(|| "0".into());
+    let sql = format!(
+        "SELECT * FROM ( \
+           SELECT {EVENT_COLUMNS} FROM citapulse.events e \
+            WHERE e.tenant IN ($1, '*') AND e.id > $2 \
+           UNION ALL \
+           SELECT {EVENT_COLUMNS} FROM citapulse.events e \
+            WHERE e.xid >= $3::text::xid8 AND e.id <= $2 AND e.tenant IN ($1, '*') \
+         ) r ORDER BY 1 LIMIT $4"
+    );
+    let rows = tx
+        .query(&sql, &[&tenant, &since, &horizon, &(max + 1)])
+        .await?;
+    tx.commit().await?;
+    if rows.len() as i64 > max {
+        return Ok(Replay::Expired);
+    }
+    Ok(Replay::Events(rows.iter().map(event_from_row).collect()))
+}
+
+/// Deletes one batch of events older than `retention`; returns the rows deleted.
+/// `SKIP LOCKED` lets several daemons prune at once without waiting on each other.
+pub async fn prune_batch(
+    client: &mut deadpool_postgres::Object,
+    retention: Duration,
+    batch: i64,
+) -> Result<u64, DbError> {
+    let tx = client.transaction().await?;
+    let row = tx
+        .query_one(
+            "WITH doomed AS ( \
+                 SELECT id FROM citapulse.events \
+                  WHERE created_at < now() - make_interval(secs => $1) \
+                  ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED), \
+             gone AS (DELETE FROM citapulse.events e USING doomed d WHERE e.id = d.id RETURNING e.id) \
+             SELECT count(*), max(id) FROM gone",
+            &[&retention.as_secs_f64(), &batch],
+        )
+        .await?;
+    let deleted: i64 = row.get(0);
+    let max: Option<i64> = row.get(1);
+    if let Some(max) = max {
+        tx.execute(
+            "UPDATE citapulse.settings SET pruned_upto = greatest(pruned_upto, $1)",
+            &[&max],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(deleted.max(0) as u64)
+}
+
+/// Planner estimate of the log's size (cheap, for metrics).
+pub async fn estimated_log_rows(client: &Client) -> Result<i64, DbError> {
+    let row = client
+        .query_one(
+            "SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = 'citapulse.events'::regclass",
+            &[],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Switches the triggers' notifying on or off, at most once per `min_gap` across all
+/// daemons (the row's `changed_at` is the shared rate limit). True if this call switched.
+pub async fn set_triggers_notify(
+    client: &Client,
+    notify: bool,
+    reason: &str,
+    instance: &str,
+    min_gap: Duration,
+) -> Result<bool, DbError> {
+    let n = client
+        .execute(
+            "UPDATE citapulse.wakeup SET notify = $1, reason = $2, changed_at = now(), changed_by = $3 \
+              WHERE notify IS DISTINCT FROM $1 AND changed_at < now() - make_interval(secs => $4)",
+            &[&notify, &reason, &instance, &min_gap.as_secs_f64()],
+        )
+        .await?;
+    Ok(n > 0)
+}
+
+/// Writes the knobs the triggers read (`events.bulk_threshold`).
+pub async fn sync_settings(client: &Client, bulk_threshold: u32) -> Result<(), DbError> {
+    let threshold = i32::try_from(bulk_threshold).unwrap_or(i32::MAX);
+    client
+        .execute(
+            "UPDATE citapulse.settings SET bulk_threshold = $1 WHERE bulk_threshold IS DISTINCT FROM $1",
+            &[&threshold],
+        )
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,385 @@
+//! Channels → subscribers: fan-out of events and latest-wins statistics.
+//!
+//! Owns who listens to what. Every message is serialized once and its bytes shared by
+//! all subscribers. Each client has a bounded event queue; when it is full the client
+//! is closed with [`CLOSE_SLOW_CONSUMER`] so it reconnects and resumes with `since`,
+//! and never stalls the others. Statistics bypass the queue: one slot per channel per
+//! client, overwritten by newer numbers. Must not do I/O or await while holding a lock.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use hyper_tungstenite::tungstenite::Utf8Bytes;
+use tokio::sync::{Notify, mpsc};
+
+use crate::metrics::Metrics;
+use crate::protocol;
+
+/// Close code sent to a client whose event queue overflowed: reconnect and resume.
+pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
+
+/// Identifies one WebSocket connection.
+pub type ClientId = u64;
+
+/// One event read from the log, ready to be shaped per channel.
+#[derive(Debug, Clone)]
+pub struct LogEvent {
+    /// Event id (from the log's sequence).
+    pub id: i64,
+    /// Tenant, or `*` for every subscribed tenant.
+    pub tenant: String,
+    /// Message type.
+    pub event_type: String,
+    /// The `data` object as JSON text.
+    pub data: String,
+    /// Unix seconds when the row was logged.
+    pub created: f64,
+}
+
+impl LogEvent {
+    /// The message for one channel.
+    pub fn message(&self, channel: &str) -> Utf8Bytes {
+        Utf8Bytes::from(protocol::event(
+            &self.event_type,
+            channel,
+            self.id,
+            &self.data,
+        ))
+    }
+}
+
+/// The hub's handle on one connection: its queue and its statistics slots.
+pub struct ClientHandle {
+    /// The connection's id.
+    pub id: ClientId,
+    queue: mpsc::Sender<Utf8Bytes>,
+    stats: Mutex<Vec<(Arc<str>, Utf8Bytes)>>,
+    close: Mutex<Option<(u16, &'static str)>>,
+    wake: Notify,
+}
+
+impl ClientHandle {
+    /// Creates a handle and the receiving end of its event queue.
+    pub fn new(id: ClientId, queue_len: usize) -> (Arc<Self>, mpsc::Receiver<Utf8Bytes>) {
+        let (tx, rx) = mpsc::channel(queue_len);
+        let handle = Arc::new(Self {
+            id,
+            queue: tx,
+            stats: Mutex::new(Vec::new()),
+            close: Mutex::new(None),
+            wake: Notify::new(),
+        });
+        (handle, rx)
+    }
+
+    /// Queues a message, waiting for room (used by the connection itself, e.g. replay).
+    pub async fn send(&self, msg: Utf8Bytes) -> bool {
+        self.queue.send(msg).await.is_ok()
+    }
+
+    /// Queues a message without waiting; on overflow asks the writer to close the socket.
+    pub fn offer(&self, msg: Utf8Bytes, metrics: &Metrics) -> bool {
+        match self.queue.try_send(msg) {
+            Ok(()) => {
+                metrics.messages_sent.inc();
+                true
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                if self.request_close(
+                    CLOSE_SLOW_CONSUMER,
+                    "slow consumer: reconnect and resume with since",
+                ) {
+                    metrics.slow_consumer_closes.inc();
+                }
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Asks the writer to close the socket; true the first time.
+    pub fn request_close(&self, code: u16, reason: &'static str) -> bool {
+        let mut close = lock(&self.close);
+        if close.is_some() {
+            return false;
+        }
+        *close = Some((code, reason));
+        drop(close);
+        self.wake.notify_one();
+        true
+    }
+
+    /// The close the writer must perform, if any.
+    pub fn pending_close(&self) -> Option<(u16, &'static str)> {
+        *lock(&self.close)
+    }
+
+    /// Replaces the channel's statistics slot; true if an unread value was dropped.
+    fn set_stats(&self, channel: &Arc<str>, msg: Utf8Bytes) -> bool {
+        let mut slots = lock(&self.stats);
+        let replaced = match slots.iter_mut().find(|(c, _)| c == channel) {
+            Some(slot) => {
+                slot.1 = msg;
+                true
+            }
+            None => {
+                slots.push((channel.clone(), msg));
+                false
+            }
+        };
+        drop(slots);
+        self.wake.notify_one();
+        replaced
+    }
+
+    /// Takes the pending statistics messages.
+    pub fn take_stats(&self) -> Vec<Utf8Bytes> {
+        lock(&self.stats).drain(..).map(|(_, m)| m).collect()
+    }
+
+    /// Resolves when statistics or a close request are pending.
+    pub async fn woken(&self) {
+        self.wake.notified().await;
+    }
+}
+
+struct Subscriber {
+    client: Arc<ClientHandle>,
+    /// While a replay runs, live events wait here so they follow the replayed ones.
+    pending: Option<Vec<(i64, Utf8Bytes)>>,
+}
+
+struct Channel {
+    tenant: Arc<str>,
+    name: Arc<str>,
+    subscribers: HashMap<ClientId, Subscriber>,
+    stats: Option<Utf8Bytes>,
+}
+
+/// What `subscribe` found.
+pub struct Subscribed {
+    /// Whether a statistics snapshot was already cached and handed to the client.
+    pub had_stats: bool,
+}
+
+/// Connections per tenant and role, for `GET /stats`.
+pub type ConnectionCounts = HashMap<String, HashMap<String, usize>>;
+
+/// All channels of this daemon.
+pub struct Hub {
+    channels: Mutex<HashMap<Arc<str>, Channel>>,
+    connections: Mutex<ConnectionCounts>,
+    next_client: AtomicU64,
+    metrics: Arc<Metrics>,
+    replay_buffer_cap: usize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere must not wedge fan-out: the data stays consistent per operation.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Hub {
+    /// An empty hub.
+    pub fn new(metrics: Arc<Metrics>, replay_buffer_cap: usize) -> Self {
+        Self {
+            channels: Mutex::new(HashMap::new()),
+            connections: Mutex::new(HashMap::new()),
+            next_client: AtomicU64::new(1),
+            metrics,
+            replay_buffer_cap,
+        }
+    }
+
+    /// A fresh connection id.
+    pub fn next_client_id(&self) -> ClientId {
+        self.next_client.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Adds a subscriber and queues `subscribed` before any live event. With `replaying`,
+    /// live events are held back until [`Hub::finish_replay`].
+    pub fn subscribe(
+        &self,
+        tenant: &str,
+        channel_name: &str,
+        client: &Arc<ClientHandle>,
+        replaying: bool,
+    ) -> Subscribed {
+        let mut channels = lock(&self.channels);
+        let key: Arc<str> = Arc::from(tenant);
+        let channel = channels.entry(key.clone()).or_insert_with(|| Channel {
+            tenant: key,
+            name: Arc::from(channel_name),
+            subscribers: HashMap::new(),
+            stats: None,
+        });
+        let is_new = !channel.subscribers.contains_key(&client.id);
+        client.offer(
+            Utf8Bytes::from(protocol::subscribed(channel_name)),
+            &self.metrics,
+        );
+        channel.subscribers.insert(
+            client.id,
+            Subscriber {
+                client: client.clone(),
+                pending: replaying.then(Vec::new),
+            },
+        );
+        if is_new {
+            self.metrics.subscriptions.inc();
+        }
+        let had_stats = match &channel.stats {
+            Some(stats) => {
+                client.set_stats(&channel.name, stats.clone());
+                true
+            }
+            None => false,
+        };
+        Subscribed { had_stats }
+    }
+
+    /// Ends a replay: queues the held-back live events the replay did not already send.
+    pub fn finish_replay(&self, tenant: &str, client: &ClientHandle, replayed: &[i64]) {
+        let mut channels = lock(&self.channels);
+        let Some(sub) = channels
+            .get_mut(tenant)
+            .and_then(|c| c.subscribers.get_mut(&client.id))
+        else {
+            return;
+        };
+        for (id, msg) in sub.pending.take().unwrap_or_default() {
+            if replayed.binary_search(&id).is_err() && !client.offer(msg, &self.metrics) {
+                break;
+            }
+        }
+    }
+
+    /// Removes a subscriber; drops the channel with its last subscriber.
+    pub fn unsubscribe(&self, tenant: &str, client: ClientId) -> bool {
+        let mut channels = lock(&self.channels);
+        let Some(channel) = channels.get_mut(tenant) else {
+            return false;
+        };
+        let removed = channel.subscribers.remove(&client).is_some();
+        if removed {
+            self.metrics.subscriptions.dec();
+        }
+        if channel.subscribers.is_empty() {
+            channels.remove(tenant);
+        }
+        removed
+    }
+
+    /// Whether anyone listens to a tenant.
+    pub fn has_subscribers(&self, tenant: &str) -> bool {
+        lock(&self.channels).contains_key(tenant)
+    }
+
+    /// Tenants with subscribers.
+    pub fn tenants(&self) -> Vec<Arc<str>> {
+        lock(&self.channels).keys().cloned().collect()
+    }
+
+    /// Delivers events to their channels; returns the tenants that had subscribers.
+    pub fn dispatch(&self, events: &[LogEvent], now: f64) -> Vec<Arc<str>> {
+        let mut touched: Vec<Arc<str>> = Vec::new();
+        let mut channels = lock(&self.channels);
+        for ev in events {
+            if ev.tenant == "*" {
+                for (tenant, channel) in channels.iter_mut() {
+                    self.deliver(channel, ev);
+                    touched.push(tenant.clone());
+                }
+            } else if let Some(channel) = channels.get_mut(ev.tenant.as_str()) {
+                self.deliver(channel, ev);
+                touched.push(channel.tenant.clone());
+            } else {
+                continue;
+            }
+            self.metrics
+                .delivery_lag_seconds
+                .observe((now - ev.created).max(0.0));
+        }
+        drop(channels);
+        touched.sort_unstable();
+        touched.dedup();
+        touched
+    }
+
+    fn deliver(&self, channel: &mut Channel, ev: &LogEvent) {
+        let msg = ev.message(&channel.name);
+        for sub in channel.subscribers.values_mut() {
+            match &mut sub.pending {
+                Some(pending) if pending.len() < self.replay_buffer_cap => {
+                    pending.push((ev.id, msg.clone()))
+                }
+                Some(_) => {
+                    if sub.client.request_close(
+                        CLOSE_SLOW_CONSUMER,
+                        "slow consumer: reconnect and resume with since",
+                    ) {
+                        self.metrics.slow_consumer_closes.inc();
+                    }
+                }
+                None => {
+                    sub.client.offer(msg.clone(), &self.metrics);
+                }
+            }
+        }
+    }
+
+    /// Publishes statistics to a channel (latest wins for each subscriber).
+    pub fn publish_stats(&self, tenant: &str, msg: Utf8Bytes) {
+        let mut channels = lock(&self.channels);
+        let Some(channel) = channels.get_mut(tenant) else {
+            return;
+        };
+        channel.stats = Some(msg.clone());
+        for sub in channel.subscribers.values() {
+            if sub.client.set_stats(&channel.name, msg.clone()) {
+                self.metrics.stats_dropped.inc();
+            }
+            self.metrics.messages_sent.inc();
+        }
+    }
+
+    /// Forgets cached statistics (e.g. after a database outage) so they are recomputed.
+    pub fn clear_stats(&self) {
+        for channel in lock(&self.channels).values_mut() {
+            channel.stats = None;
+        }
+    }
+
+    /// Counts a connection for `/stats`.
+    pub fn connection_opened(&self, tenant: Option<&str>, role: Option<&str>) {
+        let mut conns = lock(&self.connections);
+        let by_role = conns.entry(tenant.unwrap_or("-").to_string()).or_default();
+        *by_role.entry(role.unwrap_or("-").to_string()).or_default() += 1;
+        self.metrics.tenants_connected.set(conns.len() as i64);
+    }
+
+    /// Uncounts a connection.
+    pub fn connection_closed(&self, tenant: Option<&str>, role: Option<&str>) {
+        let mut conns = lock(&self.connections);
+        let tenant = tenant.unwrap_or("-");
+        if let Some(by_role) = conns.get_mut(tenant) {
+            let role = role.unwrap_or("-");
+            if let Some(n) = by_role.get_mut(role) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    by_role.remove(role);
+                }
+            }
+            if by_role.is_empty() {
+                conns.remove(tenant);
+            }
+        }
+        self.metrics.tenants_connected.set(conns.len() as i64);
+    }
+
+    /// Connections per tenant and role.
+    pub fn connection_counts(&self) -> ConnectionCounts {
+        lock(&self.connections).clone()
+    }
+}

@@ -1,0 +1,33 @@
+//! citapulse turns writes to an appointment database into live WebSocket updates.
+//!
+//! Triggers installed from `sql/` log every change of the watched tables to
+//! `citapulse.events` and wake the daemon with `pg_notify`; the daemon reads the log,
+//! fans events out to the subscribers of each tenant's channel and recomputes the
+//! tenant's statistics with one coalesced query.
+//!
+//! # Layout (in data-flow order)
+//! - [`db`]: the embedded SQL and every query on the log (the lossless read rule).
+//! - [`listener`]: LISTEN, the log cursor, reconnects, the adaptive wake-up.
+//! - [`stats`]: the coalescer of statistics queries and the day-rollover clock.
+//! - [`hub`]: channels → subscribers, bounded per-client queues, latest-wins stats.
+//! - [`ws`]: one WebSocket connection (receive loop + send task).
+//! - [`server`]: HTTP routes, the handshake, start-up and graceful shutdown.
+//! - [`auth`], [`protocol`], [`config`], [`metrics`], [`retention`]: supporting parts.
+//! - [`pgcluster`], [`demo`]: a throwaway PostgreSQL and the embedded demo.
+
+pub mod auth;
+pub mod config;
+pub mod db;
+pub mod demo;
+pub mod hub;
+pub mod listener;
+pub mod metrics;
+pub mod pgcluster;
+pub mod protocol;
+pub mod retention;
+pub mod server;
+pub mod stats;
+pub mod ws;
+
+pub use config::Config;
+pub use server::run;

@@ -1,0 +1,385 @@
+//! The listener: LISTEN for wake-ups, read the log, hand events to the hub.
+//!
+//! Owns the one dedicated database connection and the log cursor. The cursor survives
+//! reconnects, so a lost connection only delays delivery: on reconnect it LISTENs
+//! first, then reads everything committed since. Also owns the wake-up mode
+//! (DESIGN.md §1): it switches the triggers between notifying and not, and polls
+//! accordingly. Must not block on clients: fan-out is non-blocking.
+
+use std::future::poll_fn;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+use tokio_postgres::AsyncMessage;
+
+use crate::config::WakeupMode;
+use crate::db::{self, Cursor, DbError};
+use crate::metrics::{Metrics, Reason};
+use crate::server::Shared;
+
+/// Rows read per statement.
+const BATCH: i64 = 2000;
+/// How long the daemon keeps polling fast after switching the triggers back to
+/// notifying: transactions that read the old mode may still commit silently.
+const SWITCH_BACK_GRACE: Duration = Duration::from_secs(2);
+/// Minimum time between two mode switches, across all daemons.
+const MIN_SWITCH_GAP: Duration = Duration::from_secs(5);
+/// How long the rate must stay low before notifying again (hysteresis).
+const CALM_BEFORE_NOTIFY: Duration = Duration::from_secs(5);
+
+/// Whether LISTEN is live, and why not.
+pub struct Health {
+    up: AtomicBool,
+    reason: Mutex<String>,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self {
+            up: AtomicBool::new(false),
+            reason: Mutex::new("starting".into()),
+        }
+    }
+}
+
+impl Health {
+    /// `Ok` when live, else the reason.
+    pub fn status(&self) -> Result<(), String> {
+        if self.up.load(Ordering::Acquire) {
+            Ok(())
+        } else {
+            Err(self.reason.lock().map(|r| r.clone()).unwrap_or_default())
+        }
+    }
+
+    fn set_up(&self, metrics: &Metrics) {
+        self.up.store(true, Ordering::Release);
+        metrics.listener_up.set(1);
+    }
+
+    fn set_down(&self, reason: String, metrics: &Metrics) {
+        if let Ok(mut r) = self.reason.lock() {
+            *r = reason;
+        }
+        self.up.store(false, Ordering::Release);
+        metrics.listener_up.set(0);
+    }
+}
+
+/// The wake-up mode as this daemon sees it.
+pub struct Wakeup {
+    /// Whether the triggers currently notify (from `citapulse.wakeup`).
+    triggers_notify: AtomicBool,
+}
+
+impl Default for Wakeup {
+    fn default() -> Self {
+        Self {
+            triggers_notify: AtomicBool::new(true),
+        }
+    }
+}
+
+impl Wakeup {
+    /// `notify` or `poll`: what the triggers do now.
+    pub fn current(&self) -> &'static str {
+        if self.triggers_notify.load(Ordering::Relaxed) {
+            "notify"
+        } else {
+            "poll"
+        }
+    }
+}
+
+/// Aborts the connection driver when the session ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Runs until shutdown: connect, LISTEN, catch up, then read on every wake-up or poll;
+/// on failure reconnect with capped exponential backoff and jitter.
+pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    let mut cursor: Option<Cursor> = None;
+    let mut connected_before = false;
+    let mut attempt: u32 = 0;
+    loop {
+        let outcome = session(
+            &shared,
+            &mut cursor,
+            &mut shutdown,
+            &mut connected_before,
+            &mut attempt,
+        )
+        .await;
+        match outcome {
+            Ok(()) => return,
+            Err(err) => {
+                let reason = match &err {
+                    DbError::Postgres(e) => format!("{err}: {e}"),
+                    other => other.to_string(),
+                };
+                tracing::warn!(error = %reason, attempt, "listener down");
+                shared.health.set_down(reason, &shared.metrics);
+                if matches!(err, DbError::NotInstalled | DbError::Incompatible { .. }) {
+                    // Keep retrying: a DBA may be installing it right now.
+                    attempt = attempt.max(6);
+                }
+            }
+        }
+        let base = Duration::from_millis(100).saturating_mul(1 << attempt.min(7));
+        let capped = base.min(Duration::from_secs(10));
+        let delay = capped.mul_f64(0.5 + fastrand::f64() * 0.5);
+        attempt = attempt.saturating_add(1);
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+async fn session(
+    shared: &Arc<Shared>,
+    cursor: &mut Option<Cursor>,
+    shutdown: &mut watch::Receiver<bool>,
+    connected_before: &mut bool,
+    attempt: &mut u32,
+) -> Result<(), DbError> {
+    let (client, mut connection) = db::connect(&shared.config).await?;
+    let (wake_tx, mut wake_rx) = mpsc::channel::<()>(1);
+    // tokio-postgres only surfaces notifications to whoever polls the connection.
+    let _driver = AbortOnDrop(tokio::spawn(async move {
+        while let Some(msg) = poll_fn(|cx| connection.poll_message(cx)).await {
+            match msg {
+                Ok(AsyncMessage::Notification(_)) => {
+                    let _ = wake_tx.try_send(());
+                }
+                Ok(_) => {}
+                Err(err) => {
+                    tracing::debug!(error = %err, "listener connection ended");
+                    break;
+                }
+            }
+        }
+    }));
+    db::check_version(&client).await?;
+    db::sync_settings(&client, shared.config.events.bulk_threshold).await?;
+    client
+        .batch_execute(&format!("LISTEN {}", db::NOTIFY_CHANNEL))
+        .await?;
+    let stmt = db::prepare_reader(&client).await?;
+    let cur = match cursor.take() {
+        Some(c) => c,
+        None => db::initial_cursor(&client).await?,
+    };
+    let cursor = cursor.insert(cur);
+
+    let mut mode = ModeControl::new(shared);
+    mode.enforce_pinned(&client).await?;
+    drain(shared, &client, &stmt, cursor, "catch_up", &mut mode).await?;
+    shared.health.set_up(&shared.metrics);
+    *attempt = 0;
+    if *connected_before {
+        shared.metrics.listener_reconnects.inc();
+        tracing::info!(
+            last_id = cursor.last_id,
+            "listener reconnected and caught up"
+        );
+        // Numbers may have changed while we were away.
+        shared.stats.mark_dirty_all(&shared.hub);
+    } else {
+        tracing::info!(last_id = cursor.last_id, "listener up");
+    }
+    *connected_before = true;
+
+    loop {
+        let wait = mode.poll_every();
+        let why = tokio::select! {
+            _ = shutdown.changed() => return Ok(()),
+            woke = wake_rx.recv() => match woke {
+                Some(()) => "notify",
+                None => return Err(DbError::Closed),
+            },
+            _ = tokio::time::sleep(wait) => "poll",
+        };
+        drain(shared, &client, &stmt, cursor, why, &mut mode).await?;
+        mode.maybe_switch(&client).await?;
+    }
+}
+
+async fn drain(
+    shared: &Shared,
+    client: &tokio_postgres::Client,
+    stmt: &tokio_postgres::Statement,
+    cursor: &mut Cursor,
+    why: &str,
+    mode: &mut ModeControl<'_>,
+) -> Result<(), DbError> {
+    loop {
+        let batch = db::read_batch(client, stmt, cursor, BATCH).await?;
+        Metrics::count(&shared.metrics.log_reads, why);
+        shared
+            .metrics
+            .rows_per_read
+            .observe(batch.events.len() as f64);
+        mode.observe(batch.events.len(), batch.triggers_notify);
+        if !batch.events.is_empty() {
+            shared.metrics.events_read.inc_by(batch.events.len() as u64);
+            shared
+                .reader_position
+                .store(cursor.last_id, Ordering::Release);
+            let touched = shared
+                .hub
+                .dispatch(&batch.events, crate::stats::unix_time_f64());
+            shared.stats.mark_dirty(&touched);
+        }
+        if !batch.more {
+            return Ok(());
+        }
+    }
+}
+
+/// The adaptive wake-up: measures the change rate and flips `citapulse.wakeup.notify`.
+struct ModeControl<'a> {
+    shared: &'a Shared,
+    window_start: Instant,
+    window_rows: usize,
+    rate: f64,
+    calm_since: Option<Instant>,
+    fast_poll_until: Option<Instant>,
+}
+
+impl<'a> ModeControl<'a> {
+    fn new(shared: &'a Shared) -> Self {
+        Self {
+            shared,
+            window_start: Instant::now(),
+            window_rows: 0,
+            rate: 0.0,
+            calm_since: None,
+            fast_poll_until: None,
+        }
+    }
+
+    fn wakeup_cfg(&self) -> &crate::config::WakeupConfig {
+        &self.shared.config.wakeup
+    }
+
+    /// Pinned modes set the row once at start-up (and again after every reconnect).
+    async fn enforce_pinned(&mut self, client: &tokio_postgres::Client) -> Result<(), DbError> {
+        let want = match self.wakeup_cfg().mode {
+            WakeupMode::Notify => true,
+            WakeupMode::Poll => false,
+            WakeupMode::Adaptive => return Ok(()),
+        };
+        db::set_triggers_notify(
+            client,
+            want,
+            "pinned by wakeup.mode",
+            &self.shared.config.instance,
+            Duration::ZERO,
+        )
+        .await?;
+        self.set_seen(want);
+        Ok(())
+    }
+
+    fn set_seen(&mut self, notify: bool) {
+        let was = self
+            .shared
+            .wakeup
+            .triggers_notify
+            .swap(notify, Ordering::Relaxed);
+        if was != notify && notify {
+            self.fast_poll_until = Some(Instant::now() + SWITCH_BACK_GRACE);
+        }
+        let m = &self.shared.metrics.wakeup_mode;
+        m.get_or_create(&Reason {
+            reason: "notify".into(),
+        })
+        .set(i64::from(notify));
+        m.get_or_create(&Reason {
+            reason: "poll".into(),
+        })
+        .set(i64::from(!notify));
+    }
+
+    fn observe(&mut self, rows: usize, triggers_notify: bool) {
+        self.set_seen(triggers_notify);
+        self.window_rows += rows;
+        let elapsed = self.window_start.elapsed();
+        if elapsed >= Duration::from_secs(1) {
+            self.rate = self.window_rows as f64 / elapsed.as_secs_f64();
+            self.window_rows = 0;
+            self.window_start = Instant::now();
+        }
+    }
+
+    fn poll_every(&self) -> Duration {
+        let cfg = self.wakeup_cfg();
+        let fast = Duration::from_millis(cfg.poll_interval_ms);
+        let slow = Duration::from_millis(cfg.safety_poll_ms);
+        let notifying = self.shared.wakeup.triggers_notify.load(Ordering::Relaxed);
+        let in_grace = self.fast_poll_until.is_some_and(|t| Instant::now() < t);
+        if !notifying || in_grace {
+            fast.min(slow)
+        } else {
+            slow
+        }
+    }
+
+    async fn maybe_switch(&mut self, client: &tokio_postgres::Client) -> Result<(), DbError> {
+        if self.wakeup_cfg().mode != WakeupMode::Adaptive {
+            return Ok(());
+        }
+        let cfg = self.wakeup_cfg().clone();
+        let notifying = self.shared.wakeup.triggers_notify.load(Ordering::Relaxed);
+        let instance = self.shared.config.instance.clone();
+        if notifying && self.rate > f64::from(cfg.poll_above_per_sec) {
+            let reason = format!(
+                "change rate {:.0}/s above wakeup.poll_above_per_sec {}",
+                self.rate, cfg.poll_above_per_sec
+            );
+            if db::set_triggers_notify(client, false, &reason, &instance, MIN_SWITCH_GAP).await? {
+                tracing::info!(
+                    rate = self.rate,
+                    threshold = cfg.poll_above_per_sec,
+                    "wake-up switched to poll: {reason}"
+                );
+                Metrics::count(&self.shared.metrics.wakeup_switches, "to_poll");
+                self.set_seen(false);
+            }
+            self.calm_since = None;
+        } else if !notifying {
+            if self.rate < f64::from(cfg.notify_below_per_sec) {
+                let calm = *self.calm_since.get_or_insert_with(Instant::now);
+                if calm.elapsed() >= CALM_BEFORE_NOTIFY {
+                    let reason = format!(
+                        "change rate {:.0}/s below wakeup.notify_below_per_sec {}",
+                        self.rate, cfg.notify_below_per_sec
+                    );
+                    if db::set_triggers_notify(client, true, &reason, &instance, MIN_SWITCH_GAP)
+                        .await?
+                    {
+                        tracing::info!(
+                            rate = self.rate,
+                            threshold = cfg.notify_below_per_sec,
+                            "wake-up switched to notify: {reason}"
+                        );
+                        Metrics::count(&self.shared.metrics.wakeup_switches, "to_notify");
+                        self.set_seen(true);
+                    }
+                    self.calm_since = None;
+                }
+            } else {
+                self.calm_since = None;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,246 @@
+//! Prometheus metrics, rendered at `GET /metrics`.
+//!
+//! Owns the registry; labels are bounded (reasons, modes), never tenant ids.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// A label naming why something happened (bounded set of reasons).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    /// The reason.
+    pub reason: String,
+}
+
+/// Every metric the daemon exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Open WebSocket connections.
+    pub connections: Gauge,
+    /// Tenants with at least one connection (label-free tenant count).
+    pub tenants_connected: Gauge,
+    /// Active channel subscriptions.
+    pub subscriptions: Gauge,
+    /// Handshakes refused, by reason.
+    pub handshakes_refused: Family<Reason, Counter>,
+    /// Connections closed, by reason.
+    pub connections_closed: Family<Reason, Counter>,
+    /// Log rows read by the daemon.
+    pub events_read: Counter,
+    /// Messages queued to clients (events, stats, replies).
+    pub messages_sent: Counter,
+    /// Events replayed on subscribe with `since`.
+    pub events_replayed: Counter,
+    /// Clients closed because their queue overflowed.
+    pub slow_consumer_closes: Counter,
+    /// Stats messages replaced before a slow client read them (latest-wins).
+    pub stats_dropped: Counter,
+    /// Stats queries run.
+    pub stats_queries: Counter,
+    /// Stats queries that failed.
+    pub stats_errors: Counter,
+    /// Stats query duration.
+    pub stats_query_seconds: Histogram,
+    /// Time from the log row's creation to the event being queued to clients.
+    pub delivery_lag_seconds: Histogram,
+    /// LISTEN connection (re)establishments after the first.
+    pub listener_reconnects: Counter,
+    /// Whether LISTEN is live (1) or not (0).
+    pub listener_up: Gauge,
+    /// Log reads (polls and wake-ups).
+    pub log_reads: Family<Reason, Counter>,
+    /// Rows per log read.
+    pub rows_per_read: Histogram,
+    /// Rows deleted by retention pruning.
+    pub pruned_rows: Counter,
+    /// Approximate rows in the log (from planner statistics).
+    pub log_rows: Gauge,
+    /// Current wake-up mode: 1 for the active mode label.
+    pub wakeup_mode: Family<Reason, Gauge>,
+    /// Wake-up mode switches made by this instance.
+    pub wakeup_switches: Family<Reason, Counter>,
+    /// Client messages refused (bad request, rate limit, forbidden).
+    pub client_errors: Family<Reason, Counter>,
+}
+
+impl Metrics {
+    /// Creates and registers every metric, labelled with the instance name.
+    pub fn new(instance: &str) -> Self {
+        let mut root = Registry::with_prefix_and_labels(
+            "citapulse",
+            [(
+                std::borrow::Cow::Borrowed("instance"),
+                std::borrow::Cow::Owned(instance.to_string()),
+            )]
+            .into_iter(),
+        );
+        let latency = || Histogram::new(exponential_buckets(0.0001, 2.0, 18));
+        let m = Self {
+            connections: Gauge::default(),
+            tenants_connected: Gauge::default(),
+            subscriptions: Gauge::default(),
+            handshakes_refused: Family::default(),
+            connections_closed: Family::default(),
+            events_read: Counter::default(),
+            messages_sent: Counter::default(),
+            events_replayed: Counter::default(),
+            slow_consumer_closes: Counter::default(),
+            stats_dropped: Counter::default(),
+            stats_queries: Counter::default(),
+            stats_errors: Counter::default(),
+            stats_query_seconds: latency(),
+            delivery_lag_seconds: latency(),
+            listener_reconnects: Counter::default(),
+            listener_up: Gauge::default(),
+            log_reads: Family::default(),
+            rows_per_read: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
+            pruned_rows: Counter::default(),
+            log_rows: Gauge::default(),
+            wakeup_mode: Family::default(),
+            wakeup_switches: Family::default(),
+            client_errors: Family::default(),
+            registry: Registry::default(),
+        };
+        let r = &mut root;
+        r.register(
+            "connections",
+            "Open WebSocket connections",
+            m.connections.clone(),
+        );
+        r.register(
+            "tenants_connected",
+            "Tenants with at least one open connection",
+            m.tenants_connected.clone(),
+        );
+        r.register(
+            "subscriptions",
+            "Active channel subscriptions",
+            m.subscriptions.clone(),
+        );
+        r.register(
+            "handshakes_refused",
+            "WebSocket handshakes refused, by reason",
+            m.handshakes_refused.clone(),
+        );
+        r.register(
+            "connections_closed",
+            "WebSocket connections closed, by reason",
+            m.connections_closed.clone(),
+        );
+        r.register(
+            "events_read",
+            "Rows read from citapulse.events",
+            m.events_read.clone(),
+        );
+        r.register(
+            "messages_sent",
+            "Messages queued to clients",
+            m.messages_sent.clone(),
+        );
+        r.register(
+            "events_replayed",
+            "Events replayed to resuming clients",
+            m.events_replayed.clone(),
+        );
+        r.register(
+            "slow_consumer_closes",
+            "Clients closed because their queue overflowed",
+            m.slow_consumer_closes.clone(),
+        );
+        r.register(
+            "stats_dropped",
+            "Stats messages replaced before a slow client read them",
+            m.stats_dropped.clone(),
+        );
+        r.register(
+            "stats_queries",
+            "Statistics queries run",
+            m.stats_queries.clone(),
+        );
+        r.register(
+            "stats_errors",
+            "Statistics queries that failed",
+            m.stats_errors.clone(),
+        );
+        r.register(
+            "stats_query_seconds",
+            "Statistics query duration",
+            m.stats_query_seconds.clone(),
+        );
+        r.register(
+            "delivery_lag_seconds",
+            "Log row creation to event queued to clients",
+            m.delivery_lag_seconds.clone(),
+        );
+        r.register(
+            "listener_reconnects",
+            "LISTEN connection re-establishments",
+            m.listener_reconnects.clone(),
+        );
+        r.register(
+            "listener_up",
+            "Whether the LISTEN connection is live",
+            m.listener_up.clone(),
+        );
+        r.register(
+            "log_reads",
+            "Reads of the event log, by trigger",
+            m.log_reads.clone(),
+        );
+        r.register(
+            "rows_per_read",
+            "Rows returned per log read",
+            m.rows_per_read.clone(),
+        );
+        r.register(
+            "pruned_rows",
+            "Log rows deleted by retention",
+            m.pruned_rows.clone(),
+        );
+        r.register(
+            "log_rows",
+            "Approximate rows in citapulse.events",
+            m.log_rows.clone(),
+        );
+        r.register(
+            "wakeup_mode",
+            "Current wake-up mode (1 = active)",
+            m.wakeup_mode.clone(),
+        );
+        r.register(
+            "wakeup_switches",
+            "Wake-up mode switches made by this instance",
+            m.wakeup_switches.clone(),
+        );
+        r.register(
+            "client_errors",
+            "Client requests refused, by code",
+            m.client_errors.clone(),
+        );
+        Self {
+            registry: root,
+            ..m
+        }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Increments a reason-labelled counter.
+    pub fn count(family: &Family<Reason, Counter>, reason: &str) {
+        family
+            .get_or_create(&Reason {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+}

@@ -1,0 +1,229 @@
+//! The WebSocket wire format: parsing client frames and shaping server messages.
+//!
+//! Pure functions only (no I/O), so the fuzzer can drive the parser directly.
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+/// A request from a client, after validation of its shape (not of its rights).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientMessage {
+    /// Start receiving a channel, optionally replaying from an event id.
+    Subscribe {
+        /// The channel name, e.g. `estadisticas:negocio_1`.
+        channel: String,
+        /// The id of the last event the client processed.
+        since: Option<i64>,
+    },
+    /// Stop receiving a channel.
+    Unsubscribe {
+        /// The channel name.
+        channel: String,
+    },
+    /// Liveness check, answered with `pong`.
+    Ping,
+    /// A fresh token for this connection.
+    Auth {
+        /// The JWT.
+        token: String,
+    },
+}
+
+/// Why a client frame was refused; `message` is safe to echo.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadRequest(pub String);
+
+#[derive(Deserialize)]
+struct Envelope {
+    #[serde(rename = "type")]
+    kind: Value,
+    #[serde(default)]
+    data: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubscribeData {
+    channel: String,
+    #[serde(default)]
+    since: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChannelData {
+    channel: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuthData {
+    token: String,
+}
+
+fn data_as<T: serde::de::DeserializeOwned>(
+    data: Option<Value>,
+    what: &str,
+) -> Result<T, BadRequest> {
+    let data = data.ok_or_else(|| BadRequest(format!("{what} needs a data object")))?;
+    serde_json::from_value(data)
+        .map_err(|e| BadRequest(format!("bad {what} data: {}", short(&e.to_string()))))
+}
+
+fn short(s: &str) -> String {
+    s.chars().take(160).collect()
+}
+
+/// Parses one text frame.
+pub fn parse_client_message(text: &str) -> Result<ClientMessage, BadRequest> {
+    let env: Envelope = serde_json::from_str(text).map_err(|e| {
+        BadRequest(format!(
+            "not a JSON object with a type: {}",
+            short(&e.to_string())
+        ))
+    })?;
+    let Value::String(kind) = env.kind else {
+        return Err(BadRequest("type must be a string".into()));
+    };
+    match kind.as_str() {
+        "subscribe" => {
+            let d: SubscribeData = data_as(env.data, "subscribe")?;
+            if d.since.is_some_and(|s| s < 0) {
+                return Err(BadRequest("since must be a non-negative event id".into()));
+            }
+            Ok(ClientMessage::Subscribe {
+                channel: d.channel,
+                since: d.since,
+            })
+        }
+        "unsubscribe" => {
+            let d: ChannelData = data_as(env.data, "unsubscribe")?;
+            Ok(ClientMessage::Unsubscribe { channel: d.channel })
+        }
+        "ping" => Ok(ClientMessage::Ping),
+        "auth" => {
+            let d: AuthData = data_as(env.data, "auth")?;
+            Ok(ClientMessage::Auth { token: d.token })
+        }
+        other => Err(BadRequest(format!(
+            "unknown type {:?} (expected subscribe, unsubscribe, ping or auth)",
+            short(other)
+        ))),
+    }
+}
+
+/// `{"type":"error","data":{"code":…,"message":…}}`.
+pub fn error(code: &str, message: &str) -> String {
+    json!({"type": "error", "data": {"code": code, "message": message}}).to_string()
+}
+
+/// `{"type":"error",…}` for one channel.
+pub fn channel_error(code: &str, message: &str, channel: &str) -> String {
+    json!({"type": "error", "data": {"code": code, "message": message, "channel": channel}})
+        .to_string()
+}
+
+/// `{"type":"subscribed","channel":…}`.
+pub fn subscribed(channel: &str) -> String {
+    json!({"type": "subscribed", "channel": channel}).to_string()
+}
+
+/// `{"type":"unsubscribed","channel":…}`.
+pub fn unsubscribed(channel: &str) -> String {
+    json!({"type": "unsubscribed", "channel": channel}).to_string()
+}
+
+/// `{"type":"pong","data":{"timestamp":…}}` (Unix milliseconds).
+pub fn pong(timestamp_ms: u128) -> String {
+    json!({"type": "pong", "data": {"timestamp": timestamp_ms as u64}}).to_string()
+}
+
+/// `{"type":"connected","data":{…}}`.
+pub fn connected(user_id: &str, tenant: Option<&str>, role: Option<&str>) -> String {
+    json!({"type": "connected", "data": {"user_id": user_id, "tenant": tenant, "role": role}})
+        .to_string()
+}
+
+/// `{"type":"authenticated",…}` after a token refresh.
+pub fn reauthenticated(expires_at: u64) -> String {
+    json!({"type": "authenticated", "data": {"expires_at": expires_at}}).to_string()
+}
+
+/// One event message; `data` is JSON text from the log, spliced in unparsed.
+pub fn event(event_type: &str, channel: &str, id: i64, data: &str) -> String {
+    let mut out = String::with_capacity(data.len() + channel.len() + event_type.len() + 48);
+    out.push_str("{\"type\":");
+    push_json_str(&mut out, event_type);
+    out.push_str(",\"channel\":");
+    push_json_str(&mut out, channel);
+    out.push_str(",\"id\":");
+    out.push_str(&id.to_string());
+    out.push_str(",\"data\":");
+    out.push_str(if data.is_empty() { "{}" } else { data });
+    out.push('}');
+    out
+}
+
+fn push_json_str(out: &mut String, s: &str) {
+    // Serializing a &str to JSON cannot fail.
+    out.push_str(&serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_client_message() {
+        assert_eq!(
+            parse_client_message(
+                r#"{"type":"subscribe","data":{"channel":"estadisticas:a","since":7}}"#
+            ),
+            Ok(ClientMessage::Subscribe {
+                channel: "estadisticas:a".into(),
+                since: Some(7)
+            })
+        );
+        assert_eq!(
+            parse_client_message(r#"{"type":"ping"}"#),
+            Ok(ClientMessage::Ping)
+        );
+        assert_eq!(
+            parse_client_message(r#"{"type":"unsubscribe","data":{"channel":"x"}}"#),
+            Ok(ClientMessage::Unsubscribe {
+                channel: "x".into()
+            })
+        );
+        assert_eq!(
+            parse_client_message(r#"{"type":"auth","data":{"token":"t"}}"#),
+            Ok(ClientMessage::Auth { token: "t".into() })
+        );
+    }
+
+    #[test]
+    fn refuses_malformed_frames() {
+        for bad in [
+            "",
+            "nope",
+            "[]",
+            "{}",
+            r#"{"type":1}"#,
+            r#"{"type":"subscribe"}"#,
+            r#"{"type":"subscribe","data":{"channel":5}}"#,
+            r#"{"type":"subscribe","data":{"channel":"a","since":-1}}"#,
+            r#"{"type":"subscribe","data":{"channel":"a","since":"x"}}"#,
+            r#"{"type":"dance"}"#,
+        ] {
+            assert!(parse_client_message(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn event_json_is_valid() {
+        let text = event("cita_\"x", "estadisticas:a", 5, r#"{"row":{"id":1}}"#);
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["id"], 5);
+        assert_eq!(v["type"], "cita_\"x");
+        assert_eq!(v["data"]["row"]["id"], 1);
+    }
+}

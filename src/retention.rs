@@ -1,0 +1,57 @@
+//! Retention: prunes the event log past `outbox.retention` in small batches.
+//!
+//! Owns nothing but a timer. Small `DELETE`s with `SKIP LOCKED` keep locks short and let
+//! several daemons prune at once; no table rewrite, no long transaction.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::db;
+use crate::server::Shared;
+
+/// Batches per round at most, so one round never monopolises a connection.
+const MAX_BATCHES_PER_ROUND: usize = 100;
+
+/// Prunes every `outbox.prune_every` until shutdown.
+pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    let every = shared.config.outbox.prune_every;
+    // Spread daemons that started together.
+    let first = every
+        .mul_f64(0.1 + fastrand::f64() * 0.2)
+        .min(Duration::from_secs(30));
+    let mut wait = first;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.changed() => return,
+        }
+        wait = every;
+        if let Err(err) = prune_round(&shared).await {
+            tracing::warn!(error = %err, "pruning the event log failed");
+        }
+    }
+}
+
+/// Deletes expired events batch by batch; returns how many rows went.
+pub async fn prune_round(shared: &Shared) -> Result<u64, db::DbError> {
+    let mut client = shared.pool.get().await?;
+    let batch = i64::from(shared.config.outbox.prune_batch);
+    let mut total = 0u64;
+    for _ in 0..MAX_BATCHES_PER_ROUND {
+        let n = db::prune_batch(&mut client, shared.config.outbox.retention, batch).await?;
+        total += n;
+        if (n as i64) < batch {
+            break;
+        }
+    }
+    shared.metrics.pruned_rows.inc_by(total);
+    if let Ok(rows) = db::estimated_log_rows(&client).await {
+        shared.metrics.log_rows.set(rows);
+    }
+    if total > 0 {
+        tracing::info!(rows = total, "pruned expired events");
+    }
+    Ok(total)
+}

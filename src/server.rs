@@ -1,0 +1,618 @@
+//! The HTTP listener: routes, the WebSocket handshake, and the daemon's lifecycle.
+//!
+//! Owns start-up (database checks, background tasks) and graceful shutdown: stop
+//! accepting, close every socket with 1001, wait a bounded time.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::AtomicI64;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_tungstenite::tungstenite::protocol::WebSocketConfig;
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::{AuthError, Authenticator, Identity};
+use crate::config::{Config, ConfigError};
+use crate::db::{self, DbError};
+use crate::hub::Hub;
+use crate::listener::{Health, Wakeup};
+use crate::metrics::Metrics;
+use crate::stats::StatsEngine;
+
+/// The dashboard page and its client, embedded so the binary serves them alone.
+const INDEX_HTML: &str = include_str!("../static/index.html");
+const CLIENT_JS: &str = include_str!("../clients/js/citapulse.js");
+const CLIENT_DTS: &str = include_str!("../clients/js/citapulse.d.ts");
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Configuration or key material is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The database is unusable.
+    #[error(transparent)]
+    Database(#[from] DbError),
+}
+
+/// State every task shares.
+pub struct Shared {
+    /// The validated configuration.
+    pub config: Config,
+    /// Token verification.
+    pub auth: Authenticator,
+    /// Channels and subscribers.
+    pub hub: Hub,
+    /// Metrics registry.
+    pub metrics: Arc<Metrics>,
+    /// Statistics coalescer state.
+    pub stats: StatsEngine,
+    /// Connections for stats, replay and maintenance.
+    pub pool: deadpool_postgres::Pool,
+    /// LISTEN health.
+    pub health: Health,
+    /// The wake-up mode as seen by this daemon.
+    pub wakeup: Wakeup,
+    /// The highest event id the listener has read.
+    pub reader_position: AtomicI64,
+    /// Today's date in `stats.timezone`.
+    pub today: watch::Receiver<String>,
+    /// Open sockets per client address.
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// Holds one of an address's connection slots; frees it on drop.
+struct IpSlot {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        if let Ok(mut map) = self.shared.per_ip.lock()
+            && let Some(n) = map.get_mut(&self.ip)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
+
+impl Shared {
+    fn take_ip_slot(self: &Arc<Self>, ip: IpAddr) -> Option<IpSlot> {
+        let mut map = self.per_ip.lock().ok()?;
+        let n = map.entry(ip).or_default();
+        if *n >= self.config.limits.connections_per_ip {
+            return None;
+        }
+        *n += 1;
+        Some(IpSlot {
+            shared: self.clone(),
+            ip,
+        })
+    }
+}
+
+/// Runs the daemon on `listener` until `shutdown` resolves, then shuts down gracefully.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    config.validate()?;
+    let auth = Authenticator::new(&config.auth)?;
+    let metrics = Arc::new(Metrics::new(&config.instance));
+    let pool = db::pool(&config)?;
+
+    // Fail fast on a database without the SQL or with a bad time zone.
+    let today = {
+        let (client, connection) = db::connect(&config).await?;
+        let driver = tokio::spawn(connection);
+        db::check_version(&client).await?;
+        let today = crate::stats::today_in_zone(
+            &client,
+            &config.stats.timezone,
+            config.stats.clock_offset_secs,
+        )
+        .await
+        .map_err(|_| ConfigError::Invalid {
+            key: "stats.timezone",
+            reason: format!(
+                "{:?} is not a time zone PostgreSQL knows",
+                config.stats.timezone
+            ),
+        })?;
+        let probe = client
+            .prepare_typed(
+                &format!(
+                    "SELECT * FROM ({}) q LIMIT 0",
+                    config.stats.query.trim().trim_end_matches(';')
+                ),
+                &[
+                    tokio_postgres::types::Type::TEXT,
+                    tokio_postgres::types::Type::TEXT,
+                ],
+            )
+            .await;
+        if let Err(err) = probe {
+            return Err(ConfigError::Invalid {
+                key: "stats.query",
+                reason: format!(
+                    "does not prepare: {}",
+                    err.as_db_error()
+                        .map(|e| e.message().to_string())
+                        .unwrap_or_else(|| err.to_string())
+                ),
+            }
+            .into());
+        }
+        drop(client);
+        driver.abort();
+        today.0
+    };
+    let (today_tx, today_rx) = watch::channel(String::new());
+    today_tx.send_replace(today);
+
+    let shared = Arc::new(Shared {
+        hub: Hub::new(metrics.clone(), config.limits.queue_len.max(1024) * 4),
+        auth,
+        metrics,
+        stats: StatsEngine::default(),
+        pool,
+        health: Health::default(),
+        wakeup: Wakeup::default(),
+        reader_position: AtomicI64::new(0),
+        today: today_rx,
+        per_ip: Mutex::new(HashMap::new()),
+        config,
+    });
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let background = TaskTracker::new();
+    background.spawn(crate::listener::run(shared.clone(), stop_rx.clone()));
+    background.spawn(crate::stats::run(shared.clone(), stop_rx.clone()));
+    background.spawn(crate::stats::rollover(
+        shared.clone(),
+        today_tx,
+        stop_rx.clone(),
+    ));
+    background.spawn(crate::retention::run(shared.clone(), stop_rx.clone()));
+
+    let addr = listener.local_addr().ok();
+    tracing::info!(addr = ?addr, instance = %shared.config.instance, "citapulse listening");
+    let sockets = TaskTracker::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let shared = shared.clone();
+                    let stop = stop_rx.clone();
+                    let tracker = sockets.clone();
+                    sockets.spawn(serve_http(stream, peer, shared, stop, tracker));
+                }
+                Err(err) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = &mut shutdown => break,
+        }
+    }
+
+    tracing::info!("shutting down: closing sockets");
+    drop(listener);
+    let _ = stop_tx.send(true);
+    sockets.close();
+    background.close();
+    let grace = Duration::from_secs(shared.config.limits.shutdown_grace_secs);
+    if tokio::time::timeout(grace, sockets.wait()).await.is_err() {
+        tracing::warn!("shutdown grace period over; dropping remaining sockets");
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), background.wait()).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn serve_http(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+    tracker: TaskTracker,
+) {
+    let io = TokioIo::new(stream);
+    let stop_for_ws = stop.clone();
+    let service = service_fn(move |req| {
+        let shared = shared.clone();
+        let stop = stop_for_ws.clone();
+        let tracker = tracker.clone();
+        async move { Ok::<_, Infallible>(route(req, peer, shared, stop, tracker).await) }
+    });
+    let conn = http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
+        .max_buf_size(64 * 1024)
+        .serve_connection(io, service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        res = conn.as_mut() => {
+            if let Err(err) = res {
+                tracing::debug!(peer = %peer, error = %err, "http connection error");
+            }
+        }
+        _ = stop.changed() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+        }
+    }
+}
+
+type Body = Full<Bytes>;
+
+fn respond(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Body> {
+    let mut res = Response::new(Full::new(body.into()));
+    *res.status_mut() = status;
+    res.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    res.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    res
+}
+
+fn json_response(status: StatusCode, value: serde_json::Value) -> Response<Body> {
+    respond(status, "application/json", value.to_string())
+}
+
+fn error_response(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+    json_response(status, json!({"error": code, "message": message}))
+}
+
+async fn route(
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    stop: watch::Receiver<bool>,
+    tracker: TaskTracker,
+) -> Response<Body> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/ws") => upgrade(&mut req, peer, shared, stop, tracker),
+        (&Method::GET, "/health") => health(&shared),
+        (&Method::GET, "/metrics") => respond(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            shared.metrics.render(),
+        ),
+        (&Method::GET, "/stats") => connection_stats(&req, &shared),
+        (&Method::POST, "/notify/cita") => notify_cita(req, &shared).await,
+        (&Method::GET, "/") | (&Method::GET, "/index.html") => {
+            respond(StatusCode::OK, "text/html; charset=utf-8", INDEX_HTML)
+        }
+        (&Method::GET, "/citapulse.js") => {
+            respond(StatusCode::OK, "text/javascript; charset=utf-8", CLIENT_JS)
+        }
+        (&Method::GET, "/citapulse.d.ts") => {
+            respond(StatusCode::OK, "text/plain; charset=utf-8", CLIENT_DTS)
+        }
+        (_, "/ws" | "/health" | "/metrics" | "/stats" | "/notify/cita" | "/") => error_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "method not allowed",
+        ),
+        _ => error_response(StatusCode::NOT_FOUND, "not_found", "no such endpoint"),
+    }
+}
+
+fn health(shared: &Shared) -> Response<Body> {
+    let connections = shared.metrics.connections.get();
+    match shared.health.status() {
+        Ok(()) => json_response(
+            StatusCode::OK,
+            json!({
+                "status": "ok",
+                "database": "up",
+                "listener": "up",
+                "wakeup": shared.wakeup.current(),
+                "instance": shared.config.instance,
+                "connections": connections,
+                "last_event_id": shared.reader_position.load(std::sync::atomic::Ordering::Relaxed),
+            }),
+        ),
+        Err(reason) => json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({
+                "status": "unavailable",
+                "database": "down",
+                "listener": "down",
+                "reason": reason,
+                "instance": shared.config.instance,
+                "connections": connections,
+            }),
+        ),
+    }
+}
+
+/// Where a token may travel: `?token=`, `Authorization: Bearer`, or the subprotocol
+/// list `citapulse, <jwt>`. Returns the token and whether the subprotocol carried it.
+fn extract_token(req: &Request<Incoming>) -> (Option<String>, bool) {
+    if let Some(query) = req.uri().query() {
+        for pair in query.split('&') {
+            if let Some(v) = pair.strip_prefix("token=") {
+                return (Some(percent_decode(v)), false);
+            }
+        }
+    }
+    if let Some(v) = bearer(req) {
+        return (Some(v), false);
+    }
+    if let Some(protocols) = req
+        .headers()
+        .get(header::SEC_WEBSOCKET_PROTOCOL)
+        .and_then(|v| v.to_str().ok())
+    {
+        let mut parts = protocols.split(',').map(str::trim);
+        if parts.next() == Some("citapulse") {
+            return (parts.next().map(str::to_string), true);
+        }
+    }
+    (None, false)
+}
+
+fn bearer(req: &Request<Incoming>) -> Option<String> {
+    let v = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim().to_string())
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(b) => {
+                        out.push(b);
+                        i += 3;
+                    }
+                    None => {
+                        out.push(b'%');
+                        i += 1;
+                    }
+                }
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn refuse(shared: &Shared, status: StatusCode, reason: &str, message: &str) -> Response<Body> {
+    Metrics::count(&shared.metrics.handshakes_refused, reason);
+    let mut res = error_response(status, reason, message);
+    if status == StatusCode::UNAUTHORIZED {
+        res.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"citapulse\""),
+        );
+    }
+    res
+}
+
+fn upgrade(
+    req: &mut Request<Incoming>,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    stop: watch::Receiver<bool>,
+    tracker: TaskTracker,
+) -> Response<Body> {
+    if !hyper_tungstenite::is_upgrade_request(req) {
+        return refuse(
+            &shared,
+            StatusCode::BAD_REQUEST,
+            "not_websocket",
+            "expected a WebSocket upgrade",
+        );
+    }
+    let (token, via_subprotocol) = extract_token(req);
+    let identity: Identity = match token.as_deref().map(|t| shared.auth.verify(t)) {
+        Some(Ok(id)) => id,
+        Some(Err(err)) => {
+            let reason = match err {
+                AuthError::Expired => "token_expired",
+                AuthError::Missing => "token_missing",
+                AuthError::Invalid(_) => "token_invalid",
+            };
+            tracing::info!(peer = %peer, reason, detail = %err, "handshake refused");
+            return refuse(&shared, StatusCode::UNAUTHORIZED, reason, &err.to_string());
+        }
+        None => {
+            tracing::info!(peer = %peer, reason = "token_missing", "handshake refused");
+            return refuse(
+                &shared,
+                StatusCode::UNAUTHORIZED,
+                "token_missing",
+                "missing token",
+            );
+        }
+    };
+    let Some(slot) = shared.take_ip_slot(peer.ip()) else {
+        tracing::info!(peer = %peer, reason = "too_many_connections", "handshake refused");
+        return refuse(
+            &shared,
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_connections",
+            "too many connections from this address",
+        );
+    };
+    let limits = &shared.config.limits;
+    let mut ws_config = WebSocketConfig::default();
+    ws_config.max_message_size = Some(limits.max_frame_bytes);
+    ws_config.max_frame_size = Some(limits.max_frame_bytes);
+    ws_config.read_buffer_size = 4 * 1024;
+    ws_config.write_buffer_size = 0;
+    ws_config.max_write_buffer_size = 4 << 20;
+    let (response, websocket) = match hyper_tungstenite::upgrade(&mut *req, Some(ws_config)) {
+        Ok(pair) => pair,
+        Err(err) => {
+            return refuse(
+                &shared,
+                StatusCode::BAD_REQUEST,
+                "bad_handshake",
+                &err.to_string(),
+            );
+        }
+    };
+    let mut response = response;
+    if via_subprotocol {
+        response.headers_mut().insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static("citapulse"),
+        );
+    }
+    tracker.spawn(async move {
+        let _slot = slot;
+        match websocket.await {
+            Ok(ws) => crate::ws::serve(ws, shared, identity, peer, stop).await,
+            Err(err) => tracing::debug!(peer = %peer, error = %err, "upgrade failed"),
+        }
+    });
+    response
+}
+
+/// A super-role identity from `Authorization: Bearer`.
+fn super_identity(req: &Request<Incoming>, shared: &Shared) -> Result<Identity, Response<Body>> {
+    let Some(token) = bearer(req) else {
+        return Err(error_response(
+            StatusCode::UNAUTHORIZED,
+            "token_missing",
+            "Authorization: Bearer <token> required",
+        ));
+    };
+    match shared.auth.verify(&token) {
+        Ok(id) if id.is_super => Ok(id),
+        Ok(_) => Err(error_response(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "a super role is required",
+        )),
+        Err(err) => Err(error_response(
+            StatusCode::UNAUTHORIZED,
+            "token_invalid",
+            &err.to_string(),
+        )),
+    }
+}
+
+fn connection_stats(req: &Request<Incoming>, shared: &Shared) -> Response<Body> {
+    if let Err(res) = super_identity(req, shared) {
+        return res;
+    }
+    let counts = shared.hub.connection_counts();
+    let total: usize = counts.values().flat_map(|r| r.values()).sum();
+    json_response(
+        StatusCode::OK,
+        json!({
+            "scope": "instance",
+            "instance": shared.config.instance,
+            "connections": total,
+            "subscriptions": shared.metrics.subscriptions.get(),
+            "tenants": counts,
+        }),
+    )
+}
+
+async fn notify_cita(req: Request<Incoming>, shared: &Shared) -> Response<Body> {
+    let by_secret = match (
+        &shared.config.auth.notify_secret,
+        req.headers().get("x-citapulse-secret"),
+    ) {
+        (Some(secret), Some(given)) => {
+            constant_time_eq(secret.expose().as_bytes(), given.as_bytes())
+        }
+        _ => false,
+    };
+    if !by_secret && let Err(res) = super_identity(&req, shared) {
+        return res;
+    }
+    let body = match Limited::new(req.into_body(), 16 * 1024).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return error_response(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "bad_request",
+                "body too large (16 KiB max)",
+            );
+        }
+    };
+    let value: serde_json::Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(_) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "expected JSON {\"negocio_id\": …, \"action\": …}",
+            );
+        }
+    };
+    let tenant = match value.get("negocio_id") {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(serde_json::Value::Number(n)) => n.to_string(),
+        _ => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "negocio_id is required",
+            );
+        }
+    };
+    if !crate::auth::is_valid_tenant(&tenant) {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "negocio_id has an invalid format",
+        );
+    }
+    shared.stats.mark_dirty(&[Arc::from(tenant.as_str())]);
+    json_response(
+        StatusCode::ACCEPTED,
+        json!({"status": "accepted", "negocio_id": tenant}),
+    )
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

@@ -1,0 +1,451 @@
+//! One WebSocket connection: a receive loop for client requests and a send task that
+//! drains the client's queue.
+//!
+//! Owns a connection's subscriptions, its token expiry, its rate limit and its
+//! keepalive. Everything a client sends is validated here; a bad frame gets an `error`
+//! message and the socket stays usable.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use hyper_tungstenite::HyperWebsocketStream;
+use hyper_tungstenite::tungstenite::protocol::CloseFrame;
+use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use hyper_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
+use tokio::sync::{mpsc, watch};
+
+use crate::auth::{self, ChannelError, Identity};
+use crate::db::{self, Replay};
+use crate::hub::ClientHandle;
+use crate::metrics::Metrics;
+use crate::protocol::{self, ClientMessage};
+use crate::server::Shared;
+
+/// Close code: the token expired.
+pub const CLOSE_TOKEN_EXPIRED: u16 = 4001;
+/// Events replayed at most per resume; beyond, the client must reload.
+const MAX_REPLAY: i64 = 10_000;
+/// A write that makes no progress for this long means the peer stopped reading.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Token bucket for client messages.
+struct RateLimit {
+    per_sec: f64,
+    tokens: f64,
+    last: Instant,
+    strikes: u32,
+}
+
+impl RateLimit {
+    fn new(per_sec: u32) -> Self {
+        Self {
+            per_sec: f64::from(per_sec),
+            tokens: f64::from(per_sec),
+            last: Instant::now(),
+            strikes: 0,
+        }
+    }
+
+    /// `Ok` to proceed, `Err(true)` when abuse is sustained enough to close.
+    fn take(&mut self) -> Result<(), bool> {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.per_sec)
+            .min(self.per_sec);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            self.strikes = 0;
+            Ok(())
+        } else {
+            self.strikes += 1;
+            Err(f64::from(self.strikes) > self.per_sec)
+        }
+    }
+}
+
+/// How the receive loop ended.
+enum Exit {
+    /// The peer is gone; stop the writer.
+    Closed(&'static str),
+    /// The writer already finished, for this reason.
+    WriterDone(&'static str),
+    /// A close was requested; the writer sends it.
+    AwaitWriter,
+}
+
+/// A live connection's state, owned by its receive loop.
+struct Connection {
+    shared: Arc<Shared>,
+    client: Arc<ClientHandle>,
+    identity: Identity,
+    subscriptions: HashSet<String>,
+    rate: RateLimit,
+}
+
+/// Serves one upgraded socket until it closes; logs one line with duration and reason.
+pub async fn serve(
+    ws: HyperWebsocketStream,
+    shared: Arc<Shared>,
+    identity: Identity,
+    peer: SocketAddr,
+    shutdown: watch::Receiver<bool>,
+) {
+    let opened = Instant::now();
+    let id = shared.hub.next_client_id();
+    let (client, queue) = ClientHandle::new(id, shared.config.limits.queue_len);
+    let (sink, stream) = ws.split();
+    let ping_every = Duration::from_secs(shared.config.limits.ping_interval_secs);
+    let mut writer = tokio::spawn(write_loop(
+        sink,
+        queue,
+        client.clone(),
+        shutdown.clone(),
+        ping_every,
+    ));
+
+    shared.metrics.connections.inc();
+    shared
+        .hub
+        .connection_opened(identity.tenant.as_deref(), identity.role.as_deref());
+    tracing::info!(client = id, peer = %peer, user = %identity.user_id, tenant = identity.tenant.as_deref().unwrap_or("-"), "connection opened");
+
+    let rate = RateLimit::new(shared.config.limits.messages_per_sec);
+    let mut conn = Connection {
+        shared: shared.clone(),
+        client: client.clone(),
+        identity,
+        subscriptions: HashSet::new(),
+        rate,
+    };
+    conn.send(protocol::connected(
+        &conn.identity.user_id,
+        conn.identity.tenant.as_deref(),
+        conn.identity.role.as_deref(),
+    ))
+    .await;
+    let exit = conn.receive_loop(stream, &mut writer, shutdown).await;
+
+    for tenant in conn.subscriptions.drain() {
+        shared.hub.unsubscribe(&tenant, id);
+    }
+    let reason = match exit {
+        Exit::Closed(reason) => {
+            writer.abort();
+            reason
+        }
+        Exit::WriterDone(reason) => reason,
+        // Let the writer send its close frame, but never wait on a peer that stopped reading.
+        Exit::AwaitWriter => match tokio::time::timeout(WRITE_TIMEOUT, &mut writer).await {
+            Ok(Ok(r)) => r,
+            _ => {
+                writer.abort();
+                "write_timeout"
+            }
+        },
+    };
+    shared.metrics.connections.dec();
+    Metrics::count(&shared.metrics.connections_closed, reason);
+    shared.hub.connection_closed(
+        conn.identity.tenant.as_deref(),
+        conn.identity.role.as_deref(),
+    );
+    tracing::info!(client = id, peer = %peer, duration_ms = opened.elapsed().as_millis() as u64, reason, "connection closed");
+}
+
+type Sink = SplitSink<HyperWebsocketStream, Message>;
+
+/// Drains the client's queue and statistics slots to the socket; sends pings; performs
+/// requested closes. Returns why it stopped.
+async fn write_loop(
+    mut sink: Sink,
+    mut queue: mpsc::Receiver<Utf8Bytes>,
+    client: Arc<ClientHandle>,
+    mut shutdown: watch::Receiver<bool>,
+    ping_every: Duration,
+) -> &'static str {
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+    loop {
+        let step = tokio::select! {
+            biased;
+            _ = shutdown.changed() => {
+                close(&mut sink, 1001, "server shutting down; reconnect and resume with since").await;
+                return "server_shutdown";
+            }
+            msg = queue.recv() => match msg {
+                Some(first) => write_batch(&mut sink, &mut queue, first).await,
+                None => return "queue_closed",
+            },
+            _ = client.woken() => {
+                if let Some((code, reason)) = client.pending_close() {
+                    close(&mut sink, code, reason).await;
+                    return match code {
+                        crate::hub::CLOSE_SLOW_CONSUMER => "slow_consumer",
+                        CLOSE_TOKEN_EXPIRED => "token_expired",
+                        1008 => "policy_violation",
+                        1009 => "message_too_big",
+                        1000 => "client_closed",
+                        _ => "server_close",
+                    };
+                }
+                let mut ok = true;
+                for stats in client.take_stats() {
+                    ok &= timed(sink.feed(Message::Text(stats))).await;
+                }
+                ok && timed(sink.flush()).await
+            }
+            _ = ping.tick() => timed(sink.send(Message::Ping(Default::default()))).await,
+        };
+        if !step {
+            return "write_failed";
+        }
+    }
+}
+
+async fn write_batch(
+    sink: &mut Sink,
+    queue: &mut mpsc::Receiver<Utf8Bytes>,
+    first: Utf8Bytes,
+) -> bool {
+    if !timed(sink.feed(Message::Text(first))).await {
+        return false;
+    }
+    // Coalesce what is already queued into one flush (one syscall under load).
+    for _ in 0..64 {
+        match queue.try_recv() {
+            Ok(msg) => {
+                if !timed(sink.feed(Message::Text(msg))).await {
+                    return false;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    timed(sink.flush()).await
+}
+
+async fn timed<F: Future<Output = Result<(), WsError>>>(fut: F) -> bool {
+    matches!(tokio::time::timeout(WRITE_TIMEOUT, fut).await, Ok(Ok(())))
+}
+
+async fn close(sink: &mut Sink, code: u16, reason: &str) {
+    let frame = CloseFrame {
+        code: CloseCode::from(code),
+        reason: Utf8Bytes::from(reason),
+    };
+    let _ = timed(sink.send(Message::Close(Some(frame)))).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
+}
+
+impl Connection {
+    async fn send(&self, text: String) {
+        if self.client.send(Utf8Bytes::from(text)).await {
+            self.shared.metrics.messages_sent.inc();
+        }
+    }
+
+    async fn reply_error(&self, code: &str, message: &str) {
+        Metrics::count(&self.shared.metrics.client_errors, code);
+        self.send(protocol::error(code, message)).await;
+    }
+
+    async fn receive_loop(
+        &mut self,
+        mut stream: SplitStream<HyperWebsocketStream>,
+        writer: &mut tokio::task::JoinHandle<&'static str>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Exit {
+        let idle_timeout = Duration::from_secs(self.shared.config.limits.idle_timeout_secs);
+        let mut last_heard = Instant::now();
+        let mut idle_check = tokio::time::interval(Duration::from_secs(1).min(idle_timeout / 4));
+        loop {
+            let expires = expiry_instant(self.identity.expires_at);
+            tokio::select! {
+                frame = stream.next() => {
+                    last_heard = Instant::now();
+                    match frame {
+                        None => return Exit::Closed("peer_gone"),
+                        Some(Err(WsError::Capacity(_))) => {
+                            self.client.request_close(1009, "message too big");
+                            return Exit::AwaitWriter;
+                        }
+                        Some(Err(WsError::Protocol(_))) | Some(Err(WsError::Utf8(_))) => {
+                            self.client.request_close(1002, "protocol error");
+                            return Exit::AwaitWriter;
+                        }
+                        Some(Err(_)) => return Exit::Closed("io_error"),
+                        Some(Ok(Message::Close(_))) => {
+                            self.client.request_close(1000, "");
+                            return Exit::AwaitWriter;
+                        }
+                        Some(Ok(Message::Text(text))) => {
+                            if let Err(close) = self.rate.take() {
+                                if close {
+                                    Metrics::count(&self.shared.metrics.client_errors, "rate_limited_close");
+                                    self.client.request_close(1008, "rate limit exceeded");
+                                    return Exit::AwaitWriter;
+                                }
+                                self.reply_error("rate_limited", "too many messages; slow down").await;
+                                continue;
+                            }
+                            self.handle(&text).await;
+                        }
+                        Some(Ok(Message::Binary(_))) => {
+                            if self.rate.take() == Err(true) {
+                                self.client.request_close(1008, "rate limit exceeded");
+                                return Exit::AwaitWriter;
+                            }
+                            self.reply_error("bad_request", "binary frames are not supported; send JSON text").await;
+                        }
+                        Some(Ok(_)) => {}
+                    }
+                }
+                _ = tokio::time::sleep_until(expires) => {
+                    self.client.request_close(CLOSE_TOKEN_EXPIRED, "token expired");
+                    return Exit::AwaitWriter;
+                }
+                _ = idle_check.tick() => {
+                    if last_heard.elapsed() > idle_timeout {
+                        return Exit::Closed("idle_timeout");
+                    }
+                }
+                done = &mut *writer => return Exit::WriterDone(done.unwrap_or("writer_failed")),
+                _ = shutdown.changed() => return Exit::AwaitWriter,
+            }
+        }
+    }
+
+    async fn handle(&mut self, text: &str) {
+        let msg = match protocol::parse_client_message(text) {
+            Ok(m) => m,
+            Err(protocol::BadRequest(why)) => return self.reply_error("bad_request", &why).await,
+        };
+        match msg {
+            ClientMessage::Ping => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis())
+                    .unwrap_or_default();
+                self.send(protocol::pong(now)).await;
+            }
+            ClientMessage::Subscribe { channel, since } => self.subscribe(&channel, since).await,
+            ClientMessage::Unsubscribe { channel } => match auth::channel_tenant(&channel) {
+                Ok(tenant) => {
+                    if self.subscriptions.remove(tenant) {
+                        self.shared.hub.unsubscribe(tenant, self.client.id);
+                    }
+                    self.send(protocol::unsubscribed(&channel)).await;
+                }
+                Err(_) => {
+                    self.reply_error("bad_request", "invalid channel name")
+                        .await
+                }
+            },
+            ClientMessage::Auth { token } => self.reauthenticate(&token).await,
+        }
+    }
+
+    async fn subscribe(&mut self, channel: &str, since: Option<i64>) {
+        let tenant = match auth::authorize(&self.identity, channel) {
+            Ok(t) => t.to_string(),
+            Err(ChannelError::BadName) => {
+                return self
+                    .reply_error(
+                        "bad_request",
+                        "invalid channel: expected estadisticas:<tenant> with 1-64 characters of [A-Za-z0-9_.-]",
+                    )
+                    .await;
+            }
+            Err(ChannelError::Forbidden) => {
+                return self
+                    .reply_error("forbidden", "not allowed to subscribe to this channel")
+                    .await;
+            }
+        };
+        if !self.subscriptions.contains(&tenant)
+            && self.subscriptions.len() >= self.shared.config.limits.subscriptions_per_connection
+        {
+            return self
+                .reply_error(
+                    "too_many_subscriptions",
+                    "subscription limit reached for this connection",
+                )
+                .await;
+        }
+        let shared = self.shared.clone();
+        let subscribed = shared
+            .hub
+            .subscribe(&tenant, channel, &self.client, since.is_some());
+        self.subscriptions.insert(tenant.clone());
+        if !subscribed.had_stats {
+            shared.stats.mark_dirty(&[Arc::from(tenant.as_str())]);
+        }
+        let Some(since) = since else { return };
+        let mut replayed: Vec<i64> = Vec::new();
+        let result = match shared.pool.get().await {
+            Ok(mut db) => db::replay(&mut db, &tenant, since, MAX_REPLAY).await,
+            Err(e) => Err(e.into()),
+        };
+        match result {
+            Ok(Replay::Events(events)) => {
+                for ev in &events {
+                    if !self.client.send(ev.message(channel)).await {
+                        break;
+                    }
+                    replayed.push(ev.id);
+                }
+                shared.metrics.events_replayed.inc_by(replayed.len() as u64);
+                shared.metrics.messages_sent.inc_by(replayed.len() as u64);
+            }
+            Ok(Replay::Expired) => {
+                Metrics::count(&shared.metrics.client_errors, "history_expired");
+                self.send(protocol::channel_error(
+                    "history_expired",
+                    "since is older than the retained history: reload your state (a fresh stats snapshot follows)",
+                    channel,
+                ))
+                .await;
+            }
+            Err(err) => {
+                tracing::warn!(tenant = %tenant, error = %err, "replay failed");
+                self.send(protocol::channel_error(
+                    "unavailable",
+                    "history is unavailable right now: resubscribe with the same since shortly",
+                    channel,
+                ))
+                .await;
+            }
+        }
+        replayed.sort_unstable();
+        shared.hub.finish_replay(&tenant, &self.client, &replayed);
+    }
+
+    async fn reauthenticate(&mut self, token: &str) {
+        match self.shared.auth.verify(token) {
+            Ok(new)
+                if new.user_id == self.identity.user_id && new.tenant == self.identity.tenant =>
+            {
+                let expires_at = new.expires_at;
+                self.identity = new;
+                self.send(protocol::reauthenticated(expires_at)).await;
+            }
+            Ok(_) => {
+                self.reply_error(
+                    "forbidden",
+                    "a refreshed token must be for the same user and tenant",
+                )
+                .await;
+            }
+            Err(err) => self.reply_error("unauthorized", &err.to_string()).await,
+        }
+    }
+}
+
+fn expiry_instant(expires_at: u64) -> tokio::time::Instant {
+    let now = auth::unix_now();
+    let left = expires_at.saturating_sub(now).min(10 * 365 * 86_400);
+    tokio::time::Instant::now() + Duration::from_secs(left)
+}
