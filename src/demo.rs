@@ -65,8 +65,10 @@ pub async fn run(opts: DemoOptions, shutdown: impl Future<Output = ()>) -> Resul
     client.batch_execute(db::EXAMPLE_SCHEMA_SQL).await?;
     seed(&client).await?;
 
-    let mut config = Config::default();
-    config.listen = opts.listen;
+    let mut config = Config {
+        listen: opts.listen,
+        ..Config::default()
+    };
     config.database.url = Secret::new(url.clone());
     // A fresh random secret per run: demo tokens are worthless anywhere else.
     let secret: String = std::iter::repeat_with(fastrand::alphanumeric)

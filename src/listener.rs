@@ -178,6 +178,9 @@ async fn session(
         None => db::initial_cursor(&client).await?,
     };
     let cursor = cursor.insert(cur);
+    shared
+        .reader_position
+        .fetch_max(cursor.last_id, Ordering::AcqRel);
 
     let mut mode = ModeControl::new(shared);
     mode.enforce_pinned(&client).await?;

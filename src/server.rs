@@ -514,32 +514,35 @@ fn upgrade(
 }
 
 /// A super-role identity from `Authorization: Bearer`.
-fn super_identity(req: &Request<Incoming>, shared: &Shared) -> Result<Identity, Response<Body>> {
+fn super_identity(
+    req: &Request<Incoming>,
+    shared: &Shared,
+) -> Result<Identity, Box<Response<Body>>> {
     let Some(token) = bearer(req) else {
-        return Err(error_response(
+        return Err(Box::new(error_response(
             StatusCode::UNAUTHORIZED,
             "token_missing",
             "Authorization: Bearer <token> required",
-        ));
+        )));
     };
     match shared.auth.verify(&token) {
         Ok(id) if id.is_super => Ok(id),
-        Ok(_) => Err(error_response(
+        Ok(_) => Err(Box::new(error_response(
             StatusCode::FORBIDDEN,
             "forbidden",
             "a super role is required",
-        )),
-        Err(err) => Err(error_response(
+        ))),
+        Err(err) => Err(Box::new(error_response(
             StatusCode::UNAUTHORIZED,
             "token_invalid",
             &err.to_string(),
-        )),
+        ))),
     }
 }
 
 fn connection_stats(req: &Request<Incoming>, shared: &Shared) -> Response<Body> {
     if let Err(res) = super_identity(req, shared) {
-        return res;
+        return *res;
     }
     let counts = shared.hub.connection_counts();
     let total: usize = counts.values().flat_map(|r| r.values()).sum();
@@ -566,7 +569,7 @@ async fn notify_cita(req: Request<Incoming>, shared: &Shared) -> Response<Body> 
         _ => false,
     };
     if !by_secret && let Err(res) = super_identity(&req, shared) {
-        return res;
+        return *res;
     }
     let body = match Limited::new(req.into_body(), 16 * 1024).collect().await {
         Ok(b) => b.to_bytes(),

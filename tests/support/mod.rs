@@ -1,0 +1,491 @@
+//! Shared test harness: a throwaway PostgreSQL, the real daemon, a real WebSocket client.
+//!
+//! One cluster per test binary (started on first use; `DATABASE_URL` is honoured when a
+//! developer already has a server); one fresh database per test.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::field_reassign_with_default)]
+
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use citapulse::auth::Authenticator;
+use citapulse::config::{Config, Secret};
+use citapulse::pgcluster::{ClusterOptions, PgCluster};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_postgres::{Client, NoTls};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// The HS256 secret every test daemon uses.
+pub const SECRET: &str = "test-secret-0123456789-abcdef";
+/// How long any single wait may take before a test fails (generous: CI is slow).
+pub const WAIT: Duration = Duration::from_secs(20);
+
+struct Server {
+    /// URL template with `__DB__` for the database name.
+    template: String,
+    _cluster: Option<PgCluster>,
+}
+
+static SERVER: OnceLock<Server> = OnceLock::new();
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+fn server() -> &'static Server {
+    SERVER.get_or_init(|| {
+        if let Ok(url) = std::env::var("DATABASE_URL") {
+            let (base, query) = match url.split_once('?') {
+                Some((b, q)) => (b.to_string(), format!("?{q}")),
+                None => (url.clone(), String::new()),
+            };
+            let prefix = match base.rsplit_once('/') {
+                Some((p, _)) if p.contains("://") && p.len() > p.find("://").unwrap() + 3 => {
+                    p.to_string()
+                }
+                _ => base.clone(),
+            };
+            return Server {
+                template: format!("{prefix}/__DB__{query}"),
+                _cluster: None,
+            };
+        }
+        // Start on a runtime of its own: test runtimes come and go.
+        let cluster = std::thread::spawn(|| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(PgCluster::start(ClusterOptions::default()))
+        })
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("cannot start a throwaway PostgreSQL: {e}"));
+        Server {
+            template: cluster.url("__DB__"),
+            _cluster: Some(cluster),
+        }
+    })
+}
+
+/// Starts a dedicated cluster (for tests that restart PostgreSQL).
+pub async fn dedicated_cluster() -> PgCluster {
+    PgCluster::start(ClusterOptions::default())
+        .await
+        .expect("start a dedicated cluster")
+}
+
+/// A fresh database with the SQL and the example schema installed.
+pub struct TestDb {
+    /// Its URL.
+    pub url: String,
+    /// A connection for the test's own writes.
+    pub client: Client,
+}
+
+/// Connects and drives the connection in the background.
+pub async fn pg(url: &str) -> Client {
+    let (client, conn) = tokio_postgres::connect(url, NoTls)
+        .await
+        .expect("connect to PostgreSQL");
+    tokio::spawn(conn);
+    client
+}
+
+impl TestDb {
+    /// Creates `t_<pid>_<n>` on the shared server and installs everything.
+    pub async fn new() -> Self {
+        let db = format!(
+            "t_{}_{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        Self::create(&server().template, &db).await
+    }
+
+    /// Creates a database on a given cluster.
+    pub async fn on_cluster(cluster: &PgCluster) -> Self {
+        let db = format!(
+            "t_{}_{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        Self::create(&cluster.url("__DB__"), &db).await
+    }
+
+    async fn create(template: &str, db: &str) -> Self {
+        let admin = pg(&template.replace("__DB__", "postgres")).await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {db}"))
+            .await
+            .expect("create database");
+        let url = template.replace("__DB__", db);
+        let client = pg(&url).await;
+        client
+            .batch_execute(citapulse::db::INSTALL_SQL)
+            .await
+            .expect("install.sql");
+        client
+            .batch_execute(citapulse::db::EXAMPLE_SCHEMA_SQL)
+            .await
+            .expect("example_schema.sql");
+        Self { url, client }
+    }
+
+    /// Inserts one appointment for `tenant`; returns its id.
+    pub async fn insert_cita(&self, tenant: &str, estado: &str) -> i64 {
+        self.client
+            .query_one(
+                "INSERT INTO citas (negocio_id, cliente_id, profesional_id, fecha, hora_inicio, hora_fin, estado) \
+                 VALUES ($1, 'c1', 'p1', current_date, '09:00', '09:30', $2) RETURNING id",
+                &[&tenant, &estado],
+            )
+            .await
+            .expect("insert cita")
+            .get(0)
+    }
+
+    /// Event ids in the log for a tenant.
+    pub async fn event_ids(&self, tenant: &str) -> Vec<i64> {
+        self.client
+            .query(
+                "SELECT id FROM citapulse.events WHERE tenant = $1 ORDER BY id",
+                &[&tenant],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+}
+
+/// A config for a test daemon on `url`.
+pub fn config(url: &str) -> Config {
+    let mut c = Config::default();
+    c.listen = "127.0.0.1:0".parse().unwrap();
+    c.instance = format!("test-{}", COUNTER.fetch_add(1, Ordering::Relaxed));
+    c.database.url = Secret::new(url);
+    c.auth.jwt_secret = Some(Secret::new(SECRET));
+    c.stats.min_interval_ms = 100;
+    c.wakeup.safety_poll_ms = 500;
+    c
+}
+
+/// A daemon running in this process (the library server on port 0).
+pub struct Daemon {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), citapulse::server::ServerError>>>,
+}
+
+impl Daemon {
+    /// Starts with the test config, as changed by `tweak`, and waits for /health 200.
+    pub async fn start(url: &str, tweak: impl FnOnce(&mut Config)) -> Self {
+        let mut c = config(url);
+        tweak(&mut c);
+        Self::start_with(c).await
+    }
+
+    /// Starts with a complete config.
+    pub async fn start_with(c: Config) -> Self {
+        let listener = tokio::net::TcpListener::bind(c.listen).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(citapulse::run(listener, c, async move {
+            let _ = rx.await;
+        }));
+        let d = Self {
+            addr,
+            stop: Some(tx),
+            task: Some(task),
+        };
+        d.wait_healthy().await;
+        d
+    }
+
+    /// Waits until /health answers 200.
+    pub async fn wait_healthy(&self) {
+        wait_until(|| async { http_get(self.addr, "/health", &[]).await.0 == 200 }).await;
+    }
+
+    /// Graceful shutdown; returns the server's result.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(WAIT, task)
+                .await
+                .expect("daemon stops in time")
+                .expect("daemon task")
+                .expect("daemon result");
+        }
+    }
+
+    /// A metric's value (sum over label sets) from /metrics.
+    pub async fn metric(&self, name: &str) -> f64 {
+        metric_value(&http_get(self.addr, "/metrics", &[]).await.1, name)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// Sums every sample of `name` (ignoring labels) in Prometheus text.
+pub fn metric_value(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Polls `cond` every 20 ms until true or [`WAIT`] passes (then panics).
+pub async fn wait_until<F, Fut>(mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !cond().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met within {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Mints a token with the test secret.
+pub fn token(sub: &str, tenant: Option<&str>, role: Option<&str>) -> String {
+    let mut c = citapulse::config::AuthConfig::default();
+    c.jwt_secret = Some(Secret::new(SECRET));
+    Authenticator::new(&c)
+        .unwrap()
+        .mint(sub, tenant, role, 3600)
+        .unwrap()
+}
+
+/// A tenant user's token.
+pub fn tenant_token(tenant: &str) -> String {
+    token(&format!("user-{tenant}"), Some(tenant), Some("staff"))
+}
+
+/// A minimal HTTP/1.1 request; returns status and body.
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// GET.
+pub async fn http_get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    http(addr, "GET", path, headers, "").await
+}
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A real WebSocket client with JSON helpers.
+pub struct WsClient {
+    ws: Ws,
+    /// Messages read but not yet consumed by an `expect`.
+    pub backlog: Vec<Value>,
+}
+
+impl WsClient {
+    /// Connects with `?token=` and consumes the `connected` message.
+    pub async fn connect(addr: SocketAddr, token: &str) -> Self {
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws?token={token}"))
+            .await
+            .expect("websocket handshake");
+        let mut c = Self {
+            ws,
+            backlog: Vec::new(),
+        };
+        let hello = c.next().await;
+        assert_eq!(hello["type"], "connected", "{hello}");
+        c
+    }
+
+    /// Connects and subscribes to `estadisticas:<tenant>`, consuming `subscribed`.
+    pub async fn subscribed(addr: SocketAddr, tenant: &str) -> Self {
+        let mut c = Self::connect(addr, &tenant_token(tenant)).await;
+        c.subscribe(tenant, None).await;
+        c
+    }
+
+    /// Subscribes and waits for `subscribed`.
+    pub async fn subscribe(&mut self, tenant: &str, since: Option<i64>) {
+        let mut data = json!({"channel": format!("estadisticas:{tenant}")});
+        if let Some(s) = since {
+            data["since"] = json!(s);
+        }
+        self.send(json!({"type": "subscribe", "data": data})).await;
+        let m = self
+            .expect(|m| m["type"] == "subscribed" || m["type"] == "error")
+            .await;
+        assert_eq!(m["type"], "subscribed", "{m}");
+    }
+
+    /// Sends a JSON message.
+    pub async fn send(&mut self, v: Value) {
+        self.ws
+            .send(Message::Text(v.to_string().into()))
+            .await
+            .expect("send");
+    }
+
+    /// Sends a raw frame.
+    pub async fn send_raw(&mut self, m: Message) {
+        self.ws.send(m).await.expect("send");
+    }
+
+    /// The next JSON text message (pings are answered by the library).
+    pub async fn next(&mut self) -> Value {
+        if !self.backlog.is_empty() {
+            return self.backlog.remove(0);
+        }
+        self.read().await
+    }
+
+    async fn read(&mut self) -> Value {
+        loop {
+            let msg = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("a message within the wait")
+                .expect("socket open")
+                .expect("frame");
+            match msg {
+                Message::Text(t) => return serde_json::from_str(&t).expect("JSON"),
+                Message::Close(c) => panic!("socket closed: {c:?}"),
+                _ => {}
+            }
+        }
+    }
+
+    /// The next frame of any kind (for close-code tests).
+    pub async fn next_frame(&mut self) -> Option<Message> {
+        match tokio::time::timeout(WAIT, self.ws.next())
+            .await
+            .expect("a frame within the wait")
+        {
+            Some(Ok(m)) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// Waits for the close frame and returns its code (skipping other messages).
+    pub async fn close_code(&mut self) -> Option<u16> {
+        loop {
+            match self.next_frame().await? {
+                Message::Close(Some(f)) => return Some(u16::from(f.code)),
+                Message::Close(None) => return None,
+                _ => {}
+            }
+        }
+    }
+
+    /// The first message matching `pred`, keeping the others in the backlog in order.
+    pub async fn expect(&mut self, pred: impl Fn(&Value) -> bool) -> Value {
+        if let Some(i) = self.backlog.iter().position(&pred) {
+            return self.backlog.remove(i);
+        }
+        loop {
+            let m = self.read().await;
+            if pred(&m) {
+                return m;
+            }
+            self.backlog.push(m);
+        }
+    }
+
+    /// The next message of a type.
+    pub async fn expect_type(&mut self, kind: &str) -> Value {
+        self.expect(|m| m["type"] == kind).await
+    }
+
+    /// Stats until one satisfies `pred`.
+    pub async fn stats_until(&mut self, pred: impl Fn(&Value) -> bool) -> Value {
+        loop {
+            let s = self.expect_type("stats").await;
+            if pred(&s["data"]) {
+                return s;
+            }
+        }
+    }
+
+    /// Event messages (anything with an `id`) until `n` are collected.
+    pub async fn events(&mut self, n: usize) -> Vec<Value> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            out.push(
+                self.expect(|m| m.get("id").is_some_and(Value::is_i64))
+                    .await,
+            );
+        }
+        out
+    }
+
+    /// Closes politely.
+    pub async fn close(mut self) {
+        let _ = self.ws.close(None).await;
+    }
+}
+
+/// A handshake that is expected to fail; returns the HTTP status.
+pub async fn refused_status(
+    addr: SocketAddr,
+    path_and_query: &str,
+    headers: &[(&str, &str)],
+) -> u16 {
+    let mut req = format!("ws://{addr}{path_and_query}")
+        .into_client_request()
+        .unwrap();
+    for (k, v) in headers {
+        req.headers_mut().insert(
+            tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
+    }
+    match tokio_tungstenite::connect_async(req).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(res)) => res.status().as_u16(),
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("handshake unexpectedly succeeded"),
+    }
+}
