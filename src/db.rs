@@ -35,6 +35,9 @@ pub enum DbError {
     /// The pool could not hand out a connection.
     #[error("no database connection available")]
     Pool(#[from] deadpool_postgres::PoolError),
+    /// The pool could not be built.
+    #[error("cannot set up the connection pool: {0}")]
+    PoolConfig(String),
     /// `sql/install.sql` has not been run on this database.
     #[error(
         "citapulse SQL is not installed in this database: run `citapulse sql install --apply` (or psql -f sql/install.sql)"
@@ -83,7 +86,7 @@ pub fn pool(config: &Config) -> Result<Pool, DbError> {
         .create_timeout(Some(Duration::from_secs(5)))
         .runtime(deadpool_postgres::Runtime::Tokio1)
         .build()
-        .map_err(|_| DbError::NotInstalled)
+        .map_err(|e| DbError::PoolConfig(e.to_string()))
 }
 
 /// Connects one dedicated client; its connection future is driven by the caller.
@@ -96,7 +99,23 @@ pub async fn connect(
     ),
     DbError,
 > {
-    Ok(pg_config(config)?.connect(NoTls).await?)
+    connect_as(config, "citapulse").await
+}
+
+/// Connects with a given `application_name` (visible in `pg_stat_activity`).
+pub async fn connect_as(
+    config: &Config,
+    application_name: &str,
+) -> Result<
+    (
+        Client,
+        tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
+    ),
+    DbError,
+> {
+    let mut pg = pg_config(config)?;
+    pg.application_name(application_name);
+    Ok(pg.connect(NoTls).await?)
 }
 
 /// Refuses to run against a database without the expected SQL.
@@ -124,13 +143,20 @@ pub async fn check_version(client: &Client) -> Result<(), DbError> {
 }
 
 /// Where the live reader stands in the log.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+///
+/// A snapshot leaves two kinds of transactions unfinished: those listed as in progress
+/// (`xip`) and every transaction at or above its `xmax` (not listed: `xmax` is one past
+/// the latest *completed* xid, so a running transaction with a higher xid than every
+/// finished one is only implied). Either kind may still commit events with ids below
+/// `last_id`; the next read re-checks both by xid.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cursor {
     /// Highest event id read.
     pub last_id: i64,
-    /// Transactions in progress at the last read (xid8 as text): their events may
-    /// still appear below `last_id`.
+    /// Transactions in progress at the last read (xid8 as text).
     pub in_progress: Vec<String>,
+    /// The last read's snapshot xmax (xid8 as text).
+    pub xmax: String,
 }
 
 const EVENT_COLUMNS: &str = "e.id, e.tenant, e.event_type, citapulse.event_data(e)::text, \
@@ -151,13 +177,15 @@ pub async fn initial_cursor(client: &Client) -> Result<Cursor, DbError> {
     let row = client
         .query_one(
             "SELECT (SELECT coalesce(max(id), 0) FROM citapulse.events), \
-                    (SELECT coalesce(array_agg(x::text), '{}') FROM pg_snapshot_xip(pg_current_snapshot()) AS x)",
+                    (SELECT coalesce(array_agg(x::text), '{}') FROM pg_snapshot_xip(pg_current_snapshot()) AS x), \
+                    pg_snapshot_xmax(pg_current_snapshot())::text",
             &[],
         )
         .await?;
     Ok(Cursor {
         last_id: row.get(0),
         in_progress: row.get(1),
+        xmax: row.get(2),
     })
 }
 
@@ -166,12 +194,13 @@ pub async fn prepare_reader(client: &Client) -> Result<tokio_postgres::Statement
     let sql = format!(
         "SELECT NULL::bigint, NULL::text, NULL::text, NULL::text, NULL::float8, \
                 (SELECT coalesce(array_agg(x::text), '{{}}') FROM pg_snapshot_xip(pg_current_snapshot()) AS x), \
+                pg_snapshot_xmax(pg_current_snapshot())::text, \
                 (SELECT notify FROM citapulse.wakeup) \
          UNION ALL \
-         (SELECT {EVENT_COLUMNS}, NULL, NULL FROM citapulse.events e \
-           WHERE e.xid = ANY($2::text[]::xid8[]) AND e.id <= $1) \
+         (SELECT {EVENT_COLUMNS}, NULL, NULL, NULL FROM citapulse.events e \
+           WHERE (e.xid = ANY($2::text[]::xid8[]) OR e.xid >= $4::text::xid8) AND e.id <= $1) \
          UNION ALL \
-         (SELECT {EVENT_COLUMNS}, NULL, NULL FROM citapulse.events e \
+         (SELECT {EVENT_COLUMNS}, NULL, NULL, NULL FROM citapulse.events e \
            WHERE e.id > $1 ORDER BY e.id LIMIT $3)"
     );
     Ok(client.prepare(&sql).await?)
@@ -190,9 +219,9 @@ pub struct Batch {
 
 /// Reads the next batch after `cursor` and advances it.
 ///
-/// One statement, one snapshot: events of transactions still open in that snapshot are
-/// re-checked next time by xid, so a late commit below `last_id` is never skipped, and
-/// nothing is returned twice.
+/// One statement, one snapshot: events of transactions unfinished in that snapshot
+/// (see [`Cursor`]) are re-checked next time by xid, so a late commit below `last_id`
+/// is never skipped, and nothing is returned twice.
 pub async fn read_batch(
     client: &Client,
     stmt: &tokio_postgres::Statement,
@@ -200,17 +229,22 @@ pub async fn read_batch(
     limit: i64,
 ) -> Result<Batch, DbError> {
     let rows = client
-        .query(stmt, &[&cursor.last_id, &cursor.in_progress, &limit])
+        .query(
+            stmt,
+            &[&cursor.last_id, &cursor.in_progress, &limit, &cursor.xmax],
+        )
         .await?;
     let mut events = Vec::with_capacity(rows.len());
     let mut in_progress = Vec::new();
+    let mut xmax = cursor.xmax.clone();
     let mut triggers_notify = true;
     let mut above = 0i64;
     for row in &rows {
         match row.get::<_, Option<i64>>(0) {
             None => {
                 in_progress = row.get::<_, Option<Vec<String>>>(5).unwrap_or_default();
-                triggers_notify = row.get::<_, Option<bool>>(6).unwrap_or(true);
+                xmax = row.get::<_, Option<String>>(6).unwrap_or(xmax);
+                triggers_notify = row.get::<_, Option<bool>>(7).unwrap_or(true);
             }
             Some(id) => {
                 if id > cursor.last_id {
@@ -225,6 +259,7 @@ pub async fn read_batch(
         cursor.last_id = cursor.last_id.max(max);
     }
     cursor.in_progress = in_progress;
+    cursor.xmax = xmax;
     Ok(Batch {
         events,
         more: above >= limit,
@@ -278,7 +313,7 @@ pub async fn replay(
             WHERE e.tenant IN ($1, '*') AND e.id > $2 \
            UNION ALL \
            SELECT {EVENT_COLUMNS} FROM citapulse.events e \
-            WHERE e.xid >= $3::text::xid8 AND e.id <= $2 AND e.tenant IN ($1, '*') \
+            WHERE e.xid >= $3::text::xid8 AND e.id < $2 AND e.tenant IN ($1, '*') \
          ) r ORDER BY 1 LIMIT $4"
     );
     let rows = tx

@@ -150,7 +150,7 @@ async fn session(
     connected_before: &mut bool,
     attempt: &mut u32,
 ) -> Result<(), DbError> {
-    let (client, mut connection) = db::connect(&shared.config).await?;
+    let (client, mut connection) = db::connect_as(&shared.config, "citapulse-listener").await?;
     let (wake_tx, mut wake_rx) = mpsc::channel::<()>(1);
     // tokio-postgres only surfaces notifications to whoever polls the connection.
     let _driver = AbortOnDrop(tokio::spawn(async move {

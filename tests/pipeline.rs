@@ -1,5 +1,9 @@
 //! The core pipeline end to end: SQL triggers → LISTEN → stats → WebSocket.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::field_reassign_with_default)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::field_reassign_with_default
+)]
 
 mod support;
 

@@ -2,7 +2,12 @@
 //!
 //! One cluster per test binary (started on first use; `DATABASE_URL` is honoured when a
 //! developer already has a server); one fresh database per test.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::field_reassign_with_default)]
+#![allow(
+    dead_code,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::field_reassign_with_default
+)]
 
 use std::net::SocketAddr;
 use std::sync::OnceLock;
@@ -160,6 +165,17 @@ impl TestDb {
             .iter()
             .map(|r| r.get(0))
             .collect()
+    }
+}
+
+/// The same server's `postgres` database (for ALTER DATABASE and the like).
+pub fn admin_url(url: &str) -> String {
+    let (base, query) = url.split_once('?').map_or((url, ""), |(b, q)| (b, q));
+    let prefix = base.rsplit_once('/').map_or(base, |(p, _)| p);
+    if query.is_empty() {
+        format!("{prefix}/postgres")
+    } else {
+        format!("{prefix}/postgres?{query}")
     }
 }
 
@@ -487,5 +503,84 @@ pub async fn refused_status(
         Err(tokio_tungstenite::tungstenite::Error::Http(res)) => res.status().as_u16(),
         Err(e) => panic!("unexpected error {e}"),
         Ok(_) => panic!("handshake unexpectedly succeeded"),
+    }
+}
+
+/// The daemon binary as a child process (for SIGKILL and SIGTERM tests).
+pub struct ProcDaemon {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    child: std::process::Child,
+}
+
+/// A free loopback port (bound then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl ProcDaemon {
+    /// Starts `citapulse serve` on `addr` against `url` and waits for /health 200.
+    pub async fn start(url: &str, addr: SocketAddr, env: &[(&str, &str)]) -> Self {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_citapulse"));
+        cmd.arg("serve")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("DATABASE_URL", url)
+            .env("JWT_SECRET", SECRET)
+            .env("CITAPULSE_LISTEN", addr.to_string())
+            .env("CITAPULSE_STATS__MIN_INTERVAL_MS", "100")
+            .env("CITAPULSE_WAKEUP__SAFETY_POLL_MS", "500")
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn citapulse");
+        let d = Self { addr, child };
+        wait_until(|| async {
+            match TcpStream::connect(addr).await {
+                Ok(_) => http_get(addr, "/health", &[]).await.0 == 200,
+                Err(_) => false,
+            }
+        })
+        .await;
+        d
+    }
+
+    /// SIGKILL: no goodbye, no cleanup.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits for the exit; returns the exit status.
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill -TERM");
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "daemon did not exit after SIGTERM"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for ProcDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
