@@ -170,12 +170,17 @@ impl TestDb {
 
 /// The same server's `postgres` database (for ALTER DATABASE and the like).
 pub fn admin_url(url: &str) -> String {
+    url_with_db(url, "postgres")
+}
+
+/// The same server, another database.
+pub fn url_with_db(url: &str, db: &str) -> String {
     let (base, query) = url.split_once('?').map_or((url, ""), |(b, q)| (b, q));
     let prefix = base.rsplit_once('/').map_or(base, |(p, _)| p);
     if query.is_empty() {
-        format!("{prefix}/postgres")
+        format!("{prefix}/{db}")
     } else {
-        format!("{prefix}/postgres?{query}")
+        format!("{prefix}/{db}?{query}")
     }
 }
 
