@@ -191,6 +191,9 @@ pub struct WakeupConfig {
     pub poll_interval_ms: u64,
     /// Safety-net poll period in every mode.
     pub safety_poll_ms: u64,
+    /// Adaptive: seconds the rate must stay low before notifying again, and the
+    /// minimum time between two switches across all daemons.
+    pub hold_secs: u64,
 }
 
 /// `[limits]`.
@@ -313,6 +316,7 @@ impl Default for WakeupConfig {
             notify_below_per_sec: 100,
             poll_interval_ms: 20,
             safety_poll_ms: 1000,
+            hold_secs: 5,
         }
     }
 }

@@ -24,10 +24,6 @@ const BATCH: i64 = 2000;
 /// How long the daemon keeps polling fast after switching the triggers back to
 /// notifying: transactions that read the old mode may still commit silently.
 const SWITCH_BACK_GRACE: Duration = Duration::from_secs(2);
-/// Minimum time between two mode switches, across all daemons.
-const MIN_SWITCH_GAP: Duration = Duration::from_secs(5);
-/// How long the rate must stay low before notifying again (hysteresis).
-const CALM_BEFORE_NOTIFY: Duration = Duration::from_secs(5);
 
 /// Whether LISTEN is live, and why not.
 pub struct Health {
@@ -341,6 +337,8 @@ impl<'a> ModeControl<'a> {
             return Ok(());
         }
         let cfg = self.wakeup_cfg().clone();
+        // Hysteresis, and the minimum gap between switches across all daemons.
+        let hold = Duration::from_secs(cfg.hold_secs);
         let notifying = self.shared.wakeup.triggers_notify.load(Ordering::Relaxed);
         let instance = self.shared.config.instance.clone();
         if notifying && self.rate > f64::from(cfg.poll_above_per_sec) {
@@ -348,7 +346,7 @@ impl<'a> ModeControl<'a> {
                 "change rate {:.0}/s above wakeup.poll_above_per_sec {}",
                 self.rate, cfg.poll_above_per_sec
             );
-            if db::set_triggers_notify(client, false, &reason, &instance, MIN_SWITCH_GAP).await? {
+            if db::set_triggers_notify(client, false, &reason, &instance, hold).await? {
                 tracing::info!(
                     rate = self.rate,
                     threshold = cfg.poll_above_per_sec,
@@ -361,14 +359,12 @@ impl<'a> ModeControl<'a> {
         } else if !notifying {
             if self.rate < f64::from(cfg.notify_below_per_sec) {
                 let calm = *self.calm_since.get_or_insert_with(Instant::now);
-                if calm.elapsed() >= CALM_BEFORE_NOTIFY {
+                if calm.elapsed() >= hold {
                     let reason = format!(
                         "change rate {:.0}/s below wakeup.notify_below_per_sec {}",
                         self.rate, cfg.notify_below_per_sec
                     );
-                    if db::set_triggers_notify(client, true, &reason, &instance, MIN_SWITCH_GAP)
-                        .await?
-                    {
+                    if db::set_triggers_notify(client, true, &reason, &instance, hold).await? {
                         tracing::info!(
                             rate = self.rate,
                             threshold = cfg.notify_below_per_sec,

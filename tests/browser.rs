@@ -1,0 +1,246 @@
+//! The reference dashboard in a real headless Chromium, driven over the DevTools protocol:
+//! numbers change when a row is inserted with SQL, and the page recovers by itself after
+//! the daemon restarts. Needs Debian's `chromium` (`.ci/run` installs it).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::field_reassign_with_default
+)]
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use support::*;
+use tokio_tungstenite::tungstenite::Message;
+
+fn chromium_path() -> PathBuf {
+    for p in [
+        "/usr/bin/chromium",
+        "/usr/bin/chromium-browser",
+        "/usr/bin/google-chrome",
+    ] {
+        if Path::new(p).exists() {
+            return PathBuf::from(p);
+        }
+    }
+    panic!("this test needs Chromium: `apt-get install -y chromium` (bash .ci/run installs it)");
+}
+
+struct Browser {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A DevTools session on one page.
+struct Page {
+    ws: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+    next_id: u64,
+}
+
+impl Page {
+    async fn call(&mut self, method: &str, params: Value) -> Value {
+        self.next_id += 1;
+        let id = self.next_id;
+        self.ws
+            .send(Message::Text(
+                json!({"id": id, "method": method, "params": params})
+                    .to_string()
+                    .into(),
+            ))
+            .await
+            .unwrap();
+        loop {
+            let msg = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("devtools answer")
+                .unwrap()
+                .unwrap();
+            if let Message::Text(t) = msg {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                if v["id"] == id {
+                    assert!(v.get("error").is_none(), "{method}: {v}");
+                    return v["result"].clone();
+                }
+            }
+        }
+    }
+
+    async fn text(&mut self, element_id: &str) -> String {
+        let expr = format!("(document.getElementById('{element_id}') || {{}}).textContent || ''");
+        let r = self
+            .call(
+                "Runtime.evaluate",
+                json!({"expression": expr, "returnByValue": true}),
+            )
+            .await;
+        r["result"]["value"]
+            .as_str()
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    }
+
+    async fn wait_text(&mut self, element_id: &str, want: &str) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let got = self.text(element_id).await;
+            if got == want {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "#{element_id} is {got:?}, expected {want:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+async fn launch() -> (Browser, Page) {
+    let dir = std::env::temp_dir().join(format!("citapulse-chromium-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let child = Command::new(chromium_path())
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-dev-shm-usage",
+            "--remote-debugging-port=0",
+            "--window-size=1200,900",
+        ])
+        .arg(format!("--user-data-dir={}", dir.display()))
+        .arg("about:blank")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start chromium");
+    let browser = Browser {
+        child,
+        dir: dir.clone(),
+    };
+    let port_file = dir.join("DevToolsActivePort");
+    wait_until(|| async {
+        std::fs::read_to_string(&port_file).is_ok_and(|s| s.lines().count() >= 2)
+    })
+    .await;
+    let port: u16 = std::fs::read_to_string(&port_file)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let page_ws = loop {
+        let (_, body) = http_get(addr, "/json/list", &[]).await;
+        let targets: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+        let found = targets
+            .as_array()
+            .and_then(|t| t.iter().find(|t| t["type"] == "page"))
+            .and_then(|t| t["webSocketDebuggerUrl"].as_str().map(str::to_string));
+        if let Some(url) = found {
+            break url;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no page target in chromium"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let (ws, _) = tokio_tungstenite::connect_async(page_ws)
+        .await
+        .expect("devtools socket");
+    (browser, Page { ws, next_id: 0 })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_shows_live_numbers_and_recovers_after_a_restart() {
+    let db = TestDb::new().await;
+    db.insert_cita("t1", "atendida").await;
+    let daemon = Daemon::start(&db.url, |_| {}).await;
+    let addr = daemon.addr;
+    let (_browser, mut page) = launch().await;
+    let url = format!("http://{addr}/?tenant=t1&token={}", tenant_token("t1"));
+    page.call("Page.navigate", json!({"url": url})).await;
+    page.wait_text("state", "open").await;
+    page.wait_text("total_citas", "1").await;
+    page.wait_text("citas_completadas", "1").await;
+
+    db.insert_cita("t1", "pendiente").await;
+    page.wait_text("total_citas", "2").await;
+    let first_event = db.event_ids("t1").await.last().copied().unwrap();
+    let feed = page
+        .call(
+            "Runtime.evaluate",
+            json!({"expression": format!("!!document.querySelector('#feed [data-id=\"{first_event}\"]')"), "returnByValue": true}),
+        )
+        .await;
+    assert_eq!(
+        feed["result"]["value"], true,
+        "the event appears in the feed"
+    );
+
+    // Restart the daemon on the same port; the page must reconnect by itself.
+    daemon.stop().await;
+    page.wait_text("state", "reconnecting").await;
+    let mut cfg = config(&db.url);
+    cfg.listen = addr;
+    let daemon = Daemon::start_with(cfg).await;
+    page.wait_text("state", "open").await;
+    db.insert_cita("t1", "cancelada").await;
+    page.wait_text("total_citas", "3").await;
+    page.wait_text("citas_canceladas", "1").await;
+
+    let shot = page
+        .call("Page.captureScreenshot", json!({"format": "png"}))
+        .await;
+    let png = base64_decode(shot["data"].as_str().unwrap());
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/browser");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("dashboard.png"), png).unwrap();
+    daemon.stop().await;
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    let (mut buf, mut bits) = (0u32, 0u32);
+    for c in s.bytes() {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => continue,
+        };
+        buf = (buf << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((buf >> bits) as u8);
+        }
+    }
+    out
+}

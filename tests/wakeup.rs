@@ -1,0 +1,187 @@
+//! The wake-up modes (DESIGN.md §1): every mode is lossless, adaptive switches both ways
+//! under a changing write rate, and a suppressed notification only costs the safety poll.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::field_reassign_with_default
+)]
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use citapulse::config::WakeupMode;
+use serde_json::Value;
+use support::*;
+
+/// Writers with randomly delayed commits (some rolled back), `per_writer` each,
+/// pausing `gap` between transactions.
+async fn write_concurrently(url: &str, writers: usize, per_writer: usize, gap: Duration) {
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let url = url.to_string();
+        tasks.push(tokio::spawn(async move {
+            let mut client = pg(&url).await;
+            for i in 0..per_writer {
+                let tx = client.transaction().await.unwrap();
+                tx.execute(
+                    "INSERT INTO citas (negocio_id, cliente_id) VALUES ('t1', $1)",
+                    &[&format!("w{w}-{i}")],
+                )
+                .await
+                .unwrap();
+                tokio::time::sleep(Duration::from_millis(fastrand::u64(0..5))).await;
+                if fastrand::u8(..20) == 0 {
+                    tx.rollback().await.unwrap();
+                } else {
+                    tx.commit().await.unwrap();
+                }
+                if !gap.is_zero() {
+                    tokio::time::sleep(gap).await;
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+/// Receives until every committed id has arrived; asserts nothing extra or repeated.
+async fn assert_all_delivered(db: &TestDb, c: &mut WsClient) {
+    let want: BTreeSet<i64> = db.event_ids("t1").await.into_iter().collect();
+    let mut got = BTreeSet::new();
+    while got.len() < want.len() {
+        let ev = tokio::time::timeout(WAIT, c.expect(|m| m.get("id").is_some_and(Value::is_i64)))
+            .await
+            .unwrap_or_else(|_| panic!("missing: {:?}", want.difference(&got).collect::<Vec<_>>()));
+        assert!(got.insert(ev["id"].as_i64().unwrap()), "duplicate {ev}");
+    }
+    assert_eq!(got, want);
+}
+
+async fn lossless_in(mode: WakeupMode) {
+    let db = TestDb::new().await;
+    let d = Daemon::start(&db.url, |c| c.wakeup.mode = mode).await;
+    let mut c = WsClient::subscribed(d.addr, "t1").await;
+    write_concurrently(&db.url, 4, 40, Duration::ZERO).await;
+    assert_all_delivered(&db, &mut c).await;
+    let notify: bool = db
+        .client
+        .query_one("SELECT notify FROM citapulse.wakeup", &[])
+        .await
+        .unwrap()
+        .get(0);
+    match mode {
+        WakeupMode::Notify => assert!(notify),
+        WakeupMode::Poll => assert!(!notify, "poll mode turns the triggers' notify off"),
+        WakeupMode::Adaptive => {}
+    }
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn notify_mode_is_lossless() {
+    lossless_in(WakeupMode::Notify).await;
+}
+
+#[tokio::test]
+async fn poll_mode_is_lossless() {
+    lossless_in(WakeupMode::Poll).await;
+}
+
+#[tokio::test]
+async fn adaptive_mode_is_lossless() {
+    lossless_in(WakeupMode::Adaptive).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adaptive_switches_to_polling_under_load_and_back_when_calm() {
+    let db = TestDb::new().await;
+    let d = Daemon::start(&db.url, |c| {
+        c.wakeup.mode = WakeupMode::Adaptive;
+        c.wakeup.poll_above_per_sec = 40;
+        c.wakeup.notify_below_per_sec = 5;
+        c.wakeup.hold_secs = 1;
+        c.wakeup.safety_poll_ms = 200;
+    })
+    .await;
+    let mut c = WsClient::subscribed(d.addr, "t1").await;
+    // Slow, then fast until the daemon switches to polling...
+    write_concurrently(&db.url, 1, 3, Duration::from_millis(100)).await;
+    let mut rounds = 0;
+    while d.metric("citapulse_wakeup_switches_total").await < 1.0 {
+        write_concurrently(&db.url, 4, 50, Duration::ZERO).await;
+        rounds += 1;
+        assert!(rounds < 50, "never switched to poll");
+    }
+    let notify: bool = db
+        .client
+        .query_one("SELECT notify FROM citapulse.wakeup", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!notify, "the triggers stopped notifying");
+    // ...then slow until it switches back.
+    let mut rounds = 0;
+    while d.metric("citapulse_wakeup_switches_total").await < 2.0 {
+        write_concurrently(&db.url, 1, 2, Duration::from_millis(150)).await;
+        rounds += 1;
+        assert!(rounds < 100, "never switched back to notify");
+    }
+    let text = http_get(d.addr, "/metrics", &[]).await.1;
+    assert!(text.contains("reason=\"to_poll\""), "{text}");
+    assert!(text.contains("reason=\"to_notify\""), "{text}");
+    let (reason, by): (String, String) = {
+        let r = db
+            .client
+            .query_one("SELECT reason, changed_by FROM citapulse.wakeup", &[])
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert!(
+        reason.contains("below wakeup.notify_below_per_sec"),
+        "{reason}"
+    );
+    assert!(by.starts_with("test-"), "{by}");
+    assert_all_delivered(&db, &mut c).await;
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn a_suppressed_notification_only_delays_until_the_safety_poll() {
+    let db = TestDb::new().await;
+    let d = Daemon::start(&db.url, |c| {
+        c.wakeup.mode = WakeupMode::Notify;
+        c.wakeup.safety_poll_ms = 300;
+    })
+    .await;
+    let mut c = WsClient::subscribed(d.addr, "t1").await;
+    // Behind the daemon's back: the triggers stop notifying.
+    db.client
+        .execute("UPDATE citapulse.wakeup SET notify = false", &[])
+        .await
+        .unwrap();
+    let polls_before = {
+        let text = http_get(d.addr, "/metrics", &[]).await.1;
+        poll_reads(&text)
+    };
+    db.insert_cita("t1", "pendiente").await;
+    let ev = c.expect_type("cita_created").await;
+    assert!(ev["id"].as_i64().is_some());
+    let text = http_get(d.addr, "/metrics", &[]).await.1;
+    assert!(
+        poll_reads(&text) > polls_before,
+        "delivered by a poll, not a notification"
+    );
+    d.stop().await;
+}
+
+fn poll_reads(text: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with("citapulse_log_reads_total{") && l.contains("reason=\"poll\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
