@@ -57,6 +57,18 @@ CREATE TABLE IF NOT EXISTS citapulse.settings (
 );
 INSERT INTO citapulse.settings (singleton) VALUES (true) ON CONFLICT DO NOTHING;
 
+-- The latest statistics of each tenant, shared by every daemon on this database: one
+-- daemon computes (holding an advisory lock), the others reuse the row when its snapshot
+-- already sees the events they read.
+CREATE TABLE IF NOT EXISTS citapulse.stats (
+    tenant       text PRIMARY KEY,
+    message      text        NOT NULL,
+    day          text        NOT NULL,
+    snap         pg_snapshot NOT NULL,
+    computed_at  timestamptz NOT NULL DEFAULT now(),
+    computed_by  text
+);
+
 -- The event type of one changed row, by family.
 CREATE OR REPLACE FUNCTION citapulse.event_type(kind text, op text, new_row jsonb, old_row jsonb)
 RETURNS text LANGUAGE sql IMMUTABLE AS $$

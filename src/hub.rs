@@ -281,19 +281,20 @@ impl Hub {
         lock(&self.channels).keys().cloned().collect()
     }
 
-    /// Delivers events to their channels; returns the tenants that had subscribers.
-    pub fn dispatch(&self, events: &[LogEvent], now: f64) -> Vec<Arc<str>> {
-        let mut touched: Vec<Arc<str>> = Vec::new();
+    /// Delivers events to their channels; returns (tenant, event id) for every tenant
+    /// with subscribers that an event reached.
+    pub fn dispatch(&self, events: &[LogEvent], now: f64) -> Vec<(Arc<str>, i64)> {
+        let mut touched: Vec<(Arc<str>, i64)> = Vec::new();
         let mut channels = lock(&self.channels);
         for ev in events {
             if ev.tenant == "*" {
                 for (tenant, channel) in channels.iter_mut() {
                     self.deliver(channel, ev);
-                    touched.push(tenant.clone());
+                    touched.push((tenant.clone(), ev.id));
                 }
             } else if let Some(channel) = channels.get_mut(ev.tenant.as_str()) {
                 self.deliver(channel, ev);
-                touched.push(channel.tenant.clone());
+                touched.push((channel.tenant.clone(), ev.id));
             } else {
                 continue;
             }
@@ -302,8 +303,6 @@ impl Hub {
                 .observe((now - ev.created).max(0.0));
         }
         drop(channels);
-        touched.sort_unstable();
-        touched.dedup();
         touched
     }
 

@@ -148,10 +148,15 @@ async fn session(
 ) -> Result<(), DbError> {
     let (client, mut connection) = db::connect_as(&shared.config, "citapulse-listener").await?;
     let (wake_tx, mut wake_rx) = mpsc::channel::<()>(1);
+    // Results computed by other daemons; bounded: if it fills, the tenant is recomputed.
+    let (stats_tx, mut stats_rx) = mpsc::channel::<String>(1024);
     // tokio-postgres only surfaces notifications to whoever polls the connection.
     let _driver = AbortOnDrop(tokio::spawn(async move {
         while let Some(msg) = poll_fn(|cx| connection.poll_message(cx)).await {
             match msg {
+                Ok(AsyncMessage::Notification(n)) if n.channel() == crate::stats::STATS_CHANNEL => {
+                    let _ = stats_tx.try_send(n.payload().to_string());
+                }
                 Ok(AsyncMessage::Notification(_)) => {
                     let _ = wake_tx.try_send(());
                 }
@@ -196,18 +201,25 @@ async fn session(
     }
     *connected_before = true;
 
+    let mut next_poll = tokio::time::Instant::now() + mode.poll_every();
     loop {
-        let wait = mode.poll_every();
         let why = tokio::select! {
             _ = shutdown.changed() => return Ok(()),
             woke = wake_rx.recv() => match woke {
                 Some(()) => "notify",
                 None => return Err(DbError::Closed),
             },
-            _ = tokio::time::sleep(wait) => "poll",
+            _ = tokio::time::sleep_until(next_poll) => "poll",
+            shared_stats = stats_rx.recv() => {
+                if let Some(payload) = shared_stats {
+                    crate::stats::apply_shared(shared, &payload);
+                }
+                continue;
+            }
         };
         drain(shared, &client, &stmt, cursor, why, &mut mode).await?;
         mode.maybe_switch(&client).await?;
+        next_poll = tokio::time::Instant::now() + mode.poll_every();
     }
 }
 
@@ -235,7 +247,7 @@ async fn drain(
             let touched = shared
                 .hub
                 .dispatch(&batch.events, crate::stats::unix_time_f64());
-            shared.stats.mark_dirty(&touched);
+            shared.stats.mark_events(&touched);
         }
         if !batch.more {
             return Ok(());

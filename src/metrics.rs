@@ -41,6 +41,8 @@ pub struct Metrics {
     pub stats_dropped: Counter,
     /// Stats queries run.
     pub stats_queries: Counter,
+    /// Stats results taken from another daemon instead of querying.
+    pub stats_shared: Counter,
     /// Stats queries that failed.
     pub stats_errors: Counter,
     /// Stats query duration.
@@ -91,6 +93,7 @@ impl Metrics {
             slow_consumer_closes: Counter::default(),
             stats_dropped: Counter::default(),
             stats_queries: Counter::default(),
+            stats_shared: Counter::default(),
             stats_errors: Counter::default(),
             stats_query_seconds: latency(),
             delivery_lag_seconds: latency(),
@@ -160,6 +163,11 @@ impl Metrics {
             "stats_queries",
             "Statistics queries run",
             m.stats_queries.clone(),
+        );
+        r.register(
+            "stats_shared",
+            "Stats results shared by another daemon instead of queried",
+            m.stats_shared.clone(),
         );
         r.register(
             "stats_errors",

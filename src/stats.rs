@@ -31,9 +31,24 @@ pub fn unix_time_f64() -> f64 {
         .unwrap_or_default()
 }
 
+/// Event ids remembered per dirty tenant for the "already covered" check; beyond this
+/// the tenant is simply recomputed.
+const MAX_PENDING_IDS: usize = 64;
+/// Advisory-lock namespace for "computing this tenant's stats" (first key of the pair).
+const STATS_LOCK_CLASS: i32 = 0x4369_7461; // "Cita"
+/// The NOTIFY channel on which a computed result is shared with the other daemons.
+pub const STATS_CHANNEL: &str = "citapulse_stats";
+/// Largest NOTIFY payload sent (PostgreSQL's limit is 8000 bytes).
+const MAX_PAYLOAD: usize = 7500;
+
 #[derive(Default)]
 struct TenantState {
     dirty: bool,
+    /// Recompute even if a shared result looks current (`POST /notify/cita`).
+    force: bool,
+    /// Events read since the last publish; the shared result must include them all.
+    pending: Vec<i64>,
+    overflow: bool,
     running: bool,
     last_run: Option<Instant>,
 }
@@ -46,17 +61,42 @@ pub struct StatsEngine {
 }
 
 impl StatsEngine {
-    /// Marks tenants dirty (they changed, or a client wants a snapshot).
+    /// Marks tenants dirty without naming events (a client wants a snapshot, the day
+    /// rolled over, the listener reconnected).
     pub fn mark_dirty(&self, tenants: &[Arc<str>]) {
-        if tenants.is_empty() {
-            return;
-        }
+        self.mark(tenants.iter().map(|t| (t.clone(), None)), false);
+    }
+
+    /// Marks tenants dirty for a change the log does not show (`POST /notify/cita`).
+    pub fn mark_forced(&self, tenants: &[Arc<str>]) {
+        self.mark(tenants.iter().map(|t| (t.clone(), None)), true);
+    }
+
+    /// Marks tenants dirty because these events were read.
+    pub fn mark_events(&self, events: &[(Arc<str>, i64)]) {
+        self.mark(events.iter().map(|(t, id)| (t.clone(), Some(*id))), false);
+    }
+
+    fn mark(&self, items: impl Iterator<Item = (Arc<str>, Option<i64>)>, force: bool) {
+        let mut any = false;
         if let Ok(mut map) = self.tenants.lock() {
-            for t in tenants {
-                map.entry(t.clone()).or_default().dirty = true;
+            for (tenant, id) in items {
+                let s = map.entry(tenant).or_default();
+                s.dirty = true;
+                s.force |= force;
+                if let Some(id) = id {
+                    if s.pending.len() < MAX_PENDING_IDS {
+                        s.pending.push(id);
+                    } else {
+                        s.overflow = true;
+                    }
+                }
+                any = true;
             }
         }
-        self.wake.notify_one();
+        if any {
+            self.wake.notify_one();
+        }
     }
 
     /// Marks every tenant with subscribers dirty (reconnect, day rollover).
@@ -65,16 +105,53 @@ impl StatsEngine {
     }
 }
 
-/// Builds the wrapped statistics query: any one-row user query becomes a JSON object
-/// plus `as_of`, read in the same snapshot.
+/// What one recomputation needs to know.
+struct Job {
+    tenant: Arc<str>,
+    pending: Vec<i64>,
+    force: bool,
+}
+
+/// How a recomputation ended.
+enum Outcome {
+    /// This daemon ran the query and shared the result.
+    Computed,
+    /// Another daemon's result already covered every pending event.
+    Shared,
+    /// Another daemon is computing right now: try again on the trailing edge.
+    Busy,
+}
+
+/// Builds the wrapped statistics query: any one-row user query becomes a JSON object,
+/// plus `as_of` and the snapshot the numbers were read in, all from one statement.
 fn wrapped_query(user_query: &str) -> String {
     let q = user_query.trim().trim_end_matches(';');
     format!(
         "SELECT to_jsonb(q.*), \
-                (SELECT max(e.id) FROM citapulse.events e WHERE e.tenant IN ($1, '*') AND e.id <= $3) \
+                (SELECT max(e.id) FROM citapulse.events e WHERE e.tenant IN ($1, '*') AND e.id <= $3), \
+                pg_current_snapshot()::text \
            FROM ({q}) q LIMIT 1"
     )
 }
+
+/// One round trip deciding whether to compute: takes the tenant's advisory lock (held
+/// until the transaction ends) and checks whether the shared result was read in a
+/// snapshot that already sees every pending event and the tenant's newest event.
+const CLAIM_SQL: &str = "SELECT pg_try_advisory_xact_lock($5, hashtext($1)), s.message, \
+        coalesce(s.day = $3, false) \
+        AND coalesce((SELECT bool_and(pg_visible_in_snapshot(e.xid, s.snap)) \
+                        FROM citapulse.events e WHERE e.id = ANY($2)), true) \
+        AND coalesce((SELECT pg_visible_in_snapshot(e.xid, s.snap) FROM citapulse.events e \
+                       WHERE e.tenant IN ($1, '*') AND e.id <= $4 ORDER BY e.id DESC LIMIT 1), true) \
+   FROM (SELECT 1) AS one LEFT JOIN citapulse.stats s ON s.tenant = $1";
+
+const PUBLISH_SQL: &str = "WITH saved AS ( \
+        INSERT INTO citapulse.stats (tenant, message, day, snap, computed_at, computed_by) \
+        VALUES ($1, $2, $3, $4::text::pg_snapshot, now(), $5) \
+        ON CONFLICT (tenant) DO UPDATE SET message = excluded.message, day = excluded.day, \
+            snap = excluded.snap, computed_at = excluded.computed_at, computed_by = excluded.computed_by \
+        RETURNING 1) \
+   SELECT pg_notify($6, $7) FROM saved";
 
 /// Runs the coalescer until shutdown.
 pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
@@ -82,7 +159,7 @@ pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
     let sql = Arc::new(wrapped_query(&shared.config.stats.query));
     let limit = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_QUERIES));
     loop {
-        let mut due: Vec<Arc<str>> = Vec::new();
+        let mut due: Vec<Job> = Vec::new();
         let mut next: Option<Instant> = None;
         let now = Instant::now();
         if let Ok(mut map) = shared.stats.tenants.lock() {
@@ -97,34 +174,51 @@ pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
                         next = Some(next.map_or(at, |n| n.min(at)));
                     }
                     _ => {
+                        due.push(Job {
+                            tenant: tenant.clone(),
+                            pending: std::mem::take(&mut s.pending),
+                            force: std::mem::take(&mut s.force) || std::mem::take(&mut s.overflow),
+                        });
                         s.dirty = false;
                         s.running = true;
                         s.last_run = Some(now);
-                        due.push(tenant.clone());
                     }
                 }
             }
         }
-        for tenant in due {
+        for job in due {
             let shared = shared.clone();
             let sql = sql.clone();
             let limit = limit.clone();
             tokio::spawn(async move {
                 let _permit = limit.acquire().await;
-                if let Err(err) = recompute(&shared, &sql, &tenant).await {
-                    shared.metrics.stats_errors.inc();
-                    tracing::warn!(tenant = %tenant, error = %err, cause = ?std::error::Error::source(&err), "stats query failed");
-                    // Retry on the trailing edge rather than leave stale numbers.
-                    if let Ok(mut map) = shared.stats.tenants.lock()
-                        && let Some(s) = map.get_mut(&tenant)
-                    {
-                        s.dirty = true;
+                let retry = match recompute(&shared, &sql, &job).await {
+                    Ok(Outcome::Computed) => false,
+                    Ok(Outcome::Shared) => {
+                        shared.metrics.stats_shared.inc();
+                        false
                     }
-                }
+                    Ok(Outcome::Busy) => true,
+                    Err(err) => {
+                        shared.metrics.stats_errors.inc();
+                        tracing::warn!(tenant = %job.tenant, error = %err, cause = ?std::error::Error::source(&err), "stats query failed");
+                        true
+                    }
+                };
                 if let Ok(mut map) = shared.stats.tenants.lock()
-                    && let Some(s) = map.get_mut(&tenant)
+                    && let Some(s) = map.get_mut(&job.tenant)
                 {
                     s.running = false;
+                    if retry {
+                        // Keep the events: the next attempt must still cover them.
+                        s.dirty = true;
+                        s.force |= job.force;
+                        s.pending.extend_from_slice(&job.pending);
+                        if s.pending.len() > MAX_PENDING_IDS {
+                            s.pending.truncate(MAX_PENDING_IDS);
+                            s.overflow = true;
+                        }
+                    }
                 }
                 shared.stats.wake.notify_one();
             });
@@ -143,25 +237,71 @@ pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
-async fn recompute(shared: &Shared, sql: &str, tenant: &str) -> Result<(), DbError> {
+async fn recompute(shared: &Shared, sql: &str, job: &Job) -> Result<Outcome, DbError> {
+    let tenant: &str = &job.tenant;
     let as_of_bound = shared.reader_position.load(Ordering::Acquire);
     let today = shared.today.borrow().clone();
-    let client = shared.pool.get().await?;
-    let stmt = client
+    let mut client = shared.pool.get().await?;
+    let claim = client
+        .prepare_typed_cached(
+            CLAIM_SQL,
+            &[
+                Type::TEXT,
+                Type::INT8_ARRAY,
+                Type::TEXT,
+                Type::INT8,
+                Type::INT4,
+            ],
+        )
+        .await?;
+    let stats_stmt = client
         .prepare_typed_cached(sql, &[Type::TEXT, Type::TEXT, Type::INT8])
         .await?;
+    let publish = client.prepare_cached(PUBLISH_SQL).await?;
+    let tx = client.transaction().await?;
+    let row = tx
+        .query_one(
+            &claim,
+            &[
+                &tenant,
+                &job.pending,
+                &today,
+                &as_of_bound,
+                &STATS_LOCK_CLASS,
+            ],
+        )
+        .await?;
+    let (got_lock, message, covered): (bool, Option<String>, bool) =
+        (row.get(0), row.get(1), row.get(2));
+    if covered
+        && !job.force
+        && let Some(message) = message
+    {
+        tx.rollback().await?;
+        shared.hub.publish_stats(tenant, Utf8Bytes::from(message));
+        return Ok(Outcome::Shared);
+    }
+    if !got_lock {
+        tx.rollback().await?;
+        return Ok(Outcome::Busy);
+    }
+
     let started = Instant::now();
-    let row = client
-        .query_opt(&stmt, &[&tenant, &today, &as_of_bound])
+    let row = tx
+        .query_opt(&stats_stmt, &[&tenant, &today, &as_of_bound])
         .await?;
     shared.metrics.stats_queries.inc();
     shared
         .metrics
         .stats_query_seconds
         .observe(started.elapsed().as_secs_f64());
-    let (fields, as_of) = match row {
-        Some(row) => (row.get::<_, Option<Value>>(0), row.get::<_, Option<i64>>(1)),
-        None => (None, None),
+    let (fields, as_of, snapshot) = match row {
+        Some(row) => (
+            row.get::<_, Option<Value>>(0),
+            row.get::<_, Option<i64>>(1),
+            row.get::<_, Option<String>>(2),
+        ),
+        None => (None, None, None),
     };
     let mut data = match fields {
         Some(Value::Object(map)) => map,
@@ -170,15 +310,60 @@ async fn recompute(shared: &Shared, sql: &str, tenant: &str) -> Result<(), DbErr
     data.insert("negocio_id".into(), Value::from(tenant));
     data.insert("timestamp".into(), Value::from(crate::auth::unix_now()));
     data.insert("as_of".into(), Value::from(as_of.unwrap_or(0)));
-    let msg = serde_json::json!({
+    let message = serde_json::json!({
         "type": "stats",
         "channel": format!("{}{tenant}", crate::auth::STATS_PREFIX),
         "data": data,
-    });
-    shared
-        .hub
-        .publish_stats(tenant, Utf8Bytes::from(msg.to_string()));
-    Ok(())
+    })
+    .to_string();
+
+    if let Some(snapshot) = snapshot {
+        let instance = &shared.config.instance;
+        let mut payload = serde_json::json!({"t": tenant, "by": instance});
+        if message.len() + tenant.len() + instance.len() < MAX_PAYLOAD {
+            payload["m"] = Value::from(message.as_str());
+        }
+        let payload = payload.to_string();
+        tx.query(
+            &publish,
+            &[
+                &tenant,
+                &message,
+                &today,
+                &snapshot,
+                instance,
+                &STATS_CHANNEL,
+                &payload,
+            ],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    shared.hub.publish_stats(tenant, Utf8Bytes::from(message));
+    Ok(Outcome::Computed)
+}
+
+/// Applies a result another daemon computed (a `citapulse_stats` notification).
+pub fn apply_shared(shared: &Shared, payload: &str) {
+    let Ok(v) = serde_json::from_str::<Value>(payload) else {
+        return;
+    };
+    let (Some(tenant), Some(by)) = (v["t"].as_str(), v["by"].as_str()) else {
+        return;
+    };
+    if by == shared.config.instance || !shared.hub.has_subscribers(tenant) {
+        return;
+    }
+    match v["m"].as_str() {
+        Some(message) => {
+            shared.metrics.stats_shared.inc();
+            shared
+                .hub
+                .publish_stats(tenant, Utf8Bytes::from(message.to_string()));
+        }
+        // Too large for a notification: read it from citapulse.stats.
+        None => shared.stats.mark_dirty(&[Arc::from(tenant)]),
+    }
 }
 
 /// Today's date in `stats.timezone` and the seconds until it changes, from the
