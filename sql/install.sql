@@ -149,19 +149,21 @@ BEGIN
         SELECT news[i] AS r, olds[i] AS o
           FROM generate_subscripts(coalesce(news, olds), 1) AS i
     ), tagged AS (
-        SELECT r, o, coalesce(r, o) ->> tenant_col AS tenant FROM changed
+        -- No tenant column (''): logged with tenant '' for the daemon's [[resolvers]].
+        SELECT r, o, CASE WHEN tenant_col = '' THEN '' ELSE coalesce(r, o) ->> tenant_col END AS tenant
+          FROM changed
     ), per_tenant AS (
         SELECT tenant, count(*) AS n FROM tagged WHERE tenant IS NOT NULL GROUP BY tenant
     ), logged AS (
         INSERT INTO citapulse.events (tenant, kind, event_type, tbl, op, row_data, old_data, payload)
         SELECT t.tenant, fam, citapulse.event_type(fam, TG_OP, t.r, t.o), tname, TG_OP, t.r, t.o, NULL
           FROM tagged t JOIN per_tenant p USING (tenant)
-         WHERE p.n <= coalesce(threshold, 100)
+         WHERE p.n <= coalesce(threshold, 100) OR p.tenant = ''
         UNION ALL
         SELECT p.tenant, fam, 'calendar_refresh', tname, TG_OP, NULL, NULL,
                jsonb_build_object('reason', 'bulk', 'rows', p.n, 'action', lower(TG_OP))
           FROM per_tenant p
-         WHERE p.n > coalesce(threshold, 100)
+         WHERE p.n > coalesce(threshold, 100) AND p.tenant <> ''
         RETURNING tenant, id
     )
     SELECT array_agg(left(tenant, 200) || ':' || last_id) INTO wake
@@ -194,16 +196,19 @@ $$;
 
 -- Attaches the four triggers (one per operation: transition tables allow one event each).
 -- Calling it again replaces them, so changing tenant_column or kind is one call.
+-- tenant_column => NULL watches a table without one: the daemon resolves each row's
+-- tenant with a [[resolvers]] query from its config.
 CREATE OR REPLACE FUNCTION citapulse.watch(tbl regclass, tenant_column text, kind text DEFAULT 'appointment')
 RETURNS void LANGUAGE plpgsql AS $$
 BEGIN
-    IF tenant_column IS NULL OR kind IS NULL OR kind !~ '^[a-z][a-z0-9_]{0,40}$' THEN
-        RAISE EXCEPTION 'citapulse.watch: tenant_column must be set and kind must match ^[a-z][a-z0-9_]{0,40}$ (got %)', kind;
+    IF kind IS NULL OR kind !~ '^[a-z][a-z0-9_]{0,40}$' THEN
+        RAISE EXCEPTION 'citapulse.watch: kind must match ^[a-z][a-z0-9_]{0,40}$ (got %)', kind;
     END IF;
-    IF NOT EXISTS (SELECT 1 FROM pg_attribute
+    IF tenant_column IS NOT NULL AND NOT EXISTS (SELECT 1 FROM pg_attribute
                     WHERE attrelid = tbl AND attname = tenant_column AND attnum > 0 AND NOT attisdropped) THEN
         RAISE EXCEPTION 'citapulse.watch: table % has no column %', tbl, tenant_column;
     END IF;
+    tenant_column := coalesce(tenant_column, '');
     PERFORM citapulse.unwatch(tbl);
     EXECUTE format('CREATE TRIGGER citapulse_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS citapulse_new '
                    'FOR EACH STATEMENT EXECUTE FUNCTION citapulse.capture(%L, %L)', tbl, tenant_column, kind);

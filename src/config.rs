@@ -95,6 +95,22 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Logging.
     pub log: LogConfig,
+    /// Tenant lookups for watched tables without a tenant column.
+    pub resolvers: Vec<ResolverConfig>,
+}
+
+/// `[[resolvers]]`: how to find the tenant of a row of a table watched with
+/// `tenant_column => NULL`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResolverConfig {
+    /// The watched table as the log names it, e.g. `public.sesiones`.
+    pub table: String,
+    /// The row field passed to the query as `$1` (text), e.g. `profesional_id`.
+    pub key: String,
+    /// Returns the tenant id for `$1`, e.g.
+    /// `SELECT negocio_id FROM profesionales WHERE id = $1::bigint`.
+    pub query: String,
 }
 
 /// `[database]`.
@@ -241,6 +257,7 @@ impl Default for Config {
             wakeup: WakeupConfig::default(),
             limits: LimitsConfig::default(),
             log: LogConfig::default(),
+            resolvers: Vec::new(),
         }
     }
 }
@@ -499,6 +516,11 @@ impl Config {
                 "limits.idle_timeout_secs",
                 "must be greater than limits.ping_interval_secs",
             );
+        }
+        for r in &self.resolvers {
+            if r.table.trim().is_empty() || r.key.trim().is_empty() || r.query.trim().is_empty() {
+                return invalid("resolvers", "each [[resolvers]] needs table, key and query");
+            }
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return invalid("log.format", "must be \"text\" or \"json\"");

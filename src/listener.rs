@@ -104,6 +104,7 @@ pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
     let mut cursor: Option<Cursor> = None;
     let mut connected_before = false;
     let mut attempt: u32 = 0;
+    let mut resolver = Resolver::default();
     loop {
         let outcome = session(
             &shared,
@@ -111,6 +112,7 @@ pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
             &mut shutdown,
             &mut connected_before,
             &mut attempt,
+            &mut resolver,
         )
         .await;
         match outcome {
@@ -145,6 +147,7 @@ async fn session(
     shutdown: &mut watch::Receiver<bool>,
     connected_before: &mut bool,
     attempt: &mut u32,
+    resolver: &mut Resolver,
 ) -> Result<(), DbError> {
     let (client, mut connection) = db::connect_as(&shared.config, "citapulse-listener").await?;
     let (wake_tx, mut wake_rx) = mpsc::channel::<()>(1);
@@ -185,7 +188,10 @@ async fn session(
 
     let mut mode = ModeControl::new(shared);
     mode.enforce_pinned(&client).await?;
-    drain(shared, &client, &stmt, cursor, "catch_up", &mut mode).await?;
+    drain(
+        shared, &client, &stmt, cursor, "catch_up", &mut mode, resolver,
+    )
+    .await?;
     shared.health.set_up(&shared.metrics);
     *attempt = 0;
     if *connected_before {
@@ -217,7 +223,7 @@ async fn session(
                 continue;
             }
         };
-        drain(shared, &client, &stmt, cursor, why, &mut mode).await?;
+        drain(shared, &client, &stmt, cursor, why, &mut mode, resolver).await?;
         mode.maybe_switch(&client).await?;
         next_poll = tokio::time::Instant::now() + mode.poll_every();
     }
@@ -230,9 +236,13 @@ async fn drain(
     cursor: &mut Cursor,
     why: &str,
     mode: &mut ModeControl<'_>,
+    resolver: &mut Resolver,
 ) -> Result<(), DbError> {
     loop {
-        let batch = db::read_batch(client, stmt, cursor, BATCH).await?;
+        let mut batch = db::read_batch(client, stmt, cursor, BATCH).await?;
+        if batch.events.iter().any(|e| e.tenant.is_empty()) {
+            resolver.resolve(shared, &mut batch.events).await?;
+        }
         Metrics::count(&shared.metrics.log_reads, why);
         shared
             .metrics
@@ -390,6 +400,87 @@ impl<'a> ModeControl<'a> {
             } else {
                 self.calm_since = None;
             }
+        }
+        Ok(())
+    }
+}
+
+/// Entries kept per daemon before the resolver cache starts over.
+const RESOLVER_CACHE_MAX: usize = 10_000;
+
+/// Finds tenants for events of tables watched without a tenant column (`[[resolvers]]`),
+/// and writes them back to the log so that replay finds them too.
+#[derive(Default)]
+pub struct Resolver {
+    cache: std::collections::HashMap<(String, String), Option<String>>,
+}
+
+impl Resolver {
+    /// Resolves the events whose tenant is empty; drops those it cannot resolve.
+    async fn resolve(
+        &mut self,
+        shared: &Shared,
+        events: &mut Vec<crate::hub::LogEvent>,
+    ) -> Result<(), DbError> {
+        let mut ids: Vec<i64> = Vec::new();
+        let mut tenants: Vec<String> = Vec::new();
+        for ev in events.iter_mut().filter(|e| e.tenant.is_empty()) {
+            let data: serde_json::Value = serde_json::from_str(&ev.data).unwrap_or_default();
+            let table = data["table"].as_str().unwrap_or_default().to_string();
+            let Some(resolver) = shared.config.resolvers.iter().find(|r| r.table == table) else {
+                tracing::debug!(table = %table, id = ev.id, "no [[resolvers]] entry for this table");
+                continue;
+            };
+            let row = if data["row"].is_object() {
+                &data["row"]
+            } else {
+                &data["old"]
+            };
+            let key = match &row[&resolver.key] {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Null => continue,
+                other => other.to_string(),
+            };
+            let cache_key = (table, key);
+            let tenant = match self.cache.get(&cache_key) {
+                Some(t) => t.clone(),
+                None => {
+                    let client = shared.pool.get().await?;
+                    let stmt = client
+                        .prepare_typed_cached(&resolver.query, &[tokio_postgres::types::Type::TEXT])
+                        .await?;
+                    let found = client
+                        .query_opt(&stmt, &[&cache_key.1])
+                        .await?
+                        .and_then(|row| {
+                            row.try_get::<_, String>(0)
+                                .ok()
+                                .or_else(|| row.try_get::<_, i64>(0).ok().map(|n| n.to_string()))
+                                .or_else(|| row.try_get::<_, i32>(0).ok().map(|n| n.to_string()))
+                        });
+                    if self.cache.len() >= RESOLVER_CACHE_MAX {
+                        self.cache.clear();
+                    }
+                    self.cache.insert(cache_key, found.clone());
+                    found
+                }
+            };
+            if let Some(t) = tenant.filter(|t| !t.is_empty()) {
+                ids.push(ev.id);
+                tenants.push(t.clone());
+                ev.tenant = t;
+            }
+        }
+        events.retain(|e| !e.tenant.is_empty());
+        if !ids.is_empty() {
+            let client = shared.pool.get().await?;
+            client
+                .execute(
+                    "UPDATE citapulse.events e SET tenant = r.t FROM unnest($1::bigint[], $2::text[]) AS r(id, t) \
+                      WHERE e.id = r.id",
+                    &[&ids, &tenants],
+                )
+                .await?;
         }
         Ok(())
     }

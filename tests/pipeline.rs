@@ -415,3 +415,48 @@ async fn a_bad_stats_query_is_refused_at_start_naming_the_key() {
         .unwrap_err();
     assert!(err.to_string().contains("stats.query"), "{err}");
 }
+
+#[tokio::test]
+async fn a_table_without_a_tenant_column_is_resolved_by_config() {
+    let db = TestDb::new().await;
+    db.client
+        .batch_execute(
+            "CREATE TABLE profesionales (id bigint PRIMARY KEY, negocio_id text);
+             INSERT INTO profesionales VALUES (1, 't1'), (2, 't2');
+             CREATE TABLE sesiones (id serial PRIMARY KEY, profesional_id bigint, nota text);
+             SELECT citapulse.watch('sesiones', tenant_column => NULL, kind => 'sesion');",
+        )
+        .await
+        .unwrap();
+    let d = Daemon::start(&db.url, |c| {
+        c.resolvers.push(citapulse::config::ResolverConfig {
+            table: "public.sesiones".into(),
+            key: "profesional_id".into(),
+            query: "SELECT negocio_id FROM profesionales WHERE id = $1::bigint".into(),
+        });
+    })
+    .await;
+    let mut c1 = WsClient::subscribed(d.addr, "t1").await;
+    let mut c2 = WsClient::subscribed(d.addr, "t2").await;
+    db.client
+        .batch_execute(
+            "INSERT INTO sesiones (profesional_id, nota) VALUES (2, 'for t2');
+             INSERT INTO sesiones (profesional_id, nota) VALUES (1, 'for t1');
+             INSERT INTO sesiones (profesional_id, nota) VALUES (99, 'nobody');",
+        )
+        .await
+        .unwrap();
+    let ev1 = c1.expect(|m| m.get("id").is_some()).await;
+    assert_eq!(ev1["type"], "sesion_created");
+    assert_eq!(ev1["data"]["row"]["nota"], "for t1");
+    let ev2 = c2.expect(|m| m.get("id").is_some()).await;
+    assert_eq!(ev2["data"]["row"]["nota"], "for t2");
+    // The resolved tenant is written back, so a resume replays it.
+    wait_until(|| async { db.event_ids("t1").await == vec![ev1["id"].as_i64().unwrap()] }).await;
+    let mut c3 = WsClient::connect(d.addr, &tenant_token("t1")).await;
+    c3.subscribe("t1", Some(ev1["id"].as_i64().unwrap() - 1))
+        .await;
+    let replayed = c3.expect(|m| m.get("id").is_some()).await;
+    assert_eq!(replayed["id"], ev1["id"]);
+    d.stop().await;
+}
