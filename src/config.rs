@@ -199,7 +199,10 @@ pub enum WakeupMode {
 pub struct WakeupConfig {
     /// `adaptive`, `notify` or `poll`.
     pub mode: WakeupMode,
-    /// Adaptive: switch to polling above this many changes per second.
+    /// Adaptive: switch to polling when this many sessions wait on the NOTIFY commit
+    /// lock in three consecutive samples (0 disables the signal).
+    pub contention_waiters: u32,
+    /// Adaptive: switch to polling above this many changes per second regardless.
     pub poll_above_per_sec: u32,
     /// Adaptive: switch back to notifying below this many changes per second.
     pub notify_below_per_sec: u32,
@@ -329,9 +332,10 @@ impl Default for WakeupConfig {
     fn default() -> Self {
         Self {
             mode: WakeupMode::Adaptive,
-            poll_above_per_sec: 500,
-            notify_below_per_sec: 100,
-            poll_interval_ms: 20,
+            contention_waiters: 2,
+            poll_above_per_sec: 5000,
+            notify_below_per_sec: 200,
+            poll_interval_ms: 10,
             safety_poll_ms: 1000,
             hold_secs: 5,
         }

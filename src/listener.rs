@@ -21,6 +21,10 @@ use crate::server::Shared;
 
 /// Rows read per statement.
 const BATCH: i64 = 2000;
+/// How often the NOTIFY commit lock is sampled while notifying under load.
+const CONTENTION_SAMPLE_EVERY: Duration = Duration::from_millis(250);
+/// Consecutive contended samples before switching to polling (about a second).
+const CONTENDED_SAMPLES_TO_SWITCH: u32 = 3;
 /// How long the daemon keeps polling fast after switching the triggers back to
 /// notifying: transactions that read the old mode may still commit silently.
 const SWITCH_BACK_GRACE: Duration = Duration::from_secs(2);
@@ -273,6 +277,10 @@ struct ModeControl<'a> {
     rate: f64,
     calm_since: Option<Instant>,
     fast_poll_until: Option<Instant>,
+    last_sample: Instant,
+    contended_samples: u32,
+    last_waiters: i64,
+    rate_at_switch: f64,
 }
 
 impl<'a> ModeControl<'a> {
@@ -284,6 +292,10 @@ impl<'a> ModeControl<'a> {
             rate: 0.0,
             calm_since: None,
             fast_poll_until: None,
+            last_sample: Instant::now(),
+            contended_samples: 0,
+            last_waiters: 0,
+            rate_at_switch: 0.0,
         }
     }
 
@@ -330,6 +342,19 @@ impl<'a> ModeControl<'a> {
         .set(i64::from(!notify));
     }
 
+    /// Sessions waiting right now on the lock a notifying transaction takes at commit
+    /// (`LockSharedObject` on pg_database, object 0): the cost of notifying, measured.
+    async fn notify_lock_waiters(client: &tokio_postgres::Client) -> Result<i64, DbError> {
+        let row = client
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'object' \
+                    AND classid = 'pg_database'::regclass AND objid = 0 AND NOT granted",
+                &[],
+            )
+            .await?;
+        Ok(row.get(0))
+    }
+
     fn observe(&mut self, rows: usize, triggers_notify: bool) {
         self.set_seen(triggers_notify);
         self.window_rows += rows;
@@ -363,37 +388,59 @@ impl<'a> ModeControl<'a> {
         let hold = Duration::from_secs(cfg.hold_secs);
         let notifying = self.shared.wakeup.triggers_notify.load(Ordering::Relaxed);
         let instance = self.shared.config.instance.clone();
-        if notifying && self.rate > f64::from(cfg.poll_above_per_sec) {
-            let reason = format!(
-                "change rate {:.0}/s above wakeup.poll_above_per_sec {}",
-                self.rate, cfg.poll_above_per_sec
-            );
+        // Contention: sample the NOTIFY commit lock while notifying under real traffic.
+        let mut contended = false;
+        if notifying
+            && cfg.contention_waiters > 0
+            && self.rate >= f64::from(cfg.notify_below_per_sec)
+            && self.last_sample.elapsed() >= CONTENTION_SAMPLE_EVERY
+        {
+            self.last_sample = Instant::now();
+            let waiters = Self::notify_lock_waiters(client).await?;
+            if waiters >= i64::from(cfg.contention_waiters) {
+                self.contended_samples += 1;
+            } else {
+                self.contended_samples = 0;
+            }
+            contended = self.contended_samples >= CONTENDED_SAMPLES_TO_SWITCH;
+            self.last_waiters = waiters;
+        }
+        if notifying && (contended || self.rate > f64::from(cfg.poll_above_per_sec)) {
+            let reason = if contended {
+                format!(
+                    "{} sessions waiting on the NOTIFY commit lock (wakeup.contention_waiters {}) at {:.0} changes/s",
+                    self.last_waiters, cfg.contention_waiters, self.rate
+                )
+            } else {
+                format!(
+                    "change rate {:.0}/s above wakeup.poll_above_per_sec {}",
+                    self.rate, cfg.poll_above_per_sec
+                )
+            };
             if db::set_triggers_notify(client, false, &reason, &instance, hold).await? {
-                tracing::info!(
-                    rate = self.rate,
-                    threshold = cfg.poll_above_per_sec,
-                    "wake-up switched to poll: {reason}"
-                );
+                tracing::info!(rate = self.rate, "wake-up switched to poll: {reason}");
                 Metrics::count(&self.shared.metrics.wakeup_switches, "to_poll");
                 self.set_seen(false);
+                self.rate_at_switch = self.rate;
             }
+            self.contended_samples = 0;
             self.calm_since = None;
         } else if !notifying {
-            if self.rate < f64::from(cfg.notify_below_per_sec) {
+            // Back to notifying when the rate is low, or well below the rate that
+            // caused contention (then the commit lock is no longer the bottleneck).
+            let calm_rate = f64::from(cfg.notify_below_per_sec).max(self.rate_at_switch * 0.5);
+            if self.rate < calm_rate {
                 let calm = *self.calm_since.get_or_insert_with(Instant::now);
                 if calm.elapsed() >= hold {
                     let reason = format!(
-                        "change rate {:.0}/s below wakeup.notify_below_per_sec {}",
-                        self.rate, cfg.notify_below_per_sec
+                        "change rate {:.0}/s below {:.0}/s (wakeup.notify_below_per_sec {} or half the rate at the switch)",
+                        self.rate, calm_rate, cfg.notify_below_per_sec
                     );
                     if db::set_triggers_notify(client, true, &reason, &instance, hold).await? {
-                        tracing::info!(
-                            rate = self.rate,
-                            threshold = cfg.notify_below_per_sec,
-                            "wake-up switched to notify: {reason}"
-                        );
+                        tracing::info!(rate = self.rate, "wake-up switched to notify: {reason}");
                         Metrics::count(&self.shared.metrics.wakeup_switches, "to_notify");
                         self.set_seen(true);
+                        self.rate_at_switch = 0.0;
                     }
                     self.calm_since = None;
                 }
