@@ -142,7 +142,7 @@ async fn adaptive_switches_to_polling_under_load_and_back_when_calm() {
         (r.get(0), r.get(1))
     };
     assert!(
-        reason.contains("below wakeup.notify_below_per_sec"),
+        reason.contains("wakeup.notify_below_per_sec"),
         "{reason}"
     );
     assert!(by.starts_with("test-"), "{by}");
