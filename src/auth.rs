@@ -130,14 +130,21 @@ impl Authenticator {
         validation.leeway = 5;
         validation.validate_exp = true;
         validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        // A configured issuer or audience must be present, not merely right when present:
+        // `set_issuer` alone lets a token without `iss` through.
+        let mut required = vec!["exp", "sub"];
         if let Some(iss) = &cfg.issuer {
             validation.set_issuer(&[iss]);
+            required.push("iss");
         }
         match &cfg.audience {
-            Some(aud) => validation.set_audience(&[aud]),
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                required.push("aud");
+            }
             None => validation.validate_aud = false,
         }
+        validation.set_required_spec_claims(&required);
         let signing = cfg
             .jwt_secret
             .as_ref()
@@ -175,7 +182,15 @@ impl Authenticator {
                 ErrorKind::InvalidSignature => AuthError::Invalid("bad signature"),
                 ErrorKind::InvalidIssuer => AuthError::Invalid("wrong issuer"),
                 ErrorKind::InvalidAudience => AuthError::Invalid("wrong audience"),
-                ErrorKind::MissingRequiredClaim(_) => AuthError::Invalid("missing exp or sub"),
+                ErrorKind::MissingRequiredClaim(claim) => {
+                    AuthError::Invalid(match claim.as_str() {
+                        "exp" => "missing exp",
+                        "sub" => "missing sub",
+                        "iss" => "missing iss",
+                        "aud" => "missing aud",
+                        _ => "missing a required claim",
+                    })
+                }
                 ErrorKind::InvalidAlgorithm => AuthError::Invalid("algorithm not accepted"),
                 _ => AuthError::Invalid("malformed"),
             })?;
@@ -216,7 +231,7 @@ impl Authenticator {
         }
         let now = unix_now();
         claims.insert("iat".into(), Value::from(now));
-        claims.insert("exp".into(), Value::from(now + ttl_secs));
+        claims.insert("exp".into(), Value::from(now.saturating_add(ttl_secs)));
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, key).ok()
     }
 }
@@ -302,6 +317,34 @@ mod tests {
     }
 
     #[test]
+    fn configured_issuer_and_audience_are_required() {
+        let cfg = AuthConfig {
+            jwt_secret: Some(Secret::new("0123456789abcdef0123")),
+            issuer: Some("https://auth.example".into()),
+            audience: Some("citapulse".into()),
+            ..AuthConfig::default()
+        };
+        let a = Authenticator::new(&cfg).unwrap();
+        let key = EncodingKey::from_secret(b"0123456789abcdef0123");
+        let sign = |claims: serde_json::Value| {
+            jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key).unwrap()
+        };
+        let exp = unix_now() + 60;
+        let ok = sign(
+            serde_json::json!({"sub": "u", "exp": exp, "iss": "https://auth.example", "aud": "citapulse"}),
+        );
+        assert!(a.verify(&ok).is_ok());
+        for claims in [
+            serde_json::json!({"sub": "u", "exp": exp, "aud": "citapulse"}),
+            serde_json::json!({"sub": "u", "exp": exp, "iss": "https://auth.example"}),
+            serde_json::json!({"sub": "u", "exp": exp, "iss": "https://evil.example", "aud": "citapulse"}),
+            serde_json::json!({"sub": "u", "exp": exp, "iss": "https://auth.example", "aud": "other"}),
+        ] {
+            assert!(a.verify(&sign(claims.clone())).is_err(), "{claims}");
+        }
+    }
+
+    #[test]
     fn alg_none_is_refused() {
         // {"alg":"none","typ":"JWT"}.{"sub":"u","exp":9999999999,"negocio_id":"n1"}.
         let t = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJ1IiwiZXhwIjo5OTk5OTk5OTk5LCJuZWdvY2lvX2lkIjoibjEifQ.";
@@ -320,5 +363,102 @@ mod tests {
         assert_eq!(channel_tenant("other:x"), Err(ChannelError::BadName));
         let long = format!("estadisticas:{}", "a".repeat(65));
         assert_eq!(channel_tenant(&long), Err(ChannelError::BadName));
+        let longest = format!("estadisticas:{}", "a".repeat(64));
+        assert_eq!(channel_tenant(&longest), Ok("a".repeat(64).as_str()));
+        for bad in [
+            "estadisticas:../x",
+            "estadisticas:a/b",
+            "estadisticas:ñ",
+            "estadisticas:a\u{0}",
+            "Estadisticas:a",
+            " estadisticas:a",
+            "estadisticas:a ",
+            "estadisticas:a:b",
+        ] {
+            assert_eq!(channel_tenant(bad), Err(ChannelError::BadName), "{bad:?}");
+        }
+    }
+
+    fn identity(tenant: Option<&str>, is_super: bool) -> Identity {
+        Identity {
+            user_id: "u".into(),
+            tenant: tenant.map(str::to_string),
+            role: None,
+            expires_at: u64::MAX,
+            is_super,
+        }
+    }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        const TENANT: &str = "[A-Za-z0-9_.-]{1,64}";
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// Every safe tenant id round-trips through its channel name.
+            #[test]
+            fn valid_tenants_round_trip(tenant in TENANT) {
+                let channel = format!("{STATS_PREFIX}{tenant}");
+                prop_assert_eq!(channel_tenant(&channel), Ok(tenant.as_str()));
+            }
+
+            /// Whatever the input, an accepted channel is the prefix plus a safe tenant.
+            #[test]
+            fn accepted_channels_are_safe(channel in any::<String>()) {
+                if let Ok(tenant) = channel_tenant(&channel) {
+                    prop_assert!(is_valid_tenant(tenant));
+                    prop_assert_eq!(format!("{STATS_PREFIX}{tenant}"), channel.clone());
+                }
+            }
+
+            /// Prefix plus anything with one unsafe character, or too long, is refused.
+            #[test]
+            fn unsafe_tenants_are_refused(
+                head in "[A-Za-z0-9_.-]{0,30}",
+                bad in "[^A-Za-z0-9_.-]",
+                tail in "[A-Za-z0-9_.-]{0,30}",
+            ) {
+                let channel = format!("{STATS_PREFIX}{head}{bad}{tail}");
+                prop_assert_eq!(channel_tenant(&channel), Err(ChannelError::BadName));
+            }
+
+            #[test]
+            fn too_long_tenants_are_refused(tenant in "[A-Za-z0-9]{65,200}") {
+                let channel = format!("{STATS_PREFIX}{tenant}");
+                prop_assert_eq!(channel_tenant(&channel), Err(ChannelError::BadName));
+            }
+
+            /// A non-super identity reads its own tenant's channel and no other.
+            #[test]
+            fn authorization_is_per_tenant(own in TENANT, other in TENANT) {
+                let who = identity(Some(&own), false);
+                let own_channel = format!("{STATS_PREFIX}{own}");
+                prop_assert_eq!(authorize(&who, &own_channel), Ok(own.as_str()));
+                let other_channel = format!("{STATS_PREFIX}{other}");
+                let expected = if other == own { Ok(other.as_str()) } else { Err(ChannelError::Forbidden) };
+                prop_assert_eq!(authorize(&who, &other_channel), expected);
+                let nobody = identity(None, false);
+                prop_assert_eq!(authorize(&nobody, &other_channel), Err(ChannelError::Forbidden));
+                let root = identity(None, true);
+                prop_assert_eq!(authorize(&root, &other_channel), Ok(other.as_str()));
+            }
+
+            /// Even a super role gets nothing from a malformed channel.
+            #[test]
+            fn super_roles_still_need_valid_names(channel in any::<String>()) {
+                let root = identity(None, true);
+                prop_assert_eq!(authorize(&root, &channel), channel_tenant(&channel));
+            }
+
+            /// Arbitrary text is never an identity.
+            #[test]
+            fn garbage_tokens_are_refused(token in any::<String>()) {
+                prop_assert!(auth().verify(&token).is_err());
+            }
+        }
     }
 }

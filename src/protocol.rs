@@ -105,9 +105,10 @@ pub fn parse_client_message(text: &str) -> Result<ClientMessage, BadRequest> {
             let d: AuthData = data_as(env.data, "auth")?;
             Ok(ClientMessage::Auth { token: d.token })
         }
+        // Truncate after escaping: `{:?}` turns one control character into up to ten.
         other => Err(BadRequest(format!(
-            "unknown type {:?} (expected subscribe, unsubscribe, ping or auth)",
-            short(other)
+            "unknown type {} (expected subscribe, unsubscribe, ping or auth)",
+            short(&format!("{other:?}"))
         ))),
     }
 }
@@ -215,6 +216,106 @@ mod tests {
             r#"{"type":"dance"}"#,
         ] {
             assert!(parse_client_message(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn wrong_field_types_and_extra_fields_are_refused() {
+        for bad in [
+            r#"{"type":"auth","data":{"token":7}}"#,
+            r#"{"type":"auth","data":"t"}"#,
+            r#"{"type":"unsubscribe","data":{}}"#,
+            r#"{"type":"subscribe","data":{"channel":"a","since":1.5}}"#,
+            r#"{"type":"subscribe","data":{"channel":"a","extra":true}}"#,
+            r#"{"type":"subscribe","data":[]}"#,
+            r#"{"type":null}"#,
+            r#"{"type":["ping"]}"#,
+            r#"{"data":{}}"#,
+        ] {
+            assert!(parse_client_message(bad).is_err(), "{bad}");
+        }
+        // Deep nesting costs no stack: skipped when ignored, refused by serde_json's
+        // recursion limit where it is parsed.
+        let (open, close) = ("[".repeat(100_000), "]".repeat(100_000));
+        let ignored = format!(r#"{{"type":"ping","x":{open}{close}}}"#);
+        assert_eq!(parse_client_message(&ignored), Ok(ClientMessage::Ping));
+        let parsed = format!(r#"{{"type":"subscribe","data":{open}{close}}}"#);
+        assert!(parse_client_message(&parsed).is_err());
+    }
+
+    #[test]
+    fn echoed_types_stay_short_after_escaping() {
+        // Found by the fuzzer: 160 DEL characters became 1 280 once escaped.
+        let text = format!(r#"{{"type":"{}"}}"#, r"\u007f".repeat(1000));
+        let Err(BadRequest(why)) = parse_client_message(&text) else {
+            panic!("unknown type accepted");
+        };
+        assert!(why.chars().count() <= 400, "{} chars", why.chars().count());
+    }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// Arbitrary text gets a message or a short reason, never a panic.
+            #[test]
+            fn any_text_gets_a_bounded_answer(text in any::<String>()) {
+                if let Err(BadRequest(why)) = parse_client_message(&text) {
+                    prop_assert!(why.chars().count() <= 400);
+                }
+            }
+
+            /// Arbitrary JSON shapes around the known types: never a negative `since`.
+            #[test]
+            fn json_shapes_parse_consistently(
+                kind in prop_oneof![
+                    Just("subscribe".to_string()),
+                    Just("unsubscribe".to_string()),
+                    Just("ping".to_string()),
+                    Just("auth".to_string()),
+                    any::<String>(),
+                ],
+                channel in any::<String>(),
+                since in any::<Option<i64>>(),
+            ) {
+                let mut data = json!({"channel": channel});
+                if let Some(s) = since {
+                    data["since"] = json!(s);
+                }
+                let text = json!({"type": kind, "data": data}).to_string();
+                match parse_client_message(&text) {
+                    Ok(ClientMessage::Subscribe { channel: c, since: s }) => {
+                        prop_assert_eq!(kind.as_str(), "subscribe");
+                        prop_assert_eq!(c, channel);
+                        prop_assert_eq!(s, since);
+                        prop_assert!(s.is_none_or(|s| s >= 0));
+                    }
+                    Ok(ClientMessage::Unsubscribe { .. }) => {
+                        prop_assert_eq!(kind.as_str(), "unsubscribe");
+                        prop_assert!(since.is_none(), "unknown field accepted");
+                    }
+                    Ok(ClientMessage::Ping) => prop_assert_eq!(kind.as_str(), "ping"),
+                    Ok(ClientMessage::Auth { .. }) => prop_assert!(false, "auth without token"),
+                    Err(_) => prop_assert!(
+                        !matches!(kind.as_str(), "subscribe" | "ping")
+                            || since.is_some_and(|s| s < 0)
+                    ),
+                }
+            }
+
+            /// Event messages are valid JSON whatever the type and channel text.
+            #[test]
+            fn event_messages_are_valid_json(kind in any::<String>(), channel in any::<String>(), id in any::<i64>()) {
+                let text = event(&kind, &channel, id, r#"{"a":1}"#);
+                let v: Value = serde_json::from_str(&text).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert_eq!(v["type"].as_str(), Some(kind.as_str()));
+                prop_assert_eq!(v["channel"].as_str(), Some(channel.as_str()));
+                prop_assert_eq!(v["id"].as_i64(), Some(id));
+            }
         }
     }
 

@@ -388,33 +388,30 @@ fn bearer(req: &Request<Incoming>) -> Option<String> {
         .then(|| token.trim().to_string())
 }
 
+/// Decodes `%XX` and `+` in a query value; malformed escapes stay as they are. Walks
+/// the input with iterators only: no index the input can push out of bounds.
 fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
-                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                    Some(b) => {
-                        out.push(b);
-                        i += 3;
+    fn hex(b: u8) -> Option<u8> {
+        char::from(b)
+            .to_digit(16)
+            .and_then(|d| u8::try_from(d).ok())
+    }
+    let mut out = Vec::with_capacity(s.len());
+    let mut bytes = s.bytes();
+    while let Some(b) = bytes.next() {
+        match b {
+            b'%' => {
+                let mut ahead = bytes.clone();
+                match (ahead.next().and_then(hex), ahead.next().and_then(hex)) {
+                    (Some(hi), Some(lo)) => {
+                        out.push(hi << 4 | lo);
+                        bytes = ahead;
                     }
-                    None => {
-                        out.push(b'%');
-                        i += 1;
-                    }
+                    _ => out.push(b'%'),
                 }
             }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
         }
     }
     String::from_utf8_lossy(&out).into_owned()
@@ -497,7 +494,17 @@ fn upgrade(
         }
     };
     let mut response = response;
-    if via_subprotocol {
+    // Answer the subprotocol whenever the client offered it (a browser that sends
+    // `citapulse` with a `?token=` fails the handshake without the echo), never the
+    // token that may follow it in the list.
+    let offers_citapulse = req
+        .headers()
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim() == "citapulse");
+    if via_subprotocol || offers_citapulse {
         response.headers_mut().insert(
             header::SEC_WEBSOCKET_PROTOCOL,
             HeaderValue::from_static("citapulse"),
@@ -563,7 +570,8 @@ async fn notify_cita(req: Request<Incoming>, shared: &Shared) -> Response<Body> 
         &shared.config.auth.notify_secret,
         req.headers().get("x-citapulse-secret"),
     ) {
-        (Some(secret), Some(given)) => {
+        // An empty configured secret disables the header rather than matching "".
+        (Some(secret), Some(given)) if !secret.expose().is_empty() => {
             constant_time_eq(secret.expose().as_bytes(), given.as_bytes())
         }
         _ => false,
@@ -609,7 +617,7 @@ async fn notify_cita(req: Request<Incoming>, shared: &Shared) -> Response<Body> 
             "negocio_id has an invalid format",
         );
     }
-    shared.stats.mark_dirty(&[Arc::from(tenant.as_str())]);
+    shared.stats.mark_forced(&[Arc::from(tenant.as_str())]);
     json_response(
         StatusCode::ACCEPTED,
         json!({"status": "accepted", "negocio_id": tenant}),

@@ -31,38 +31,45 @@ pub const CLOSE_TOKEN_EXPIRED: u16 = 4001;
 const MAX_REPLAY: i64 = 10_000;
 /// A write that makes no progress for this long means the peer stopped reading.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a closed socket waits for the peer to close its side (see [`linger`]).
+const LINGER: Duration = Duration::from_secs(2);
 
-/// Token bucket for client messages.
+/// Token bucket for client messages, plus a slowly draining count of refusals.
+///
+/// A burst beyond `per_sec` gets `rate_limited` errors; refusals drain at a tenth of
+/// `per_sec` per second, so a client that keeps sending faster than allowed (more than
+/// `per_sec` refusals in about ten seconds, at any pace) is closed with 1008. A plain
+/// "consecutive refusals" counter would miss a client that floods just fast enough to
+/// win one token back now and then.
 struct RateLimit {
     per_sec: f64,
     tokens: f64,
+    refused: f64,
     last: Instant,
-    strikes: u32,
 }
 
 impl RateLimit {
-    fn new(per_sec: u32) -> Self {
+    fn new(per_sec: u32, now: Instant) -> Self {
         Self {
             per_sec: f64::from(per_sec),
             tokens: f64::from(per_sec),
-            last: Instant::now(),
-            strikes: 0,
+            refused: 0.0,
+            last: now,
         }
     }
 
     /// `Ok` to proceed, `Err(true)` when abuse is sustained enough to close.
-    fn take(&mut self) -> Result<(), bool> {
-        let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.per_sec)
-            .min(self.per_sec);
+    fn take(&mut self, now: Instant) -> Result<(), bool> {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now;
+        self.tokens = (self.tokens + elapsed * self.per_sec).min(self.per_sec);
+        self.refused = (self.refused - elapsed * self.per_sec / 10.0).max(0.0);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
-            self.strikes = 0;
             Ok(())
         } else {
-            self.strikes += 1;
-            Err(f64::from(self.strikes) > self.per_sec)
+            self.refused += 1.0;
+            Err(self.refused > self.per_sec)
         }
     }
 }
@@ -71,8 +78,8 @@ impl RateLimit {
 enum Exit {
     /// The peer is gone; stop the writer.
     Closed(&'static str),
-    /// The writer already finished, for this reason.
-    WriterDone(&'static str),
+    /// The writer already finished, for this reason, and handed back the sink.
+    WriterDone(&'static str, Sink),
     /// A close was requested; the writer sends it.
     AwaitWriter,
 }
@@ -97,7 +104,7 @@ pub async fn serve(
     let opened = Instant::now();
     let id = shared.hub.next_client_id();
     let (client, queue) = ClientHandle::new(id, shared.config.limits.queue_len);
-    let (sink, stream) = ws.split();
+    let (sink, mut stream) = ws.split();
     let ping_every = Duration::from_secs(shared.config.limits.ping_interval_secs);
     let mut writer = tokio::spawn(write_loop(
         sink,
@@ -113,7 +120,7 @@ pub async fn serve(
         .connection_opened(identity.tenant.as_deref(), identity.role.as_deref());
     tracing::info!(client = id, peer = %peer, user = %identity.user_id, tenant = identity.tenant.as_deref().unwrap_or("-"), "connection opened");
 
-    let rate = RateLimit::new(shared.config.limits.messages_per_sec);
+    let rate = RateLimit::new(shared.config.limits.messages_per_sec, Instant::now());
     let mut conn = Connection {
         shared: shared.clone(),
         client: client.clone(),
@@ -127,7 +134,7 @@ pub async fn serve(
         conn.identity.role.as_deref(),
     ))
     .await;
-    let exit = conn.receive_loop(stream, &mut writer, shutdown).await;
+    let exit = conn.receive_loop(&mut stream, &mut writer, shutdown).await;
 
     for tenant in conn.subscriptions.drain() {
         shared.hub.unsubscribe(&tenant, id);
@@ -137,10 +144,16 @@ pub async fn serve(
             writer.abort();
             reason
         }
-        Exit::WriterDone(reason) => reason,
+        Exit::WriterDone(reason, sink) => {
+            linger(stream, sink).await;
+            reason
+        }
         // Let the writer send its close frame, but never wait on a peer that stopped reading.
         Exit::AwaitWriter => match tokio::time::timeout(WRITE_TIMEOUT, &mut writer).await {
-            Ok(Ok(r)) => r,
+            Ok(Ok((reason, sink))) => {
+                linger(stream, sink).await;
+                reason
+            }
             _ => {
                 writer.abort();
                 "write_timeout"
@@ -157,11 +170,43 @@ pub async fn serve(
 }
 
 type Sink = SplitSink<HyperWebsocketStream, Message>;
+type Stream = SplitStream<HyperWebsocketStream>;
+
+/// Closes the TCP connection gracefully after our close frame: half-closes, then reads
+/// and discards what the peer still sends until it closes too, for at most [`LINGER`].
+/// Dropping a socket with unread input makes the kernel answer with RST, and an RST
+/// destroys whatever the peer had not read yet: the close frame and the errors before
+/// it. Raw reads, not WebSocket ones: after a refused oversize frame the WebSocket
+/// decoder would try to buffer the rest of that frame.
+async fn linger(stream: Stream, sink: Sink) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut ws) = stream.reunite(sink) else {
+        return;
+    };
+    let io = ws.get_mut();
+    let _ = tokio::time::timeout(LINGER, async {
+        let _ = io.shutdown().await;
+        let mut buf = [0u8; 4096];
+        while let Ok(1..) = io.read(&mut buf).await {}
+    })
+    .await;
+}
 
 /// Drains the client's queue and statistics slots to the socket; sends pings; performs
-/// requested closes. Returns why it stopped.
+/// requested closes. Returns why it stopped, and the sink for [`linger`].
 async fn write_loop(
     mut sink: Sink,
+    queue: mpsc::Receiver<Utf8Bytes>,
+    client: Arc<ClientHandle>,
+    shutdown: watch::Receiver<bool>,
+    ping_every: Duration,
+) -> (&'static str, Sink) {
+    let reason = write_until_done(&mut sink, queue, client, shutdown, ping_every).await;
+    (reason, sink)
+}
+
+async fn write_until_done(
+    sink: &mut Sink,
     mut queue: mpsc::Receiver<Utf8Bytes>,
     client: Arc<ClientHandle>,
     mut shutdown: watch::Receiver<bool>,
@@ -172,24 +217,22 @@ async fn write_loop(
         let step = tokio::select! {
             biased;
             _ = shutdown.changed() => {
-                close(&mut sink, 1001, "server shutting down; reconnect and resume with since").await;
+                close(sink, 1001, "server shutting down; reconnect and resume with since").await;
                 return "server_shutdown";
             }
             msg = queue.recv() => match msg {
-                Some(first) => write_batch(&mut sink, &mut queue, first).await,
+                // After a slow-consumer overflow nothing else is written: events queued
+                // behind the dropped one would leave a gap that a resume from the last
+                // id seen could never fill. Other closes first flush what is queued.
+                Some(_) if overflowed(&client) => {
+                    return close_as_requested(sink, &client).await;
+                }
+                Some(first) => write_batch(sink, &mut queue, &client, first).await,
                 None => return "queue_closed",
             },
             _ = client.woken() => {
-                if let Some((code, reason)) = client.pending_close() {
-                    close(&mut sink, code, reason).await;
-                    return match code {
-                        crate::hub::CLOSE_SLOW_CONSUMER => "slow_consumer",
-                        CLOSE_TOKEN_EXPIRED => "token_expired",
-                        1008 => "policy_violation",
-                        1009 => "message_too_big",
-                        1000 => "client_closed",
-                        _ => "server_close",
-                    };
+                if client.pending_close().is_some() {
+                    return close_as_requested(sink, &client).await;
                 }
                 let mut ok = true;
                 for stats in client.take_stats() {
@@ -205,16 +248,46 @@ async fn write_loop(
     }
 }
 
+/// Whether the hub dropped an event for this client (its close is then pending).
+fn overflowed(client: &ClientHandle) -> bool {
+    client
+        .pending_close()
+        .is_some_and(|(code, _)| code == crate::hub::CLOSE_SLOW_CONSUMER)
+}
+
+/// Performs the pending close; returns the reason for the logs and metrics.
+async fn close_as_requested(sink: &mut Sink, client: &ClientHandle) -> &'static str {
+    let Some((code, reason)) = client.pending_close() else {
+        return "server_close";
+    };
+    close(sink, code, reason).await;
+    match code {
+        crate::hub::CLOSE_SLOW_CONSUMER => "slow_consumer",
+        CLOSE_TOKEN_EXPIRED => "token_expired",
+        1002 => "protocol_error",
+        1007 => "invalid_utf8",
+        1008 => "policy_violation",
+        1009 => "message_too_big",
+        1000 => "client_closed",
+        _ => "server_close",
+    }
+}
+
 async fn write_batch(
     sink: &mut Sink,
     queue: &mut mpsc::Receiver<Utf8Bytes>,
+    client: &ClientHandle,
     first: Utf8Bytes,
 ) -> bool {
     if !timed(sink.feed(Message::Text(first))).await {
         return false;
     }
-    // Coalesce what is already queued into one flush (one syscall under load).
+    // Coalesce what is already queued into one flush (one syscall under load), but stop
+    // at an overflow: nothing queued after it may reach the client.
     for _ in 0..64 {
+        if overflowed(client) {
+            break;
+        }
         match queue.try_recv() {
             Ok(msg) => {
                 if !timed(sink.feed(Message::Text(msg))).await {
@@ -254,8 +327,8 @@ impl Connection {
 
     async fn receive_loop(
         &mut self,
-        mut stream: SplitStream<HyperWebsocketStream>,
-        writer: &mut tokio::task::JoinHandle<&'static str>,
+        stream: &mut Stream,
+        writer: &mut tokio::task::JoinHandle<(&'static str, Sink)>,
         mut shutdown: watch::Receiver<bool>,
     ) -> Exit {
         let idle_timeout = Duration::from_secs(self.shared.config.limits.idle_timeout_secs);
@@ -272,7 +345,11 @@ impl Connection {
                             self.client.request_close(1009, "message too big");
                             return Exit::AwaitWriter;
                         }
-                        Some(Err(WsError::Protocol(_))) | Some(Err(WsError::Utf8(_))) => {
+                        Some(Err(WsError::Utf8(_))) => {
+                            self.client.request_close(1007, "text frames must be UTF-8");
+                            return Exit::AwaitWriter;
+                        }
+                        Some(Err(WsError::Protocol(_))) => {
                             self.client.request_close(1002, "protocol error");
                             return Exit::AwaitWriter;
                         }
@@ -282,7 +359,7 @@ impl Connection {
                             return Exit::AwaitWriter;
                         }
                         Some(Ok(Message::Text(text))) => {
-                            if let Err(close) = self.rate.take() {
+                            if let Err(close) = self.rate.take(Instant::now()) {
                                 if close {
                                     Metrics::count(&self.shared.metrics.client_errors, "rate_limited_close");
                                     self.client.request_close(1008, "rate limit exceeded");
@@ -294,13 +371,24 @@ impl Connection {
                             self.handle(&text).await;
                         }
                         Some(Ok(Message::Binary(_))) => {
-                            if self.rate.take() == Err(true) {
+                            match self.rate.take(Instant::now()) {
+                                Ok(()) => self.reply_error("bad_request", "binary frames are not supported; send JSON text").await,
+                                Err(false) => self.reply_error("rate_limited", "too many messages; slow down").await,
+                                Err(true) => {
+                                    Metrics::count(&self.shared.metrics.client_errors, "rate_limited_close");
+                                    self.client.request_close(1008, "rate limit exceeded");
+                                    return Exit::AwaitWriter;
+                                }
+                            }
+                        }
+                        // Control frames cost no reply, but a ping flood is a flood too.
+                        Some(Ok(_)) => {
+                            if self.rate.take(Instant::now()) == Err(true) {
+                                Metrics::count(&self.shared.metrics.client_errors, "rate_limited_close");
                                 self.client.request_close(1008, "rate limit exceeded");
                                 return Exit::AwaitWriter;
                             }
-                            self.reply_error("bad_request", "binary frames are not supported; send JSON text").await;
                         }
-                        Some(Ok(_)) => {}
                     }
                 }
                 _ = tokio::time::sleep_until(expires) => {
@@ -312,7 +400,10 @@ impl Connection {
                         return Exit::Closed("idle_timeout");
                     }
                 }
-                done = &mut *writer => return Exit::WriterDone(done.unwrap_or("writer_failed")),
+                done = &mut *writer => return match done {
+                    Ok((reason, sink)) => Exit::WriterDone(reason, sink),
+                    Err(_) => Exit::Closed("writer_failed"),
+                },
                 _ = shutdown.changed() => return Exit::AwaitWriter,
             }
         }
@@ -429,7 +520,35 @@ impl Connection {
                 if new.user_id == self.identity.user_id && new.tenant == self.identity.tenant =>
             {
                 let expires_at = new.expires_at;
+                if new.role != self.identity.role {
+                    // Keep `/stats` right: the connection is counted under its role.
+                    let hub = &self.shared.hub;
+                    hub.connection_closed(
+                        self.identity.tenant.as_deref(),
+                        self.identity.role.as_deref(),
+                    );
+                    hub.connection_opened(new.tenant.as_deref(), new.role.as_deref());
+                }
+                // A refreshed token may carry fewer rights (a super role revoked): drop
+                // the subscriptions it no longer grants.
+                let revoked: Vec<String> = self
+                    .subscriptions
+                    .iter()
+                    .filter(|t| !(new.is_super || new.tenant.as_deref() == Some(t.as_str())))
+                    .cloned()
+                    .collect();
                 self.identity = new;
+                for tenant in revoked {
+                    self.subscriptions.remove(&tenant);
+                    self.shared.hub.unsubscribe(&tenant, self.client.id);
+                    Metrics::count(&self.shared.metrics.client_errors, "forbidden");
+                    self.send(protocol::channel_error(
+                        "forbidden",
+                        "the refreshed token does not grant this channel; unsubscribed",
+                        &format!("{}{tenant}", auth::STATS_PREFIX),
+                    ))
+                    .await;
+                }
                 self.send(protocol::reauthenticated(expires_at)).await;
             }
             Ok(_) => {
@@ -448,4 +567,59 @@ fn expiry_instant(expires_at: u64) -> tokio::time::Instant {
     let now = auth::unix_now();
     let left = expires_at.saturating_sub(now).min(10 * 365 * 86_400);
     tokio::time::Instant::now() + Duration::from_secs(left)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(start: Instant, ms: u64) -> Instant {
+        start + Duration::from_millis(ms)
+    }
+
+    #[test]
+    fn a_burst_is_refused_without_closing() {
+        let t0 = Instant::now();
+        let mut rate = RateLimit::new(10, t0);
+        for _ in 0..10 {
+            assert_eq!(rate.take(t0), Ok(()));
+        }
+        for _ in 0..10 {
+            assert_eq!(rate.take(t0), Err(false));
+        }
+        // A pause refills the bucket.
+        assert_eq!(rate.take(at(t0, 1000)), Ok(()));
+    }
+
+    #[test]
+    fn a_flood_closes() {
+        let t0 = Instant::now();
+        let mut rate = RateLimit::new(10, t0);
+        let closed = (0..100).any(|_| rate.take(t0) == Err(true));
+        assert!(closed);
+    }
+
+    #[test]
+    fn a_paced_flood_that_wins_tokens_back_still_closes() {
+        // Four times the allowed rate, evenly spaced: every fourth message gets a token.
+        let t0 = Instant::now();
+        let mut rate = RateLimit::new(10, t0);
+        let closed = (0..400u64).any(|i| rate.take(at(t0, i * 25)) == Err(true));
+        assert!(closed, "sustained abuse at 4x the rate must close");
+    }
+
+    #[test]
+    fn a_client_at_the_allowed_rate_is_never_closed() {
+        let t0 = Instant::now();
+        let mut rate = RateLimit::new(10, t0);
+        for i in 0..10_000u64 {
+            assert_eq!(rate.take(at(t0, i * 100)), Ok(()));
+        }
+        // Bursts of twice the bucket every ten seconds: refused, never closed.
+        for burst in 0..20u64 {
+            for _ in 0..20 {
+                assert_ne!(rate.take(at(t0, 1_000_000 + burst * 10_000)), Err(true));
+            }
+        }
+    }
 }

@@ -214,6 +214,7 @@ impl Daemon {
 
     /// Starts with a complete config.
     pub async fn start_with(c: Config) -> Self {
+        init_logs();
         let listener = tokio::net::TcpListener::bind(c.listen).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -260,6 +261,19 @@ impl Drop for Daemon {
             let _ = tx.send(());
         }
     }
+}
+
+/// Daemon logs in the test output (shown for failing tests); `RUST_LOG` filters.
+fn init_logs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    });
 }
 
 /// Sums every sample of `name` (ignoring labels) in Prometheus text.
@@ -588,4 +602,19 @@ impl Drop for ProcDaemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Mints a token with the test secret and a chosen lifetime (token-expiry tests).
+pub fn token_with_ttl(
+    sub: &str,
+    tenant: Option<&str>,
+    role: Option<&str>,
+    ttl_secs: u64,
+) -> String {
+    let mut c = citapulse::config::AuthConfig::default();
+    c.jwt_secret = Some(Secret::new(SECRET));
+    Authenticator::new(&c)
+        .unwrap()
+        .mint(sub, tenant, role, ttl_secs)
+        .unwrap()
 }
