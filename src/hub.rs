@@ -56,6 +56,7 @@ pub struct ClientHandle {
     queue: mpsc::Sender<Utf8Bytes>,
     stats: Mutex<Vec<(Arc<str>, Utf8Bytes)>>,
     close: Mutex<Option<(u16, &'static str)>>,
+    closing: std::sync::atomic::AtomicBool,
     wake: Notify,
 }
 
@@ -68,6 +69,7 @@ impl ClientHandle {
             queue: tx,
             stats: Mutex::new(Vec::new()),
             close: Mutex::new(None),
+            closing: std::sync::atomic::AtomicBool::new(false),
             wake: Notify::new(),
         });
         (handle, rx)
@@ -80,6 +82,10 @@ impl ClientHandle {
 
     /// Queues a message without waiting; on overflow asks the writer to close the socket.
     pub fn offer(&self, msg: Utf8Bytes, metrics: &Metrics) -> bool {
+        // After an overflow nothing more is queued: the client resumes from its last id.
+        if self.closing.load(Ordering::Relaxed) {
+            return false;
+        }
         match self.queue.try_send(msg) {
             Ok(()) => {
                 metrics.messages_sent.inc();
@@ -105,6 +111,7 @@ impl ClientHandle {
             return false;
         }
         *close = Some((code, reason));
+        self.closing.store(true, Ordering::Relaxed);
         drop(close);
         self.wake.notify_one();
         true

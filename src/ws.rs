@@ -332,13 +332,14 @@ impl Connection {
         mut shutdown: watch::Receiver<bool>,
     ) -> Exit {
         let idle_timeout = Duration::from_secs(self.shared.config.limits.idle_timeout_secs);
-        let mut last_heard = Instant::now();
-        let mut idle_check = tokio::time::interval(Duration::from_secs(1).min(idle_timeout / 4));
+        // One timer per socket, re-armed by each frame: no periodic wake-ups, which
+        // matter with tens of thousands of idle sockets.
+        let mut last_heard = tokio::time::Instant::now();
         loop {
             let expires = expiry_instant(self.identity.expires_at);
             tokio::select! {
                 frame = stream.next() => {
-                    last_heard = Instant::now();
+                    last_heard = tokio::time::Instant::now();
                     match frame {
                         None => return Exit::Closed("peer_gone"),
                         Some(Err(WsError::Capacity(_))) => {
@@ -395,10 +396,8 @@ impl Connection {
                     self.client.request_close(CLOSE_TOKEN_EXPIRED, "token expired");
                     return Exit::AwaitWriter;
                 }
-                _ = idle_check.tick() => {
-                    if last_heard.elapsed() > idle_timeout {
-                        return Exit::Closed("idle_timeout");
-                    }
+                _ = tokio::time::sleep_until(last_heard + idle_timeout) => {
+                    return Exit::Closed("idle_timeout");
                 }
                 done = &mut *writer => return match done {
                     Ok((reason, sink)) => Exit::WriterDone(reason, sink),
