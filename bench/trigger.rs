@@ -1,0 +1,358 @@
+//! Scenario 5 (and issue 9's measurements): what citapulse costs the legacy app's
+//! writes, with `pgbench` custom scripts (`bench/pgbench/`), 1 and 16 clients, against
+//! no trigger, a plain row trigger calling `pg_notify` (what a LISTEN/NOTIFY forwarder
+//! needs) and citapulse's triggers in each wake-up mode with the daemon running.
+//!
+//! Every run starts from the same state: tables truncated, a CHECKPOINT, the wakeup
+//! row reset to notifying. The cluster runs with fsync=on and synchronous_commit=on.
+
+use std::collections::BTreeMap;
+use std::future::poll_fn;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::json;
+use tokio_postgres::NoTls;
+
+use crate::Bench;
+use crate::error::{Context, Result, failed};
+use crate::report::{Section, Table, median, num, ratio, round};
+
+/// The scripts, embedded so the harness runs from anywhere; written next to the results.
+const SCRIPTS: &[(&str, &str)] = &[
+    ("insert_1", include_str!("pgbench/insert_1.sql")),
+    ("insert_100", include_str!("pgbench/insert_100.sql")),
+    ("update_1", include_str!("pgbench/update_1.sql")),
+];
+/// Rows seeded for the UPDATE script.
+const UPDATE_ROWS: i64 = 20_000;
+
+/// What is attached to `citas` during a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Config {
+    /// No trigger at all.
+    None,
+    /// A plain row trigger calling `pg_notify` with the row (the Node baseline's feed).
+    RowNotify,
+    /// citapulse's triggers, daemon in `wakeup.mode = notify`.
+    Notify,
+    /// citapulse's triggers, daemon in `wakeup.mode = poll`.
+    Poll,
+    /// citapulse's triggers, daemon in the default `wakeup.mode = adaptive`.
+    Adaptive,
+}
+
+impl Config {
+    fn name(self) -> &'static str {
+        match self {
+            Config::None => "no trigger",
+            Config::RowNotify => "row trigger + pg_notify",
+            Config::Notify => "citapulse notify",
+            Config::Poll => "citapulse poll",
+            Config::Adaptive => "citapulse adaptive (default)",
+        }
+    }
+
+    fn key(self) -> &'static str {
+        match self {
+            Config::None => "none",
+            Config::RowNotify => "row_notify",
+            Config::Notify => "notify",
+            Config::Poll => "poll",
+            Config::Adaptive => "adaptive",
+        }
+    }
+
+    fn mode(self) -> Option<&'static str> {
+        match self {
+            Config::Notify => Some("notify"),
+            Config::Poll => Some("poll"),
+            Config::Adaptive => Some("adaptive"),
+            Config::None | Config::RowNotify => None,
+        }
+    }
+}
+
+/// One configuration's pgbench results over the rounds.
+#[derive(Debug, Clone, Default)]
+struct Runs {
+    /// tps over each whole run.
+    tps: Vec<f64>,
+    /// Per-second tps after the first 1.5 s of every run (adaptive has switched by then).
+    per_second: Vec<f64>,
+    /// Wake-up mode the triggers were in at the end of each run (citapulse configs).
+    mode_at_end: Vec<String>,
+}
+
+impl Runs {
+    /// The median per-second tps in steady state.
+    fn steady(&self) -> f64 {
+        median(self.per_second.iter().copied())
+    }
+}
+
+/// Whether `pgbench` is on PATH.
+pub fn available() -> bool {
+    std::process::Command::new("pgbench")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn write_scripts(dir: &Path) -> Result<PathBuf> {
+    let dir = dir.join("pgbench");
+    std::fs::create_dir_all(&dir).ctx(format!("creating {}", dir.display()))?;
+    for (name, text) in SCRIPTS {
+        let path = dir.join(format!("{name}.sql"));
+        std::fs::write(&path, text).ctx(format!("writing {}", path.display()))?;
+    }
+    Ok(dir)
+}
+
+/// Brings `citas` and the log to the same state before every run.
+async fn prepare(
+    b: &Bench,
+    admin: &tokio_postgres::Client,
+    config: Config,
+    script: &str,
+) -> Result<()> {
+    admin
+        .batch_execute(
+            "SET session_replication_role = replica; \
+             TRUNCATE citas, citapulse.events RESTART IDENTITY; \
+             SET session_replication_role = origin; \
+             DROP TRIGGER IF EXISTS bench_notify ON citas",
+        )
+        .await
+        .ctx("truncating before a pgbench run")?;
+    if script == "update_1" {
+        admin
+            .execute(
+                "INSERT INTO citas (negocio_id, cliente_id, profesional_id, fecha, hora_inicio, hora_fin, estado) \
+                 SELECT 'pgb_' || (g % 1000), 'c', 'p1', current_date, '09:00', '09:30', 'pendiente' \
+                   FROM generate_series(1, $1::bigint) g",
+                &[&UPDATE_ROWS],
+            )
+            .await
+            .ctx("seeding rows for the update script")?;
+    }
+    let attach = match config {
+        Config::None => "SELECT citapulse.unwatch('public.citas'::regclass)",
+        Config::RowNotify => {
+            "SELECT citapulse.unwatch('public.citas'::regclass); \
+             CREATE TRIGGER bench_notify AFTER INSERT OR UPDATE ON citas \
+               FOR EACH ROW EXECUTE FUNCTION bench_notify_row('bench_pgbench')"
+        }
+        _ => {
+            "SELECT citapulse.watch('public.citas'::regclass, tenant_column => 'negocio_id', kind => 'appointment')"
+        }
+    };
+    admin
+        .batch_execute(attach)
+        .await
+        .ctx(format!("attaching triggers for {}", config.key()))?;
+    // One statement per call: VACUUM refuses the implicit transaction of a batch.
+    for sql in ["VACUUM ANALYZE citas", "CHECKPOINT"] {
+        admin.batch_execute(sql).await.ctx(sql)?;
+    }
+    b.db.reset_wakeup(admin).await
+}
+
+/// Runs pgbench; returns the run's tps and the per-second tps after 1.5 s.
+async fn pgbench(b: &Bench, script: &Path, clients: usize, secs: u64) -> Result<(f64, Vec<f64>)> {
+    let mut cmd = tokio::process::Command::new("pgbench");
+    cmd.args([
+        "-n",
+        "-h",
+        "127.0.0.1",
+        "-U",
+        "postgres",
+        "-M",
+        "prepared",
+        "-P",
+        "1",
+    ])
+    .arg("-p")
+    .arg(b.db.port().to_string())
+    .arg("-c")
+    .arg(clients.to_string())
+    .arg("-j")
+    .arg(clients.min(2).to_string())
+    .arg("-T")
+    .arg(secs.to_string())
+    .arg("-D")
+    .arg(format!("rows={UPDATE_ROWS}"))
+    .arg("-f")
+    .arg(script)
+    .arg("bench")
+    .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(secs + 60), cmd.output())
+        .await
+        .map_err(|_| failed("pgbench did not finish in time"))?
+        .ctx("running pgbench")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        return Err(failed(format!("pgbench failed ({}): {stderr}", out.status)));
+    }
+    let tps = stdout
+        .lines()
+        .find(|l| l.starts_with("tps = "))
+        .and_then(|l| l.split_whitespace().nth(2)?.parse::<f64>().ok())
+        .ok_or_else(|| failed(format!("no tps in pgbench output: {stdout}")))?;
+    // "progress: 3.0 s, 1234.5 tps, lat 0.810 ms stddev 0.123, 0 failed"
+    let per_second: Vec<f64> = stderr
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("progress: ")?;
+            let mut parts = rest.split(", ");
+            let at: f64 = parts.next()?.trim_end_matches(" s").parse().ok()?;
+            let tps: f64 = parts.next()?.trim_end_matches(" tps").parse().ok()?;
+            (at > 1.5).then_some(tps)
+        })
+        .collect();
+    Ok((tps, per_second))
+}
+
+/// Drains notifications of the row-trigger channel, as the baseline's server would.
+async fn drain_listener(
+    url: &str,
+) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>)> {
+    let (client, mut connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .ctx("connecting the pgbench listener")?;
+    let task = tokio::spawn(async move {
+        while let Some(Ok(_)) = poll_fn(|cx| connection.poll_message(cx)).await {}
+    });
+    client
+        .batch_execute("LISTEN bench_pgbench")
+        .await
+        .ctx("LISTEN bench_pgbench")?;
+    Ok((client, task))
+}
+
+/// Scenario 5.
+pub async fn scenario(b: &Bench) -> Result<Section> {
+    let mut section = Section::new("trigger_cost");
+    if !available() {
+        section
+            .notes
+            .push("pgbench is not installed: scenario skipped".into());
+        return Ok(section);
+    }
+    let dir = write_scripts(&b.out_dir)?;
+    let (scripts, clients, configs, secs): (&[&str], &[usize], &[Config], u64) = if b.quick {
+        (&["insert_1"], &[1], &[Config::None, Config::Notify], 2)
+    } else {
+        (
+            &["insert_1", "insert_100", "update_1"],
+            &[1, 16],
+            &[
+                Config::None,
+                Config::RowNotify,
+                Config::Notify,
+                Config::Poll,
+                Config::Adaptive,
+            ],
+            4,
+        )
+    };
+    // fsync-bound tps on a shared virtual disk swings from second to second: interleave
+    // the configurations and pool the per-second samples of the rounds.
+    let rounds = if b.quick { 1 } else { b.rounds.min(2) };
+    let admin = b.db.connect().await?;
+    let (listener, listen_task) = drain_listener(&b.db.url).await?;
+    let mut results: BTreeMap<(&str, usize, Config), Runs> = BTreeMap::new();
+    for &script in scripts {
+        let path = dir.join(format!("{script}.sql"));
+        for &c in clients {
+            for round in 0..rounds {
+                for &config in configs {
+                    prepare(b, &admin, config, script).await?;
+                    let daemon = match config.mode() {
+                        Some(mode) => Some(b.daemon(mode, &[]).await?),
+                        None => None,
+                    };
+                    let measured = pgbench(b, &path, c, secs).await;
+                    let mut mode_at_end = String::new();
+                    if let Some(daemon) = daemon {
+                        mode_at_end = daemon.wakeup_mode().await;
+                        daemon.stop().await;
+                    }
+                    let (tps, per_second) = measured?;
+                    eprintln!(
+                        "  pgbench {script} -c {c} round {round} {}: {} tps (steady {})",
+                        config.key(),
+                        num(tps),
+                        num(median(per_second.iter().copied()))
+                    );
+                    let entry = results.entry((script, c, config)).or_default();
+                    entry.tps.push(tps);
+                    entry.per_second.extend(per_second);
+                    entry.mode_at_end.push(mode_at_end);
+                }
+            }
+        }
+    }
+    drop(listener);
+    listen_task.abort();
+    // Leave citas watched for the scenarios that follow.
+    admin
+        .batch_execute(
+            "DROP TRIGGER IF EXISTS bench_notify ON citas; \
+             SELECT citapulse.watch('public.citas'::regclass, tenant_column => 'negocio_id', kind => 'appointment')",
+        )
+        .await
+        .ctx("re-watching citas")?;
+
+    let mut header = vec!["script", "clients"];
+    header.extend(configs.iter().map(|c| c.name()));
+    let mut table = Table::new(
+        format!(
+            "pgbench tps (median of the per-second tps after 1.5 s, {rounds} interleaved rounds × {secs} s; ratio vs no trigger), fsync=on, synchronous_commit=on"
+        ),
+        &header,
+    );
+    let mut json_runs = Vec::new();
+    for &script in scripts {
+        for &c in clients {
+            let none = results
+                .get(&(script, c, Config::None))
+                .map_or(f64::NAN, Runs::steady);
+            let mut row = vec![script.to_string(), c.to_string()];
+            for &config in configs {
+                let Some(r) = results.get(&(script, c, config)) else {
+                    row.push("–".into());
+                    continue;
+                };
+                let steady = r.steady();
+                let tag = if config == Config::Adaptive {
+                    format!(", ends {}", r.mode_at_end.join("/"))
+                } else {
+                    String::new()
+                };
+                row.push(if config == Config::None {
+                    num(steady)
+                } else {
+                    format!("{} ({}{tag})", num(steady), ratio(steady, none))
+                });
+                json_runs.push(json!({
+                    "script": script, "clients": c, "config": config.key(),
+                    "tps_per_run": r.tps.iter().map(|t| round(*t, 1)).collect::<Vec<_>>(),
+                    "steady_tps": round(steady, 1),
+                    "ratio_vs_none": round(steady / none, 4),
+                    "mode_at_end": r.mode_at_end,
+                }));
+            }
+            table.row(row);
+        }
+    }
+    section.tables.push(table);
+    section.notes.push(
+        "Each run: TRUNCATE citas and citapulse.events, VACUUM ANALYZE, CHECKPOINT, wakeup row reset to notify, \
+         daemon (if any) started fresh; pgbench -n -M prepared -j min(clients,2) -P 1."
+            .into(),
+    );
+    section.json = json!({ "seconds_per_run": secs, "rounds": rounds, "runs": json_runs });
+    Ok(section)
+}

@@ -1,0 +1,86 @@
+//! A quick smoke run of `citapulse-bench --quick`, so the harness cannot rot.
+//!
+//! It checks that every scenario ran, wrote its results and delivered what it
+//! committed; it never asserts how fast anything was.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The smoke run is a few seconds of work; this only guards against a hang.
+const LIMIT: Duration = Duration::from_secs(150);
+
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+#[test]
+fn quick_mode_runs_every_scenario() {
+    let dir = std::env::temp_dir().join(format!("citapulse-bench-smoke-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("results.json");
+    let log = dir.join("bench.log");
+    let log_file = std::fs::File::create(&log).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_citapulse-bench"))
+        .arg("--quick")
+        .arg("--out")
+        .arg(&out)
+        .arg("--daemon-bin")
+        .arg(env!("CARGO_BIN_EXE_citapulse"))
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone().unwrap())
+        .stderr(log_file)
+        .spawn()
+        .expect("start citapulse-bench");
+    let deadline = Instant::now() + LIMIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "citapulse-bench --quick did not finish in {LIMIT:?}:\n{}",
+                tail(&log)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        status.success(),
+        "citapulse-bench failed ({status}):\n{}",
+        tail(&log)
+    );
+
+    let results: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let scenarios = &results["scenarios"];
+    for name in ["latency", "wakeup_modes", "fanout", "trigger_cost", "stats"] {
+        assert!(scenarios.get(name).is_some(), "no {name} in {results}");
+    }
+    // Latency: citapulse and the floor delivered every committed row.
+    let runs = scenarios["latency"]["runs"].as_array().unwrap();
+    for contestant in ["citapulse", "floor"] {
+        let run = runs
+            .iter()
+            .find(|r| r["contestant"] == contestant)
+            .unwrap_or_else(|| panic!("no {contestant} run in {runs:?}"));
+        let m = &run["median"];
+        assert!(m["commits"].as_u64().unwrap() > 0, "{run}");
+        assert_eq!(m["deliveries_received"], m["deliveries_expected"], "{run}");
+    }
+    // Fan-out: every probe reached every subscriber.
+    let fanout = &scenarios["fanout"]["servers"]["citapulse"];
+    let probes = fanout["probes_hot_only"].as_array().unwrap();
+    assert!(!probes.is_empty(), "{fanout}");
+    for p in probes {
+        assert_eq!(p["event_missing"], 0, "{fanout}");
+        assert_eq!(p["stats_missing"], 0, "{fanout}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
