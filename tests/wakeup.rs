@@ -141,10 +141,7 @@ async fn adaptive_switches_to_polling_under_load_and_back_when_calm() {
             .unwrap();
         (r.get(0), r.get(1))
     };
-    assert!(
-        reason.contains("wakeup.notify_below_per_sec"),
-        "{reason}"
-    );
+    assert!(reason.contains("wakeup.notify_below_per_sec"), "{reason}");
     assert!(by.starts_with("test-"), "{by}");
     assert_all_delivered(&db, &mut c).await;
     d.stop().await;
