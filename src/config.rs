@@ -381,6 +381,14 @@ pub fn config_path(explicit: Option<&Path>) -> Option<PathBuf> {
 impl Config {
     /// Loads defaults ← file ← environment, then validates.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let config = Self::load_unvalidated(file)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Loads defaults ← file ← environment without validating values (for commands such
+    /// as `sql` and `token` that need only part of the configuration).
+    pub fn load_unvalidated(file: Option<&Path>) -> Result<Self, ConfigError> {
         let mut fig = Figment::from(Serialized::defaults(Config::default()));
         if let Some(path) = config_path(file) {
             if !path.exists() {
@@ -403,9 +411,7 @@ impl Config {
                     .map(|_| "auth.jwt_secret".into()),
             )
             .merge(Env::prefixed("CITAPULSE_").ignore(&["CONFIG"]).split("__"));
-        let config: Config = fig.extract().map_err(Box::new)?;
-        config.validate()?;
-        Ok(config)
+        Ok(fig.extract().map_err(Box::new)?)
     }
 
     /// Checks values that parse but cannot work; names the key at fault.

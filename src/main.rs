@@ -142,35 +142,10 @@ fn main() -> ExitCode {
 
 /// Serve and check need a complete config; the other commands tolerate a missing secret.
 fn load_config(cli: &Cli, strict: bool) -> Result<Config, ConfigError> {
-    match Config::load(cli.config.as_deref()) {
-        Ok(c) => Ok(c),
-        Err(ConfigError::Invalid { key, .. }) if !strict && key != "--config" => {
-            let mut c = Config::default();
-            let file = citapulse::config::config_path(cli.config.as_deref());
-            // Re-load without validation so `sql` and `token` still see the file and env.
-            use figment::providers::{Env, Format, Serialized, Toml};
-            let mut fig = figment::Figment::from(Serialized::defaults(Config::default()));
-            if let Some(path) = file {
-                fig = fig.merge(Toml::file_exact(path));
-            }
-            fig = fig
-                .merge(
-                    Env::raw()
-                        .only(&["DATABASE_URL"])
-                        .map(|_| "database.url".into()),
-                )
-                .merge(
-                    Env::raw()
-                        .only(&["JWT_SECRET"])
-                        .map(|_| "auth.jwt_secret".into()),
-                )
-                .merge(Env::prefixed("CITAPULSE_").ignore(&["CONFIG"]).split("__"));
-            if let Ok(loaded) = fig.extract::<Config>() {
-                c = loaded;
-            }
-            Ok(c)
-        }
-        Err(e) => Err(e),
+    if strict {
+        Config::load(cli.config.as_deref())
+    } else {
+        Config::load_unvalidated(cli.config.as_deref())
     }
 }
 
