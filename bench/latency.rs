@@ -560,7 +560,11 @@ pub async fn scenario(b: &Bench) -> Result<Section> {
             },
             num(out.cpu_per_100k()),
             ratio(out.late_p50, out.early_p50),
-            out.end_mode.clone(),
+            if target.is_citapulse() {
+                out.end_mode.clone()
+            } else {
+                "–".into()
+            },
         ]);
         json_runs.push(json!({
             "rate": rate, "subscribers": n, "contestant": target.key(),
