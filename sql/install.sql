@@ -111,45 +111,108 @@ LANGUAGE sql STABLE AS $$
     END
 $$;
 
--- Writes one statement's changes to the log with one INSERT ... SELECT, then one pg_notify
--- per tenant while notifying is on. It must never make the application's statement fail on
--- data: NULL tenants are skipped, every column type travels through to_jsonb, and the
--- notification payload is cut to a safe size (row data travels through the log).
--- A statement changing more than settings.bulk_threshold rows of one tenant logs a single
--- calendar_refresh for that tenant instead of one event per row.
--- TG_ARGV: [0] tenant column, [1] kind (event family).
+-- Writes one statement's changes to the log, then wakes the daemon while notifying is on.
+-- It must never make the application's statement fail on data: NULL tenants are skipped,
+-- every column type travels through to_jsonb, and the notification payload is cut to a
+-- safe size (row data travels through the log).
+--
+-- Cost matters: this runs inside every write of the legacy app. The usual statement
+-- (at most events.bulk_threshold rows) costs one small read of the two singleton rows, one
+-- INSERT ... SELECT straight from the transition table and, while notifying, one
+-- pg_notify per tenant. A statement changing more than settings.bulk_threshold rows of
+-- one tenant logs a single calendar_refresh for that tenant instead of one event per row.
+-- TG_ARGV: [0] tenant column ('' = resolved by the daemon's [[resolvers]]), [1] kind.
 CREATE OR REPLACE FUNCTION citapulse.capture() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     tenant_col text := TG_ARGV[0];
     fam        text := TG_ARGV[1];
     tname      text := format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME);
+    total      bigint;
     threshold  integer;
     notifying  boolean;
+    newest_id  bigint;
     news       jsonb[];
     olds       jsonb[];
     wake       text[];
 BEGIN
-    -- PostgreSQL fills both transition tables of an UPDATE in the same order, so the
-    -- i-th new row pairs with the i-th old row.
+    IF TG_OP = 'DELETE' THEN
+        SELECT (SELECT count(*) FROM citapulse_old),
+               coalesce((SELECT s.bulk_threshold FROM citapulse.settings s), 100),
+               coalesce((SELECT w.notify FROM citapulse.wakeup w), true)
+          INTO total, threshold, notifying;
+    ELSE
+        SELECT (SELECT count(*) FROM citapulse_new),
+               coalesce((SELECT s.bulk_threshold FROM citapulse.settings s), 100),
+               coalesce((SELECT w.notify FROM citapulse.wakeup w), true)
+          INTO total, threshold, notifying;
+    END IF;
+    IF total = 0 THEN
+        RETURN NULL;
+    END IF;
+
+    IF total <= threshold THEN
+        -- No tenant can be over the threshold: every row is its own event.
+        IF TG_OP = 'INSERT' THEN
+            INSERT INTO citapulse.events (tenant, kind, event_type, tbl, op, row_data)
+            SELECT c.tenant, fam, citapulse.event_type(fam, 'INSERT', c.r, NULL), tname, 'INSERT', c.r
+              FROM (SELECT j.r, CASE WHEN tenant_col = '' THEN '' ELSE j.r ->> tenant_col END AS tenant
+                      FROM (SELECT to_jsonb(n.*) AS r FROM citapulse_new n) j) c
+             WHERE c.tenant IS NOT NULL;
+        ELSIF TG_OP = 'DELETE' THEN
+            INSERT INTO citapulse.events (tenant, kind, event_type, tbl, op, old_data)
+            SELECT c.tenant, fam, citapulse.event_type(fam, 'DELETE', NULL, c.o), tname, 'DELETE', c.o
+              FROM (SELECT j.o, CASE WHEN tenant_col = '' THEN '' ELSE j.o ->> tenant_col END AS tenant
+                      FROM (SELECT to_jsonb(d.*) AS o FROM citapulse_old d) j) c
+             WHERE c.tenant IS NOT NULL;
+        ELSIF total = 1 THEN
+            INSERT INTO citapulse.events (tenant, kind, event_type, tbl, op, row_data, old_data)
+            SELECT c.tenant, fam, citapulse.event_type(fam, 'UPDATE', c.r, c.o), tname, 'UPDATE', c.r, c.o
+              FROM (SELECT j.r, j.o, CASE WHEN tenant_col = '' THEN '' ELSE j.r ->> tenant_col END AS tenant
+                      FROM (SELECT to_jsonb(n.*) AS r, to_jsonb(d.*) AS o
+                              FROM citapulse_new n, citapulse_old d) j) c
+             WHERE c.tenant IS NOT NULL;
+        ELSE
+            -- PostgreSQL fills both transition tables of an UPDATE in the same order, so
+            -- the i-th new row pairs with the i-th old row.
+            INSERT INTO citapulse.events (tenant, kind, event_type, tbl, op, row_data, old_data)
+            SELECT c.tenant, fam, citapulse.event_type(fam, 'UPDATE', c.r, c.o), tname, 'UPDATE', c.r, c.o
+              FROM (SELECT n.r, d.o, CASE WHEN tenant_col = '' THEN '' ELSE n.r ->> tenant_col END AS tenant
+                      FROM (SELECT to_jsonb(x.*) AS r, row_number() OVER () AS i FROM citapulse_new x) n
+                      JOIN (SELECT to_jsonb(x.*) AS o, row_number() OVER () AS i FROM citapulse_old x) d
+                        ON d.i = n.i) c
+             WHERE c.tenant IS NOT NULL;
+        END IF;
+        IF NOT FOUND OR NOT notifying THEN
+            RETURN NULL;
+        END IF;
+        -- The newest id this session took is the statement's last event.
+        newest_id := currval('citapulse.events_id_seq');
+        IF TG_OP = 'DELETE' THEN
+            PERFORM pg_notify('citapulse', left(d.tenant, 200) || ':' || newest_id)
+               FROM (SELECT DISTINCT CASE WHEN tenant_col = '' THEN '' ELSE to_jsonb(x.*) ->> tenant_col END AS tenant
+                       FROM citapulse_old x) d
+              WHERE d.tenant IS NOT NULL;
+        ELSE
+            PERFORM pg_notify('citapulse', left(d.tenant, 200) || ':' || newest_id)
+               FROM (SELECT DISTINCT CASE WHEN tenant_col = '' THEN '' ELSE to_jsonb(x.*) ->> tenant_col END AS tenant
+                       FROM citapulse_new x) d
+              WHERE d.tenant IS NOT NULL;
+        END IF;
+        RETURN NULL;
+    END IF;
+
+    -- A statement bigger than the threshold: count rows per tenant first.
     IF TG_OP IN ('INSERT', 'UPDATE') THEN
         SELECT array_agg(to_jsonb(t.*)) INTO news FROM citapulse_new t;
     END IF;
     IF TG_OP IN ('UPDATE', 'DELETE') THEN
         SELECT array_agg(to_jsonb(t.*)) INTO olds FROM citapulse_old t;
     END IF;
-    IF coalesce(cardinality(news), cardinality(olds), 0) = 0 THEN
-        RETURN NULL;
-    END IF;
-
-    SELECT s.bulk_threshold, w.notify INTO threshold, notifying
-      FROM citapulse.settings s, citapulse.wakeup w;
-
     WITH changed AS (
         SELECT news[i] AS r, olds[i] AS o
           FROM generate_subscripts(coalesce(news, olds), 1) AS i
     ), tagged AS (
-        -- No tenant column (''): logged with tenant '' for the daemon's [[resolvers]].
         SELECT r, o, CASE WHEN tenant_col = '' THEN '' ELSE coalesce(r, o) ->> tenant_col END AS tenant
           FROM changed
     ), per_tenant AS (
@@ -158,18 +221,18 @@ BEGIN
         INSERT INTO citapulse.events (tenant, kind, event_type, tbl, op, row_data, old_data, payload)
         SELECT t.tenant, fam, citapulse.event_type(fam, TG_OP, t.r, t.o), tname, TG_OP, t.r, t.o, NULL
           FROM tagged t JOIN per_tenant p USING (tenant)
-         WHERE p.n <= coalesce(threshold, 100) OR p.tenant = ''
+         WHERE p.n <= threshold OR p.tenant = ''
         UNION ALL
         SELECT p.tenant, fam, 'calendar_refresh', tname, TG_OP, NULL, NULL,
                jsonb_build_object('reason', 'bulk', 'rows', p.n, 'action', lower(TG_OP))
           FROM per_tenant p
-         WHERE p.n > coalesce(threshold, 100) AND p.tenant <> ''
+         WHERE p.n > threshold AND p.tenant <> ''
         RETURNING tenant, id
     )
     SELECT array_agg(left(tenant, 200) || ':' || last_id) INTO wake
       FROM (SELECT tenant, max(id) AS last_id FROM logged GROUP BY tenant) l;
 
-    IF coalesce(notifying, true) AND wake IS NOT NULL THEN
+    IF notifying AND wake IS NOT NULL THEN
         PERFORM pg_notify('citapulse', w) FROM unnest(wake) AS w;
     END IF;
     RETURN NULL;

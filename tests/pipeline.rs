@@ -286,6 +286,127 @@ async fn tenants_are_isolated() {
     d.stop().await;
 }
 
+/// LISTENs on `citapulse` and returns the payloads received until `n` arrived.
+async fn notify_payloads(
+    url: &str,
+    n: usize,
+    act: impl std::future::Future<Output = ()>,
+) -> Vec<String> {
+    use futures_util::StreamExt;
+    let (client, mut conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let stream = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+    tokio::spawn(stream.for_each(move |m| {
+        if let Ok(tokio_postgres::AsyncMessage::Notification(n)) = m {
+            let _ = tx.send(n.payload().to_string());
+        }
+        std::future::ready(())
+    }));
+    client.batch_execute("LISTEN citapulse").await.unwrap();
+    act.await;
+    let mut out = Vec::new();
+    while out.len() < n {
+        let p = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
+            .await
+            .expect("notification")
+            .unwrap();
+        out.push(p);
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test]
+async fn multi_row_statements_pair_rows_and_wake_each_tenant() {
+    let db = TestDb::new().await;
+    let d = Daemon::start(&db.url, |c| {
+        c.wakeup.mode = citapulse::config::WakeupMode::Notify
+    })
+    .await;
+    let mut c = WsClient::subscribed(d.addr, "t1").await;
+    c.expect_type("stats").await;
+
+    // One statement, two tenants: one notification per tenant, naming the statement's last id.
+    let payloads = notify_payloads(&db.url, 2, async {
+        db.client
+            .batch_execute(
+                "INSERT INTO citas (negocio_id, cliente_id, estado) \
+                 SELECT CASE WHEN g <= 3 THEN 't1' ELSE 't2' END, 'c' || g, 'pendiente' FROM generate_series(1, 5) g",
+            )
+            .await
+            .unwrap();
+    })
+    .await;
+    let last: i64 = db
+        .client
+        .query_one("SELECT max(id) FROM citapulse.events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(payloads, vec![format!("t1:{last}"), format!("t2:{last}")]);
+    let created = c.events(3).await;
+    assert!(
+        created.iter().all(|e| e["type"] == "cita_created"),
+        "{created:?}"
+    );
+
+    // A multi-row UPDATE pairs each new row with its own old row.
+    db.client
+        .batch_execute(
+            "UPDATE citas SET estado = CASE WHEN id % 2 = 0 THEN 'confirmada' ELSE estado END, cliente_id = cliente_id || 'x'",
+        )
+        .await
+        .unwrap();
+    let updates = c.events(3).await;
+    for u in &updates {
+        let (row, old) = (&u["data"]["row"], &u["data"]["old"]);
+        assert_eq!(row["id"], old["id"], "{u}");
+        assert_eq!(
+            row["cliente_id"],
+            format!("{}x", old["cliente_id"].as_str().unwrap()),
+            "{u}"
+        );
+        let expected = if row["estado"] == old["estado"] {
+            "cita_updated"
+        } else {
+            "status_changed"
+        };
+        assert_eq!(u["type"], expected, "{u}");
+        assert_eq!(u["channel"], "estadisticas:t1", "{u}");
+    }
+
+    // A multi-row DELETE: every old row, once.
+    db.client.batch_execute("DELETE FROM citas").await.unwrap();
+    let deleted = c.events(3).await;
+    let mut gone: Vec<i64> = deleted
+        .iter()
+        .map(|e| {
+            assert_eq!(e["type"], "cita_deleted", "{e}");
+            e["data"]["old"]["id"].as_i64().unwrap()
+        })
+        .collect();
+    let mut first: Vec<i64> = created
+        .iter()
+        .map(|e| e["data"]["row"]["id"].as_i64().unwrap())
+        .collect();
+    gone.sort_unstable();
+    first.sort_unstable();
+    assert_eq!(gone, first);
+    let t2_events: i64 = db
+        .client
+        .query_one(
+            "SELECT count(*) FROM citapulse.events WHERE tenant = 't2'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(t2_events, 2 + 2 + 2);
+    d.stop().await;
+}
+
 #[tokio::test]
 async fn a_bulk_statement_becomes_one_calendar_refresh() {
     let db = TestDb::new().await;
