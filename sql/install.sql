@@ -152,31 +152,38 @@ BEGIN
     END IF;
 
     IF total <= threshold THEN
-        -- No tenant can be over the threshold: every row is its own event.
+        -- No tenant can be over the threshold: every row is its own event. OFFSET 0 keeps
+        -- the planner from inlining to_jsonb() into each use (it would run three times a row);
+        -- The sub-selects take the transaction id and snapshot horizon once per statement,
+        -- not per row (an earlier horizon is only more conservative).
         IF TG_OP = 'INSERT' THEN
-            INSERT INTO citapulse.events (tenant, kind, event_type, tbl, op, row_data)
-            SELECT c.tenant, fam, citapulse.event_type(fam, 'INSERT', c.r, NULL), tname, 'INSERT', c.r
+            INSERT INTO citapulse.events (tenant, kind, event_type, tbl, op, row_data, xid, horizon)
+            SELECT c.tenant, fam, citapulse.event_type(fam, 'INSERT', c.r, NULL), tname, 'INSERT', c.r,
+                   (SELECT pg_current_xact_id()), (SELECT pg_snapshot_xmin(pg_current_snapshot()))
               FROM (SELECT j.r, CASE WHEN tenant_col = '' THEN '' ELSE j.r ->> tenant_col END AS tenant
-                      FROM (SELECT to_jsonb(n.*) AS r FROM citapulse_new n) j) c
+                      FROM (SELECT to_jsonb(n.*) AS r FROM citapulse_new n OFFSET 0) j) c
              WHERE c.tenant IS NOT NULL;
         ELSIF TG_OP = 'DELETE' THEN
-            INSERT INTO citapulse.events (tenant, kind, event_type, tbl, op, old_data)
-            SELECT c.tenant, fam, citapulse.event_type(fam, 'DELETE', NULL, c.o), tname, 'DELETE', c.o
+            INSERT INTO citapulse.events (tenant, kind, event_type, tbl, op, old_data, xid, horizon)
+            SELECT c.tenant, fam, citapulse.event_type(fam, 'DELETE', NULL, c.o), tname, 'DELETE', c.o,
+                   (SELECT pg_current_xact_id()), (SELECT pg_snapshot_xmin(pg_current_snapshot()))
               FROM (SELECT j.o, CASE WHEN tenant_col = '' THEN '' ELSE j.o ->> tenant_col END AS tenant
-                      FROM (SELECT to_jsonb(d.*) AS o FROM citapulse_old d) j) c
+                      FROM (SELECT to_jsonb(d.*) AS o FROM citapulse_old d OFFSET 0) j) c
              WHERE c.tenant IS NOT NULL;
         ELSIF total = 1 THEN
-            INSERT INTO citapulse.events (tenant, kind, event_type, tbl, op, row_data, old_data)
-            SELECT c.tenant, fam, citapulse.event_type(fam, 'UPDATE', c.r, c.o), tname, 'UPDATE', c.r, c.o
+            INSERT INTO citapulse.events (tenant, kind, event_type, tbl, op, row_data, old_data, xid, horizon)
+            SELECT c.tenant, fam, citapulse.event_type(fam, 'UPDATE', c.r, c.o), tname, 'UPDATE', c.r, c.o,
+                   (SELECT pg_current_xact_id()), (SELECT pg_snapshot_xmin(pg_current_snapshot()))
               FROM (SELECT j.r, j.o, CASE WHEN tenant_col = '' THEN '' ELSE j.r ->> tenant_col END AS tenant
                       FROM (SELECT to_jsonb(n.*) AS r, to_jsonb(d.*) AS o
-                              FROM citapulse_new n, citapulse_old d) j) c
+                              FROM citapulse_new n, citapulse_old d OFFSET 0) j) c
              WHERE c.tenant IS NOT NULL;
         ELSE
             -- PostgreSQL fills both transition tables of an UPDATE in the same order, so
             -- the i-th new row pairs with the i-th old row.
-            INSERT INTO citapulse.events (tenant, kind, event_type, tbl, op, row_data, old_data)
-            SELECT c.tenant, fam, citapulse.event_type(fam, 'UPDATE', c.r, c.o), tname, 'UPDATE', c.r, c.o
+            INSERT INTO citapulse.events (tenant, kind, event_type, tbl, op, row_data, old_data, xid, horizon)
+            SELECT c.tenant, fam, citapulse.event_type(fam, 'UPDATE', c.r, c.o), tname, 'UPDATE', c.r, c.o,
+                   (SELECT pg_current_xact_id()), (SELECT pg_snapshot_xmin(pg_current_snapshot()))
               FROM (SELECT n.r, d.o, CASE WHEN tenant_col = '' THEN '' ELSE n.r ->> tenant_col END AS tenant
                       FROM (SELECT to_jsonb(x.*) AS r, row_number() OVER () AS i FROM citapulse_new x) n
                       JOIN (SELECT to_jsonb(x.*) AS o, row_number() OVER () AS i FROM citapulse_old x) d
