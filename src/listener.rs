@@ -229,7 +229,14 @@ async fn session(
         };
         drain(shared, &client, &stmt, cursor, why, &mut mode, resolver).await?;
         mode.maybe_switch(&client).await?;
-        next_poll = tokio::time::Instant::now() + mode.poll_every();
+        // Polls keep their cadence (the time a read takes is not added to the interval,
+        // so an event waits at most one interval); a notified read restarts the clock.
+        let now = tokio::time::Instant::now();
+        next_poll = if why == "poll" {
+            (next_poll + mode.poll_every()).max(now)
+        } else {
+            now + mode.poll_every()
+        };
     }
 }
 
