@@ -480,7 +480,8 @@ fn upgrade(
     ws_config.max_message_size = Some(limits.max_frame_bytes);
     ws_config.max_frame_size = Some(limits.max_frame_bytes);
     ws_config.read_buffer_size = 4 * 1024;
-    ws_config.write_buffer_size = 0;
+    // Frames fed before a flush go out in one write (the writer flushes per batch).
+    ws_config.write_buffer_size = 16 * 1024;
     ws_config.max_write_buffer_size = 4 << 20;
     let (response, websocket) = match hyper_tungstenite::upgrade(&mut *req, Some(ws_config)) {
         Ok(pair) => pair,

@@ -7,7 +7,7 @@
 //! `stats.timezone`, and pushes fresh numbers when the day rolls over. Tenants without
 //! subscribers are never queried.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -53,12 +53,23 @@ struct TenantState {
     last_run: Option<Instant>,
 }
 
+/// Per-tenant state plus the tenants waiting for a run, so a pass of the loop costs
+/// what is dirty, not every tenant ever seen.
+#[derive(Default)]
+struct Tenants {
+    state: HashMap<Arc<str>, TenantState>,
+    dirty: HashSet<Arc<str>>,
+}
+
 /// The coalescer's shared state; the loop in [`run`] does the work.
 #[derive(Default)]
 pub struct StatsEngine {
-    tenants: Mutex<HashMap<Arc<str>, TenantState>>,
+    tenants: Mutex<Tenants>,
     wake: Notify,
 }
+
+/// How often tenants whose subscribers all left are forgotten.
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
 
 impl StatsEngine {
     /// Marks tenants dirty without naming events (a client wants a snapshot, the day
@@ -79,9 +90,13 @@ impl StatsEngine {
 
     fn mark(&self, items: impl Iterator<Item = (Arc<str>, Option<i64>)>, force: bool) {
         let mut any = false;
-        if let Ok(mut map) = self.tenants.lock() {
+        if let Ok(mut tenants) = self.tenants.lock() {
+            let Tenants { state, dirty } = &mut *tenants;
             for (tenant, id) in items {
-                let s = map.entry(tenant).or_default();
+                let s = state.entry(tenant.clone()).or_default();
+                if !s.dirty {
+                    dirty.insert(tenant);
+                }
                 s.dirty = true;
                 s.force |= force;
                 if let Some(id) = id {
@@ -158,33 +173,48 @@ pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
     let min_interval = Duration::from_millis(shared.config.stats.min_interval_ms);
     let sql = Arc::new(wrapped_query(&shared.config.stats.query));
     let limit = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_QUERIES));
+    let mut last_sweep = Instant::now();
     loop {
         let mut due: Vec<Job> = Vec::new();
         let mut next: Option<Instant> = None;
         let now = Instant::now();
-        if let Ok(mut map) = shared.stats.tenants.lock() {
-            map.retain(|tenant, s| s.running || shared.hub.has_subscribers(tenant));
-            for (tenant, s) in map.iter_mut() {
-                if !s.dirty || s.running {
-                    continue;
-                }
-                match s.last_run {
-                    Some(last) if now.duration_since(last) < min_interval => {
-                        let at = last + min_interval;
-                        next = Some(next.map_or(at, |n| n.min(at)));
-                    }
-                    _ => {
-                        due.push(Job {
-                            tenant: tenant.clone(),
-                            pending: std::mem::take(&mut s.pending),
-                            force: std::mem::take(&mut s.force) || std::mem::take(&mut s.overflow),
-                        });
-                        s.dirty = false;
-                        s.running = true;
-                        s.last_run = Some(now);
-                    }
-                }
+        if let Ok(mut tenants) = shared.stats.tenants.lock() {
+            let Tenants { state, dirty } = &mut *tenants;
+            if now.duration_since(last_sweep) >= SWEEP_EVERY {
+                last_sweep = now;
+                state
+                    .retain(|tenant, s| s.running || s.dirty || shared.hub.has_subscribers(tenant));
             }
+            dirty.retain(|tenant| {
+                let Some(s) = state.get_mut(tenant) else {
+                    return false;
+                };
+                if s.running {
+                    // Looked at again when the run ends (it wakes this loop).
+                    return true;
+                }
+                if let Some(last) = s.last_run
+                    && now.duration_since(last) < min_interval
+                {
+                    let at = last + min_interval;
+                    next = Some(next.map_or(at, |n| n.min(at)));
+                    return true;
+                }
+                if !shared.hub.has_subscribers(tenant) {
+                    // Nobody to tell; a new subscriber asks for a snapshot anyway.
+                    state.remove(tenant);
+                    return false;
+                }
+                due.push(Job {
+                    tenant: tenant.clone(),
+                    pending: std::mem::take(&mut s.pending),
+                    force: std::mem::take(&mut s.force) || std::mem::take(&mut s.overflow),
+                });
+                s.dirty = false;
+                s.running = true;
+                s.last_run = Some(now);
+                false
+            });
         }
         for job in due {
             let shared = shared.clone();
@@ -205,18 +235,22 @@ pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
                         true
                     }
                 };
-                if let Ok(mut map) = shared.stats.tenants.lock()
-                    && let Some(s) = map.get_mut(&job.tenant)
-                {
-                    s.running = false;
-                    if retry {
-                        // Keep the events: the next attempt must still cover them.
-                        s.dirty = true;
-                        s.force |= job.force;
-                        s.pending.extend_from_slice(&job.pending);
-                        if s.pending.len() > MAX_PENDING_IDS {
-                            s.pending.truncate(MAX_PENDING_IDS);
-                            s.overflow = true;
+                if let Ok(mut tenants) = shared.stats.tenants.lock() {
+                    let Tenants { state, dirty } = &mut *tenants;
+                    if let Some(s) = state.get_mut(&job.tenant) {
+                        s.running = false;
+                        if retry {
+                            // Keep the events: the next attempt must still cover them.
+                            if !s.dirty {
+                                dirty.insert(job.tenant.clone());
+                            }
+                            s.dirty = true;
+                            s.force |= job.force;
+                            s.pending.extend_from_slice(&job.pending);
+                            if s.pending.len() > MAX_PENDING_IDS {
+                                s.pending.truncate(MAX_PENDING_IDS);
+                                s.overflow = true;
+                            }
                         }
                     }
                 }

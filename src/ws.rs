@@ -297,6 +297,14 @@ async fn write_batch(
             Err(_) => break,
         }
     }
+    // Numbers computed meanwhile ride in the same write, after the events they count.
+    if !overflowed(client) {
+        for stats in client.take_stats() {
+            if !timed(sink.feed(Message::Text(stats))).await {
+                return false;
+            }
+        }
+    }
     timed(sink.flush()).await
 }
 
