@@ -189,6 +189,10 @@ pub async fn initial_cursor(client: &Client) -> Result<Cursor, DbError> {
     })
 }
 
+/// Planner settings of the reader's connection (see [`prepare_reader`]).
+pub const READER_SESSION: &str =
+    "SET plan_cache_mode = force_generic_plan; SET enable_seqscan = off; SET jit = off";
+
 /// Prepares the reader's statement on its dedicated connection.
 pub async fn prepare_reader(client: &Client) -> Result<tokio_postgres::Statement, DbError> {
     // Custom plans would cost ~0.4 ms of planning per read (more than the read itself), and
@@ -196,10 +200,18 @@ pub async fn prepare_reader(client: &Client) -> Result<tokio_postgres::Statement
     // statement is written so its generic plan is the good one: both xid arms bounded (an
     // index range), and `id + 0` so the late-commit arm never bitmap-scans the whole
     // primary key. Rows with xid at or above this snapshot's xmax are invisible to it anyway.
-    client
-        .batch_execute("SET plan_cache_mode = force_generic_plan")
-        .await?;
-    let sql = format!(
+    // Without parameter values the planner guesses the late arm's selectivity from the xid
+    // column's statistics, and after a big transaction (few distinct xids) it picks a
+    // sequential scan of the whole log; this connection runs nothing that needs one. The
+    // cost penalty that disables it would in turn trigger JIT compilation (hundreds of ms,
+    // on every execution of a generic plan), so JIT is off too: these queries are tiny.
+    client.batch_execute(READER_SESSION).await?;
+    Ok(client.prepare(&reader_sql()).await?)
+}
+
+/// The reader's statement: $1 last id, $2 xids in progress (text[]), $3 limit, $4 xmax.
+pub fn reader_sql() -> String {
+    format!(
         "SELECT NULL::bigint, NULL::text, NULL::text, NULL::text, NULL::float8, \
                 (SELECT coalesce(array_agg(x::text), '{{}}') FROM pg_snapshot_xip(pg_current_snapshot()) AS x), \
                 pg_snapshot_xmax(pg_current_snapshot())::text, \
@@ -212,8 +224,7 @@ pub async fn prepare_reader(client: &Client) -> Result<tokio_postgres::Statement
          UNION ALL \
          (SELECT {EVENT_COLUMNS}, NULL, NULL, NULL FROM citapulse.events e \
            WHERE e.id > $1 ORDER BY e.id LIMIT $3)"
-    );
-    Ok(client.prepare(&sql).await?)
+    )
 }
 
 /// One read of the log.

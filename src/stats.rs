@@ -143,11 +143,17 @@ fn wrapped_query(user_query: &str) -> String {
     let q = user_query.trim().trim_end_matches(';');
     format!(
         "SELECT to_jsonb(q.*), \
-                (SELECT max(e.id) FROM citapulse.events e WHERE e.tenant IN ($1, '*') AND e.id <= $3), \
+                greatest((SELECT max(e.id) FROM citapulse.events e WHERE e.tenant = $1 AND e.id <= $3), \
+                         (SELECT max(e.id) FROM citapulse.events e WHERE e.tenant = '*' AND e.id <= $3)), \
                 pg_current_snapshot()::text \
            FROM ({q}) q LIMIT 1"
     )
 }
+
+// The tenant's newest event is looked up as two equality probes of (tenant, id), one
+// for the tenant and one for '*' (TRUNCATE): O(log n) whatever the planner's statistics
+// say, where `tenant IN (...) ORDER BY id DESC` may walk the primary key backwards
+// through a whole day of other tenants' events.
 
 /// One round trip deciding whether to compute: takes the tenant's advisory lock (held
 /// until the transaction ends) and checks whether the shared result was read in a
@@ -156,17 +162,25 @@ const CLAIM_SQL: &str = "SELECT pg_try_advisory_xact_lock($5, hashtext($1)), s.m
         coalesce(s.day = $3, false) \
         AND coalesce((SELECT bool_and(pg_visible_in_snapshot(e.xid, s.snap)) \
                         FROM citapulse.events e WHERE e.id = ANY($2)), true) \
-        AND coalesce((SELECT pg_visible_in_snapshot(e.xid, s.snap) FROM citapulse.events e \
-                       WHERE e.tenant IN ($1, '*') AND e.id <= $4 ORDER BY e.id DESC LIMIT 1), true) \
+        AND coalesce((SELECT pg_visible_in_snapshot(n.xid, s.snap) FROM ( \
+                        (SELECT e.id, e.xid FROM citapulse.events e \
+                          WHERE e.tenant = $1 AND e.id <= $4 ORDER BY e.id DESC LIMIT 1) \
+                        UNION ALL \
+                        (SELECT e.id, e.xid FROM citapulse.events e \
+                          WHERE e.tenant = '*' AND e.id <= $4 ORDER BY e.id DESC LIMIT 1)) n \
+                       ORDER BY n.id DESC LIMIT 1), true) \
    FROM (SELECT 1) AS one LEFT JOIN citapulse.stats s ON s.tenant = $1";
 
-const PUBLISH_SQL: &str = "WITH saved AS ( \
+/// Also turns off the commit's WAL-flush wait: the row is a cache that the next change
+/// recomputes, and a notifying commit holds PostgreSQL's NOTIFY lock through its flush.
+const PUBLISH_SQL: &str = "WITH unflushed AS (SELECT set_config('synchronous_commit', 'off', true)), \
+    saved AS ( \
         INSERT INTO citapulse.stats (tenant, message, day, snap, computed_at, computed_by) \
         VALUES ($1, $2, $3, $4::text::pg_snapshot, now(), $5) \
         ON CONFLICT (tenant) DO UPDATE SET message = excluded.message, day = excluded.day, \
             snap = excluded.snap, computed_at = excluded.computed_at, computed_by = excluded.computed_by \
         RETURNING 1) \
-   SELECT pg_notify($6, $7) FROM saved";
+   SELECT pg_notify($6, $7) FROM saved, unflushed";
 
 /// Runs the coalescer until shutdown.
 pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
@@ -372,8 +386,9 @@ async fn recompute(shared: &Shared, sql: &str, job: &Job) -> Result<Outcome, DbE
         )
         .await?;
     }
-    tx.commit().await?;
+    // Local subscribers need not wait for the commit: the numbers are what they are.
     shared.hub.publish_stats(tenant, Utf8Bytes::from(message));
+    tx.commit().await?;
     Ok(Outcome::Computed)
 }
 

@@ -93,7 +93,7 @@ async fn resume_replays_late_commits_below_the_last_seen_id() {
     // Live events follow the replay.
     db.insert_cita("t1", "pendiente").await;
     let live = c.expect_type("cita_created").await;
-    assert!(live["id"].as_i64().unwrap() > b_id);
+    assert!(live["id"].as_i64().unwrap() > b_id, "{live}");
     d.stop().await;
 }
 
@@ -437,4 +437,75 @@ async fn resume_requests_are_validated() {
     let err = c.expect_type("error").await;
     assert_eq!(err["data"]["code"], "bad_request");
     d.stop().await;
+}
+
+/// The live reader only ever runs its generic plan (planning each read cost more than the
+/// read): that plan must find late commits through the xid index, not by walking the
+/// primary key over the whole log. Counted in buffers, not time.
+#[tokio::test]
+async fn a_log_read_touches_a_handful_of_pages_whatever_the_log_size() {
+    let db = TestDb::new().await;
+    db.client
+        .batch_execute(
+            "UPDATE citapulse.settings SET bulk_threshold = 1000000; \
+             INSERT INTO citas (negocio_id, cliente_id, estado) \
+             SELECT 't' || (g % 50), repeat('c', 200), 'pendiente' FROM generate_series(1, 20000) g",
+        )
+        .await
+        .unwrap();
+    db.client
+        .batch_execute("VACUUM ANALYZE citapulse.events")
+        .await
+        .unwrap();
+    // A transaction still in progress: the next read must re-check its xid.
+    let late = pg(&db.url).await;
+    late.batch_execute("BEGIN; INSERT INTO citas (negocio_id) VALUES ('t1')")
+        .await
+        .unwrap();
+    // A later commit moves the snapshot's xmax past it, so it is listed as in progress.
+    db.insert_cita("t2", "pendiente").await;
+    let cursor = citapulse::db::initial_cursor(&db.client).await.unwrap();
+    assert_eq!(cursor.in_progress.len(), 1, "{cursor:?}");
+
+    let pages: i32 = db
+        .client
+        .query_one(
+            "SELECT relpages FROM pg_class WHERE oid = 'citapulse.events'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        pages > 500,
+        "the log should be big enough to tell: {pages} pages"
+    );
+    db.client
+        .batch_execute(&format!(
+            "{}; PREPARE r(bigint, text[], bigint, text) AS {}",
+            citapulse::db::READER_SESSION,
+            citapulse::db::reader_sql()
+        ))
+        .await
+        .unwrap();
+    let xips: Vec<String> = cursor
+        .in_progress
+        .iter()
+        .map(|x| format!("'{x}'"))
+        .collect();
+    let explain = format!(
+        "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE r({}, ARRAY[{}]::text[], 1000, '{}')",
+        cursor.last_id,
+        xips.join(","),
+        cursor.xmax
+    );
+    let plan: Value = db.client.query_one(&explain, &[]).await.unwrap().get(0);
+    let top = &plan[0]["Plan"];
+    let touched =
+        top["Shared Hit Blocks"].as_i64().unwrap() + top["Shared Read Blocks"].as_i64().unwrap();
+    assert!(
+        touched < i64::from(pages) / 10,
+        "a read at the head of the log touched {touched} of {pages} pages: {plan}"
+    );
+    late.batch_execute("ROLLBACK").await.unwrap();
 }
