@@ -21,15 +21,9 @@ use crate::writer::{self, Load, Timeline};
 /// The daemon's `stats.min_interval_ms` default.
 const MIN_INTERVAL_MS: f64 = 250.0;
 
-/// The statement `citapulse::stats` prepares around `stats.query` (kept in step by hand:
-/// the daemon's builder is private).
+/// The statement `citapulse::stats` prepares around `stats.query`.
 fn wrapped(user_query: &str) -> String {
-    let q = user_query.trim().trim_end_matches(';');
-    format!(
-        "SELECT to_jsonb(q.*), \
-                (SELECT max(e.id) FROM citapulse.events e WHERE e.tenant IN ($1, '*') AND e.id <= $3) \
-           FROM ({q}) q LIMIT 1"
-    )
+    citapulse::stats::wrapped_query(user_query)
 }
 
 /// Loads `rows` appointments for `tenant` without firing triggers.

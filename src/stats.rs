@@ -139,7 +139,8 @@ enum Outcome {
 
 /// Builds the wrapped statistics query: any one-row user query becomes a JSON object,
 /// plus `as_of` and the snapshot the numbers were read in, all from one statement.
-fn wrapped_query(user_query: &str) -> String {
+/// Parameters: $1 tenant, $2 today, $3 the reader's position (`as_of` bound).
+pub fn wrapped_query(user_query: &str) -> String {
     let q = user_query.trim().trim_end_matches(';');
     format!(
         "SELECT to_jsonb(q.*), \
