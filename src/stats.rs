@@ -151,14 +151,14 @@ pub fn wrapped_query(user_query: &str) -> String {
     )
 }
 
-// The tenant's newest event is looked up as two equality probes of (tenant, id), one
-// for the tenant and one for '*' (TRUNCATE): O(log n) whatever the planner's statistics
-// say, where `tenant IN (...) ORDER BY id DESC` may walk the primary key backwards
-// through a whole day of other tenants' events.
-
 /// One round trip deciding whether to compute: takes the tenant's advisory lock (held
 /// until the transaction ends) and checks whether the shared result was read in a
 /// snapshot that already sees every pending event and the tenant's newest event.
+///
+/// Here and in [`wrapped_query`] the tenant's newest event is two equality probes of
+/// (tenant, id), one for the tenant and one for '*' (TRUNCATE): O(log n) whatever the
+/// planner's statistics say, where `tenant IN (...) ORDER BY id DESC` may walk the
+/// primary key backwards through a whole day of other tenants' events.
 const CLAIM_SQL: &str = "SELECT pg_try_advisory_xact_lock($5, hashtext($1)), s.message, \
         coalesce(s.day = $3, false) \
         AND coalesce((SELECT bool_and(pg_visible_in_snapshot(e.xid, s.snap)) \
