@@ -21,11 +21,6 @@ use crate::writer::{self, Load, Timeline};
 /// The daemon's `stats.min_interval_ms` default.
 const MIN_INTERVAL_MS: f64 = 250.0;
 
-/// The statement `citapulse::stats` prepares around `stats.query`.
-fn wrapped(user_query: &str) -> String {
-    citapulse::stats::wrapped_query(user_query)
-}
-
 /// Loads `rows` appointments for `tenant` without firing triggers.
 async fn load_tenant(admin: &tokio_postgres::Client, tenant: &str, rows: i64) -> Result<()> {
     admin
@@ -81,7 +76,7 @@ async fn time_statement(
 async fn plan_scans(client: &tokio_postgres::Client, tenant: &str, today: &str) -> Result<String> {
     let sql = format!(
         "EXPLAIN {}",
-        wrapped(citapulse::config::DEFAULT_STATS_QUERY)
+        citapulse::stats::wrapped_query(citapulse::config::DEFAULT_STATS_QUERY)
             .replace("$1", &format!("'{tenant}'"))
             .replace("$2", &format!("'{today}'"))
             .replace("$3", "9223372036854775807")
@@ -125,7 +120,7 @@ pub async fn scenario(b: &Bench) -> Result<Section> {
     let load_secs = loaded.elapsed().as_secs_f64();
     let stmt = admin
         .prepare_typed(
-            &wrapped(citapulse::config::DEFAULT_STATS_QUERY),
+            &citapulse::stats::wrapped_query(citapulse::config::DEFAULT_STATS_QUERY),
             &[Type::TEXT, Type::TEXT, Type::INT8],
         )
         .await

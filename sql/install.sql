@@ -170,14 +170,6 @@ BEGIN
               FROM (SELECT j.o, CASE WHEN tenant_col = '' THEN '' ELSE j.o ->> tenant_col END AS tenant
                       FROM (SELECT to_jsonb(d.*) AS o FROM citapulse_old d OFFSET 0) j) c
              WHERE c.tenant IS NOT NULL;
-        ELSIF total = 1 THEN
-            INSERT INTO citapulse.events (tenant, kind, event_type, tbl, op, row_data, old_data, xid, horizon)
-            SELECT c.tenant, fam, citapulse.event_type(fam, 'UPDATE', c.r, c.o), tname, 'UPDATE', c.r, c.o,
-                   (SELECT pg_current_xact_id()), (SELECT pg_snapshot_xmin(pg_current_snapshot()))
-              FROM (SELECT j.r, j.o, CASE WHEN tenant_col = '' THEN '' ELSE j.r ->> tenant_col END AS tenant
-                      FROM (SELECT to_jsonb(n.*) AS r, to_jsonb(d.*) AS o
-                              FROM citapulse_new n, citapulse_old d OFFSET 0) j) c
-             WHERE c.tenant IS NOT NULL;
         ELSE
             -- PostgreSQL fills both transition tables of an UPDATE in the same order, so
             -- the i-th new row pairs with the i-th old row.

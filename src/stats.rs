@@ -43,7 +43,6 @@ const MAX_PAYLOAD: usize = 7500;
 
 #[derive(Default)]
 struct TenantState {
-    dirty: bool,
     /// Recompute even if a shared result looks current (`POST /notify/cita`).
     force: bool,
     /// Events read since the last publish; the shared result must include them all.
@@ -94,10 +93,7 @@ impl StatsEngine {
             let Tenants { state, dirty } = &mut *tenants;
             for (tenant, id) in items {
                 let s = state.entry(tenant.clone()).or_default();
-                if !s.dirty {
-                    dirty.insert(tenant);
-                }
-                s.dirty = true;
+                dirty.insert(tenant);
                 s.force |= force;
                 if let Some(id) = id {
                     if s.pending.len() < MAX_PENDING_IDS {
@@ -198,7 +194,7 @@ pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
             if now.duration_since(last_sweep) >= SWEEP_EVERY {
                 last_sweep = now;
                 state
-                    .retain(|tenant, s| s.running || s.dirty || shared.hub.has_subscribers(tenant));
+                    .retain(|t, s| s.running || dirty.contains(t) || shared.hub.has_subscribers(t));
             }
             dirty.retain(|tenant| {
                 let Some(s) = state.get_mut(tenant) else {
@@ -225,7 +221,6 @@ pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
                     pending: std::mem::take(&mut s.pending),
                     force: std::mem::take(&mut s.force) || std::mem::take(&mut s.overflow),
                 });
-                s.dirty = false;
                 s.running = true;
                 s.last_run = Some(now);
                 false
@@ -256,10 +251,7 @@ pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
                         s.running = false;
                         if retry {
                             // Keep the events: the next attempt must still cover them.
-                            if !s.dirty {
-                                dirty.insert(job.tenant.clone());
-                            }
-                            s.dirty = true;
+                            dirty.insert(job.tenant.clone());
                             s.force |= job.force;
                             s.pending.extend_from_slice(&job.pending);
                             if s.pending.len() > MAX_PENDING_IDS {

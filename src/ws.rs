@@ -234,11 +234,7 @@ async fn write_until_done(
                 if client.pending_close().is_some() {
                     return close_as_requested(sink, &client).await;
                 }
-                let mut ok = true;
-                for stats in client.take_stats() {
-                    ok &= timed(sink.feed(Message::Text(stats))).await;
-                }
-                ok && timed(sink.flush()).await
+                feed_stats(sink, &client).await && timed(sink.flush()).await
             }
             _ = ping.tick() => timed(sink.send(Message::Ping(Default::default()))).await,
         };
@@ -298,14 +294,20 @@ async fn write_batch(
         }
     }
     // Numbers computed meanwhile ride in the same write, after the events they count.
-    if !overflowed(client) {
-        for stats in client.take_stats() {
-            if !timed(sink.feed(Message::Text(stats))).await {
-                return false;
-            }
-        }
+    if !overflowed(client) && !feed_stats(sink, client).await {
+        return false;
     }
     timed(sink.flush()).await
+}
+
+/// Feeds the pending statistics (latest per channel) without flushing.
+async fn feed_stats(sink: &mut Sink, client: &ClientHandle) -> bool {
+    for stats in client.take_stats() {
+        if !timed(sink.feed(Message::Text(stats))).await {
+            return false;
+        }
+    }
+    true
 }
 
 async fn timed<F: Future<Output = Result<(), WsError>>>(fut: F) -> bool {
