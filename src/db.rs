@@ -10,7 +10,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::{Client, NoTls};
 
 use crate::config::Config;
-use crate::hub::LogEvent;
+use crate::hub::{Audience, LogEvent};
 
 /// `sql/install.sql`, embedded.
 pub const INSTALL_SQL: &str = include_str!("../sql/install.sql");
@@ -19,7 +19,7 @@ pub const UNINSTALL_SQL: &str = include_str!("../sql/uninstall.sql");
 /// `sql/example_schema.sql`, embedded.
 pub const EXAMPLE_SCHEMA_SQL: &str = include_str!("../sql/example_schema.sql");
 /// The `citapulse.version()` this daemon speaks.
-pub const SQL_VERSION: i32 = 1;
+pub const SQL_VERSION: i32 = 2;
 /// The NOTIFY channel the triggers use.
 pub const NOTIFY_CHANNEL: &str = "citapulse";
 
@@ -160,12 +160,25 @@ pub struct Cursor {
 }
 
 const EVENT_COLUMNS: &str = "e.id, e.tenant, e.event_type, citapulse.event_data(e)::text, \
-                             extract(epoch FROM e.created_at)::float8";
+                             extract(epoch FROM e.created_at)::float8, e.op = 'TRUNCATE'";
+/// How many columns [`EVENT_COLUMNS`] has.
+const EVENT_WIDTH: usize = 6;
+
+/// The rows of one tenant's channel: its own, and the TRUNCATEs that reach every tenant.
+/// The marker is out of band (a NULL tenant and the op only triggers write), never a
+/// tenant value an application row could hold.
+const CHANNEL_ROWS: &str = "(e.tenant = $1 OR (e.tenant IS NULL AND e.op = 'TRUNCATE'))";
 
 fn event_from_row(row: &tokio_postgres::Row) -> LogEvent {
+    let tenant: Option<String> = row.get(1);
+    let audience = match (tenant, row.get::<_, Option<bool>>(5)) {
+        (_, Some(true)) => Audience::AllTenants,
+        (Some(t), _) => Audience::Tenant(t),
+        (None, _) => Audience::Unresolved,
+    };
     LogEvent {
         id: row.get(0),
-        tenant: row.get(1),
+        audience,
         event_type: row.get(2),
         data: row.get::<_, Option<String>>(3).unwrap_or_default(),
         created: row.get::<_, Option<f64>>(4).unwrap_or_default(),
@@ -212,7 +225,7 @@ pub async fn prepare_reader(client: &Client) -> Result<tokio_postgres::Statement
 /// The reader's statement: $1 last id, $2 xids in progress (text[]), $3 limit, $4 xmax.
 pub fn reader_sql() -> String {
     format!(
-        "SELECT NULL::bigint, NULL::text, NULL::text, NULL::text, NULL::float8, \
+        "SELECT NULL::bigint, NULL::text, NULL::text, NULL::text, NULL::float8, NULL::boolean, \
                 (SELECT coalesce(array_agg(x::text), '{{}}') FROM pg_snapshot_xip(pg_current_snapshot()) AS x), \
                 pg_snapshot_xmax(pg_current_snapshot())::text, \
                 (SELECT notify FROM citapulse.wakeup) \
@@ -263,9 +276,13 @@ pub async fn read_batch(
     for row in &rows {
         match row.get::<_, Option<i64>>(0) {
             None => {
-                in_progress = row.get::<_, Option<Vec<String>>>(5).unwrap_or_default();
-                xmax = row.get::<_, Option<String>>(6).unwrap_or(xmax);
-                triggers_notify = row.get::<_, Option<bool>>(7).unwrap_or(true);
+                in_progress = row
+                    .get::<_, Option<Vec<String>>>(EVENT_WIDTH)
+                    .unwrap_or_default();
+                xmax = row
+                    .get::<_, Option<String>>(EVENT_WIDTH + 1)
+                    .unwrap_or(xmax);
+                triggers_notify = row.get::<_, Option<bool>>(EVENT_WIDTH + 2).unwrap_or(true);
             }
             Some(id) => {
                 if id > cursor.last_id {
@@ -288,63 +305,99 @@ pub async fn read_batch(
     })
 }
 
-/// What a client's resume found.
-#[derive(Debug)]
-pub enum Replay {
-    /// The events after `since`, in id order (some the client may already have).
-    Events(Vec<LogEvent>),
-    /// `since` is older than the retained log, or unknown: the client must reload.
-    Expired,
+/// Where a client's resume stands: the events of its channel it may have missed are
+/// `id > since` plus the events below `since` whose transaction committed after `since`
+/// was written (xid at or above its horizon), read in id order, page after page.
+///
+/// Pages are separate statements, and that loses nothing: an event a later page's
+/// snapshot would need but cannot see below `after` committed after the first page was
+/// read, so after the client subscribed, and the hub hands it to the client live.
+#[derive(Debug, Clone)]
+pub struct ReplayCursor {
+    since: i64,
+    horizon: String,
+    /// The highest id already returned.
+    after: i64,
 }
 
-/// The events of a tenant a client that processed `since` may have missed: `id > since`
-/// plus the events below it whose transaction committed after `since` was written
-/// (xid at or above its horizon). Capped at `max` events (beyond: expired).
-pub async fn replay(
-    client: &mut deadpool_postgres::Object,
+/// Checks a resume point against the channel's own history: `None` when `since` is older
+/// than the retained log, or newer than anything the channel ever had (the answer never
+/// depends on other tenants' events, so it reveals nothing about them).
+pub async fn replay_start(
+    client: &Client,
     tenant: &str,
     since: i64,
-    max: i64,
-) -> Result<Replay, DbError> {
-    let tx = client
-        .build_transaction()
-        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
-        .await?;
-    let bounds = tx
+) -> Result<Option<ReplayCursor>, DbError> {
+    let bounds = client
         .query_one(
-            "SELECT (SELECT pruned_upto FROM citapulse.settings), \
-                    (SELECT coalesce(max(id), 0) FROM citapulse.events), \
-                    (SELECT horizon::text FROM citapulse.events WHERE id <= $1 ORDER BY id DESC LIMIT 1)",
-            &[&since],
+            &format!(
+                "SELECT (SELECT pruned_upto FROM citapulse.settings), \
+                        (SELECT coalesce(max(e.id), 0) FROM citapulse.events e WHERE {CHANNEL_ROWS}), \
+                        (SELECT horizon::text FROM citapulse.events WHERE id <= $2 ORDER BY id DESC LIMIT 1)"
+            ),
+            &[&tenant, &since],
         )
         .await?;
     let pruned_upto: i64 = bounds.get(0);
     let newest: i64 = bounds.get(1);
-    let horizon: Option<String> = bounds.get(2);
     if since < pruned_upto || since > newest {
-        tx.commit().await?;
-        return Ok(Replay::Expired);
+        return Ok(None);
     }
-    let horizon = horizon.unwrap_or_else(|| "0".into());
+    Ok(Some(ReplayCursor {
+        since,
+        horizon: bounds
+            .get::<_, Option<String>>(2)
+            .unwrap_or_else(|| "0".into()),
+        after: -1,
+    }))
+}
+
+/// The next page (at most `page` events, in id order) of a resume; empty when done.
+pub async fn replay_page(
+    client: &deadpool_postgres::Client,
+    tenant: &str,
+    cursor: &mut ReplayCursor,
+    page: i64,
+) -> Result<Vec<LogEvent>, DbError> {
     let sql = format!(
         "SELECT * FROM ( \
-           SELECT {EVENT_COLUMNS} FROM citapulse.events e \
-            WHERE e.tenant IN ($1, '*') AND e.id > $2 \
+           (SELECT {EVENT_COLUMNS} FROM citapulse.events e \
+             WHERE {CHANNEL_ROWS} AND e.id > greatest($2, $3) ORDER BY e.id LIMIT $5) \
            UNION ALL \
-           SELECT {EVENT_COLUMNS} FROM citapulse.events e \
-            WHERE e.xid >= $3::text::xid8 AND e.id < $2 AND e.tenant IN ($1, '*') \
-         ) r ORDER BY 1 LIMIT $4"
+           (SELECT {EVENT_COLUMNS} FROM citapulse.events e \
+             WHERE e.xid >= $4::text::xid8 AND e.id < $2 AND e.id > $3 AND {CHANNEL_ROWS} \
+             ORDER BY e.id LIMIT $5) \
+         ) r ORDER BY 1 LIMIT $5"
     );
-    let rows = tx
-        .query(&sql, &[&tenant, &since, &horizon, &(max + 1)])
+    let stmt = client
+        .prepare_typed_cached(
+            &sql,
+            &[
+                tokio_postgres::types::Type::TEXT,
+                tokio_postgres::types::Type::INT8,
+                tokio_postgres::types::Type::INT8,
+                tokio_postgres::types::Type::TEXT,
+                tokio_postgres::types::Type::INT8,
+            ],
+        )
         .await?;
-    tx.commit().await?;
-    if rows.len() as i64 > max {
-        return Ok(Replay::Expired);
+    let rows = client
+        .query(
+            &stmt,
+            &[
+                &tenant,
+                &cursor.since,
+                &cursor.after,
+                &cursor.horizon,
+                &page,
+            ],
+        )
+        .await?;
+    let events: Vec<LogEvent> = rows.iter().map(event_from_row).collect();
+    if let Some(last) = events.last() {
+        cursor.after = last.id;
     }
-    Ok(Replay::Events(rows.iter().map(event_from_row).collect()))
+    Ok(events)
 }
 
 /// Deletes one batch of events older than `retention`; returns the rows deleted.
@@ -384,6 +437,17 @@ pub async fn estimated_log_rows(client: &Client) -> Result<i64, DbError> {
     let row = client
         .query_one(
             "SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = 'citapulse.events'::regclass",
+            &[],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Rows the triggers skipped for a tenant value over 255 bytes, database-wide.
+pub async fn oversized_tenant_rows(client: &Client) -> Result<i64, DbError> {
+    let row = client
+        .query_one(
+            "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM citapulse.oversized_tenant_rows",
             &[],
         )
         .await?;

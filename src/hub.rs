@@ -22,13 +22,25 @@ pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
 /// Identifies one WebSocket connection.
 pub type ClientId = u64;
 
+/// Who an event is for. "Every tenant" and "not yet known" are never tenant values:
+/// whatever an application row holds in its tenant column is one literal tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Audience {
+    /// The subscribers of this tenant's channel.
+    Tenant(String),
+    /// Every tenant with subscribers (a `TRUNCATE` of a watched table).
+    AllTenants,
+    /// A row of a table watched without a tenant column, before `[[resolvers]]` ran.
+    Unresolved,
+}
+
 /// One event read from the log, ready to be shaped per channel.
 #[derive(Debug, Clone)]
 pub struct LogEvent {
     /// Event id (from the log's sequence).
     pub id: i64,
-    /// Tenant, or `*` for every subscribed tenant.
-    pub tenant: String,
+    /// Who receives it.
+    pub audience: Audience,
     /// Message type.
     pub event_type: String,
     /// The `data` object as JSON text.
@@ -294,16 +306,21 @@ impl Hub {
         let mut touched: Vec<(Arc<str>, i64)> = Vec::new();
         let mut channels = lock(&self.channels);
         for ev in events {
-            if ev.tenant == "*" {
-                for (tenant, channel) in channels.iter_mut() {
-                    self.deliver(channel, ev);
-                    touched.push((tenant.clone(), ev.id));
+            match &ev.audience {
+                Audience::AllTenants => {
+                    for (tenant, channel) in channels.iter_mut() {
+                        self.deliver(channel, ev);
+                        touched.push((tenant.clone(), ev.id));
+                    }
                 }
-            } else if let Some(channel) = channels.get_mut(ev.tenant.as_str()) {
-                self.deliver(channel, ev);
-                touched.push((channel.tenant.clone(), ev.id));
-            } else {
-                continue;
+                Audience::Tenant(tenant) => {
+                    let Some(channel) = channels.get_mut(tenant.as_str()) else {
+                        continue;
+                    };
+                    self.deliver(channel, ev);
+                    touched.push((channel.tenant.clone(), ev.id));
+                }
+                Audience::Unresolved => continue,
             }
             self.metrics
                 .delivery_lag_seconds

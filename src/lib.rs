@@ -11,6 +11,7 @@
 //! - [`stats`]: the coalescer of statistics queries and the day-rollover clock.
 //! - [`hub`]: channels → subscribers, bounded per-client queues, latest-wins stats.
 //! - [`ws`]: one WebSocket connection (receive loop + send task).
+//! - [`replay`]: the connection budget of resumes (`since`), per tenant and in all.
 //! - [`server`]: HTTP routes, the handshake, start-up and graceful shutdown.
 //! - [`auth`], [`protocol`], [`config`], [`metrics`], [`retention`]: supporting parts.
 //! - [`pgcluster`], [`demo`]: a throwaway PostgreSQL and the embedded demo.
@@ -24,6 +25,7 @@ pub mod listener;
 pub mod metrics;
 pub mod pgcluster;
 pub mod protocol;
+pub mod replay;
 pub mod retention;
 pub mod server;
 pub mod stats;

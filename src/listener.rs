@@ -16,6 +16,7 @@ use tokio_postgres::AsyncMessage;
 
 use crate::config::WakeupMode;
 use crate::db::{self, Cursor, DbError};
+use crate::hub::Audience;
 use crate::metrics::{Metrics, Reason};
 use crate::server::Shared;
 
@@ -155,14 +156,14 @@ async fn session(
 ) -> Result<(), DbError> {
     let (client, mut connection) = db::connect_as(&shared.config, "citapulse-listener").await?;
     let (wake_tx, mut wake_rx) = mpsc::channel::<()>(1);
-    // Results computed by other daemons; bounded: if it fills, the tenant is recomputed.
-    let (stats_tx, mut stats_rx) = mpsc::channel::<String>(1024);
+    // Results computed by other daemons: a wake-up, the rows are read by version.
+    let (stats_tx, mut stats_rx) = mpsc::channel::<()>(1);
     // tokio-postgres only surfaces notifications to whoever polls the connection.
     let _driver = AbortOnDrop(tokio::spawn(async move {
         while let Some(msg) = poll_fn(|cx| connection.poll_message(cx)).await {
             match msg {
                 Ok(AsyncMessage::Notification(n)) if n.channel() == crate::stats::STATS_CHANNEL => {
-                    let _ = stats_tx.try_send(n.payload().to_string());
+                    let _ = stats_tx.try_send(());
                 }
                 Ok(AsyncMessage::Notification(_)) => {
                     let _ = wake_tx.try_send(());
@@ -178,8 +179,13 @@ async fn session(
     db::check_version(&client).await?;
     db::sync_settings(&client, shared.config.events.bulk_threshold).await?;
     client
-        .batch_execute(&format!("LISTEN {}", db::NOTIFY_CHANNEL))
+        .batch_execute(&format!(
+            "LISTEN {}; LISTEN {}",
+            db::NOTIFY_CHANNEL,
+            crate::stats::STATS_CHANNEL
+        ))
         .await?;
+    let mut stats_seen = crate::stats::shared_version(&client).await?;
     let stmt = db::prepare_reader(&client).await?;
     let cur = match cursor.take() {
         Some(c) => c,
@@ -221,8 +227,8 @@ async fn session(
             },
             _ = tokio::time::sleep_until(next_poll) => "poll",
             shared_stats = stats_rx.recv() => {
-                if let Some(payload) = shared_stats {
-                    crate::stats::apply_shared(shared, &payload);
+                if shared_stats.is_some() {
+                    crate::stats::read_shared(shared, &client, &mut stats_seen).await?;
                 }
                 continue;
             }
@@ -251,7 +257,11 @@ async fn drain(
 ) -> Result<(), DbError> {
     loop {
         let mut batch = db::read_batch(client, stmt, cursor, BATCH).await?;
-        if batch.events.iter().any(|e| e.tenant.is_empty()) {
+        if batch
+            .events
+            .iter()
+            .any(|e| e.audience == Audience::Unresolved)
+        {
             resolver.resolve(shared, &mut batch.events).await?;
         }
         Metrics::count(&shared.metrics.log_reads, why);
@@ -478,7 +488,10 @@ impl Resolver {
     ) -> Result<(), DbError> {
         let mut ids: Vec<i64> = Vec::new();
         let mut tenants: Vec<String> = Vec::new();
-        for ev in events.iter_mut().filter(|e| e.tenant.is_empty()) {
+        for ev in events
+            .iter_mut()
+            .filter(|e| e.audience == Audience::Unresolved)
+        {
             let data: serde_json::Value = serde_json::from_str(&ev.data).unwrap_or_default();
             let table = data["table"].as_str().unwrap_or_default().to_string();
             let Some(resolver) = shared.config.resolvers.iter().find(|r| r.table == table) else {
@@ -522,10 +535,10 @@ impl Resolver {
             if let Some(t) = tenant.filter(|t| !t.is_empty()) {
                 ids.push(ev.id);
                 tenants.push(t.clone());
-                ev.tenant = t;
+                ev.audience = Audience::Tenant(t);
             }
         }
-        events.retain(|e| !e.tenant.is_empty());
+        events.retain(|e| e.audience != Audience::Unresolved);
         if !ids.is_empty() {
             let client = shared.pool.get().await?;
             client

@@ -384,7 +384,7 @@ async fn check(config: &Config) -> Result<ExitCode, String> {
         })?;
     let sample: Option<String> = client
         .query_opt(
-            "SELECT tenant FROM citapulse.events WHERE tenant <> '*' ORDER BY id DESC LIMIT 1",
+            "SELECT tenant FROM citapulse.events WHERE tenant IS NOT NULL ORDER BY id DESC LIMIT 1",
             &[],
         )
         .await

@@ -35,6 +35,9 @@ pub struct Metrics {
     pub messages_sent: Counter,
     /// Events replayed on subscribe with `since`.
     pub events_replayed: Counter,
+    /// Log rows read for resumes (page by page; with `events_replayed`, shows how far
+    /// reads run ahead of what clients take).
+    pub replay_rows_read: Counter,
     /// Clients closed because their queue overflowed.
     pub slow_consumer_closes: Counter,
     /// Stats messages replaced before a slow client read them (latest-wins).
@@ -61,6 +64,9 @@ pub struct Metrics {
     pub pruned_rows: Counter,
     /// Approximate rows in the log (from planner statistics).
     pub log_rows: Gauge,
+    /// Application rows the triggers did not log because their tenant value is too long
+    /// (a database-wide count, read with the log size).
+    pub oversized_tenant_rows: Gauge,
     /// Current wake-up mode: 1 for the active mode label.
     pub wakeup_mode: Family<Reason, Gauge>,
     /// Wake-up mode switches made by this instance.
@@ -90,6 +96,7 @@ impl Metrics {
             events_read: Counter::default(),
             messages_sent: Counter::default(),
             events_replayed: Counter::default(),
+            replay_rows_read: Counter::default(),
             slow_consumer_closes: Counter::default(),
             stats_dropped: Counter::default(),
             stats_queries: Counter::default(),
@@ -103,6 +110,7 @@ impl Metrics {
             rows_per_read: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
             pruned_rows: Counter::default(),
             log_rows: Gauge::default(),
+            oversized_tenant_rows: Gauge::default(),
             wakeup_mode: Family::default(),
             wakeup_switches: Family::default(),
             client_errors: Family::default(),
@@ -148,6 +156,11 @@ impl Metrics {
             "events_replayed",
             "Events replayed to resuming clients",
             m.events_replayed.clone(),
+        );
+        r.register(
+            "replay_rows_read",
+            "Log rows read for resuming clients",
+            m.replay_rows_read.clone(),
         );
         r.register(
             "slow_consumer_closes",
@@ -213,6 +226,11 @@ impl Metrics {
             "log_rows",
             "Approximate rows in citapulse.events",
             m.log_rows.clone(),
+        );
+        r.register(
+            "oversized_tenant_rows",
+            "Rows not logged because their tenant value is over 255 bytes (database-wide)",
+            m.oversized_tenant_rows.clone(),
         );
         r.register(
             "wakeup_mode",

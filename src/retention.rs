@@ -50,6 +50,9 @@ pub async fn prune_round(shared: &Shared) -> Result<u64, db::DbError> {
     if let Ok(rows) = db::estimated_log_rows(&client).await {
         shared.metrics.log_rows.set(rows);
     }
+    if let Ok(rows) = db::oversized_tenant_rows(&client).await {
+        shared.metrics.oversized_tenant_rows.set(rows);
+    }
     if total > 0 {
         tracing::info!(rows = total, "pruned expired events");
     }

@@ -62,6 +62,8 @@ pub struct Shared {
     pub stats: StatsEngine,
     /// Connections for stats, replay and maintenance.
     pub pool: deadpool_postgres::Pool,
+    /// How many of them resumes may use, per tenant and in all.
+    pub replay_budget: crate::replay::ReplayBudget,
     /// LISTEN health.
     pub health: Health,
     /// The wake-up mode as seen by this daemon.
@@ -173,6 +175,7 @@ pub async fn run(
         auth,
         metrics,
         stats: StatsEngine::default(),
+        replay_budget: crate::replay::ReplayBudget::new(config.database.pool_size),
         pool,
         health: Health::default(),
         wakeup: Wakeup::default(),

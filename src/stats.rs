@@ -38,8 +38,6 @@ const MAX_PENDING_IDS: usize = 64;
 const STATS_LOCK_CLASS: i32 = 0x4369_7461; // "Cita"
 /// The NOTIFY channel on which a computed result is shared with the other daemons.
 pub const STATS_CHANNEL: &str = "citapulse_stats";
-/// Largest NOTIFY payload sent (PostgreSQL's limit is 8000 bytes).
-const MAX_PAYLOAD: usize = 7500;
 
 #[derive(Default)]
 struct TenantState {
@@ -141,7 +139,7 @@ pub fn wrapped_query(user_query: &str) -> String {
     format!(
         "SELECT to_jsonb(q.*), \
                 greatest((SELECT max(e.id) FROM citapulse.events e WHERE e.tenant = $1 AND e.id <= $3), \
-                         (SELECT max(e.id) FROM citapulse.events e WHERE e.tenant = '*' AND e.id <= $3)), \
+                         (SELECT max(e.id) FROM citapulse.events e WHERE e.tenant IS NULL AND e.op = 'TRUNCATE' AND e.id <= $3)), \
                 pg_current_snapshot()::text \
            FROM ({q}) q LIMIT 1"
     )
@@ -152,7 +150,7 @@ pub fn wrapped_query(user_query: &str) -> String {
 /// snapshot that already sees every pending event and the tenant's newest event.
 ///
 /// Here and in [`wrapped_query`] the tenant's newest event is two equality probes of
-/// (tenant, id), one for the tenant and one for '*' (TRUNCATE): O(log n) whatever the
+/// (tenant, id), one for the tenant and one for NULL (TRUNCATE): O(log n) whatever the
 /// planner's statistics say, where `tenant IN (...) ORDER BY id DESC` may walk the
 /// primary key backwards through a whole day of other tenants' events.
 const CLAIM_SQL: &str = "SELECT pg_try_advisory_xact_lock($5, hashtext($1)), s.message, \
@@ -164,20 +162,24 @@ const CLAIM_SQL: &str = "SELECT pg_try_advisory_xact_lock($5, hashtext($1)), s.m
                           WHERE e.tenant = $1 AND e.id <= $4 ORDER BY e.id DESC LIMIT 1) \
                         UNION ALL \
                         (SELECT e.id, e.xid FROM citapulse.events e \
-                          WHERE e.tenant = '*' AND e.id <= $4 ORDER BY e.id DESC LIMIT 1)) n \
+                          WHERE e.tenant IS NULL AND e.op = 'TRUNCATE' AND e.id <= $4 \
+                          ORDER BY e.id DESC LIMIT 1)) n \
                        ORDER BY n.id DESC LIMIT 1), true) \
    FROM (SELECT 1) AS one LEFT JOIN citapulse.stats s ON s.tenant = $1";
 
 /// Also turns off the commit's WAL-flush wait: the row is a cache that the next change
 /// recomputes, and a notifying commit holds PostgreSQL's NOTIFY lock through its flush.
+/// The notification carries nothing (any login may LISTEN): the other daemons read the
+/// rows above the last version they saw ([`read_shared`]).
 const PUBLISH_SQL: &str = "WITH unflushed AS (SELECT set_config('synchronous_commit', 'off', true)), \
     saved AS ( \
         INSERT INTO citapulse.stats (tenant, message, day, snap, computed_at, computed_by) \
         VALUES ($1, $2, $3, $4::text::pg_snapshot, now(), $5) \
         ON CONFLICT (tenant) DO UPDATE SET message = excluded.message, day = excluded.day, \
-            snap = excluded.snap, computed_at = excluded.computed_at, computed_by = excluded.computed_by \
+            snap = excluded.snap, computed_at = excluded.computed_at, computed_by = excluded.computed_by, \
+            version = nextval('citapulse.stats_version') \
         RETURNING 1) \
-   SELECT pg_notify($6, $7) FROM saved, unflushed";
+   SELECT pg_notify('citapulse_stats', '') FROM saved, unflushed";
 
 /// Runs the coalescer until shutdown.
 pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
@@ -360,24 +362,8 @@ async fn recompute(shared: &Shared, sql: &str, job: &Job) -> Result<Outcome, DbE
 
     if let Some(snapshot) = snapshot {
         let instance = &shared.config.instance;
-        let mut payload = serde_json::json!({"t": tenant, "by": instance});
-        if message.len() + tenant.len() + instance.len() < MAX_PAYLOAD {
-            payload["m"] = Value::from(message.as_str());
-        }
-        let payload = payload.to_string();
-        tx.query(
-            &publish,
-            &[
-                &tenant,
-                &message,
-                &today,
-                &snapshot,
-                instance,
-                &STATS_CHANNEL,
-                &payload,
-            ],
-        )
-        .await?;
+        tx.query(&publish, &[&tenant, &message, &today, &snapshot, instance])
+            .await?;
     }
     // Local subscribers need not wait for the commit: the numbers are what they are.
     shared.hub.publish_stats(tenant, Utf8Bytes::from(message));
@@ -385,27 +371,45 @@ async fn recompute(shared: &Shared, sql: &str, job: &Job) -> Result<Outcome, DbE
     Ok(Outcome::Computed)
 }
 
-/// Applies a result another daemon computed (a `citapulse_stats` notification).
-pub fn apply_shared(shared: &Shared, payload: &str) {
-    let Ok(v) = serde_json::from_str::<Value>(payload) else {
-        return;
-    };
-    let (Some(tenant), Some(by)) = (v["t"].as_str(), v["by"].as_str()) else {
-        return;
-    };
-    if by == shared.config.instance || !shared.hub.has_subscribers(tenant) {
-        return;
-    }
-    match v["m"].as_str() {
-        Some(message) => {
-            shared.metrics.stats_shared.inc();
-            shared
-                .hub
-                .publish_stats(tenant, Utf8Bytes::from(message.to_string()));
+/// The newest version of `citapulse.stats` (where [`read_shared`] starts).
+pub async fn shared_version(client: &tokio_postgres::Client) -> Result<i64, DbError> {
+    let row = client
+        .query_one("SELECT coalesce(max(version), 0) FROM citapulse.stats", &[])
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Applies the results other daemons computed since version `seen` (after a
+/// `citapulse_stats` notification) to this daemon's subscribers; advances `seen`.
+pub async fn read_shared(
+    shared: &Shared,
+    client: &tokio_postgres::Client,
+    seen: &mut i64,
+) -> Result<(), DbError> {
+    let rows = client
+        .query(
+            "SELECT tenant, message, version, day, computed_by FROM citapulse.stats \
+              WHERE version > $1 ORDER BY version",
+            &[&*seen],
+        )
+        .await?;
+    let today = shared.today.borrow().clone();
+    for row in rows {
+        let tenant: &str = row.get(0);
+        *seen = (*seen).max(row.get::<_, i64>(2));
+        let by: Option<&str> = row.get(4);
+        if by == Some(shared.config.instance.as_str())
+            || row.get::<_, &str>(3) != today
+            || !shared.hub.has_subscribers(tenant)
+        {
+            continue;
         }
-        // Too large for a notification: read it from citapulse.stats.
-        None => shared.stats.mark_dirty(&[Arc::from(tenant)]),
+        shared.metrics.stats_shared.inc();
+        shared
+            .hub
+            .publish_stats(tenant, Utf8Bytes::from(row.get::<_, String>(1)));
     }
+    Ok(())
 }
 
 /// Today's date in `stats.timezone` and the seconds until it changes, from the

@@ -19,7 +19,7 @@ use hyper_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tokio::sync::{mpsc, watch};
 
 use crate::auth::{self, ChannelError, Identity};
-use crate::db::{self, Replay};
+use crate::db;
 use crate::hub::ClientHandle;
 use crate::metrics::Metrics;
 use crate::protocol::{self, ClientMessage};
@@ -27,8 +27,9 @@ use crate::server::Shared;
 
 /// Close code: the token expired.
 pub const CLOSE_TOKEN_EXPIRED: u16 = 4001;
-/// Events replayed at most per resume; beyond, the client must reload.
-const MAX_REPLAY: i64 = 10_000;
+/// Events read per replay page: with the client's queue (`limits.queue_len`), what one
+/// resuming connection holds in memory at most.
+const REPLAY_PAGE: i64 = 256;
 /// A write that makes no progress for this long means the peer stopped reading.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a closed socket waits for the peer to close its side (see [`linger`]).
@@ -484,43 +485,74 @@ impl Connection {
             shared.stats.mark_dirty(&[Arc::from(tenant.as_str())]);
         }
         let Some(since) = since else { return };
-        let mut replayed: Vec<i64> = Vec::new();
-        let result = match shared.pool.get().await {
-            Ok(mut db) => db::replay(&mut db, &tenant, since, MAX_REPLAY).await,
-            Err(e) => Err(e.into()),
-        };
-        match result {
-            Ok(Replay::Events(events)) => {
-                for ev in &events {
-                    if !self.client.send(ev.message(channel)).await {
-                        break;
-                    }
-                    replayed.push(ev.id);
-                }
-                shared.metrics.events_replayed.inc_by(replayed.len() as u64);
-                shared.metrics.messages_sent.inc_by(replayed.len() as u64);
-            }
-            Ok(Replay::Expired) => {
-                Metrics::count(&shared.metrics.client_errors, "history_expired");
-                self.send(protocol::channel_error(
-                    "history_expired",
-                    "since is older than the retained history: reload your state (a fresh stats snapshot follows)",
-                    channel,
-                ))
-                .await;
-            }
-            Err(err) => {
-                tracing::warn!(tenant = %tenant, error = %err, "replay failed");
-                self.send(protocol::channel_error(
-                    "unavailable",
-                    "history is unavailable right now: resubscribe with the same since shortly",
-                    channel,
-                ))
-                .await;
-            }
-        }
-        replayed.sort_unstable();
+        let replayed = self.replay(&tenant, channel, since).await;
         shared.hub.finish_replay(&tenant, &self.client, &replayed);
+    }
+
+    /// Sends the channel's events after `since`, page by page: a page is read only once
+    /// the previous one is queued, so a client that stops reading stops its replay (its
+    /// queue is full) and holds no database connection meanwhile. Returns the ids sent,
+    /// sorted.
+    async fn replay(&self, tenant: &str, channel: &str, since: i64) -> Vec<i64> {
+        let shared = &self.shared;
+        let mut replayed: Vec<i64> = Vec::new();
+        let mut cursor: Option<db::ReplayCursor> = None;
+        loop {
+            let page = async {
+                let _permit = shared.replay_budget.acquire(tenant).await;
+                let client = shared.pool.get().await?;
+                let cursor = match &mut cursor {
+                    Some(c) => c,
+                    None => match db::replay_start(&client, tenant, since).await? {
+                        Some(c) => cursor.insert(c),
+                        None => return Ok(None),
+                    },
+                };
+                db::replay_page(&client, tenant, cursor, REPLAY_PAGE)
+                    .await
+                    .map(Some)
+            }
+            .await;
+            let events = match page {
+                Ok(Some(events)) => events,
+                Ok(None) => {
+                    Metrics::count(&shared.metrics.client_errors, "history_expired");
+                    self.send(protocol::channel_error(
+                        "history_expired",
+                        "since is older than the retained history: reload your state (a fresh stats snapshot follows)",
+                        channel,
+                    ))
+                    .await;
+                    break;
+                }
+                Err(err) => {
+                    let err: db::DbError = err;
+                    tracing::warn!(tenant = %tenant, error = %err, "replay failed");
+                    self.send(protocol::channel_error(
+                        "unavailable",
+                        "history is unavailable right now: resubscribe with the same since shortly",
+                        channel,
+                    ))
+                    .await;
+                    break;
+                }
+            };
+            shared.metrics.replay_rows_read.inc_by(events.len() as u64);
+            if events.is_empty() {
+                break;
+            }
+            for ev in &events {
+                if !self.client.send(ev.message(channel)).await {
+                    return replayed;
+                }
+                replayed.push(ev.id);
+            }
+            shared.metrics.events_replayed.inc_by(events.len() as u64);
+            shared.metrics.messages_sent.inc_by(events.len() as u64);
+        }
+        // Pages come in id order, but the two arms of a page interleave: sort for lookups.
+        replayed.sort_unstable();
+        replayed
     }
 
     async fn reauthenticate(&mut self, token: &str) {

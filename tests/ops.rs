@@ -248,7 +248,8 @@ async fn the_daemon_refuses_an_incompatible_sql_version() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("version 99") && err.contains("needs version 1"),
+        err.contains("version 99")
+            && err.contains(&format!("needs version {}", citapulse::db::SQL_VERSION)),
         "{err}"
     );
 }

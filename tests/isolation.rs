@@ -1,0 +1,559 @@
+//! Tenant isolation against hostile data and hostile database logins (issue 16): what an
+//! application row, a SQL caller or a login without grants can make the daemon do.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use support::*;
+
+/// Every event message of `c` until one whose row is `marker` (inclusive).
+async fn events_until_marker(c: &mut WsClient, marker: &str) -> Vec<Value> {
+    let mut seen = Vec::new();
+    loop {
+        let m = c.expect(|m| m.get("id").is_some_and(Value::is_i64)).await;
+        let done = m["data"]["row"]["cliente_id"] == marker;
+        seen.push(m);
+        if done {
+            return seen;
+        }
+    }
+}
+
+#[tokio::test]
+async fn app_rows_holding_marker_values_reach_only_that_literal_tenant() {
+    let db = TestDb::new().await;
+    let d = Daemon::start(&db.url, |_| {}).await;
+    let mut t1 = WsClient::subscribed(d.addr, "t1").await;
+    t1.expect_type("stats").await;
+
+    // '*' used to mean "every tenant" and '' "resolve me": app data may hold either.
+    for tenant in ["*", "", "t2"] {
+        db.client
+            .execute(
+                "INSERT INTO citas (negocio_id, cliente_id) VALUES ($1, 'foreign')",
+                &[&tenant],
+            )
+            .await
+            .unwrap();
+    }
+    db.client
+        .batch_execute(
+            "INSERT INTO citas (negocio_id, cliente_id) SELECT '*', 'foreign-bulk' FROM generate_series(1, 3); \
+             INSERT INTO citas (negocio_id, cliente_id) VALUES ('t1', 'marker')",
+        )
+        .await
+        .unwrap();
+    let live = events_until_marker(&mut t1, "marker").await;
+    assert_eq!(live.len(), 1, "only t1's own row reaches t1: {live:?}");
+
+    // The rows are logged under their literal tenant, and a TRUNCATE still reaches t1.
+    let literal: i64 = db
+        .client
+        .query_one(
+            "SELECT count(*) FROM citapulse.events WHERE tenant IN ('*', '')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(literal, 5);
+    db.client.batch_execute("TRUNCATE citas").await.unwrap();
+    let refresh = t1.expect_type("calendar_refresh").await;
+    assert_eq!(refresh["data"]["reason"], "truncate");
+
+    // Resuming from the beginning: t1's row and the TRUNCATE, nothing of '*' or ''.
+    let mut again = WsClient::connect(d.addr, &tenant_token("t1")).await;
+    again.subscribe("t1", Some(0)).await;
+    let replayed = again.events(2).await;
+    assert_eq!(replayed[0]["data"]["row"]["cliente_id"], "marker");
+    assert_eq!(replayed[1]["type"], "calendar_refresh");
+    db.insert_cita("t1", "pendiente").await;
+    let next = again
+        .expect(|m| m.get("id").is_some_and(Value::is_i64))
+        .await;
+    assert_eq!(
+        next["type"], "cita_created",
+        "nothing else was replayed: {next}"
+    );
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn oversized_tenant_values_never_fail_the_app_write_and_are_counted() {
+    let db = TestDb::new().await;
+    let d = Daemon::start(&db.url, |c| {
+        c.outbox.prune_every = Duration::from_millis(200);
+    })
+    .await;
+    let long = "x".repeat(3000);
+    let huge = "y".repeat(10_000);
+    // Single-row path: INSERT, UPDATE and DELETE of rows with oversized tenants.
+    for tenant in [&long, &huge] {
+        db.client
+            .execute(
+                "INSERT INTO citas (negocio_id, cliente_id) VALUES ($1, 'c')",
+                &[tenant],
+            )
+            .await
+            .expect("an oversized tenant must not fail the app's INSERT");
+    }
+    db.client
+        .execute(
+            "UPDATE citas SET estado = 'confirmada' WHERE length(negocio_id) > 255",
+            &[],
+        )
+        .await
+        .expect("nor its UPDATE");
+    // Bulk path (over events.bulk_threshold rows): 150 oversized rows and one normal one.
+    db.client
+        .execute(
+            "INSERT INTO citas (negocio_id, cliente_id) \
+             SELECT $1 || g, 'bulk' FROM generate_series(1, 150) g UNION ALL SELECT 't1', 'normal'",
+            &[&long],
+        )
+        .await
+        .expect("nor a bulk statement");
+    db.client
+        .execute("DELETE FROM citas WHERE length(negocio_id) > 255", &[])
+        .await
+        .expect("nor a DELETE");
+    let logged: Vec<(String, String)> = db
+        .client
+        .query("SELECT tenant, op FROM citapulse.events ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(logged, vec![("t1".to_string(), "INSERT".to_string())]);
+    // 2 inserted + 2 updated + 150 bulk + 152 deleted rows were skipped.
+    let expected = 2.0 + 2.0 + 150.0 + 152.0;
+    wait_until(|| async { d.metric("citapulse_oversized_tenant_rows").await == expected }).await;
+    // An emit for such a tenant is refused with a message, not logged.
+    let err = db
+        .client
+        .query_one("SELECT citapulse.emit($1, 'note', '{}')", &[&long])
+        .await
+        .unwrap_err();
+    assert!(
+        err.as_db_error()
+            .is_some_and(|e| e.message().contains("tenant must match")),
+        "{err:?}"
+    );
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn emit_cannot_broadcast_or_pose_as_the_server() {
+    let db = TestDb::new().await;
+    let d = Daemon::start(&db.url, |_| {}).await;
+    let mut t1 = WsClient::subscribed(d.addr, "t1").await;
+    t1.expect_type("stats").await;
+    for (tenant, kind) in [
+        ("*", "system_alert"),
+        ("", "system_alert"),
+        ("t1", "stats"),
+        ("t1", "Stats"),
+        ("t1", "error"),
+        ("t1", "connected"),
+        ("t1", "subscribed"),
+        ("t1", "pong"),
+        ("t1", "presence_join"),
+    ] {
+        let err = db
+            .client
+            .query_one("SELECT citapulse.emit($1, $2, '{}')", &[&tenant, &kind])
+            .await
+            .expect_err("refused");
+        let msg = err.as_db_error().map(|e| e.message().to_string());
+        assert!(
+            msg.as_deref()
+                .is_some_and(|m| m.contains("reserved") || m.contains("tenant must match")),
+            "{tenant:?} {kind:?}: {msg:?}"
+        );
+    }
+    db.client
+        .query_one(
+            "SELECT citapulse.emit('t1', 'system_alert', '{\"message\":\"ok\"}')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let alert = t1.expect(|m| m.get("id").is_some_and(Value::is_i64)).await;
+    assert_eq!(alert["type"], "system_alert");
+    d.stop().await;
+}
+
+/// A connection acting as a fresh login role with `grants` (schema USAGE, as apps get).
+async fn as_login(db: &TestDb, role: &str, grants: &str) -> tokio_postgres::Client {
+    db.client
+        .batch_execute(&format!(
+            "CREATE ROLE {role}; GRANT USAGE ON SCHEMA citapulse TO {role}; \
+             GRANT USAGE, CREATE ON SCHEMA public TO {role}; {grants}"
+        ))
+        .await
+        .unwrap();
+    let c = pg(&db.url).await;
+    c.batch_execute(&format!("SET ROLE {role}")).await.unwrap();
+    c
+}
+
+fn denied(r: Result<impl std::fmt::Debug, tokio_postgres::Error>, what: &str) {
+    let err = r.expect_err(what);
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
+        "{what}: {err:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_login_without_grants_cannot_emit_watch_or_attach_the_capture_trigger() {
+    let db = TestDb::new().await;
+    let role = format!("probe_{}", std::process::id());
+    let app = as_login(
+        &db,
+        &role,
+        &format!("GRANT INSERT, UPDATE, SELECT ON citas TO {role}; GRANT USAGE ON SEQUENCE citas_id_seq TO {role};"),
+    )
+    .await;
+    denied(
+        app.query_one("SELECT citapulse.emit('t1', 'note', '{}')", &[])
+            .await,
+        "emit without a grant",
+    );
+    app.batch_execute("CREATE TEMP TABLE forge (negocio_id text)")
+        .await
+        .unwrap();
+    denied(
+        app.execute(
+            "SELECT citapulse.watch('forge'::regclass, 'negocio_id', 'appointment')",
+            &[],
+        )
+        .await,
+        "watch() by a non-admin",
+    );
+    denied(
+        app.execute(
+            "CREATE TRIGGER f AFTER INSERT ON forge REFERENCING NEW TABLE AS citapulse_new \
+             FOR EACH STATEMENT EXECUTE FUNCTION citapulse.capture('negocio_id', 'appointment')",
+            &[],
+        )
+        .await,
+        "attaching capture() directly",
+    );
+    denied(
+        app.query("SELECT * FROM citapulse.events", &[]).await,
+        "reading the log",
+    );
+    // The app's own writes need no grant on citapulse: they are captured.
+    app.execute(
+        "INSERT INTO citas (negocio_id, cliente_id) VALUES ('t1', 'by-app')",
+        &[],
+    )
+    .await
+    .expect("the app writes as before");
+    assert_eq!(db.event_ids("t1").await.len(), 1);
+    // The documented grant lets it publish.
+    db.client
+        .batch_execute(&format!(
+            "GRANT EXECUTE ON FUNCTION citapulse.emit(text, text, jsonb) TO {role}"
+        ))
+        .await
+        .unwrap();
+    app.query_one("SELECT citapulse.emit('t1', 'note', '{}')", &[])
+        .await
+        .expect("emit with its grant");
+    db.client
+        .batch_execute(&format!(
+            "RESET ROLE; DROP OWNED BY {role}; DROP ROLE IF EXISTS {role}"
+        ))
+        .await
+        .ok();
+}
+
+#[tokio::test]
+async fn a_listening_login_learns_nothing_and_stats_are_shared_by_version() {
+    let db = TestDb::new().await;
+    let d = Daemon::start(&db.url, |_| {}).await;
+    // Any login may LISTEN: what it hears must carry no tenant and no number.
+    let (spy, mut conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let (tx, mut heard) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(
+        futures_util::stream::poll_fn(move |cx| conn.poll_message(cx)).for_each(move |m| {
+            if let Ok(tokio_postgres::AsyncMessage::Notification(n)) = m {
+                let _ = tx.send((n.channel().to_string(), n.payload().to_string()));
+            }
+            std::future::ready(())
+        }),
+    );
+    spy.batch_execute("LISTEN citapulse; LISTEN citapulse_stats")
+        .await
+        .unwrap();
+    let mut t1 = WsClient::subscribed(d.addr, "t1").await;
+    t1.expect_type("stats").await;
+    db.insert_cita("t1", "pendiente").await;
+    db.client
+        .query_one("SELECT citapulse.emit('t1', 'note', '{}')", &[])
+        .await
+        .unwrap();
+    t1.stats_until(|s| s["total_citas"] == 1).await;
+    let mut channels = std::collections::BTreeSet::new();
+    while channels.len() < 2 {
+        let (channel, payload) = tokio::time::timeout(WAIT, heard.recv())
+            .await
+            .expect("a notification")
+            .unwrap();
+        assert_eq!(payload, "", "{channel} carried {payload:?}");
+        channels.insert(channel);
+    }
+
+    // Another daemon's result reaches this daemon's subscribers through the stats table
+    // (the notification only wakes it): forge one as an instance "elsewhere" would.
+    let today: String = db
+        .client
+        .query_one("SELECT day FROM citapulse.stats WHERE tenant = 't1'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let message = json!({"type": "stats", "channel": "estadisticas:t1",
+                         "data": {"negocio_id": "t1", "total_citas": 4242}})
+    .to_string();
+    db.client
+        .execute(
+            "UPDATE citapulse.stats SET message = $1, day = $2, computed_by = 'elsewhere', \
+                    version = nextval('citapulse.stats_version') WHERE tenant = 't1'",
+            &[&message, &today],
+        )
+        .await
+        .unwrap();
+    db.client
+        .batch_execute("NOTIFY citapulse_stats")
+        .await
+        .unwrap();
+    t1.stats_until(|s| s["total_citas"] == 4242).await;
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn a_resume_point_reveals_nothing_about_other_tenants() {
+    let db = TestDb::new().await;
+    let d = Daemon::start(&db.url, |_| {}).await;
+    db.insert_cita("t1", "pendiente").await;
+    let t1_newest = *db.event_ids("t1").await.last().unwrap();
+    for _ in 0..3 {
+        db.insert_cita("t2", "pendiente").await;
+    }
+    let global_newest = *db.event_ids("t2").await.last().unwrap();
+    assert!(global_newest > t1_newest);
+
+    // Resuming at its own newest event: fine, nothing to replay.
+    let mut c = WsClient::connect(d.addr, &tenant_token("t1")).await;
+    c.subscribe("t1", Some(t1_newest)).await;
+    db.insert_cita("t1", "pendiente").await;
+    let live = c.expect(|m| m.get("id").is_some_and(Value::is_i64)).await;
+    assert_eq!(live["type"], "cita_created");
+    // Any id above the channel's own history is unknown to it, whatever other tenants
+    // wrote: the answer must not let a binary search find the database's newest id.
+    let t1_now = *db.event_ids("t1").await.last().unwrap();
+    for _ in 0..3 {
+        db.insert_cita("t2", "pendiente").await;
+    }
+    let global_newest = *db.event_ids("t2").await.last().unwrap();
+    assert!(global_newest > t1_now + 1);
+    for since in [t1_now + 1, global_newest - 1, global_newest, 999_999] {
+        let mut probe = WsClient::connect(d.addr, &tenant_token("t1")).await;
+        probe.subscribe("t1", Some(since)).await;
+        let err = probe.expect_type("error").await;
+        assert_eq!(err["data"]["code"], "history_expired", "since {since}");
+    }
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn resumes_that_do_not_read_hold_a_bounded_share_and_starve_no_one() {
+    let db = TestDb::new().await;
+    // Big events, statements under the bulk threshold.
+    const EVENTS: i64 = 3000;
+    for _ in 0..EVENTS / 100 {
+        db.client
+            .batch_execute(
+                "INSERT INTO citas (negocio_id, cliente_id) \
+                 SELECT 't1', md5(g::text) || repeat(md5(random()::text), 250) FROM generate_series(1, 100) g",
+            )
+            .await
+            .unwrap();
+    }
+    db.insert_cita("t2", "pendiente").await;
+    let d = Daemon::start(&db.url, |c| {
+        c.limits.queue_len = 8;
+        c.database.pool_size = 2;
+    })
+    .await;
+    // Three t1 clients resume from the start and then do not read; small receive buffers
+    // so the kernel does not absorb the replay for them.
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let stream = socket.connect(d.addr).await.unwrap();
+        let (mut ws, _) = tokio_tungstenite::client_async(
+            format!("ws://{}/ws?token={}", d.addr, tenant_token("t1")),
+            stream,
+        )
+        .await
+        .unwrap();
+        use futures_util::SinkExt;
+        ws.send(tokio_tungstenite::tungstenite::Message::Text(
+            json!({"type": "subscribe", "data": {"channel": "estadisticas:t1", "since": 0}})
+                .to_string()
+                .into(),
+        ))
+        .await
+        .unwrap();
+        idle.push(ws);
+    }
+    wait_until(|| async { d.metric("citapulse_replay_rows_read_total").await > 0.0 }).await;
+    // Another tenant's resume is served meanwhile.
+    let mut t2 = WsClient::connect(d.addr, &tenant_token("t2")).await;
+    t2.subscribe("t2", Some(0)).await;
+    let got = t2.events(1).await;
+    assert_eq!(got[0]["type"], "cita_created");
+    // The stalled replays stopped reading the log: far less than the whole history each.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let read = d.metric("citapulse_replay_rows_read_total").await;
+    assert!(
+        read < (3 * EVENTS) as f64 / 2.0,
+        "{read} rows read for 3 stalled resumes of {EVENTS} events"
+    );
+    // When a stalled client reads again, its replay resumes and is complete and in order.
+    let mut ws = idle.pop().unwrap();
+    let mut last = 0i64;
+    let mut count = 0;
+    while count < EVENTS {
+        let msg = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("replay continues")
+            .unwrap()
+            .unwrap();
+        if let tokio_tungstenite::tungstenite::Message::Text(t) = msg {
+            let v: Value = serde_json::from_str(&t).unwrap();
+            if let Some(id) = v["id"].as_i64() {
+                assert!(id > last, "in id order");
+                last = id;
+                count += 1;
+            }
+        }
+    }
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn install_over_version_1_migrates_the_markers_and_keeps_the_log() {
+    let scratch = TestDb::new().await;
+    let name = format!("v1_{}", std::process::id());
+    let admin = pg(&admin_url(&scratch.url)).await;
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
+        .await
+        .unwrap();
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap();
+    let url = url_with_db(&scratch.url, &name);
+    let db = pg(&url).await;
+    db.batch_execute(include_str!("fixtures/install_v1.sql"))
+        .await
+        .unwrap();
+    db.batch_execute(citapulse::db::EXAMPLE_SCHEMA_SQL)
+        .await
+        .unwrap();
+    // Version 1's markers: a TRUNCATE ('*'), an unresolved row (''), and app rows holding
+    // the same values literally.
+    db.batch_execute(
+        "CREATE TABLE sesiones (id serial PRIMARY KEY, profesional_id bigint);
+         SELECT citapulse.watch('sesiones', tenant_column => NULL, kind => 'sesion');
+         INSERT INTO citas (negocio_id, cliente_id) VALUES ('t1', 'before');
+         INSERT INTO citas (negocio_id, cliente_id) VALUES ('*', 'literal-star');
+         INSERT INTO citas (negocio_id, cliente_id) VALUES ('', 'literal-empty');
+         INSERT INTO sesiones (profesional_id) VALUES (1);
+         TRUNCATE horarios;",
+    )
+    .await
+    .unwrap();
+    let before: Vec<i64> = db
+        .query("SELECT id FROM citapulse.events ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(before.len(), 5);
+
+    db.batch_execute(citapulse::db::INSTALL_SQL).await.unwrap();
+    db.batch_execute(citapulse::db::INSTALL_SQL)
+        .await
+        .expect("idempotent");
+    let after: Vec<(i64, Option<String>, String)> = db
+        .query(
+            "SELECT id, tenant, op FROM citapulse.events ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let ids: Vec<i64> = after.iter().map(|r| r.0).collect();
+    assert_eq!(ids, before, "the log is kept, ids and all");
+    let tenants: Vec<(Option<&str>, &str)> = after
+        .iter()
+        .map(|(_, t, op)| (t.as_deref(), op.as_str()))
+        .collect();
+    assert_eq!(
+        tenants,
+        vec![
+            (Some("t1"), "INSERT"),
+            (Some("*"), "INSERT"),
+            (Some(""), "INSERT"),
+            (None, "INSERT"),
+            (None, "TRUNCATE"),
+        ]
+    );
+    let version: i32 = db
+        .query_one("SELECT citapulse.version()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(version, citapulse::db::SQL_VERSION);
+
+    // The daemon runs on the migrated database: a resume gets t1's event and the
+    // TRUNCATE, and new writes are captured.
+    let d = Daemon::start(&url, |_| {}).await;
+    let mut c = WsClient::connect(d.addr, &tenant_token("t1")).await;
+    c.subscribe("t1", Some(0)).await;
+    let replayed = c.events(2).await;
+    assert_eq!(replayed[0]["data"]["row"]["cliente_id"], "before");
+    assert_eq!(replayed[1]["type"], "calendar_refresh");
+    db.execute(
+        "INSERT INTO citas (negocio_id, cliente_id) VALUES ('t1', 'after')",
+        &[],
+    )
+    .await
+    .unwrap();
+    let live = c.events(1).await;
+    assert_eq!(live[0]["data"]["row"]["cliente_id"], "after");
+    d.stop().await;
+    drop(db);
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .await
+        .ok();
+}
