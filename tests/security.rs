@@ -1713,3 +1713,64 @@ async fn malformed_messages_get_bad_request_and_the_socket_stays_usable() {
     assert_eq!(http_get(d.addr, "/health", &[]).await.0, 200);
     d.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------
+// Issue 16: findings of the adversarial probe.
+
+#[tokio::test]
+async fn rs256_and_hs256_together_each_verify_with_their_own_key_only() {
+    let db = TestDb::new().await;
+    let d = Daemon::start(&db.url, |c| {
+        c.auth.algorithms = vec!["RS256".into(), "HS256".into()];
+        c.auth.public_key_file = Some(key_path("rs256_public.pem"));
+    })
+    .await;
+
+    // A valid token of each configured algorithm upgrades and works.
+    for (what, t) in [
+        ("RS256", rs256(&claims(json!({})))),
+        ("HS256", hs(Algorithm::HS256, &claims(json!({})))),
+    ] {
+        let h = handshake(d.addr, &format!("/ws?token={t}"), &[]).await;
+        assert_eq!(h.status, 101, "{what}: {}{}", h.head, h.body);
+        let mut c = WsClient::connect(d.addr, &t).await;
+        c.subscribe("t1", None).await;
+    }
+
+    // Still pinned: no key confusion, nothing unlisted, no `none`.
+    let rsa_pub = EncodingKey::from_secret(&key_bytes("rs256_public.pem"));
+    let rs_private = EncodingKey::from_rsa_pem(&key_bytes("rs256_private.pem")).unwrap();
+    let other_key = EncodingKey::from_secret(b"not-the-daemon-secret-0123456789");
+    let cases = [
+        (
+            "HS256 keyed with the RSA public key",
+            sign(Algorithm::HS256, &rsa_pub, &claims(json!({}))),
+        ),
+        (
+            "HS256 with another secret",
+            sign(Algorithm::HS256, &other_key, &claims(json!({}))),
+        ),
+        ("ES256, not listed", es256(&claims(json!({})))),
+        (
+            "RS512, not listed",
+            sign(Algorithm::RS512, &rs_private, &claims(json!({}))),
+        ),
+        (
+            "HS384, not listed",
+            hs(Algorithm::HS384, &claims(json!({}))),
+        ),
+        ("alg none", unsigned(&claims(json!({})))),
+        ("RS256 expired", rs256(&claims(json!({"exp": now() - 120})))),
+    ];
+    for (what, t) in &cases {
+        let (status, body) = refused(d.addr, &format!("/ws?token={t}"), &[]).await;
+        assert_eq!(status, 401, "{what}: {body}");
+        let want = if what.ends_with("expired") {
+            "token_expired"
+        } else {
+            "token_invalid"
+        };
+        assert_eq!(body["error"], want, "{what}: {body}");
+    }
+    d.stop().await;
+}
