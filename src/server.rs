@@ -37,6 +37,9 @@ const INDEX_HTML: &str = include_str!("../static/index.html");
 const CLIENT_JS: &str = include_str!("../clients/js/citapulse.js");
 const CLIENT_DTS: &str = include_str!("../clients/js/citapulse.d.ts");
 
+/// Request line plus headers, in bytes (README: Security).
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -249,7 +252,12 @@ async fn serve_http(
     let conn = http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(Duration::from_secs(10))
-        .max_buf_size(64 * 1024)
+        // The header limit proper: `max_buf_size` alone lets headers through up to
+        // about 112 KiB, because hyper reads into whatever capacity its buffer has
+        // grown to, past the configured maximum. Beyond it: 431 and the connection
+        // closes.
+        .max_header_size(MAX_HEADER_BYTES)
+        .max_buf_size(MAX_HEADER_BYTES)
         .serve_connection(io, service)
         .with_upgrades();
     tokio::pin!(conn);
