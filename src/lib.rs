@@ -11,6 +11,7 @@
 //! - [`stats`]: the coalescer of statistics queries and the day-rollover clock.
 //! - [`hub`]: channels → subscribers, bounded per-client queues, latest-wins stats.
 //! - [`ws`]: one WebSocket connection (receive loop + send task).
+//! - [`frames`]: the frame meter under the WebSocket codec (frame-level rate limit).
 //! - [`server`]: HTTP routes, the handshake, start-up and graceful shutdown.
 //! - [`auth`], [`protocol`], [`config`], [`metrics`], [`retention`]: supporting parts.
 //! - [`pgcluster`], [`demo`]: a throwaway PostgreSQL and the embedded demo.
@@ -19,6 +20,7 @@ pub mod auth;
 pub mod config;
 pub mod db;
 pub mod demo;
+pub mod frames;
 pub mod hub;
 pub mod listener;
 pub mod metrics;

@@ -1827,3 +1827,65 @@ async fn request_headers_are_limited_to_64_kib() {
     assert_eq!(http_get(d.addr, "/health", &[]).await.0, 200);
     d.stop().await;
 }
+
+#[tokio::test]
+async fn a_flood_of_empty_continuation_frames_is_closed_with_1008() {
+    // Default limits: the frame meter allows 4 × messages_per_sec frames per second.
+    let db = TestDb::new().await;
+    let d = Daemon::start(&db.url, |_| {}).await;
+    let mut raw = RawWs::connect(d.addr, &tenant_token("t1")).await;
+    // A message that never ends: no complete message ever reaches the message limit.
+    assert!(raw.write(&client_frame(false, OP_TEXT, b"")).await);
+    let (mut rd, mut wr) = raw.s.into_split();
+    let writer = tokio::spawn(async move {
+        let empty = client_frame(false, OP_CONT, b"");
+        let chunk: Vec<u8> = empty
+            .iter()
+            .copied()
+            .cycle()
+            .take(empty.len() * 10_000)
+            .collect();
+        // Bounded (2 million frames), so that without the limit the test fails below
+        // instead of flooding forever.
+        for _ in 0..200 {
+            if wr.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+        // Keep the socket open: a close from the server must come from the limit.
+        std::future::pending::<()>().await;
+    });
+    let mut buf = std::mem::take(&mut raw.buf);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let code = loop {
+        if let Some((f, used)) = parse_frame(&buf) {
+            buf.drain(..used);
+            if f.opcode == OP_CLOSE {
+                break f.close_code();
+            }
+            continue;
+        }
+        let mut chunk = [0u8; 8192];
+        match tokio::time::timeout_at(deadline, rd.read(&mut chunk))
+            .await
+            .expect("the frame flood is closed within the wait")
+        {
+            Ok(0) | Err(_) => break None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    writer.abort();
+    assert_eq!(code, Some(1008), "closed for the rate limit");
+    let metrics = http_get(d.addr, "/metrics", &[]).await.1;
+    assert!(
+        metrics.contains("reason=\"frame_rate_limited_close\""),
+        "counted in client_errors: {metrics}"
+    );
+
+    // The daemon is fine, and other clients are unaffected.
+    let mut c = WsClient::connect(d.addr, &tenant_token("t1")).await;
+    c.send(json!({"type": "ping"})).await;
+    c.expect_type("pong").await;
+    c.subscribe("t1", None).await;
+    d.stop().await;
+}
