@@ -47,8 +47,11 @@ pub struct Identity {
 
 /// Verifies tokens with the configured keys and algorithms.
 pub struct Authenticator {
-    keys: Vec<(Algorithm, DecodingKey)>,
-    validation: Validation,
+    /// One entry per configured algorithm, each with a `Validation` pinned to that
+    /// algorithm alone: jsonwebtoken refuses a `Validation` whose list mixes key
+    /// families (RS256 with HS256), and a single-algorithm list also guarantees a
+    /// token is checked only with the key configured for its own `alg`.
+    keys: Vec<(Algorithm, DecodingKey, Validation)>,
     tenant_claim: String,
     super_roles: HashSet<String>,
     signing: Option<EncodingKey>,
@@ -83,7 +86,6 @@ impl Authenticator {
             })?),
             None => None,
         };
-        let mut algorithms = Vec::new();
         for name in &cfg.algorithms {
             let alg = parse_alg(name).ok_or_else(|| ConfigError::Invalid {
                 key: "auth.algorithms",
@@ -121,12 +123,9 @@ impl Authenticator {
                     });
                 }
             };
-            algorithms.push(alg);
             keys.push((alg, key));
         }
-        let mut validation =
-            Validation::new(algorithms.first().copied().unwrap_or(Algorithm::HS256));
-        validation.algorithms = algorithms;
+        let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = 5;
         validation.validate_exp = true;
         validation.validate_nbf = true;
@@ -145,13 +144,20 @@ impl Authenticator {
             None => validation.validate_aud = false,
         }
         validation.set_required_spec_claims(&required);
+        let keys = keys
+            .into_iter()
+            .map(|(alg, key)| {
+                let mut pinned = validation.clone();
+                pinned.algorithms = vec![alg];
+                (alg, key, pinned)
+            })
+            .collect();
         let signing = cfg
             .jwt_secret
             .as_ref()
             .map(|s| EncodingKey::from_secret(s.expose().as_bytes()));
         Ok(Self {
             keys,
-            validation,
             tenant_claim: cfg.tenant_claim.clone(),
             super_roles: cfg.super_roles.iter().cloned().collect(),
             signing,
@@ -169,14 +175,13 @@ impl Authenticator {
         }
         let header =
             jsonwebtoken::decode_header(token).map_err(|_| AuthError::Invalid("malformed"))?;
-        let key = self
+        let (_, key, validation) = self
             .keys
             .iter()
-            .find(|(alg, _)| *alg == header.alg)
-            .map(|(_, k)| k)
+            .find(|(alg, _, _)| *alg == header.alg)
             .ok_or(AuthError::Invalid("algorithm not accepted"))?;
-        let data = jsonwebtoken::decode::<Map<String, Value>>(token, key, &self.validation)
-            .map_err(|e| match e.kind() {
+        let data = jsonwebtoken::decode::<Map<String, Value>>(token, key, validation).map_err(
+            |e| match e.kind() {
                 ErrorKind::ExpiredSignature => AuthError::Expired,
                 ErrorKind::ImmatureSignature => AuthError::Invalid("not valid yet (nbf)"),
                 ErrorKind::InvalidSignature => AuthError::Invalid("bad signature"),
@@ -193,7 +198,8 @@ impl Authenticator {
                 }
                 ErrorKind::InvalidAlgorithm => AuthError::Invalid("algorithm not accepted"),
                 _ => AuthError::Invalid("malformed"),
-            })?;
+            },
+        )?;
         let claims = data.claims;
         let user_id = claim_text(claims.get("sub")).ok_or(AuthError::Invalid("bad sub"))?;
         let expires_at = claims

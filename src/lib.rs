@@ -12,6 +12,7 @@
 //! - [`hub`]: channels → subscribers, bounded per-client queues, latest-wins stats.
 //! - [`ws`]: one WebSocket connection (receive loop + send task).
 //! - [`replay`]: the connection budget of resumes (`since`), per tenant and in all.
+//! - [`frames`]: the frame meter under the WebSocket codec (frame-level rate limit).
 //! - [`server`]: HTTP routes, the handshake, start-up and graceful shutdown.
 //! - [`auth`], [`protocol`], [`config`], [`metrics`], [`retention`]: supporting parts.
 //! - [`pgcluster`], [`demo`]: a throwaway PostgreSQL and the embedded demo.
@@ -20,6 +21,7 @@ pub mod auth;
 pub mod config;
 pub mod db;
 pub mod demo;
+pub mod frames;
 pub mod hub;
 pub mod listener;
 pub mod metrics;

@@ -17,7 +17,8 @@ use hyper::header::{self, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_tungstenite::tungstenite::protocol::WebSocketConfig;
+use hyper_tungstenite::tungstenite::error::ProtocolError;
+use hyper_tungstenite::tungstenite::handshake::derive_accept_key;
 use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -36,6 +37,9 @@ use crate::stats::StatsEngine;
 const INDEX_HTML: &str = include_str!("../static/index.html");
 const CLIENT_JS: &str = include_str!("../clients/js/citapulse.js");
 const CLIENT_DTS: &str = include_str!("../clients/js/citapulse.d.ts");
+
+/// Request line plus headers, in bytes (README: Security).
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -252,7 +256,12 @@ async fn serve_http(
     let conn = http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(Duration::from_secs(10))
-        .max_buf_size(64 * 1024)
+        // The header limit proper: `max_buf_size` alone lets headers through up to
+        // about 112 KiB, because hyper reads into whatever capacity its buffer has
+        // grown to, past the configured maximum. Beyond it: 431 and the connection
+        // closes.
+        .max_header_size(MAX_HEADER_BYTES)
+        .max_buf_size(MAX_HEADER_BYTES)
         .serve_connection(io, service)
         .with_upgrades();
     tokio::pin!(conn);
@@ -478,26 +487,39 @@ fn upgrade(
             "too many connections from this address",
         );
     };
-    let limits = &shared.config.limits;
-    let mut ws_config = WebSocketConfig::default();
-    ws_config.max_message_size = Some(limits.max_frame_bytes);
-    ws_config.max_frame_size = Some(limits.max_frame_bytes);
-    ws_config.read_buffer_size = 4 * 1024;
-    // Frames fed before a flush go out in one write (the writer flushes per batch).
-    ws_config.write_buffer_size = 16 * 1024;
-    ws_config.max_write_buffer_size = 4 << 20;
-    let (response, websocket) = match hyper_tungstenite::upgrade(&mut *req, Some(ws_config)) {
-        Ok(pair) => pair,
-        Err(err) => {
-            return refuse(
-                &shared,
-                StatusCode::BAD_REQUEST,
-                "bad_handshake",
-                &err.to_string(),
-            );
-        }
+    // The handshake by hand rather than with `hyper_tungstenite::upgrade`: the socket
+    // is wrapped in a frame meter (see `frames`) before the WebSocket codec gets it.
+    let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY) else {
+        return refuse(
+            &shared,
+            StatusCode::BAD_REQUEST,
+            "bad_handshake",
+            &ProtocolError::MissingSecWebSocketKey.to_string(),
+        );
     };
-    let mut response = response;
+    if req
+        .headers()
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(HeaderValue::as_bytes)
+        != Some(b"13")
+    {
+        return refuse(
+            &shared,
+            StatusCode::BAD_REQUEST,
+            "bad_handshake",
+            &ProtocolError::MissingSecWebSocketVersionHeader.to_string(),
+        );
+    }
+    let mut response = Response::new(Body::default());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    // Base64, so always a valid header value.
+    if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
+        headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    let upgraded = hyper::upgrade::on(&mut *req);
     // Answer the subprotocol whenever the client offered it (a browser that sends
     // `citapulse` with a `?token=` fails the handshake without the echo), never the
     // token that may follow it in the list.
@@ -516,8 +538,8 @@ fn upgrade(
     }
     tracker.spawn(async move {
         let _slot = slot;
-        match websocket.await {
-            Ok(ws) => crate::ws::serve(ws, shared, identity, peer, stop).await,
+        match upgraded.await {
+            Ok(io) => crate::ws::serve(io, shared, identity, peer, stop).await,
             Err(err) => tracing::debug!(peer = %peer, error = %err, "upgrade failed"),
         }
     });

@@ -12,14 +12,17 @@ use std::time::{Duration, Instant};
 
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use hyper_tungstenite::HyperWebsocketStream;
-use hyper_tungstenite::tungstenite::protocol::CloseFrame;
+use hyper::upgrade::Upgraded;
+use hyper_tungstenite::WebSocketStream;
 use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use hyper_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use hyper_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
+use hyper_util::rt::TokioIo;
 use tokio::sync::{mpsc, watch};
 
 use crate::auth::{self, ChannelError, Identity};
 use crate::db;
+use crate::frames::{FrameFlood, FrameMeter};
 use crate::hub::ClientHandle;
 use crate::metrics::Metrics;
 use crate::protocol::{self, ClientMessage};
@@ -94,14 +97,29 @@ struct Connection {
     rate: RateLimit,
 }
 
-/// Serves one upgraded socket until it closes; logs one line with duration and reason.
+/// The upgraded connection under the WebSocket codec, its reads metered per frame.
+type Io = FrameMeter<TokioIo<Upgraded>>;
+type Socket = WebSocketStream<Io>;
+
+/// Serves one upgraded connection until it closes; logs one line with duration and
+/// reason.
 pub async fn serve(
-    ws: HyperWebsocketStream,
+    upgraded: Upgraded,
     shared: Arc<Shared>,
     identity: Identity,
     peer: SocketAddr,
     shutdown: watch::Receiver<bool>,
 ) {
+    let limits = &shared.config.limits;
+    let mut ws_config = WebSocketConfig::default();
+    ws_config.max_message_size = Some(limits.max_frame_bytes);
+    ws_config.max_frame_size = Some(limits.max_frame_bytes);
+    ws_config.read_buffer_size = 4 * 1024;
+    // Frames fed before a flush go out in one write (the writer flushes per batch).
+    ws_config.write_buffer_size = 16 * 1024;
+    ws_config.max_write_buffer_size = 4 << 20;
+    let io = FrameMeter::new(TokioIo::new(upgraded), limits.messages_per_sec);
+    let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config)).await;
     let opened = Instant::now();
     let id = shared.hub.next_client_id();
     let (client, queue) = ClientHandle::new(id, shared.config.limits.queue_len);
@@ -170,8 +188,8 @@ pub async fn serve(
     tracing::info!(client = id, peer = %peer, duration_ms = opened.elapsed().as_millis() as u64, reason, "connection closed");
 }
 
-type Sink = SplitSink<HyperWebsocketStream, Message>;
-type Stream = SplitStream<HyperWebsocketStream>;
+type Sink = SplitSink<Socket, Message>;
+type Stream = SplitStream<Socket>;
 
 /// Closes the TCP connection gracefully after our close frame: half-closes, then reads
 /// and discards what the peer still sends until it closes too, for at most [`LINGER`].
@@ -184,7 +202,8 @@ async fn linger(stream: Stream, sink: Sink) {
     let Ok(mut ws) = stream.reunite(sink) else {
         return;
     };
-    let io = ws.get_mut();
+    // Past the frame meter: after a frame flood it fails every read.
+    let io = ws.get_mut().get_mut();
     let _ = tokio::time::timeout(LINGER, async {
         let _ = io.shutdown().await;
         let mut buf = [0u8; 4096];
@@ -363,6 +382,11 @@ impl Connection {
                         }
                         Some(Err(WsError::Protocol(_))) => {
                             self.client.request_close(1002, "protocol error");
+                            return Exit::AwaitWriter;
+                        }
+                        Some(Err(WsError::Io(err))) if FrameFlood::is(&err) => {
+                            Metrics::count(&self.shared.metrics.client_errors, "frame_rate_limited_close");
+                            self.client.request_close(1008, "rate limit exceeded");
                             return Exit::AwaitWriter;
                         }
                         Some(Err(_)) => return Exit::Closed("io_error"),

@@ -1713,3 +1713,179 @@ async fn malformed_messages_get_bad_request_and_the_socket_stays_usable() {
     assert_eq!(http_get(d.addr, "/health", &[]).await.0, 200);
     d.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------
+// Issue 16: findings of the adversarial probe.
+
+#[tokio::test]
+async fn rs256_and_hs256_together_each_verify_with_their_own_key_only() {
+    let db = TestDb::new().await;
+    let d = Daemon::start(&db.url, |c| {
+        c.auth.algorithms = vec!["RS256".into(), "HS256".into()];
+        c.auth.public_key_file = Some(key_path("rs256_public.pem"));
+    })
+    .await;
+
+    // A valid token of each configured algorithm upgrades and works.
+    for (what, t) in [
+        ("RS256", rs256(&claims(json!({})))),
+        ("HS256", hs(Algorithm::HS256, &claims(json!({})))),
+    ] {
+        let h = handshake(d.addr, &format!("/ws?token={t}"), &[]).await;
+        assert_eq!(h.status, 101, "{what}: {}{}", h.head, h.body);
+        let mut c = WsClient::connect(d.addr, &t).await;
+        c.subscribe("t1", None).await;
+    }
+
+    // Still pinned: no key confusion, nothing unlisted, no `none`.
+    let rsa_pub = EncodingKey::from_secret(&key_bytes("rs256_public.pem"));
+    let rs_private = EncodingKey::from_rsa_pem(&key_bytes("rs256_private.pem")).unwrap();
+    let other_key = EncodingKey::from_secret(b"not-the-daemon-secret-0123456789");
+    let cases = [
+        (
+            "HS256 keyed with the RSA public key",
+            sign(Algorithm::HS256, &rsa_pub, &claims(json!({}))),
+        ),
+        (
+            "HS256 with another secret",
+            sign(Algorithm::HS256, &other_key, &claims(json!({}))),
+        ),
+        ("ES256, not listed", es256(&claims(json!({})))),
+        (
+            "RS512, not listed",
+            sign(Algorithm::RS512, &rs_private, &claims(json!({}))),
+        ),
+        (
+            "HS384, not listed",
+            hs(Algorithm::HS384, &claims(json!({}))),
+        ),
+        ("alg none", unsigned(&claims(json!({})))),
+        ("RS256 expired", rs256(&claims(json!({"exp": now() - 120})))),
+    ];
+    for (what, t) in &cases {
+        let (status, body) = refused(d.addr, &format!("/ws?token={t}"), &[]).await;
+        assert_eq!(status, 401, "{what}: {body}");
+        let want = if what.ends_with("expired") {
+            "token_expired"
+        } else {
+            "token_invalid"
+        };
+        assert_eq!(body["error"], want, "{what}: {body}");
+    }
+    d.stop().await;
+}
+
+/// Sends a GET /health whose request line and headers total exactly `size` bytes
+/// (the blank line included); returns the status, 0 if the connection just closed.
+async fn health_with_head_of(addr: SocketAddr, size: usize) -> u16 {
+    let head = "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Pad: ";
+    let pad = size - head.len() - "\r\n\r\n".len();
+    let req = format!("{head}{}\r\n\r\n", "a".repeat(pad));
+    assert_eq!(req.len(), size);
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    // The server may answer and close before it has read everything.
+    let _ = s.write_all(req.as_bytes()).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut out))
+        .await
+        .expect("an answer or a close within the wait");
+    String::from_utf8_lossy(&out)
+        .get(9..12)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn request_headers_are_limited_to_64_kib() {
+    let db = TestDb::new().await;
+    let d = Daemon::start(&db.url, |_| {}).await;
+    for (size, want) in [
+        (60 * 1024, 200),
+        (64 * 1024, 200),
+        (64 * 1024 + 1, 431),
+        (80 * 1024, 431),
+        // Served before the fix: hyper's read buffer overshot `max_buf_size`.
+        (100 * 1024, 431),
+        (200 * 1024, 431),
+    ] {
+        let got = health_with_head_of(d.addr, size).await;
+        // Refused: 431, or a reset that destroyed it (the server closes with our
+        // excess headers unread).
+        let ok = got == want || (want == 431 && got == 0);
+        assert!(ok, "headers of {size} bytes: {got}, want {want}");
+    }
+    // A handshake with big (but allowed) headers still upgrades.
+    let pad = "b".repeat(60 * 1024);
+    let h = handshake(
+        d.addr,
+        &format!("/ws?token={}", tenant_token("t1")),
+        &[("X-Pad", &pad)],
+    )
+    .await;
+    assert_eq!(h.status, 101, "{}", h.body);
+    drop(h);
+    assert_eq!(http_get(d.addr, "/health", &[]).await.0, 200);
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn a_flood_of_empty_continuation_frames_is_closed_with_1008() {
+    // Default limits: the frame meter allows 4 × messages_per_sec frames per second.
+    let db = TestDb::new().await;
+    let d = Daemon::start(&db.url, |_| {}).await;
+    let mut raw = RawWs::connect(d.addr, &tenant_token("t1")).await;
+    // A message that never ends: no complete message ever reaches the message limit.
+    assert!(raw.write(&client_frame(false, OP_TEXT, b"")).await);
+    let (mut rd, mut wr) = raw.s.into_split();
+    let writer = tokio::spawn(async move {
+        let empty = client_frame(false, OP_CONT, b"");
+        let chunk: Vec<u8> = empty
+            .iter()
+            .copied()
+            .cycle()
+            .take(empty.len() * 10_000)
+            .collect();
+        // Bounded (2 million frames), so that without the limit the test fails below
+        // instead of flooding forever.
+        for _ in 0..200 {
+            if wr.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+        // Keep the socket open: a close from the server must come from the limit.
+        std::future::pending::<()>().await;
+    });
+    let mut buf = std::mem::take(&mut raw.buf);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let code = loop {
+        if let Some((f, used)) = parse_frame(&buf) {
+            buf.drain(..used);
+            if f.opcode == OP_CLOSE {
+                break f.close_code();
+            }
+            continue;
+        }
+        let mut chunk = [0u8; 8192];
+        match tokio::time::timeout_at(deadline, rd.read(&mut chunk))
+            .await
+            .expect("the frame flood is closed within the wait")
+        {
+            Ok(0) | Err(_) => break None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    writer.abort();
+    assert_eq!(code, Some(1008), "closed for the rate limit");
+    let metrics = http_get(d.addr, "/metrics", &[]).await.1;
+    assert!(
+        metrics.contains("reason=\"frame_rate_limited_close\""),
+        "counted in client_errors: {metrics}"
+    );
+
+    // The daemon is fine, and other clients are unaffected.
+    let mut c = WsClient::connect(d.addr, &tenant_token("t1")).await;
+    c.send(json!({"type": "ping"})).await;
+    c.expect_type("pong").await;
+    c.subscribe("t1", None).await;
+    d.stop().await;
+}
