@@ -7,7 +7,8 @@
 //!
 //! # Layout (in data-flow order)
 //! - [`db`]: the embedded SQL and every query on the log (the lossless read rule).
-//! - [`listener`]: LISTEN, the log cursor, reconnects, the adaptive wake-up.
+//! - [`listener`]: LISTEN, the log cursor, reconnects, the adaptive wake-up's I/O.
+//! - [`wakeup`]: the adaptive wake-up's decisions (pure: state, observation, now).
 //! - [`stats`]: the coalescer of statistics queries and the day-rollover clock.
 //! - [`hub`]: channels → subscribers, bounded per-client queues, latest-wins stats.
 //! - [`ws`]: one WebSocket connection (receive loop + send task).
@@ -31,6 +32,7 @@ pub mod replay;
 pub mod retention;
 pub mod server;
 pub mod stats;
+pub mod wakeup;
 pub mod ws;
 
 pub use config::Config;

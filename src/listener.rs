@@ -17,15 +17,12 @@ use tokio_postgres::AsyncMessage;
 use crate::config::WakeupMode;
 use crate::db::{self, Cursor, DbError};
 use crate::hub::Audience;
+use crate::wakeup::{Adaptive, Switch};
 use crate::metrics::{Metrics, Reason};
 use crate::server::Shared;
 
 /// Rows read per statement.
 const BATCH: i64 = 2000;
-/// How often the NOTIFY commit lock is sampled while notifying under load.
-const CONTENTION_SAMPLE_EVERY: Duration = Duration::from_millis(250);
-/// Consecutive contended samples before switching to polling (about a second).
-const CONTENDED_SAMPLES_TO_SWITCH: u32 = 3;
 /// How long the daemon keeps polling fast after switching the triggers back to
 /// notifying: transactions that read the old mode may still commit silently.
 const SWITCH_BACK_GRACE: Duration = Duration::from_secs(2);
@@ -286,33 +283,19 @@ async fn drain(
     }
 }
 
-/// The adaptive wake-up: measures the change rate and flips `citapulse.wakeup.notify`.
+/// The adaptive wake-up's I/O: feeds [`Adaptive`] and flips `citapulse.wakeup.notify`.
 struct ModeControl<'a> {
     shared: &'a Shared,
-    window_start: Instant,
-    window_rows: usize,
-    rate: f64,
-    calm_since: Option<Instant>,
+    adaptive: Adaptive,
     fast_poll_until: Option<Instant>,
-    last_sample: Instant,
-    contended_samples: u32,
-    last_waiters: i64,
-    rate_at_switch: f64,
 }
 
 impl<'a> ModeControl<'a> {
     fn new(shared: &'a Shared) -> Self {
         Self {
             shared,
-            window_start: Instant::now(),
-            window_rows: 0,
-            rate: 0.0,
-            calm_since: None,
+            adaptive: Adaptive::new(&shared.config.wakeup, Instant::now()),
             fast_poll_until: None,
-            last_sample: Instant::now(),
-            contended_samples: 0,
-            last_waiters: 0,
-            rate_at_switch: 0.0,
         }
     }
 
@@ -345,8 +328,12 @@ impl<'a> ModeControl<'a> {
             .wakeup
             .triggers_notify
             .swap(notify, Ordering::Relaxed);
-        if was != notify && notify {
-            self.fast_poll_until = Some(Instant::now() + SWITCH_BACK_GRACE);
+        if was != notify {
+            // Another daemon may have switched: the rules start over from here.
+            self.adaptive.switched(notify);
+            if notify {
+                self.fast_poll_until = Some(Instant::now() + SWITCH_BACK_GRACE);
+            }
         }
         let m = &self.shared.metrics.wakeup_mode;
         m.get_or_create(&Reason {
@@ -374,13 +361,7 @@ impl<'a> ModeControl<'a> {
 
     fn observe(&mut self, rows: usize, triggers_notify: bool) {
         self.set_seen(triggers_notify);
-        self.window_rows += rows;
-        let elapsed = self.window_start.elapsed();
-        if elapsed >= Duration::from_secs(1) {
-            self.rate = self.window_rows as f64 / elapsed.as_secs_f64();
-            self.window_rows = 0;
-            self.window_start = Instant::now();
-        }
+        self.adaptive.observe_rows(rows, Instant::now());
     }
 
     fn poll_every(&self) -> Duration {
@@ -400,70 +381,35 @@ impl<'a> ModeControl<'a> {
         if self.wakeup_cfg().mode != WakeupMode::Adaptive {
             return Ok(());
         }
-        let cfg = self.wakeup_cfg().clone();
-        // Hysteresis, and the minimum gap between switches across all daemons.
-        let hold = Duration::from_secs(cfg.hold_secs);
         let notifying = self.shared.wakeup.triggers_notify.load(Ordering::Relaxed);
-        let instance = self.shared.config.instance.clone();
-        // Contention: sample the NOTIFY commit lock while notifying under real traffic.
-        let mut contended = false;
-        if notifying
-            && cfg.contention_waiters > 0
-            && self.rate >= f64::from(cfg.notify_below_per_sec)
-            && self.last_sample.elapsed() >= CONTENTION_SAMPLE_EVERY
-        {
-            self.last_sample = Instant::now();
+        if self.adaptive.wants_sample(notifying, Instant::now()) {
             let waiters = Self::notify_lock_waiters(client).await?;
-            if waiters >= i64::from(cfg.contention_waiters) {
-                self.contended_samples += 1;
-            } else {
-                self.contended_samples = 0;
-            }
-            contended = self.contended_samples >= CONTENDED_SAMPLES_TO_SWITCH;
-            self.last_waiters = waiters;
+            self.adaptive.observe_waiters(waiters, Instant::now());
         }
-        if notifying && (contended || self.rate > f64::from(cfg.poll_above_per_sec)) {
-            let reason = if contended {
-                format!(
-                    "{} sessions waiting on the NOTIFY commit lock (wakeup.contention_waiters {}) at {:.0} changes/s",
-                    self.last_waiters, cfg.contention_waiters, self.rate
-                )
+        let Some(switch) = self.adaptive.decide(notifying, Instant::now()) else {
+            return Ok(());
+        };
+        let instance = self.shared.config.instance.clone();
+        let rate = self.adaptive.rate();
+        let (to_notify, reason, min_gap) = match switch {
+            Switch::ToPoll { reason } => (
+                false,
+                reason,
+                Duration::from_secs(self.wakeup_cfg().hold_secs),
+            ),
+            Switch::ToNotify { reason, min_gap } => (true, reason, min_gap),
+        };
+        // Switches are rate-limited cluster-wide by the row's changed_at: a refused one
+        // is decided again on a later read.
+        if db::set_triggers_notify(client, to_notify, &reason, &instance, min_gap).await? {
+            let (label, mode) = if to_notify {
+                ("to_notify", "notify")
             } else {
-                format!(
-                    "change rate {:.0}/s above wakeup.poll_above_per_sec {}",
-                    self.rate, cfg.poll_above_per_sec
-                )
+                ("to_poll", "poll")
             };
-            if db::set_triggers_notify(client, false, &reason, &instance, hold).await? {
-                tracing::info!(rate = self.rate, "wake-up switched to poll: {reason}");
-                Metrics::count(&self.shared.metrics.wakeup_switches, "to_poll");
-                self.set_seen(false);
-                self.rate_at_switch = self.rate;
-            }
-            self.contended_samples = 0;
-            self.calm_since = None;
-        } else if !notifying {
-            // Back to notifying when the rate is low, or well below the rate that
-            // caused contention (then the commit lock is no longer the bottleneck).
-            let calm_rate = f64::from(cfg.notify_below_per_sec).max(self.rate_at_switch * 0.5);
-            if self.rate < calm_rate {
-                let calm = *self.calm_since.get_or_insert_with(Instant::now);
-                if calm.elapsed() >= hold {
-                    let reason = format!(
-                        "change rate {:.0}/s below {:.0}/s (wakeup.notify_below_per_sec {} or half the rate at the switch)",
-                        self.rate, calm_rate, cfg.notify_below_per_sec
-                    );
-                    if db::set_triggers_notify(client, true, &reason, &instance, hold).await? {
-                        tracing::info!(rate = self.rate, "wake-up switched to notify: {reason}");
-                        Metrics::count(&self.shared.metrics.wakeup_switches, "to_notify");
-                        self.set_seen(true);
-                        self.rate_at_switch = 0.0;
-                    }
-                    self.calm_since = None;
-                }
-            } else {
-                self.calm_since = None;
-            }
+            tracing::info!(rate, "wake-up switched to {mode}: {reason}");
+            Metrics::count(&self.shared.metrics.wakeup_switches, label);
+            self.set_seen(to_notify);
         }
         Ok(())
     }
