@@ -26,6 +26,30 @@ const SCRIPTS: &[(&str, &str)] = &[
 ];
 /// Rows seeded for the UPDATE script.
 const UPDATE_ROWS: i64 = 20_000;
+/// The tenant the daemon's subscriber watches during a run.
+const WATCHED_TENANT: &str = "pgb_1";
+
+/// The contestants that are not the current SQL: version 1 of `sql/install.sql` (the
+/// commit before issue 17) moved to schema `citapulse_v1`, and the lean floor.
+fn contestants_sql() -> String {
+    let v1 = include_str!("../tests/fixtures/install_v1.sql")
+        .replace("citapulse.", "citapulse_v1.")
+        .replace(
+            "SCHEMA IF NOT EXISTS citapulse;",
+            "SCHEMA IF NOT EXISTS citapulse_v1;",
+        );
+    format!(
+        "{v1}
+         UPDATE citapulse_v1.wakeup SET notify = false;
+         CREATE TABLE IF NOT EXISTS bench_lean_log (id bigserial PRIMARY KEY, tenant text, row_data jsonb,
+                                                    xid xid8 DEFAULT pg_current_xact_id());
+         CREATE OR REPLACE FUNCTION bench_lean_capture() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             INSERT INTO bench_lean_log (tenant, row_data) SELECT n.negocio_id, to_jsonb(n) FROM bench_new n;
+             RETURN NULL;
+         END $$;"
+    )
+}
 
 /// What is attached to `citas` during a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -40,6 +64,12 @@ enum Config {
     Poll,
     /// citapulse's triggers, daemon in the default `wakeup.mode = adaptive`.
     Adaptive,
+    /// `capture()` as it was before issue 17 (SQL version 1, in schema `citapulse_v1`),
+    /// silent triggers (its poll wake-up), no daemon: the write path alone.
+    Previous,
+    /// The floor: a statement trigger doing only `INSERT … SELECT tenant, to_jsonb(n)`
+    /// into a log whose only index is its key, no daemon.
+    LeanFloor,
 }
 
 impl Config {
@@ -50,6 +80,8 @@ impl Config {
             Config::Notify => "citapulse notify",
             Config::Poll => "citapulse poll",
             Config::Adaptive => "citapulse adaptive (default)",
+            Config::Previous => "capture() before #17 (poll, no daemon)",
+            Config::LeanFloor => "lean floor (no daemon)",
         }
     }
 
@@ -60,6 +92,8 @@ impl Config {
             Config::Notify => "notify",
             Config::Poll => "poll",
             Config::Adaptive => "adaptive",
+            Config::Previous => "previous",
+            Config::LeanFloor => "lean_floor",
         }
     }
 
@@ -68,7 +102,7 @@ impl Config {
             Config::Notify => Some("notify"),
             Config::Poll => Some("poll"),
             Config::Adaptive => Some("adaptive"),
-            Config::None | Config::RowNotify => None,
+            Config::None | Config::RowNotify | Config::Previous | Config::LeanFloor => None,
         }
     }
 }
@@ -119,9 +153,12 @@ async fn prepare(
     admin
         .batch_execute(
             "SET session_replication_role = replica; \
-             TRUNCATE citas, citapulse.events RESTART IDENTITY; \
+             TRUNCATE citas, citapulse.events, citapulse_v1.events, bench_lean_log RESTART IDENTITY; \
              SET session_replication_role = origin; \
-             DROP TRIGGER IF EXISTS bench_notify ON citas",
+             DROP TRIGGER IF EXISTS bench_notify ON citas; \
+             DROP TRIGGER IF EXISTS bench_lean_insert ON citas; \
+             DROP TRIGGER IF EXISTS bench_lean_update ON citas; \
+             SELECT citapulse_v1.unwatch('public.citas'::regclass)",
         )
         .await
         .ctx("truncating before a pgbench run")?;
@@ -143,7 +180,18 @@ async fn prepare(
              CREATE TRIGGER bench_notify AFTER INSERT OR UPDATE ON citas \
                FOR EACH ROW EXECUTE FUNCTION bench_notify_row('bench_pgbench')"
         }
-        _ => {
+        Config::Previous => {
+            "SELECT citapulse.unwatch('public.citas'::regclass); \
+             SELECT citapulse_v1.watch('public.citas'::regclass, tenant_column => 'negocio_id', kind => 'appointment')"
+        }
+        Config::LeanFloor => {
+            "SELECT citapulse.unwatch('public.citas'::regclass); \
+             CREATE TRIGGER bench_lean_insert AFTER INSERT ON citas REFERENCING NEW TABLE AS bench_new \
+               FOR EACH STATEMENT EXECUTE FUNCTION bench_lean_capture(); \
+             CREATE TRIGGER bench_lean_update AFTER UPDATE ON citas REFERENCING NEW TABLE AS bench_new \
+               FOR EACH STATEMENT EXECUTE FUNCTION bench_lean_capture()"
+        }
+        Config::Notify | Config::Poll | Config::Adaptive => {
             "SELECT citapulse.watch('public.citas'::regclass, tenant_column => 'negocio_id', kind => 'appointment')"
         }
     };
@@ -231,6 +279,21 @@ async fn drain_listener(
     Ok((client, task))
 }
 
+/// A subscriber of [`WATCHED_TENANT`] that reads and discards until aborted.
+async fn subscribe_and_drain(
+    b: &Bench,
+    addr: std::net::SocketAddr,
+) -> Result<tokio::task::JoinHandle<()>> {
+    use futures_util::StreamExt;
+    let token = b.tokens.tenant(WATCHED_TENANT)?;
+    let mut ws =
+        crate::client::connect(addr, crate::client::source_of(0), &token, 64 * 1024).await?;
+    crate::client::subscribe(&mut ws, WATCHED_TENANT).await?;
+    Ok(tokio::spawn(async move {
+        while let Some(Ok(_)) = ws.next().await {}
+    }))
+}
+
 /// Scenario 5.
 pub async fn scenario(b: &Bench) -> Result<Section> {
     let mut section = Section::new("trigger_cost");
@@ -246,11 +309,12 @@ pub async fn scenario(b: &Bench) -> Result<Section> {
     } else {
         (
             &["insert_1", "insert_100", "update_1"],
-            &[1, 16],
+            &[1, 16, 64],
             &[
                 Config::None,
+                Config::LeanFloor,
+                Config::Previous,
                 Config::RowNotify,
-                Config::Notify,
                 Config::Poll,
                 Config::Adaptive,
             ],
@@ -261,6 +325,10 @@ pub async fn scenario(b: &Bench) -> Result<Section> {
     // the configurations and pool the per-second samples of the rounds.
     let rounds = if b.quick { 1 } else { b.rounds.min(2) };
     let admin = b.db.connect().await?;
+    admin
+        .batch_execute(&contestants_sql())
+        .await
+        .ctx("installing the previous capture() and the lean floor")?;
     let (listener, listen_task) = drain_listener(&b.db.url).await?;
     let mut results: BTreeMap<(&str, usize, Config), Runs> = BTreeMap::new();
     for &script in scripts {
@@ -273,8 +341,17 @@ pub async fn scenario(b: &Bench) -> Result<Section> {
                         Some(mode) => Some(b.daemon(mode, &[]).await?),
                         None => None,
                     };
+                    // The goal is the cost with the daemon delivering: one subscriber
+                    // reads everything its tenant gets.
+                    let subscriber = match &daemon {
+                        Some(d) => Some(subscribe_and_drain(b, d.addr).await?),
+                        None => None,
+                    };
                     let measured = pgbench(b, &path, c, secs).await;
                     let mut mode_at_end = String::new();
+                    if let Some(task) = subscriber {
+                        task.abort();
+                    }
                     if let Some(daemon) = daemon {
                         mode_at_end = daemon.wakeup_mode().await;
                         daemon.stop().await;

@@ -20,7 +20,7 @@ CREATE SCHEMA IF NOT EXISTS citapulse;
 
 -- The version the daemon checks at start-up; bump on any incompatible change.
 CREATE OR REPLACE FUNCTION citapulse.version() RETURNS integer
-LANGUAGE sql IMMUTABLE AS $$ SELECT 2 $$;
+LANGUAGE sql IMMUTABLE AS $$ SELECT 3 $$;
 
 -- One row per changed row (or one calendar_refresh per tenant for a bulk statement).
 -- xid and horizon make replay lossless when transactions commit out of id order:
@@ -29,7 +29,7 @@ CREATE TABLE IF NOT EXISTS citapulse.events (
     id          bigserial PRIMARY KEY,
     tenant      text,                            -- NULL: TRUNCATE (every tenant) or not yet resolved
     kind        text        NOT NULL,            -- event family: appointment, schedule, custom
-    event_type  text        NOT NULL,            -- message type sent to clients
+    event_type  text,                            -- message type; NULL: classified when read
     tbl         text,                            -- schema.table, NULL for emit()
     op          text        NOT NULL,            -- INSERT UPDATE DELETE TRUNCATE EMIT
     row_data    jsonb,                           -- new row (INSERT/UPDATE) or deleted row
@@ -43,6 +43,8 @@ CREATE TABLE IF NOT EXISTS citapulse.events (
 -- which an application row could also hold (and so reach every tenant). Both are now out
 -- of band: a NULL tenant, told apart by op. Idempotent: version 2 writes neither marker.
 ALTER TABLE citapulse.events ALTER COLUMN tenant DROP NOT NULL;
+-- Version 3 classifies rows when the daemon reads them, off the app's commit path.
+ALTER TABLE citapulse.events ALTER COLUMN event_type DROP NOT NULL;
 UPDATE citapulse.events SET tenant = NULL WHERE tenant = '*' AND op = 'TRUNCATE';
 UPDATE citapulse.events e SET tenant = NULL
  WHERE e.tenant = '' AND e.tbl IN (
@@ -78,8 +80,11 @@ INSERT INTO citapulse.settings (singleton) VALUES (true) ON CONFLICT DO NOTHING;
 CREATE SEQUENCE IF NOT EXISTS citapulse.oversized_tenant_rows;
 
 -- Counts one skipped row; always false, so it can close a CASE in a WHERE clause.
+-- Called from capture(), which has no fixed search_path: everything is qualified.
 CREATE OR REPLACE FUNCTION citapulse.count_oversized_tenant() RETURNS boolean
-LANGUAGE sql VOLATILE AS $$ SELECT nextval('citapulse.oversized_tenant_rows') < 0 $$;
+LANGUAGE sql VOLATILE AS $$
+    SELECT pg_catalog.nextval('citapulse.oversized_tenant_rows'::pg_catalog.regclass) OPERATOR(pg_catalog.<) 0
+$$;
 
 -- The latest statistics of each tenant, shared by every daemon on this database: one
 -- daemon computes (holding an advisory lock), the others reuse the row when its snapshot
@@ -148,123 +153,132 @@ $$;
 -- literal: no value means "every tenant". The NOTIFY payload is empty: any database login
 -- may LISTEN, so it carries neither tenants nor ids; rows travel through the log.
 --
--- Cost matters: this runs inside every write of the legacy app. The usual statement
--- (at most events.bulk_threshold rows) costs one small read of the two singleton rows, one
--- INSERT ... SELECT straight from the transition table and, while notifying, one
--- pg_notify. A statement changing more than settings.bulk_threshold rows of one tenant
--- logs a single calendar_refresh for that tenant instead of one event per row.
+-- Cost matters: this runs inside every write of the legacy app, so it holds only what
+-- must be in the app's transaction (row, old row, table, op, tenant, kind, xid, horizon);
+-- the event type is classified by the daemon when it reads the log (event_type NULL).
+-- The usual statement (at most the bulk threshold, TG_ARGV[2], rows) costs one
+-- INSERT ... SELECT straight from the transition table, whose count is an InitPlan of
+-- that same statement, and one read of citapulse.wakeup; while notifying, one pg_notify.
+-- A statement changing more than the threshold of one tenant's rows logs a single
+-- calendar_refresh for that tenant instead (the rare path below).
+--
+-- No SET search_path (it costs every call a GUC save/restore and a search-path
+-- rebuild, measured at about 5% of a single-row INSERT's throughput): instead every
+-- function, operator and type below is schema-qualified, so a caller's search_path
+-- cannot substitute its own objects into this SECURITY DEFINER function. Keep it so.
 -- TG_ARGV: [0] tenant column ('' = resolved by the daemon's [[resolvers]]: NULL tenant),
--- [1] kind.
+-- [1] kind, [2] bulk threshold (watch() copies citapulse.settings.bulk_threshold).
 CREATE OR REPLACE FUNCTION citapulse.capture() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER AS $$
 DECLARE
-    tenant_col text := TG_ARGV[0];
-    resolved   boolean := TG_ARGV[0] = '';
-    fam        text := TG_ARGV[1];
-    tname      text := format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME);
-    max_len    constant integer := 255;
-    total      bigint;
-    threshold  integer;
-    notifying  boolean;
-    logged     bigint;
-    news       jsonb[];
-    olds       jsonb[];
+    tenant_col pg_catalog.text := TG_ARGV[0];
+    fam        pg_catalog.text := TG_ARGV[1];
+    threshold  pg_catalog.int4 := COALESCE(TG_ARGV[2], '100');
+    notifying  pg_catalog.bool;
+    total      pg_catalog.int8;
+    logged     pg_catalog.int8;
+    news       pg_catalog.jsonb[];
+    olds       pg_catalog.jsonb[];
 BEGIN
-    IF TG_OP = 'DELETE' THEN
-        SELECT (SELECT count(*) FROM citapulse_old),
-               coalesce((SELECT s.bulk_threshold FROM citapulse.settings s), 100),
-               coalesce((SELECT w.notify FROM citapulse.wakeup w), true)
-          INTO total, threshold, notifying;
+    -- The usual statement: every row is its own event, unless the statement is bigger
+    -- than the threshold (the InitPlan count then lets nothing through). OFFSET 0 keeps
+    -- the planner from inlining to_jsonb() into each use. The sub-selects take the table
+    -- name, transaction id and snapshot horizon once per statement, not per row (an
+    -- earlier horizon is only more conservative). The CASE keeps the counting function
+    -- off every row but the oversized ones.
+    IF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN
+        INSERT INTO citapulse.events (tenant, kind, tbl, op, row_data, xid, horizon)
+        SELECT c.tenant, fam, (SELECT pg_catalog.format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME)), 'INSERT', c.r,
+               (SELECT pg_catalog.pg_current_xact_id()),
+               (SELECT pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot()))
+          FROM (SELECT j.r, CASE WHEN tenant_col OPERATOR(pg_catalog.=) '' THEN NULL
+                                 ELSE j.r OPERATOR(pg_catalog.->>) tenant_col END AS tenant
+                  FROM (SELECT pg_catalog.to_jsonb(n.*) AS r FROM citapulse_new n OFFSET 0) j) c
+         WHERE (SELECT pg_catalog.count(*) FROM citapulse_new) OPERATOR(pg_catalog.<=) threshold
+           AND CASE WHEN tenant_col OPERATOR(pg_catalog.=) '' THEN true WHEN c.tenant IS NULL THEN false
+                    WHEN pg_catalog.octet_length(c.tenant) OPERATOR(pg_catalog.<=) 255 THEN true
+                    ELSE citapulse.count_oversized_tenant() END;
+    ELSIF TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN
+        INSERT INTO citapulse.events (tenant, kind, tbl, op, old_data, xid, horizon)
+        SELECT c.tenant, fam, (SELECT pg_catalog.format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME)), 'DELETE', c.o,
+               (SELECT pg_catalog.pg_current_xact_id()),
+               (SELECT pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot()))
+          FROM (SELECT j.o, CASE WHEN tenant_col OPERATOR(pg_catalog.=) '' THEN NULL
+                                 ELSE j.o OPERATOR(pg_catalog.->>) tenant_col END AS tenant
+                  FROM (SELECT pg_catalog.to_jsonb(d.*) AS o FROM citapulse_old d OFFSET 0) j) c
+         WHERE (SELECT pg_catalog.count(*) FROM citapulse_old) OPERATOR(pg_catalog.<=) threshold
+           AND CASE WHEN tenant_col OPERATOR(pg_catalog.=) '' THEN true WHEN c.tenant IS NULL THEN false
+                    WHEN pg_catalog.octet_length(c.tenant) OPERATOR(pg_catalog.<=) 255 THEN true
+                    ELSE citapulse.count_oversized_tenant() END;
     ELSE
-        SELECT (SELECT count(*) FROM citapulse_new),
-               coalesce((SELECT s.bulk_threshold FROM citapulse.settings s), 100),
-               coalesce((SELECT w.notify FROM citapulse.wakeup w), true)
-          INTO total, threshold, notifying;
+        -- PostgreSQL fills both transition tables of an UPDATE in the same order, so
+        -- the i-th new row pairs with the i-th old row.
+        INSERT INTO citapulse.events (tenant, kind, tbl, op, row_data, old_data, xid, horizon)
+        SELECT c.tenant, fam, (SELECT pg_catalog.format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME)), 'UPDATE', c.r, c.o,
+               (SELECT pg_catalog.pg_current_xact_id()),
+               (SELECT pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot()))
+          FROM (SELECT n.r, d.o, CASE WHEN tenant_col OPERATOR(pg_catalog.=) '' THEN NULL
+                                      ELSE n.r OPERATOR(pg_catalog.->>) tenant_col END AS tenant
+                  FROM (SELECT pg_catalog.to_jsonb(x.*) AS r, pg_catalog.row_number() OVER () AS i FROM citapulse_new x) n
+                  JOIN (SELECT pg_catalog.to_jsonb(x.*) AS o, pg_catalog.row_number() OVER () AS i FROM citapulse_old x) d
+                    ON d.i OPERATOR(pg_catalog.=) n.i) c
+         WHERE (SELECT pg_catalog.count(*) FROM citapulse_new) OPERATOR(pg_catalog.<=) threshold
+           AND CASE WHEN tenant_col OPERATOR(pg_catalog.=) '' THEN true WHEN c.tenant IS NULL THEN false
+                    WHEN pg_catalog.octet_length(c.tenant) OPERATOR(pg_catalog.<=) 255 THEN true
+                    ELSE citapulse.count_oversized_tenant() END;
     END IF;
-    IF total = 0 THEN
-        RETURN NULL;
-    END IF;
-
-    IF total <= threshold THEN
-        -- No tenant can be over the threshold: every row is its own event. OFFSET 0 keeps
-        -- the planner from inlining to_jsonb() into each use (it would run three times a row);
-        -- The sub-selects take the transaction id and snapshot horizon once per statement,
-        -- not per row (an earlier horizon is only more conservative). The CASE keeps the
-        -- counting function off every row but the oversized ones.
-        IF TG_OP = 'INSERT' THEN
-            INSERT INTO citapulse.events (tenant, kind, event_type, tbl, op, row_data, xid, horizon)
-            SELECT c.tenant, fam, citapulse.event_type(fam, 'INSERT', c.r, NULL), tname, 'INSERT', c.r,
-                   (SELECT pg_current_xact_id()), (SELECT pg_snapshot_xmin(pg_current_snapshot()))
-              FROM (SELECT j.r, CASE WHEN resolved THEN NULL ELSE j.r ->> tenant_col END AS tenant
-                      FROM (SELECT to_jsonb(n.*) AS r FROM citapulse_new n OFFSET 0) j) c
-             WHERE CASE WHEN resolved THEN true WHEN c.tenant IS NULL THEN false
-                        WHEN octet_length(c.tenant) <= max_len THEN true
-                        ELSE citapulse.count_oversized_tenant() END;
-        ELSIF TG_OP = 'DELETE' THEN
-            INSERT INTO citapulse.events (tenant, kind, event_type, tbl, op, old_data, xid, horizon)
-            SELECT c.tenant, fam, citapulse.event_type(fam, 'DELETE', NULL, c.o), tname, 'DELETE', c.o,
-                   (SELECT pg_current_xact_id()), (SELECT pg_snapshot_xmin(pg_current_snapshot()))
-              FROM (SELECT j.o, CASE WHEN resolved THEN NULL ELSE j.o ->> tenant_col END AS tenant
-                      FROM (SELECT to_jsonb(d.*) AS o FROM citapulse_old d OFFSET 0) j) c
-             WHERE CASE WHEN resolved THEN true WHEN c.tenant IS NULL THEN false
-                        WHEN octet_length(c.tenant) <= max_len THEN true
-                        ELSE citapulse.count_oversized_tenant() END;
-        ELSE
-            -- PostgreSQL fills both transition tables of an UPDATE in the same order, so
-            -- the i-th new row pairs with the i-th old row.
-            INSERT INTO citapulse.events (tenant, kind, event_type, tbl, op, row_data, old_data, xid, horizon)
-            SELECT c.tenant, fam, citapulse.event_type(fam, 'UPDATE', c.r, c.o), tname, 'UPDATE', c.r, c.o,
-                   (SELECT pg_current_xact_id()), (SELECT pg_snapshot_xmin(pg_current_snapshot()))
-              FROM (SELECT n.r, d.o, CASE WHEN resolved THEN NULL ELSE n.r ->> tenant_col END AS tenant
-                      FROM (SELECT to_jsonb(x.*) AS r, row_number() OVER () AS i FROM citapulse_new x) n
-                      JOIN (SELECT to_jsonb(x.*) AS o, row_number() OVER () AS i FROM citapulse_old x) d
-                        ON d.i = n.i) c
-             WHERE CASE WHEN resolved THEN true WHEN c.tenant IS NULL THEN false
-                        WHEN octet_length(c.tenant) <= max_len THEN true
-                        ELSE citapulse.count_oversized_tenant() END;
-        END IF;
-        IF FOUND AND notifying THEN
-            PERFORM pg_notify('citapulse', '');
+    IF FOUND THEN
+        SELECT w.notify INTO notifying FROM citapulse.wakeup w;
+        IF notifying IS NOT FALSE THEN
+            PERFORM pg_catalog.pg_notify('citapulse', '');
         END IF;
         RETURN NULL;
     END IF;
 
-    -- A statement bigger than the threshold: count rows per tenant first.
-    IF TG_OP IN ('INSERT', 'UPDATE') THEN
-        SELECT array_agg(to_jsonb(t.*)) INTO news FROM citapulse_new t;
+    -- Nothing logged: an empty statement, rows without a tenant, or a bulk statement.
+    IF TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN
+        SELECT pg_catalog.count(*) INTO total FROM citapulse_old;
+    ELSE
+        SELECT pg_catalog.count(*) INTO total FROM citapulse_new;
     END IF;
-    IF TG_OP IN ('UPDATE', 'DELETE') THEN
-        SELECT array_agg(to_jsonb(t.*)) INTO olds FROM citapulse_old t;
+    IF total OPERATOR(pg_catalog.<=) threshold THEN
+        RETURN NULL;
+    END IF;
+    IF TG_OP OPERATOR(pg_catalog.<>) 'DELETE' THEN
+        SELECT pg_catalog.array_agg(pg_catalog.to_jsonb(t.*)) INTO news FROM citapulse_new t;
+    END IF;
+    IF TG_OP OPERATOR(pg_catalog.<>) 'INSERT' THEN
+        SELECT pg_catalog.array_agg(pg_catalog.to_jsonb(t.*)) INTO olds FROM citapulse_old t;
     END IF;
     WITH changed AS (
         SELECT news[i] AS r, olds[i] AS o
-          FROM generate_subscripts(coalesce(news, olds), 1) AS i
+          FROM pg_catalog.generate_subscripts(COALESCE(news, olds), 1) AS i
     ), kept AS MATERIALIZED (
         SELECT c.r, c.o, c.tenant
-          FROM (SELECT r, o, CASE WHEN resolved THEN NULL ELSE coalesce(r, o) ->> tenant_col END AS tenant
+          FROM (SELECT r, o, CASE WHEN tenant_col OPERATOR(pg_catalog.=) '' THEN NULL
+                                  ELSE COALESCE(r, o) OPERATOR(pg_catalog.->>) tenant_col END AS tenant
                   FROM changed) c
-         WHERE CASE WHEN resolved THEN true WHEN c.tenant IS NULL THEN false
-                    WHEN octet_length(c.tenant) <= max_len THEN true
+         WHERE CASE WHEN tenant_col OPERATOR(pg_catalog.=) '' THEN true WHEN c.tenant IS NULL THEN false
+                    WHEN pg_catalog.octet_length(c.tenant) OPERATOR(pg_catalog.<=) 255 THEN true
                     ELSE citapulse.count_oversized_tenant() END
     ), per_tenant AS (
         -- Rows whose tenant the daemon resolves are never folded: their tenant is unknown.
-        SELECT tenant, count(*) AS n FROM kept WHERE NOT resolved GROUP BY tenant
+        SELECT k.tenant, pg_catalog.count(*) AS n FROM kept k WHERE k.tenant IS NOT NULL GROUP BY k.tenant
     ), written AS (
         INSERT INTO citapulse.events (tenant, kind, event_type, tbl, op, row_data, old_data, payload)
-        SELECT k.tenant, fam, citapulse.event_type(fam, TG_OP, k.r, k.o), tname, TG_OP, k.r, k.o, NULL
-          FROM kept k LEFT JOIN per_tenant p ON p.tenant = k.tenant
-         WHERE resolved OR p.n <= threshold
+        SELECT k.tenant, fam, NULL, pg_catalog.format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME), TG_OP, k.r, k.o, NULL
+          FROM kept k LEFT JOIN per_tenant p ON p.tenant OPERATOR(pg_catalog.=) k.tenant
+         WHERE k.tenant IS NULL OR p.n OPERATOR(pg_catalog.<=) threshold
         UNION ALL
-        SELECT p.tenant, fam, 'calendar_refresh', tname, TG_OP, NULL, NULL,
-               jsonb_build_object('reason', 'bulk', 'rows', p.n, 'action', lower(TG_OP))
+        SELECT p.tenant, fam, 'calendar_refresh', pg_catalog.format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME), TG_OP, NULL, NULL,
+               pg_catalog.jsonb_build_object('reason', 'bulk', 'rows', p.n, 'action', pg_catalog.lower(TG_OP))
           FROM per_tenant p
-         WHERE p.n > threshold
+         WHERE p.n OPERATOR(pg_catalog.>) threshold
         RETURNING 1
     )
-    SELECT count(*) INTO logged FROM written;
-
-    IF notifying AND logged > 0 THEN
-        PERFORM pg_notify('citapulse', '');
+    SELECT pg_catalog.count(*) INTO logged FROM written;
+    IF logged OPERATOR(pg_catalog.>) 0 AND (SELECT w.notify FROM citapulse.wakeup w) IS NOT FALSE THEN
+        PERFORM pg_catalog.pg_notify('citapulse', '');
     END IF;
     RETURN NULL;
 END
@@ -291,6 +305,8 @@ $$;
 -- tenant with a [[resolvers]] query from its config.
 CREATE OR REPLACE FUNCTION citapulse.watch(tbl regclass, tenant_column text, kind text DEFAULT 'appointment')
 RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    threshold integer;
 BEGIN
     IF kind IS NULL OR kind !~ '^[a-z][a-z0-9_]{0,40}$' THEN
         RAISE EXCEPTION 'citapulse.watch: kind must match ^[a-z][a-z0-9_]{0,40}$ (got %)', kind;
@@ -300,13 +316,17 @@ BEGIN
         RAISE EXCEPTION 'citapulse.watch: table % has no column %', tbl, tenant_column;
     END IF;
     tenant_column := coalesce(tenant_column, '');
+    -- The threshold travels as a trigger argument: reading it from a table on every
+    -- write costs the app more than anything else capture() does (an UPDATE of
+    -- citapulse.settings.bulk_threshold re-attaches the triggers).
+    threshold := coalesce((SELECT s.bulk_threshold FROM citapulse.settings s), 100);
     PERFORM citapulse.unwatch(tbl);
     EXECUTE format('CREATE TRIGGER citapulse_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS citapulse_new '
-                   'FOR EACH STATEMENT EXECUTE FUNCTION citapulse.capture(%L, %L)', tbl, tenant_column, kind);
+                   'FOR EACH STATEMENT EXECUTE FUNCTION citapulse.capture(%L, %L, %L)', tbl, tenant_column, kind, threshold);
     EXECUTE format('CREATE TRIGGER citapulse_update AFTER UPDATE ON %s REFERENCING OLD TABLE AS citapulse_old NEW TABLE AS citapulse_new '
-                   'FOR EACH STATEMENT EXECUTE FUNCTION citapulse.capture(%L, %L)', tbl, tenant_column, kind);
+                   'FOR EACH STATEMENT EXECUTE FUNCTION citapulse.capture(%L, %L, %L)', tbl, tenant_column, kind, threshold);
     EXECUTE format('CREATE TRIGGER citapulse_delete AFTER DELETE ON %s REFERENCING OLD TABLE AS citapulse_old '
-                   'FOR EACH STATEMENT EXECUTE FUNCTION citapulse.capture(%L, %L)', tbl, tenant_column, kind);
+                   'FOR EACH STATEMENT EXECUTE FUNCTION citapulse.capture(%L, %L, %L)', tbl, tenant_column, kind, threshold);
     EXECUTE format('CREATE TRIGGER citapulse_truncate AFTER TRUNCATE ON %s '
                    'FOR EACH STATEMENT EXECUTE FUNCTION citapulse.capture_truncate(%L)', tbl, kind);
 END
@@ -325,6 +345,58 @@ BEGIN
     END LOOP;
 END
 $$;
+
+-- The arguments of a trigger (pg_trigger.tgargs: each one followed by a zero byte).
+CREATE OR REPLACE FUNCTION citapulse.trigger_args(args bytea) RETURNS text[]
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    found text[] := '{}';
+    rest  bytea := args;
+    cut   integer;
+BEGIN
+    LOOP
+        cut := position('\x00'::bytea IN rest);
+        EXIT WHEN cut = 0;
+        found := found || convert_from(substring(rest FROM 1 FOR cut - 1), current_setting('server_encoding'));
+        rest := substring(rest FROM cut + 1);
+    END LOOP;
+    RETURN found;
+END
+$$;
+
+-- Attaches the triggers of every watched table again, with the same tenant column and
+-- kind and the current settings (after an upgrade, or a new bulk threshold).
+CREATE OR REPLACE FUNCTION citapulse.rewatch_all() RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    r record;
+    n integer := 0;
+BEGIN
+    FOR r IN SELECT t.tgrelid::regclass AS tbl, citapulse.trigger_args(t.tgargs) AS a
+               FROM pg_trigger t
+              WHERE t.tgname = 'citapulse_insert' AND t.tgfoid = 'citapulse.capture'::regproc
+    LOOP
+        PERFORM citapulse.watch(r.tbl, nullif(r.a[1], ''), r.a[2]);
+        n := n + 1;
+    END LOOP;
+    RETURN n;
+END
+$$;
+
+-- A new bulk_threshold in citapulse.settings (the daemon writes events.bulk_threshold
+-- there) re-attaches the triggers, whose argument it is. As the owner: whoever may
+-- update the settings row need not own the watched tables.
+CREATE OR REPLACE FUNCTION citapulse.settings_changed() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM citapulse.rewatch_all();
+    RETURN NULL;
+END
+$$;
+DROP TRIGGER IF EXISTS citapulse_settings_changed ON citapulse.settings;
+CREATE TRIGGER citapulse_settings_changed AFTER UPDATE OF bulk_threshold ON citapulse.settings
+    FOR EACH ROW WHEN (old.bulk_threshold IS DISTINCT FROM new.bulk_threshold)
+    EXECUTE FUNCTION citapulse.settings_changed();
 
 -- The watched tables, for `citapulse check` and DBAs.
 CREATE OR REPLACE VIEW citapulse.watched AS
@@ -376,6 +448,9 @@ $$;
 -- CREATE TRIGGER needs EXECUTE on the trigger function; firing does not, so application
 -- writes need no grant. Grant watch/unwatch (and capture, capture_truncate) to DBA roles,
 -- emit to applications that publish events.
+-- Upgrades triggers attached by an older version (their arguments changed in version 3).
+SELECT citapulse.rewatch_all();
+
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA citapulse FROM PUBLIC;
 REVOKE ALL ON ALL TABLES IN SCHEMA citapulse FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA citapulse FROM PUBLIC;

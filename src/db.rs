@@ -19,7 +19,7 @@ pub const UNINSTALL_SQL: &str = include_str!("../sql/uninstall.sql");
 /// `sql/example_schema.sql`, embedded.
 pub const EXAMPLE_SCHEMA_SQL: &str = include_str!("../sql/example_schema.sql");
 /// The `citapulse.version()` this daemon speaks.
-pub const SQL_VERSION: i32 = 2;
+pub const SQL_VERSION: i32 = 3;
 /// The NOTIFY channel the triggers use.
 pub const NOTIFY_CHANNEL: &str = "citapulse";
 
@@ -159,7 +159,11 @@ pub struct Cursor {
     pub xmax: String,
 }
 
-const EVENT_COLUMNS: &str = "e.id, e.tenant, e.event_type, citapulse.event_data(e)::text, \
+/// The triggers leave the event type to the reader (classification is off the app's
+/// commit path): rows they wrote have a NULL `event_type`.
+const EVENT_COLUMNS: &str = "e.id, e.tenant, \
+                             COALESCE(e.event_type, citapulse.event_type(e.kind, e.op, e.row_data, e.old_data)), \
+                             citapulse.event_data(e)::text, \
                              extract(epoch FROM e.created_at)::float8, e.op = 'TRUNCATE'";
 /// How many columns [`EVENT_COLUMNS`] has.
 const EVENT_WIDTH: usize = 6;
@@ -473,7 +477,8 @@ pub async fn set_triggers_notify(
     Ok(n > 0)
 }
 
-/// Writes the knobs the triggers read (`events.bulk_threshold`).
+/// Writes the knobs the triggers read (`events.bulk_threshold`; a change re-attaches the
+/// triggers of every watched table, whose argument it is).
 pub async fn sync_settings(client: &Client, bulk_threshold: u32) -> Result<(), DbError> {
     let threshold = i32::try_from(bulk_threshold).unwrap_or(i32::MAX);
     client

@@ -17,9 +17,9 @@ use tokio_postgres::AsyncMessage;
 use crate::config::WakeupMode;
 use crate::db::{self, Cursor, DbError};
 use crate::hub::Audience;
-use crate::wakeup::{Adaptive, Switch};
 use crate::metrics::{Metrics, Reason};
 use crate::server::Shared;
+use crate::wakeup::{Adaptive, Switch};
 
 /// Rows read per statement.
 const BATCH: i64 = 2000;

@@ -557,3 +557,105 @@ async fn install_over_version_1_migrates_the_markers_and_keeps_the_log() {
         .await
         .ok();
 }
+
+#[tokio::test]
+async fn a_hostile_search_path_cannot_hijack_the_capture_trigger() {
+    // capture() runs as its owner without a fixed search_path (a measured 5% of every
+    // write): every name in it must be qualified, or an app could run its own code as
+    // the owner. Shadow what it uses and write through every path.
+    let db = TestDb::new().await;
+    let role = format!("hijack_{}", std::process::id());
+    let app = as_login(
+        &db,
+        &role,
+        &format!(
+            "GRANT INSERT, UPDATE, DELETE, SELECT ON citas TO {role}; \
+             GRANT USAGE ON SEQUENCE citas_id_seq TO {role}; \
+             CREATE SCHEMA evil AUTHORIZATION {role};"
+        ),
+    )
+    .await;
+    app.batch_execute(
+        "CREATE FUNCTION evil.boom_b(a text, b text) RETURNS boolean LANGUAGE plpgsql AS
+           $$ BEGIN RAISE EXCEPTION 'hijacked as %', current_user; END $$;
+         CREATE FUNCTION evil.boom_j(a jsonb, b text) RETURNS text LANGUAGE plpgsql AS
+           $$ BEGIN RAISE EXCEPTION 'hijacked as %', current_user; END $$;
+         CREATE FUNCTION evil.boom_le(a bigint, b integer) RETURNS boolean LANGUAGE plpgsql AS
+           $$ BEGIN RAISE EXCEPTION 'hijacked as %', current_user; END $$;
+         CREATE FUNCTION evil.boom_le4(a integer, b integer) RETURNS boolean LANGUAGE plpgsql AS
+           $$ BEGIN RAISE EXCEPTION 'hijacked as %', current_user; END $$;
+         CREATE OPERATOR evil.= (LEFTARG = text, RIGHTARG = text, FUNCTION = evil.boom_b);
+         CREATE OPERATOR evil.->> (LEFTARG = jsonb, RIGHTARG = text, FUNCTION = evil.boom_j);
+         CREATE OPERATOR evil.<= (LEFTARG = bigint, RIGHTARG = integer, FUNCTION = evil.boom_le);
+         CREATE OPERATOR evil.<= (LEFTARG = integer, RIGHTARG = integer, FUNCTION = evil.boom_le4);
+         CREATE FUNCTION evil.to_jsonb(anyelement) RETURNS jsonb LANGUAGE plpgsql AS
+           $$ BEGIN RAISE EXCEPTION 'hijacked as %', current_user; END $$;
+         CREATE FUNCTION evil.octet_length(text) RETURNS integer LANGUAGE plpgsql AS
+           $$ BEGIN RAISE EXCEPTION 'hijacked as %', current_user; END $$;
+         CREATE FUNCTION evil.format(text, text, text) RETURNS text LANGUAGE plpgsql AS
+           $$ BEGIN RAISE EXCEPTION 'hijacked as %', current_user; END $$;
+         CREATE FUNCTION evil.pg_notify(text, text) RETURNS void LANGUAGE plpgsql AS
+           $$ BEGIN RAISE EXCEPTION 'hijacked as %', current_user; END $$;
+         CREATE FUNCTION evil.nextval(regclass) RETURNS bigint LANGUAGE plpgsql AS
+           $$ BEGIN RAISE EXCEPTION 'hijacked as %', current_user; END $$;
+         CREATE FUNCTION evil.pg_current_xact_id() RETURNS xid8 LANGUAGE plpgsql AS
+           $$ BEGIN RAISE EXCEPTION 'hijacked as %', current_user; END $$;
+         SET search_path = evil, pg_catalog, public;",
+    )
+    .await
+    .unwrap();
+    let long = "z".repeat(300);
+    // The app's own statements avoid the shadowed operators (bigint = integer is not).
+    app.batch_execute(
+        "INSERT INTO public.citas (negocio_id, cliente_id) VALUES ('t1', 'a'), ('t1', 'b')",
+    )
+    .await
+    .expect("insert");
+    let ids: Vec<i64> = db
+        .client
+        .query("SELECT id FROM citas ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for (what, sql) in [
+        (
+            "update",
+            format!("UPDATE public.citas SET estado = 'confirmada' WHERE id = {}", ids[0]),
+        ),
+        ("delete", format!("DELETE FROM public.citas WHERE id = {}", ids[1])),
+        (
+            "bulk insert",
+            "INSERT INTO public.citas (negocio_id, cliente_id) SELECT 't1', 'bulk' FROM generate_series(1, 150)".to_string(),
+        ),
+        (
+            "oversized tenant",
+            format!("INSERT INTO public.citas (negocio_id, cliente_id) VALUES ('{long}', 'x')"),
+        ),
+    ] {
+        app.batch_execute(&sql)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e:?}"));
+    }
+    let logged: Vec<(String, Option<String>)> = db
+        .client
+        .query(
+            "SELECT op, event_type FROM citapulse.events WHERE tenant = 't1' ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let ops: Vec<&str> = logged.iter().map(|(op, _)| op.as_str()).collect();
+    assert_eq!(ops, ["INSERT", "INSERT", "UPDATE", "DELETE", "INSERT"]);
+    assert_eq!(logged[4].1.as_deref(), Some("calendar_refresh"));
+    db.client
+        .batch_execute(&format!(
+            "DROP SCHEMA evil CASCADE; DROP OWNED BY {role}; DROP ROLE IF EXISTS {role}"
+        ))
+        .await
+        .ok();
+}
