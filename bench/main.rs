@@ -70,6 +70,18 @@ struct Args {
     /// Total sockets to try in the fan-out scenario (capped by RLIMIT_NOFILE).
     #[arg(long, default_value_t = 50_000)]
     fanout_max: usize,
+    /// Trigger cost: seconds per pgbench run (fsync-bound tps swings: longer is steadier).
+    #[arg(long, default_value_t = 4)]
+    pgbench_secs: u64,
+    /// Trigger cost: interleaved rounds (default 2).
+    #[arg(long, default_value_t = 2)]
+    pgbench_rounds: usize,
+    /// Trigger cost: client counts (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 16, 64])]
+    pgbench_clients: Vec<usize>,
+    /// Trigger cost: scripts of bench/pgbench (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = ["insert_1".to_string(), "insert_100".to_string(), "update_1".to_string()])]
+    pgbench_scripts: Vec<String>,
 }
 
 /// The scenarios, in issue 10's order.
@@ -120,6 +132,8 @@ pub struct Bench {
     pub fanout_max: usize,
     /// Results directory.
     pub out_dir: PathBuf,
+    /// Trigger cost: seconds per pgbench run, rounds, client counts, scripts.
+    pub pgbench: crate::trigger::Plan,
     daemon_bin: PathBuf,
     node_dir: Option<PathBuf>,
     node_skip_reason: Option<String>,
@@ -249,6 +263,12 @@ async fn run(args: Args) -> Result<()> {
         fanout: args.fanout,
         fanout_max: args.fanout_max,
         out_dir,
+        pgbench: crate::trigger::Plan {
+            secs: args.pgbench_secs.max(2),
+            rounds: args.pgbench_rounds.max(1),
+            clients: args.pgbench_clients.clone(),
+            scripts: args.pgbench_scripts.clone(),
+        },
         daemon_bin,
         node_dir,
         node_skip_reason,

@@ -107,6 +107,19 @@ impl Config {
     }
 }
 
+/// What the trigger-cost scenario runs (`--pgbench-*` flags).
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Seconds per pgbench run.
+    pub secs: u64,
+    /// Interleaved rounds.
+    pub rounds: usize,
+    /// Client counts.
+    pub clients: Vec<usize>,
+    /// Script names (`bench/pgbench/<name>.sql`).
+    pub scripts: Vec<String>,
+}
+
 /// One configuration's pgbench results over the rounds.
 #[derive(Debug, Clone, Default)]
 struct Runs {
@@ -304,12 +317,18 @@ pub async fn scenario(b: &Bench) -> Result<Section> {
         return Ok(section);
     }
     let dir = write_scripts(&b.out_dir)?;
+    let known: Vec<&str> = SCRIPTS.iter().map(|(name, _)| *name).collect();
+    let wanted: Vec<&str> = known
+        .iter()
+        .copied()
+        .filter(|k| b.pgbench.scripts.iter().any(|s| s == k))
+        .collect();
     let (scripts, clients, configs, secs): (&[&str], &[usize], &[Config], u64) = if b.quick {
         (&["insert_1"], &[1], &[Config::None, Config::Notify], 2)
     } else {
         (
-            &["insert_1", "insert_100", "update_1"],
-            &[1, 16, 64],
+            &wanted,
+            &b.pgbench.clients,
             &[
                 Config::None,
                 Config::LeanFloor,
@@ -318,12 +337,12 @@ pub async fn scenario(b: &Bench) -> Result<Section> {
                 Config::Poll,
                 Config::Adaptive,
             ],
-            4,
+            b.pgbench.secs,
         )
     };
     // fsync-bound tps on a shared virtual disk swings from second to second: interleave
     // the configurations and pool the per-second samples of the rounds.
-    let rounds = if b.quick { 1 } else { b.rounds.min(2) };
+    let rounds = if b.quick { 1 } else { b.pgbench.rounds };
     let admin = b.db.connect().await?;
     admin
         .batch_execute(&contestants_sql())
