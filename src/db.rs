@@ -165,6 +165,15 @@ const EVENT_COLUMNS: &str = "e.id, e.tenant, \
                              COALESCE(e.event_type, citapulse.event_type(e.kind, e.op, e.row_data, e.old_data)), \
                              citapulse.event_data(e)::text, \
                              extract(epoch FROM e.created_at)::float8, e.op = 'TRUNCATE'";
+/// The reader's columns: like [`EVENT_COLUMNS`], but type and data (the costly part:
+/// classification and JSON) only for tenants in `$5` (those with subscribers here), or
+/// for every row when `$5` is NULL. Rows without a tenant are always shaped.
+const READER_COLUMNS: &str = "e.id, e.tenant, \
+    CASE WHEN $5::text[] IS NULL OR e.tenant IS NULL OR e.tenant = ANY($5::text[]) \
+         THEN COALESCE(e.event_type, citapulse.event_type(e.kind, e.op, e.row_data, e.old_data)) END, \
+    CASE WHEN $5::text[] IS NULL OR e.tenant IS NULL OR e.tenant = ANY($5::text[]) \
+         THEN citapulse.event_data(e)::text END, \
+    extract(epoch FROM e.created_at)::float8, e.op = 'TRUNCATE'";
 /// How many columns [`EVENT_COLUMNS`] has.
 const EVENT_WIDTH: usize = 6;
 
@@ -183,8 +192,8 @@ fn event_from_row(row: &tokio_postgres::Row) -> LogEvent {
     LogEvent {
         id: row.get(0),
         audience,
-        event_type: row.get(2),
-        data: row.get::<_, Option<String>>(3).unwrap_or_default(),
+        event_type: row.get::<_, Option<String>>(2).unwrap_or_default(),
+        data: row.get::<_, Option<String>>(3),
         created: row.get::<_, Option<f64>>(4).unwrap_or_default(),
     }
 }
@@ -226,7 +235,8 @@ pub async fn prepare_reader(client: &Client) -> Result<tokio_postgres::Statement
     Ok(client.prepare(&reader_sql()).await?)
 }
 
-/// The reader's statement: $1 last id, $2 xids in progress (text[]), $3 limit, $4 xmax.
+/// The reader's statement: $1 last id, $2 xids in progress (text[]), $3 limit, $4 xmax,
+/// $5 the tenants to shape events for (text[], NULL = all).
 pub fn reader_sql() -> String {
     format!(
         "SELECT NULL::bigint, NULL::text, NULL::text, NULL::text, NULL::float8, NULL::boolean, \
@@ -234,12 +244,12 @@ pub fn reader_sql() -> String {
                 pg_snapshot_xmax(pg_current_snapshot())::text, \
                 (SELECT notify FROM citapulse.wakeup) \
          UNION ALL \
-         (SELECT {EVENT_COLUMNS}, NULL, NULL, NULL FROM citapulse.events e \
+         (SELECT {READER_COLUMNS}, NULL, NULL, NULL FROM citapulse.events e \
            WHERE (e.xid = ANY($2::text[]::xid8[]) \
                   OR (e.xid >= $4::text::xid8 AND e.xid < pg_snapshot_xmax(pg_current_snapshot()))) \
              AND e.id + 0 <= $1) \
          UNION ALL \
-         (SELECT {EVENT_COLUMNS}, NULL, NULL, NULL FROM citapulse.events e \
+         (SELECT {READER_COLUMNS}, NULL, NULL, NULL FROM citapulse.events e \
            WHERE e.id > $1 ORDER BY e.id LIMIT $3)"
     )
 }
@@ -265,11 +275,18 @@ pub async fn read_batch(
     stmt: &tokio_postgres::Statement,
     cursor: &mut Cursor,
     limit: i64,
+    shape_for: Option<&[String]>,
 ) -> Result<Batch, DbError> {
     let rows = client
         .query(
             stmt,
-            &[&cursor.last_id, &cursor.in_progress, &limit, &cursor.xmax],
+            &[
+                &cursor.last_id,
+                &cursor.in_progress,
+                &limit,
+                &cursor.xmax,
+                &shape_for,
+            ],
         )
         .await?;
     let mut events = Vec::with_capacity(rows.len());
@@ -307,6 +324,19 @@ pub async fn read_batch(
         more: above >= limit,
         triggers_notify,
     })
+}
+
+/// Events by id, whole (the reader skipped shaping them; see `Hub::dispatch`).
+pub async fn events_by_id(client: &Client, ids: &[i64]) -> Result<Vec<LogEvent>, DbError> {
+    let rows = client
+        .query(
+            &format!(
+                "SELECT {EVENT_COLUMNS} FROM citapulse.events e WHERE e.id = ANY($1) ORDER BY e.id"
+            ),
+            &[&ids],
+        )
+        .await?;
+    Ok(rows.iter().map(event_from_row).collect())
 }
 
 /// Where a client's resume stands: the events of its channel it may have missed are

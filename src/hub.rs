@@ -43,8 +43,9 @@ pub struct LogEvent {
     pub audience: Audience,
     /// Message type.
     pub event_type: String,
-    /// The `data` object as JSON text.
-    pub data: String,
+    /// The `data` object as JSON text; `None` when the reader skipped shaping it because
+    /// the tenant had no subscribers here (see [`Hub::dispatch`]).
+    pub data: Option<String>,
     /// Unix seconds when the row was logged.
     pub created: f64,
 }
@@ -56,7 +57,7 @@ impl LogEvent {
             &self.event_type,
             channel,
             self.id,
-            &self.data,
+            self.data.as_deref().unwrap_or("{}"),
         ))
     }
 }
@@ -174,6 +175,14 @@ struct Channel {
     name: Arc<str>,
     subscribers: HashMap<ClientId, Subscriber>,
     stats: Option<Utf8Bytes>,
+}
+
+/// What [`Hub::dispatch`] did.
+pub struct Dispatched {
+    /// (tenant, event id) for every tenant with subscribers that an event reached.
+    pub touched: Vec<(Arc<str>, i64)>,
+    /// Events to read whole and dispatch again.
+    pub unshaped: Vec<i64>,
 }
 
 /// What `subscribe` found.
@@ -300,10 +309,14 @@ impl Hub {
         lock(&self.channels).keys().cloned().collect()
     }
 
-    /// Delivers events to their channels; returns (tenant, event id) for every tenant
-    /// with subscribers that an event reached.
-    pub fn dispatch(&self, events: &[LogEvent], now: f64) -> Vec<(Arc<str>, i64)> {
+    /// Delivers events to their channels. Returns (tenant, event id) for every tenant
+    /// with subscribers that an event reached, and the ids of events that were read
+    /// unshaped (no subscriber when the read started) but whose tenant has subscribers
+    /// now: the caller reads them whole and dispatches them again. A tenant's events of
+    /// one read are all shaped or all not, so its order is kept.
+    pub fn dispatch(&self, events: &[LogEvent], now: f64) -> Dispatched {
         let mut touched: Vec<(Arc<str>, i64)> = Vec::new();
+        let mut unshaped: Vec<i64> = Vec::new();
         let mut channels = lock(&self.channels);
         for ev in events {
             match &ev.audience {
@@ -317,6 +330,10 @@ impl Hub {
                     let Some(channel) = channels.get_mut(tenant.as_str()) else {
                         continue;
                     };
+                    if ev.data.is_none() {
+                        unshaped.push(ev.id);
+                        continue;
+                    }
                     self.deliver(channel, ev);
                     touched.push((channel.tenant.clone(), ev.id));
                 }
@@ -327,7 +344,7 @@ impl Hub {
                 .observe((now - ev.created).max(0.0));
         }
         drop(channels);
-        touched
+        Dispatched { touched, unshaped }
     }
 
     fn deliver(&self, channel: &mut Channel, ev: &LogEvent) {
@@ -404,5 +421,52 @@ impl Hub {
     /// Connections per tenant and role.
     pub fn connection_counts(&self) -> ConnectionCounts {
         lock(&self.connections).clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(id: i64, tenant: &str, data: Option<&str>) -> LogEvent {
+        LogEvent {
+            id,
+            audience: Audience::Tenant(tenant.into()),
+            event_type: "cita_created".into(),
+            data: data.map(str::to_string),
+            created: 0.0,
+        }
+    }
+
+    #[test]
+    fn an_unshaped_event_of_a_subscribed_tenant_is_handed_back_not_delivered_empty() {
+        let hub = Hub::new(Arc::new(Metrics::new("test")), 16);
+        let (client, mut queue) = ClientHandle::new(1, 16);
+        hub.subscribe("t1", "estadisticas:t1", &client, false);
+        assert!(queue.try_recv().is_ok(), "subscribed");
+        // Read before anyone subscribed to t1 (unshaped), dispatched after: handed back.
+        let d = hub.dispatch(
+            &[
+                event(7, "t1", None),
+                event(8, "t2", None),
+                event(9, "t1", None),
+            ],
+            0.0,
+        );
+        assert_eq!(d.unshaped, vec![7, 9]);
+        assert!(d.touched.is_empty());
+        assert!(
+            queue.try_recv().is_err(),
+            "nothing delivered without its data"
+        );
+        // Read whole, they are delivered in order.
+        let d = hub.dispatch(
+            &[event(7, "t1", Some("{}")), event(9, "t1", Some("{}"))],
+            0.0,
+        );
+        assert!(d.unshaped.is_empty());
+        assert_eq!(d.touched.len(), 2);
+        let first = queue.try_recv().expect("event 7");
+        assert!(first.as_str().contains("\"id\":7"), "{}", first.as_str());
     }
 }

@@ -23,6 +23,8 @@ use crate::wakeup::{Adaptive, Switch};
 
 /// Rows read per statement.
 const BATCH: i64 = 2000;
+/// Tenants with subscribers up to which the reader shapes only their events.
+const SHAPE_FOR_AT_MOST: usize = 1000;
 /// How long the daemon keeps polling fast after switching the triggers back to
 /// notifying: transactions that read the old mode may still commit silently.
 const SWITCH_BACK_GRACE: Duration = Duration::from_secs(2);
@@ -253,7 +255,12 @@ async fn drain(
     resolver: &mut Resolver,
 ) -> Result<(), DbError> {
     loop {
-        let mut batch = db::read_batch(client, stmt, cursor, BATCH).await?;
+        // Shaping an event (its type and JSON) is most of a read's cost: only for tenants
+        // with subscribers here, unless there are so many that the list costs more.
+        let tenants = shared.hub.tenants();
+        let shape_for: Option<Vec<String>> = (tenants.len() <= SHAPE_FOR_AT_MOST)
+            .then(|| tenants.iter().map(|t| t.to_string()).collect());
+        let mut batch = db::read_batch(client, stmt, cursor, BATCH, shape_for.as_deref()).await?;
         if batch
             .events
             .iter()
@@ -272,10 +279,15 @@ async fn drain(
             shared
                 .reader_position
                 .store(cursor.last_id, Ordering::Release);
-            let touched = shared
-                .hub
-                .dispatch(&batch.events, crate::stats::unix_time_f64());
-            shared.stats.mark_events(&touched);
+            let now = crate::stats::unix_time_f64();
+            let dispatched = shared.hub.dispatch(&batch.events, now);
+            shared.stats.mark_events(&dispatched.touched);
+            if !dispatched.unshaped.is_empty() {
+                // Subscribed while the read ran: read those whole, deliver them now.
+                let whole = db::events_by_id(client, &dispatched.unshaped).await?;
+                let again = shared.hub.dispatch(&whole, now);
+                shared.stats.mark_events(&again.touched);
+            }
         }
         if !batch.more {
             return Ok(());
@@ -438,7 +450,8 @@ impl Resolver {
             .iter_mut()
             .filter(|e| e.audience == Audience::Unresolved)
         {
-            let data: serde_json::Value = serde_json::from_str(&ev.data).unwrap_or_default();
+            let data: serde_json::Value =
+                serde_json::from_str(ev.data.as_deref().unwrap_or("{}")).unwrap_or_default();
             let table = data["table"].as_str().unwrap_or_default().to_string();
             let Some(resolver) = shared.config.resolvers.iter().find(|r| r.table == table) else {
                 tracing::debug!(table = %table, id = ev.id, "no [[resolvers]] entry for this table");

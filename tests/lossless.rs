@@ -489,7 +489,7 @@ async fn a_log_read_touches_a_handful_of_pages_whatever_the_log_size() {
     );
     db.client
         .batch_execute(&format!(
-            "{}; PREPARE r(bigint, text[], bigint, text) AS {}",
+            "{}; PREPARE r(bigint, text[], bigint, text, text[]) AS {}",
             citapulse::db::READER_SESSION,
             citapulse::db::reader_sql()
         ))
@@ -501,7 +501,7 @@ async fn a_log_read_touches_a_handful_of_pages_whatever_the_log_size() {
         .map(|x| format!("'{x}'"))
         .collect();
     let explain = format!(
-        "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE r({}, ARRAY[{}]::text[], 1000, '{}')",
+        "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE r({}, ARRAY[{}]::text[], 1000, '{}', NULL)",
         cursor.last_id,
         xips.join(","),
         cursor.xmax
