@@ -29,18 +29,32 @@ const UPDATE_ROWS: i64 = 20_000;
 /// The tenant the daemon's subscriber watches during a run.
 const WATCHED_TENANT: &str = "pgb_1";
 
+/// An older `sql/install.sql` moved to its own schema.
+fn in_schema(sql: &str, schema: &str) -> String {
+    sql.replace("citapulse.", &format!("{schema}.")).replace(
+        "SCHEMA IF NOT EXISTS citapulse;",
+        &format!("SCHEMA IF NOT EXISTS {schema};"),
+    )
+}
+
 /// The contestants that are not the current SQL: version 1 of `sql/install.sql` (the
-/// commit before issue 17) moved to schema `citapulse_v1`, and the lean floor.
+/// commit before issue 17) in schema `citapulse_v1`, version 3 (one trigger write into
+/// the indexed log, the wakeup row read per statement) in `citapulse_v3`, and the lean
+/// floor.
 fn contestants_sql() -> String {
-    let v1 = include_str!("../tests/fixtures/install_v1.sql")
-        .replace("citapulse.", "citapulse_v1.")
-        .replace(
-            "SCHEMA IF NOT EXISTS citapulse;",
-            "SCHEMA IF NOT EXISTS citapulse_v1;",
-        );
+    let v1 = in_schema(
+        include_str!("../tests/fixtures/install_v1.sql"),
+        "citapulse_v1",
+    );
+    let v3 = in_schema(
+        include_str!("../tests/fixtures/install_v3.sql"),
+        "citapulse_v3",
+    );
     format!(
         "{v1}
          UPDATE citapulse_v1.wakeup SET notify = false;
+         {v3}
+         UPDATE citapulse_v3.wakeup SET notify = false;
          CREATE TABLE IF NOT EXISTS bench_lean_log (id bigserial PRIMARY KEY, tenant text, row_data jsonb,
                                                     xid xid8 DEFAULT pg_current_xact_id());
          CREATE OR REPLACE FUNCTION bench_lean_capture() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -67,6 +81,8 @@ enum Config {
     /// `capture()` as it was before issue 17 (SQL version 1, in schema `citapulse_v1`),
     /// silent triggers (its poll wake-up), no daemon: the write path alone.
     Previous,
+    /// `capture()` of SQL version 3 (in schema `citapulse_v3`), silent, no daemon.
+    V3,
     /// The floor: a statement trigger doing only `INSERT … SELECT tenant, to_jsonb(n)`
     /// into a log whose only index is its key, no daemon.
     LeanFloor,
@@ -81,6 +97,7 @@ impl Config {
             Config::Poll => "citapulse poll",
             Config::Adaptive => "citapulse adaptive (default)",
             Config::Previous => "capture() before #17 (poll, no daemon)",
+            Config::V3 => "capture() v3 (poll, no daemon)",
             Config::LeanFloor => "lean floor (no daemon)",
         }
     }
@@ -93,6 +110,7 @@ impl Config {
             Config::Poll => "poll",
             Config::Adaptive => "adaptive",
             Config::Previous => "previous",
+            Config::V3 => "v3",
             Config::LeanFloor => "lean_floor",
         }
     }
@@ -102,7 +120,11 @@ impl Config {
             Config::Notify => Some("notify"),
             Config::Poll => Some("poll"),
             Config::Adaptive => Some("adaptive"),
-            Config::None | Config::RowNotify | Config::Previous | Config::LeanFloor => None,
+            Config::None
+            | Config::RowNotify
+            | Config::Previous
+            | Config::V3
+            | Config::LeanFloor => None,
         }
     }
 }
@@ -182,12 +204,14 @@ async fn prepare(
     admin
         .batch_execute(
             "SET session_replication_role = replica; \
-             TRUNCATE citas, citapulse.events, citapulse_v1.events, bench_lean_log RESTART IDENTITY; \
+             TRUNCATE citas, citapulse.events, citapulse.inbox, citapulse_v1.events, citapulse_v3.events, \
+                      bench_lean_log RESTART IDENTITY; \
              SET session_replication_role = origin; \
              DROP TRIGGER IF EXISTS bench_notify ON citas; \
              DROP TRIGGER IF EXISTS bench_lean_insert ON citas; \
              DROP TRIGGER IF EXISTS bench_lean_update ON citas; \
-             SELECT citapulse_v1.unwatch('public.citas'::regclass)",
+             SELECT citapulse_v1.unwatch('public.citas'::regclass); \
+             SELECT citapulse_v3.unwatch('public.citas'::regclass)",
         )
         .await
         .ctx("truncating before a pgbench run")?;
@@ -212,6 +236,10 @@ async fn prepare(
         Config::Previous => {
             "SELECT citapulse.unwatch('public.citas'::regclass); \
              SELECT citapulse_v1.watch('public.citas'::regclass, tenant_column => 'negocio_id', kind => 'appointment')"
+        }
+        Config::V3 => {
+            "SELECT citapulse.unwatch('public.citas'::regclass); \
+             SELECT citapulse_v3.watch('public.citas'::regclass, tenant_column => 'negocio_id', kind => 'appointment')"
         }
         Config::LeanFloor => {
             "SELECT citapulse.unwatch('public.citas'::regclass); \
@@ -349,6 +377,7 @@ pub async fn scenario(b: &Bench) -> Result<Section> {
                 Config::None,
                 Config::LeanFloor,
                 Config::Previous,
+                Config::V3,
                 Config::RowNotify,
                 Config::Poll,
                 Config::Adaptive,

@@ -1,7 +1,9 @@
 -- citapulse: install (idempotent; run with psql -f sql/install.sql, as often as you like).
 --
 -- Creates schema citapulse with:
---   citapulse.events    the durable change log (what makes delivery lossless)
+--   citapulse.inbox     what the triggers write: the changed rows, nothing else indexed
+--   citapulse.events    the durable change log the daemon reads and replays from (what
+--                       makes delivery lossless): the daemon moves the inbox into it
 --   citapulse.wakeup    one row: whether the triggers call pg_notify (adaptive wake-up)
 --   citapulse.settings  one row: knobs the daemon writes and the triggers read
 --   citapulse.watch(), citapulse.unwatch(), citapulse.emit(), citapulse.version()
@@ -20,11 +22,15 @@ CREATE SCHEMA IF NOT EXISTS citapulse;
 
 -- The version the daemon checks at start-up; bump on any incompatible change.
 CREATE OR REPLACE FUNCTION citapulse.version() RETURNS integer
-LANGUAGE sql IMMUTABLE AS $$ SELECT 3 $$;
+LANGUAGE sql IMMUTABLE AS $$ SELECT 4 $$;
 
 -- One row per changed row (or one calendar_refresh per tenant for a bulk statement).
--- xid and horizon make replay lossless when transactions commit out of id order:
--- every event committing after event X was written has xid >= X.horizon.
+-- Since version 4 the triggers write citapulse.inbox and a daemon moves committed inbox
+-- rows here in batches (citapulse.move_inbox), keeping their ids: the replay indexes
+-- below cost the daemon, not the application's commits. xid and horizon are those of
+-- the transaction that made the row visible here (the mover's; the writer's before
+-- version 4), and make replay lossless when rows arrive out of id order: every event
+-- arriving after event X arrived has xid >= X.horizon.
 CREATE TABLE IF NOT EXISTS citapulse.events (
     id          bigserial PRIMARY KEY,
     tenant      text,                            -- NULL: TRUNCATE (every tenant) or not yet resolved
@@ -66,6 +72,58 @@ CREATE TABLE IF NOT EXISTS citapulse.wakeup (
     changed_by  text
 );
 INSERT INTO citapulse.wakeup (singleton) VALUES (true) ON CONFLICT DO NOTHING;
+
+-- What the triggers write, inside the application's transaction: the rows and what
+-- cannot be recovered later (tenant, table, op, kind, time). Only its key is indexed,
+-- and ids come from the log's sequence, so a row keeps its id when the daemon moves it
+-- to citapulse.events. A committed inbox row is an event not yet moved; rows of
+-- transactions still running are invisible to the mover and moved once they commit.
+CREATE TABLE IF NOT EXISTS citapulse.inbox (
+    id          bigint      PRIMARY KEY DEFAULT nextval('citapulse.events_id_seq'),
+    tenant      text,
+    kind        text        NOT NULL,
+    event_type  text,
+    tbl         text,
+    op          text        NOT NULL,
+    row_data    jsonb,
+    old_data    jsonb,
+    payload     jsonb,
+    created_at  timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+-- Rows live here for milliseconds: vacuum often so the mover's key scan stays short.
+ALTER TABLE citapulse.inbox SET (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 2000,
+                                 autovacuum_vacuum_insert_scale_factor = 0, autovacuum_vacuum_insert_threshold = 2000);
+
+-- Whether the triggers notify, as a function the planner folds into a constant: reading
+-- citapulse.wakeup on every write cost the application about as much as the rest of
+-- capture(). An UPDATE of citapulse.wakeup.notify (the daemon's adaptive switch)
+-- replaces its body; PostgreSQL then re-plans the one expression that inlined it, in
+-- every session, at its next statement. Not SECURITY DEFINER: that would stop inlining.
+CREATE OR REPLACE FUNCTION citapulse.notifying() RETURNS boolean
+LANGUAGE sql STABLE AS $$ SELECT true $$;
+
+CREATE OR REPLACE FUNCTION citapulse.set_notifying(notify boolean) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    EXECUTE format('CREATE OR REPLACE FUNCTION citapulse.notifying() RETURNS boolean LANGUAGE sql STABLE AS %L',
+                   CASE WHEN notify IS NOT FALSE THEN 'SELECT true' ELSE 'SELECT false' END);
+END
+$$;
+
+-- The row lock of the UPDATE serialises concurrent switches (two daemons replacing the
+-- function at once would fail with "tuple concurrently updated").
+CREATE OR REPLACE FUNCTION citapulse.wakeup_changed() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM citapulse.set_notifying(NEW.notify);
+    RETURN NULL;
+END
+$$;
+DROP TRIGGER IF EXISTS citapulse_wakeup_changed ON citapulse.wakeup;
+CREATE TRIGGER citapulse_wakeup_changed AFTER UPDATE OF notify ON citapulse.wakeup
+    FOR EACH ROW WHEN (old.notify IS DISTINCT FROM new.notify)
+    EXECUTE FUNCTION citapulse.wakeup_changed();
+SELECT citapulse.set_notifying(w.notify) FROM citapulse.wakeup w;
 
 CREATE TABLE IF NOT EXISTS citapulse.settings (
     singleton       boolean PRIMARY KEY DEFAULT true CHECK (singleton),
@@ -154,11 +212,12 @@ $$;
 -- may LISTEN, so it carries neither tenants nor ids; rows travel through the log.
 --
 -- Cost matters: this runs inside every write of the legacy app, so it holds only what
--- must be in the app's transaction (row, old row, table, op, tenant, kind, xid, horizon);
--- the event type is classified by the daemon when it reads the log (event_type NULL).
--- The usual statement (at most the bulk threshold, TG_ARGV[2], rows) costs one
--- INSERT ... SELECT straight from the transition table, whose count is an InitPlan of
--- that same statement, and one read of citapulse.wakeup; while notifying, one pg_notify.
+-- must be in the app's transaction (row, old row, table, op, tenant, kind), into the
+-- inbox (key only); the daemon moves it to the indexed log and classifies the event
+-- type when it reads it (event_type NULL). The usual statement (at most the bulk
+-- threshold, TG_ARGV[2], rows) costs one INSERT ... SELECT straight from the transition
+-- table, whose count is an InitPlan of that same statement; while notifying (a
+-- constant, see citapulse.notifying()), one pg_notify.
 -- A statement changing more than the threshold of one tenant's rows logs a single
 -- calendar_refresh for that tenant instead (the rare path below).
 --
@@ -174,7 +233,6 @@ DECLARE
     tenant_col pg_catalog.text := TG_ARGV[0];
     fam        pg_catalog.text := TG_ARGV[1];
     threshold  pg_catalog.int4 := COALESCE(TG_ARGV[2], '100');
-    notifying  pg_catalog.bool;
     total      pg_catalog.int8;
     logged     pg_catalog.int8;
     news       pg_catalog.jsonb[];
@@ -182,15 +240,12 @@ DECLARE
 BEGIN
     -- The usual statement: every row is its own event, unless the statement is bigger
     -- than the threshold (the InitPlan count then lets nothing through). OFFSET 0 keeps
-    -- the planner from inlining to_jsonb() into each use. The sub-selects take the table
-    -- name, transaction id and snapshot horizon once per statement, not per row (an
-    -- earlier horizon is only more conservative). The CASE keeps the counting function
+    -- the planner from inlining to_jsonb() into each use. The sub-select takes the table
+    -- name once per statement, not per row. The CASE keeps the counting function
     -- off every row but the oversized ones.
     IF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN
-        INSERT INTO citapulse.events (tenant, kind, tbl, op, row_data, xid, horizon)
-        SELECT c.tenant, fam, (SELECT pg_catalog.format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME)), 'INSERT', c.r,
-               (SELECT pg_catalog.pg_current_xact_id()),
-               (SELECT pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot()))
+        INSERT INTO citapulse.inbox (tenant, kind, tbl, op, row_data)
+        SELECT c.tenant, fam, (SELECT pg_catalog.format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME)), 'INSERT', c.r
           FROM (SELECT j.r, CASE WHEN tenant_col OPERATOR(pg_catalog.=) '' THEN NULL
                                  ELSE j.r OPERATOR(pg_catalog.->>) tenant_col END AS tenant
                   FROM (SELECT pg_catalog.to_jsonb(n.*) AS r FROM citapulse_new n OFFSET 0) j) c
@@ -199,10 +254,8 @@ BEGIN
                     WHEN pg_catalog.octet_length(c.tenant) OPERATOR(pg_catalog.<=) 255 THEN true
                     ELSE citapulse.count_oversized_tenant() END;
     ELSIF TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN
-        INSERT INTO citapulse.events (tenant, kind, tbl, op, old_data, xid, horizon)
-        SELECT c.tenant, fam, (SELECT pg_catalog.format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME)), 'DELETE', c.o,
-               (SELECT pg_catalog.pg_current_xact_id()),
-               (SELECT pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot()))
+        INSERT INTO citapulse.inbox (tenant, kind, tbl, op, old_data)
+        SELECT c.tenant, fam, (SELECT pg_catalog.format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME)), 'DELETE', c.o
           FROM (SELECT j.o, CASE WHEN tenant_col OPERATOR(pg_catalog.=) '' THEN NULL
                                  ELSE j.o OPERATOR(pg_catalog.->>) tenant_col END AS tenant
                   FROM (SELECT pg_catalog.to_jsonb(d.*) AS o FROM citapulse_old d OFFSET 0) j) c
@@ -213,10 +266,8 @@ BEGIN
     ELSE
         -- PostgreSQL fills both transition tables of an UPDATE in the same order, so
         -- the i-th new row pairs with the i-th old row.
-        INSERT INTO citapulse.events (tenant, kind, tbl, op, row_data, old_data, xid, horizon)
-        SELECT c.tenant, fam, (SELECT pg_catalog.format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME)), 'UPDATE', c.r, c.o,
-               (SELECT pg_catalog.pg_current_xact_id()),
-               (SELECT pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot()))
+        INSERT INTO citapulse.inbox (tenant, kind, tbl, op, row_data, old_data)
+        SELECT c.tenant, fam, (SELECT pg_catalog.format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME)), 'UPDATE', c.r, c.o
           FROM (SELECT n.r, d.o, CASE WHEN tenant_col OPERATOR(pg_catalog.=) '' THEN NULL
                                       ELSE n.r OPERATOR(pg_catalog.->>) tenant_col END AS tenant
                   FROM (SELECT pg_catalog.to_jsonb(x.*) AS r, pg_catalog.row_number() OVER () AS i FROM citapulse_new x) n
@@ -228,8 +279,7 @@ BEGIN
                     ELSE citapulse.count_oversized_tenant() END;
     END IF;
     IF FOUND THEN
-        SELECT w.notify INTO notifying FROM citapulse.wakeup w;
-        IF notifying IS NOT FALSE THEN
+        IF citapulse.notifying() THEN
             PERFORM pg_catalog.pg_notify('citapulse', '');
         END IF;
         RETURN NULL;
@@ -265,7 +315,7 @@ BEGIN
         -- Rows whose tenant the daemon resolves are never folded: their tenant is unknown.
         SELECT k.tenant, pg_catalog.count(*) AS n FROM kept k WHERE k.tenant IS NOT NULL GROUP BY k.tenant
     ), written AS (
-        INSERT INTO citapulse.events (tenant, kind, event_type, tbl, op, row_data, old_data, payload)
+        INSERT INTO citapulse.inbox (tenant, kind, event_type, tbl, op, row_data, old_data, payload)
         SELECT k.tenant, fam, NULL, pg_catalog.format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME), TG_OP, k.r, k.o, NULL
           FROM kept k LEFT JOIN per_tenant p ON p.tenant OPERATOR(pg_catalog.=) k.tenant
          WHERE k.tenant IS NULL OR p.n OPERATOR(pg_catalog.<=) threshold
@@ -277,7 +327,7 @@ BEGIN
         RETURNING 1
     )
     SELECT pg_catalog.count(*) INTO logged FROM written;
-    IF logged OPERATOR(pg_catalog.>) 0 AND (SELECT w.notify FROM citapulse.wakeup w) IS NOT FALSE THEN
+    IF logged OPERATOR(pg_catalog.>) 0 AND citapulse.notifying() THEN
         PERFORM pg_catalog.pg_notify('citapulse', '');
     END IF;
     RETURN NULL;
@@ -289,10 +339,10 @@ $$;
 CREATE OR REPLACE FUNCTION citapulse.capture_truncate() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    INSERT INTO citapulse.events (tenant, kind, event_type, tbl, op, payload)
+    INSERT INTO citapulse.inbox (tenant, kind, event_type, tbl, op, payload)
     VALUES (NULL, TG_ARGV[0], 'calendar_refresh', format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME),
             'TRUNCATE', jsonb_build_object('reason', 'truncate', 'action', 'truncate'));
-    IF coalesce((SELECT notify FROM citapulse.wakeup), true) THEN
+    IF citapulse.notifying() THEN
         PERFORM pg_notify('citapulse', '');
     END IF;
     RETURN NULL;
@@ -433,14 +483,37 @@ BEGIN
     IF lower(event_type) = ANY (citapulse.reserved_event_types()) THEN
         RAISE EXCEPTION 'citapulse.emit: event_type % is reserved for messages of the server', event_type;
     END IF;
-    INSERT INTO citapulse.events (tenant, kind, event_type, op, payload)
+    INSERT INTO citapulse.inbox (tenant, kind, event_type, op, payload)
     VALUES (tenant, 'custom', event_type, 'EMIT', coalesce(data, '{}'::jsonb))
     RETURNING id INTO new_id;
-    IF coalesce((SELECT notify FROM citapulse.wakeup), true) THEN
+    IF citapulse.notifying() THEN
         PERFORM pg_notify('citapulse', '');
     END IF;
     RETURN new_id;
 END
+$$;
+
+-- Moves up to `batch` committed inbox rows, oldest id first, to citapulse.events with
+-- their ids; returns how many. Rows of transactions still running are invisible here and
+-- move on a later call. Each daemon's reader calls it before reading the log: two movers
+-- take rows in id order and wait on each other's row locks (no deadlock, no skipped row
+-- a reader would then miss until its next wake-up), and what one moved the other finds
+-- gone. The daemon runs it with synchronous_commit off: a move lost in a crash leaves
+-- its rows in the inbox, and they move again with the same ids.
+CREATE OR REPLACE FUNCTION citapulse.move_inbox(batch integer DEFAULT 5000) RETURNS integer
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    WITH taken AS (
+        SELECT i.id FROM citapulse.inbox i ORDER BY i.id LIMIT batch FOR UPDATE
+    ), moved AS (
+        DELETE FROM citapulse.inbox i USING taken t WHERE i.id = t.id
+        RETURNING i.id, i.tenant, i.kind, i.event_type, i.tbl, i.op, i.row_data, i.old_data, i.payload, i.created_at
+    ), written AS (
+        INSERT INTO citapulse.events (id, tenant, kind, event_type, tbl, op, row_data, old_data, payload, created_at)
+        SELECT m.id, m.tenant, m.kind, m.event_type, m.tbl, m.op, m.row_data, m.old_data, m.payload, m.created_at
+          FROM moved m ORDER BY m.id
+        RETURNING 1
+    )
+    SELECT count(*)::integer FROM written
 $$;
 
 -- Nothing for PUBLIC: a login that may create a table (a temporary one will do) must not

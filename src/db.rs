@@ -19,7 +19,7 @@ pub const UNINSTALL_SQL: &str = include_str!("../sql/uninstall.sql");
 /// `sql/example_schema.sql`, embedded.
 pub const EXAMPLE_SCHEMA_SQL: &str = include_str!("../sql/example_schema.sql");
 /// The `citapulse.version()` this daemon speaks.
-pub const SQL_VERSION: i32 = 3;
+pub const SQL_VERSION: i32 = 4;
 /// The NOTIFY channel the triggers use.
 pub const NOTIFY_CHANNEL: &str = "citapulse";
 
@@ -324,6 +324,22 @@ pub async fn read_batch(
         more: above >= limit,
         triggers_notify,
     })
+}
+
+/// Moves up to `batch` committed rows from the triggers' inbox into the log (see
+/// `citapulse.move_inbox` in `sql/install.sql`); returns how many moved. Without a WAL
+/// flush wait: a move lost in a crash leaves its rows in the inbox, to move again.
+pub const MOVE_SQL: &str =
+    "SELECT set_config('synchronous_commit', 'off', true), citapulse.move_inbox($1::int4)";
+
+/// Runs [`MOVE_SQL`] (prepared by the caller).
+pub async fn move_inbox(
+    client: &Client,
+    stmt: &tokio_postgres::Statement,
+    batch: i32,
+) -> Result<i32, DbError> {
+    let row = client.query_one(stmt, &[&batch]).await?;
+    Ok(row.get::<_, Option<i32>>(1).unwrap_or(0))
 }
 
 /// Events by id, whole (the reader skipped shaping them; see `Hub::dispatch`).

@@ -23,6 +23,8 @@ use crate::wakeup::{Adaptive, Switch};
 
 /// Rows read per statement.
 const BATCH: i64 = 2000;
+/// Inbox rows moved into the log per statement.
+const MOVE_BATCH: i32 = 5000;
 /// Tenants with subscribers up to which the reader shapes only their events.
 const SHAPE_FOR_AT_MOST: usize = 1000;
 /// How long the daemon keeps polling fast after switching the triggers back to
@@ -186,6 +188,8 @@ async fn session(
         .await?;
     let mut stats_seen = crate::stats::shared_version(&client).await?;
     let stmt = db::prepare_reader(&client).await?;
+    let mover = client.prepare(db::MOVE_SQL).await?;
+    let stmts = Statements { read: stmt, mover };
     let cur = match cursor.take() {
         Some(c) => c,
         None => db::initial_cursor(&client).await?,
@@ -198,7 +202,7 @@ async fn session(
     let mut mode = ModeControl::new(shared);
     mode.enforce_pinned(&client).await?;
     drain(
-        shared, &client, &stmt, cursor, "catch_up", &mut mode, resolver,
+        shared, &client, &stmts, cursor, "catch_up", &mut mode, resolver,
     )
     .await?;
     shared.health.set_up(&shared.metrics);
@@ -232,7 +236,7 @@ async fn session(
                 continue;
             }
         };
-        drain(shared, &client, &stmt, cursor, why, &mut mode, resolver).await?;
+        drain(shared, &client, &stmts, cursor, why, &mut mode, resolver).await?;
         mode.maybe_switch(&client).await?;
         // Polls keep their cadence (the time a read takes is not added to the interval,
         // so an event waits at most one interval); a notified read restarts the clock.
@@ -245,10 +249,16 @@ async fn session(
     }
 }
 
+/// The listener's prepared statements.
+struct Statements {
+    read: tokio_postgres::Statement,
+    mover: tokio_postgres::Statement,
+}
+
 async fn drain(
     shared: &Shared,
     client: &tokio_postgres::Client,
-    stmt: &tokio_postgres::Statement,
+    stmts: &Statements,
     cursor: &mut Cursor,
     why: &str,
     mode: &mut ModeControl<'_>,
@@ -260,7 +270,12 @@ async fn drain(
         let tenants = shared.hub.tenants();
         let shape_for: Option<Vec<String>> = (tenants.len() <= SHAPE_FOR_AT_MOST)
             .then(|| tenants.iter().map(|t| t.to_string()).collect());
-        let mut batch = db::read_batch(client, stmt, cursor, BATCH, shape_for.as_deref()).await?;
+        // Move what the triggers committed into the log, then read it: pipelined (one
+        // round trip), and the read's snapshot is taken after the move committed.
+        let (moved, mut batch) = tokio::try_join!(
+            db::move_inbox(client, &stmts.mover, MOVE_BATCH),
+            db::read_batch(client, &stmts.read, cursor, BATCH, shape_for.as_deref()),
+        )?;
         if batch
             .events
             .iter()
@@ -289,7 +304,7 @@ async fn drain(
                 shared.stats.mark_events(&again.touched);
             }
         }
-        if !batch.more {
+        if !batch.more && moved < MOVE_BATCH {
             return Ok(());
         }
     }

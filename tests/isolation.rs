@@ -51,6 +51,7 @@ async fn app_rows_holding_marker_values_reach_only_that_literal_tenant() {
     assert_eq!(live.len(), 1, "only t1's own row reaches t1: {live:?}");
 
     // The rows are logged under their literal tenant, and a TRUNCATE still reaches t1.
+    db.move_inbox().await;
     let literal: i64 = db
         .client
         .query_one(
@@ -121,6 +122,7 @@ async fn oversized_tenant_values_never_fail_the_app_write_and_are_counted() {
         .execute("DELETE FROM citas WHERE length(negocio_id) > 255", &[])
         .await
         .expect("nor a DELETE");
+    db.move_inbox().await;
     let logged: Vec<(String, String)> = db
         .client
         .query("SELECT tenant, op FROM citapulse.events ORDER BY id", &[])
@@ -559,6 +561,81 @@ async fn install_over_version_1_migrates_the_markers_and_keeps_the_log() {
 }
 
 #[tokio::test]
+async fn install_over_version_3_keeps_the_log_and_a_transaction_in_flight() {
+    // Version 4 moved the triggers' writes to citapulse.inbox. An install over version 3
+    // keeps its log; rows written through the old capture() (one by a transaction still
+    // open when the install starts) and through the new one all reach a resuming client
+    // in id order, each once.
+    let scratch = TestDb::new().await;
+    let name = format!("v3_{}", std::process::id());
+    let admin = pg(&admin_url(&scratch.url)).await;
+    for sql in [
+        format!("DROP DATABASE IF EXISTS {name}"),
+        format!("CREATE DATABASE {name}"),
+    ] {
+        admin.batch_execute(&sql).await.unwrap();
+    }
+    let url = url_with_db(&scratch.url, &name);
+    let db = pg(&url).await;
+    db.batch_execute(include_str!("fixtures/install_v3.sql"))
+        .await
+        .unwrap();
+    db.batch_execute(citapulse::db::EXAMPLE_SCHEMA_SQL)
+        .await
+        .unwrap();
+    db.batch_execute("INSERT INTO citas (negocio_id, cliente_id) VALUES ('t1', 'v3-committed')")
+        .await
+        .unwrap();
+    let in_flight = pg(&url).await;
+    in_flight
+        .batch_execute(
+            "BEGIN; INSERT INTO citas (negocio_id, cliente_id) VALUES ('t1', 'v3-in-flight')",
+        )
+        .await
+        .unwrap();
+
+    // The install re-attaches the triggers, so it waits for the writer to finish.
+    let installer = pg(&url).await;
+    let install =
+        tokio::spawn(async move { installer.batch_execute(citapulse::db::INSTALL_SQL).await });
+    in_flight.batch_execute("COMMIT").await.unwrap();
+    install.await.unwrap().expect("install over version 3");
+    db.batch_execute(citapulse::db::INSTALL_SQL)
+        .await
+        .expect("idempotent");
+    db.batch_execute("INSERT INTO citas (negocio_id, cliente_id) VALUES ('t1', 'v4')")
+        .await
+        .unwrap();
+
+    let d = Daemon::start(&url, |_| {}).await;
+    let mut c = WsClient::connect(d.addr, &tenant_token("t1")).await;
+    c.subscribe("t1", Some(0)).await;
+    let replayed = c.events(3).await;
+    let mut clients: Vec<&str> = replayed
+        .iter()
+        .map(|e| e["data"]["row"]["cliente_id"].as_str().unwrap_or_default())
+        .collect();
+    clients.sort_unstable();
+    assert_eq!(clients, ["v3-committed", "v3-in-flight", "v4"]);
+    let ids: Vec<i64> = replayed.iter().filter_map(|e| e["id"].as_i64()).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "in id order: {ids:?}");
+    db.execute(
+        "INSERT INTO citas (negocio_id, cliente_id) VALUES ('t1', 'live')",
+        &[],
+    )
+    .await
+    .unwrap();
+    let live = c.events(1).await;
+    assert_eq!(live[0]["data"]["row"]["cliente_id"], "live");
+    d.stop().await;
+    drop((db, in_flight));
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .await
+        .ok();
+}
+
+#[tokio::test]
 async fn a_hostile_search_path_cannot_hijack_the_capture_trigger() {
     // capture() runs as its owner without a fixed search_path (a measured 5% of every
     // write): every name in it must be qualified, or an app could run its own code as
@@ -638,6 +715,7 @@ async fn a_hostile_search_path_cannot_hijack_the_capture_trigger() {
             .await
             .unwrap_or_else(|e| panic!("{what}: {e:?}"));
     }
+    db.move_inbox().await;
     let logged: Vec<(String, Option<String>)> = db
         .client
         .query(

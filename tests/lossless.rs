@@ -70,6 +70,7 @@ async fn resume_replays_late_commits_below_the_last_seen_id() {
     c.close().await;
 
     tx_a.commit().await.unwrap();
+    db.move_inbox().await;
     let a_id: i64 = db
         .client
         .query_one(
@@ -460,6 +461,7 @@ async fn a_log_read_touches_a_handful_of_pages_whatever_the_log_size() {
         )
         .await
         .unwrap();
+    db.move_inbox().await;
     db.client
         .batch_execute("VACUUM ANALYZE citapulse.events")
         .await

@@ -182,3 +182,53 @@ fn poll_reads(text: &str) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+#[tokio::test]
+async fn the_triggers_follow_the_wakeup_switch_without_reading_a_table() {
+    // capture() decides to notify through citapulse.notifying(), a constant the planner
+    // folds into its plan; an UPDATE of citapulse.wakeup replaces it. Observed from the
+    // outside: in commit order, a LISTENer sees no notification for a write made while
+    // notifying is off (the marker comes first), and one for a write made after it is on.
+    let db = TestDb::new().await;
+    let (listener, mut connection) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(Ok(msg)) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = msg {
+                let _ = tx.send(n.channel().to_string());
+            }
+        }
+    });
+    listener
+        .batch_execute("LISTEN citapulse; LISTEN test_marker")
+        .await
+        .unwrap();
+    // A writer whose plan of notifying() is cached before the switch.
+    let writer = pg(&db.url).await;
+    let insert = "INSERT INTO citas (negocio_id, cliente_id) VALUES ('t1', 'w')";
+    writer.batch_execute(insert).await.unwrap();
+    assert_eq!(rx.recv().await.as_deref(), Some("citapulse"));
+
+    db.client
+        .execute("UPDATE citapulse.wakeup SET notify = false", &[])
+        .await
+        .unwrap();
+    writer.batch_execute(insert).await.unwrap();
+    writer.batch_execute("NOTIFY test_marker").await.unwrap();
+    assert_eq!(
+        rx.recv().await.as_deref(),
+        Some("test_marker"),
+        "no notification while notifying is off"
+    );
+
+    db.client
+        .execute("UPDATE citapulse.wakeup SET notify = true", &[])
+        .await
+        .unwrap();
+    writer.batch_execute(insert).await.unwrap();
+    writer.batch_execute("NOTIFY test_marker").await.unwrap();
+    assert_eq!(rx.recv().await.as_deref(), Some("citapulse"));
+    assert_eq!(rx.recv().await.as_deref(), Some("test_marker"));
+}

@@ -76,6 +76,9 @@ fn server() -> &'static Server {
     })
 }
 
+/// Moves every committed inbox row into the log (see `citapulse.move_inbox`).
+pub const MOVE_INBOX: &str = "SELECT citapulse.move_inbox(1000000)";
+
 /// Starts a dedicated cluster (for tests that restart PostgreSQL).
 pub async fn dedicated_cluster() -> PgCluster {
     PgCluster::start(ClusterOptions::default())
@@ -153,8 +156,18 @@ impl TestDb {
             .get(0)
     }
 
-    /// Event ids in the log for a tenant.
+    /// Moves every committed row of the triggers' inbox into the log, as a daemon's
+    /// reader does before each read (for tests that read the log without a daemon).
+    pub async fn move_inbox(&self) {
+        self.client
+            .batch_execute(MOVE_INBOX)
+            .await
+            .expect("move the inbox");
+    }
+
+    /// Event ids in the log for a tenant (after moving the inbox).
     pub async fn event_ids(&self, tenant: &str) -> Vec<i64> {
+        self.move_inbox().await;
         self.client
             .query(
                 "SELECT id FROM citapulse.events WHERE tenant = $1 ORDER BY id",
