@@ -396,15 +396,7 @@ async fn check(config: &Config) -> Result<ExitCode, String> {
         .map_err(|e| pg_report(&e))?
         .map(|r| r.get(0));
     let tenant = sample.unwrap_or_else(|| "sample".into());
-    let q = config.stats.query.trim().trim_end_matches(';');
-    let stmt = client
-        .prepare_typed(
-            &format!("SELECT to_jsonb(q.*)::text FROM ({q}) q LIMIT 1"),
-            &[
-                tokio_postgres::types::Type::TEXT,
-                tokio_postgres::types::Type::TEXT,
-            ],
-        )
+    let stmt = citapulse::server::prepare_stats_probe(&client, &config.stats.query)
         .await
         .map_err(|e| format!("config key `stats.query`: {}", pg_report(&e)))?;
     let today = chrono_free_today(&client, &config.stats.timezone).await?;
