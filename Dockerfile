@@ -4,22 +4,26 @@
 
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
-# Dependency layer: compile against stub sources so this layer is reused until
-# Cargo.toml or Cargo.lock change.
+# Dependency layer: compile against stub sources so this layer is reused until a
+# manifest or Cargo.lock changes. Every workspace member's manifest must be present;
+# the daemon (default feature `demo`) also compiles citapulse-testkit.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir -p src bench \
+COPY testkit/Cargo.toml ./testkit/
+COPY bench/Cargo.toml ./bench/
+RUN mkdir -p src testkit/src \
  && echo 'fn main() {}' > src/main.rs \
  && echo 'fn main() {}' > bench/main.rs \
- && touch src/lib.rs \
+ && touch src/lib.rs testkit/src/lib.rs \
  && cargo build --release --locked --bin citapulse \
- && rm -rf src bench
+ && rm -rf src testkit/src bench/main.rs
 # The real sources (sql/, static/ and clients/ are embedded into the binary).
 COPY src ./src
+COPY testkit ./testkit
 COPY bench ./bench
 COPY sql ./sql
 COPY static ./static
 COPY clients ./clients
-RUN touch src/lib.rs src/main.rs \
+RUN touch src/lib.rs src/main.rs testkit/src/*.rs \
  && cargo build --release --locked --bin citapulse \
  && strip target/release/citapulse
 

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use citapulse_testkit::wire::stats_channel;
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::watch;
@@ -60,8 +61,10 @@ pub async fn connect(addr: SocketAddr, source: Ipv4Addr, token: &str, buf: usize
 pub async fn subscribe(ws: &mut Ws, tenant: &str) -> Result<()> {
     let exchange = async {
         expect(ws, "connected").await?;
-        let request =
-            format!(r#"{{"type":"subscribe","data":{{"channel":"estadisticas:{tenant}"}}}}"#);
+        let request = format!(
+            r#"{{"type":"subscribe","data":{{"channel":"{}"}}}}"#,
+            stats_channel(tenant)
+        );
         ws.send(Message::Text(request.into()))
             .await
             .ctx("sending subscribe")?;

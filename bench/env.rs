@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use citapulse::auth::Authenticator;
 use citapulse::config::{AuthConfig, Secret};
-use citapulse::pgcluster::{ClusterOptions, PgCluster};
+use citapulse_testkit::process::{send_signal, set_parent_death_signal};
+use citapulse_testkit::wire::metric_value;
+use citapulse_testkit::{ClusterOptions, PgCluster};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_postgres::{Client, NoTls};
@@ -291,7 +293,7 @@ impl Server {
 
     /// SIGTERM, then SIGKILL if it has not exited in time.
     pub async fn stop(mut self) {
-        send_signal(self.pid, libc::SIGTERM);
+        let _ = send_signal(self.pid, libc::SIGTERM);
         if tokio::time::timeout(STOP_TIMEOUT, self.child.wait())
             .await
             .is_err()
@@ -325,45 +327,14 @@ fn base_command(program: &Path, log_dir: &Path, log_name: &str) -> Result<std::p
             cmd.env(key, value);
         }
     }
-    set_parent_death_signal(&mut cmd);
+    // Spawned from the runtime's worker threads, which live as long as the harness.
+    set_parent_death_signal(&mut cmd, libc::SIGTERM);
     Ok(cmd)
 }
 
-/// Makes the child get SIGTERM when the harness dies, so no server outlives it.
-#[allow(unsafe_code)]
-fn set_parent_death_signal(cmd: &mut std::process::Command) {
-    use std::os::unix::process::CommandExt;
-    let parent = std::process::id();
-    // SAFETY: runs in the forked child before exec; prctl and getppid are
-    // async-signal-safe and the closure neither allocates nor takes locks.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if u32::try_from(libc::getppid()).ok() != Some(parent) {
-                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
-            }
-            Ok(())
-        });
-    }
-}
-
-#[allow(unsafe_code)]
-fn send_signal(pid: u32, signal: libc::c_int) {
-    if let Ok(pid) = libc::pid_t::try_from(pid) {
-        // SAFETY: kill has no memory-safety preconditions; `pid` is our unreaped child.
-        unsafe {
-            libc::kill(pid, signal);
-        }
-    }
-}
-
 /// A currently free loopback port.
-pub fn free_port() -> Result<u16> {
-    let listener =
-        std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).ctx("finding a free port")?;
-    Ok(listener.local_addr().ctx("finding a free port")?.port())
+fn free_port() -> Result<u16> {
+    citapulse_testkit::free_port().ctx("finding a free port")
 }
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit; returns the new soft limit.
@@ -450,18 +421,6 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     Ok((status, body))
 }
 
-/// Sums every sample of `name` (any labels) in Prometheus text.
-pub fn metric_value(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .fold(0.0, |a, b| a + b)
-}
-
 /// The value of `name{…label="value"…}` in Prometheus text, if present.
 pub fn metric_with_label(text: &str, name: &str, label: &str) -> Option<f64> {
     text.lines()
@@ -504,7 +463,8 @@ pub async fn machine(db: &Database) -> serde_json::Value {
     let git = |args: &[&str]| {
         std::process::Command::new("git")
             .args(args)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            // The workspace root: `src` and `sql` below are the daemon's.
+            .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
             .output()
             .ok()
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())

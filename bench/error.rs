@@ -35,7 +35,7 @@ pub enum BenchError {
     },
     /// The throwaway cluster could not start.
     #[error(transparent)]
-    Cluster(#[from] citapulse::pgcluster::ClusterError),
+    Cluster(#[from] citapulse_testkit::ClusterError),
     /// Anything else, already explained.
     #[error("{0}")]
     Failed(String),

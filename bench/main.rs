@@ -239,7 +239,7 @@ async fn run(args: Args) -> Result<()> {
         let dir = args
             .node_dir
             .clone()
-            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/peers/node"));
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("peers/node"));
         match prepare_node(&dir) {
             Ok(()) => (Some(dir), None),
             Err(reason) => {

@@ -7,13 +7,13 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
+use citapulse_testkit::wire::metric_value;
 use serde_json::json;
 use tokio::sync::watch;
 use tokio_postgres::types::{ToSql, Type};
 
 use crate::Bench;
 use crate::client;
-use crate::env::metric_value;
 use crate::error::{Context, Result, failed};
 use crate::report::{Section, Table, median, num, round};
 use crate::writer::{self, Load, Timeline};

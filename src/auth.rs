@@ -4,7 +4,6 @@
 //! Must never log a token.
 
 use std::collections::HashSet;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde_json::{Map, Value};
@@ -250,13 +249,9 @@ fn claim_text(v: Option<&Value>) -> Option<String> {
     }
 }
 
-/// Seconds since the Unix epoch.
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default()
-}
+/// Kept at this path for `stats.rs`, which calls `crate::auth::unix_now`; new code
+/// uses [`crate::clock::unix_now`].
+pub use crate::clock::unix_now;
 
 /// Why a channel name or subscription was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

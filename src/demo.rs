@@ -7,13 +7,13 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use citapulse_testkit::pgcluster::{ClusterError, ClusterOptions, PgCluster};
 use tokio::net::TcpListener;
 use tokio_postgres::NoTls;
 
 use crate::auth::Authenticator;
 use crate::config::{Config, Secret};
 use crate::db;
-use crate::pgcluster::{ClusterError, ClusterOptions, PgCluster};
 
 /// The demo tenants; the first one is shown on the dashboard.
 pub const DEMO_TENANTS: [&str; 3] = ["negocio_demo", "clinica_sol", "salon_luna"];

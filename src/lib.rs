@@ -16,17 +16,20 @@
 //! - [`frames`]: the frame meter under the WebSocket codec (frame-level rate limit).
 //! - [`server`]: HTTP routes, the handshake, start-up and graceful shutdown.
 //! - [`auth`], [`protocol`], [`config`], [`metrics`], [`retention`]: supporting parts.
-//! - [`pgcluster`], [`demo`]: a throwaway PostgreSQL and the embedded demo.
+//! - [`clock`]: wall-clock time as the wire format and tokens count it.
+//! - `demo` (feature `demo`): the embedded demo on a throwaway PostgreSQL from
+//!   `citapulse-testkit`, the crate that also holds the test and bench infrastructure.
 
 pub mod auth;
+pub mod clock;
 pub mod config;
 pub mod db;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod frames;
 pub mod hub;
 pub mod listener;
 pub mod metrics;
-pub mod pgcluster;
 pub mod protocol;
 pub mod replay;
 pub mod retention;

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use citapulse::config::{Config, ConfigError, humantime};
-use citapulse::{auth, db, demo};
+use citapulse::{auth, db};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -218,21 +218,26 @@ async fn dispatch(command: Command, config: Config) -> Result<ExitCode, String> 
                 .map_err(|e| report(&e))?;
             Ok(ExitCode::SUCCESS)
         }
+        #[cfg(feature = "demo")]
         Command::Demo {
             listen,
             writes_per_sec,
             duration,
         } => {
-            let opts = demo::DemoOptions {
+            let opts = citapulse::demo::DemoOptions {
                 listen,
                 writes_per_sec,
                 duration,
             };
-            demo::run(opts, shutdown_signal())
+            citapulse::demo::run(opts, shutdown_signal())
                 .await
                 .map_err(|e| report(&e))?;
             Ok(ExitCode::SUCCESS)
         }
+        #[cfg(not(feature = "demo"))]
+        Command::Demo { .. } => Err("this build has no demo: it was built without the \
+             `demo` feature (rebuild with default features, e.g. `cargo run -- demo`)"
+            .into()),
         Command::Sql { action } => sql(action, &config).await,
         Command::Token {
             tenant,
@@ -391,15 +396,7 @@ async fn check(config: &Config) -> Result<ExitCode, String> {
         .map_err(|e| pg_report(&e))?
         .map(|r| r.get(0));
     let tenant = sample.unwrap_or_else(|| "sample".into());
-    let q = config.stats.query.trim().trim_end_matches(';');
-    let stmt = client
-        .prepare_typed(
-            &format!("SELECT to_jsonb(q.*)::text FROM ({q}) q LIMIT 1"),
-            &[
-                tokio_postgres::types::Type::TEXT,
-                tokio_postgres::types::Type::TEXT,
-            ],
-        )
+    let stmt = citapulse::server::prepare_stats_probe(&client, &config.stats.query)
         .await
         .map_err(|e| format!("config key `stats.query`: {}", pg_report(&e)))?;
     let today = chrono_free_today(&client, &config.stats.timezone).await?;

@@ -114,6 +114,25 @@ impl Shared {
     }
 }
 
+/// Prepares `stats.query` with the parameters the statistics engine binds (tenant and
+/// today, both text), wrapped to return at most one row as JSON text: start-up checks
+/// that it prepares, `citapulse check` runs it once.
+pub async fn prepare_stats_probe(
+    client: &tokio_postgres::Client,
+    query: &str,
+) -> Result<tokio_postgres::Statement, tokio_postgres::Error> {
+    let query = query.trim().trim_end_matches(';');
+    client
+        .prepare_typed(
+            &format!("SELECT to_jsonb(q.*)::text FROM ({query}) q LIMIT 1"),
+            &[
+                tokio_postgres::types::Type::TEXT,
+                tokio_postgres::types::Type::TEXT,
+            ],
+        )
+        .await
+}
+
 /// Runs the daemon on `listener` until `shutdown` resolves, then shuts down gracefully.
 pub async fn run(
     listener: TcpListener,
@@ -143,19 +162,7 @@ pub async fn run(
                 config.stats.timezone
             ),
         })?;
-        let probe = client
-            .prepare_typed(
-                &format!(
-                    "SELECT * FROM ({}) q LIMIT 0",
-                    config.stats.query.trim().trim_end_matches(';')
-                ),
-                &[
-                    tokio_postgres::types::Type::TEXT,
-                    tokio_postgres::types::Type::TEXT,
-                ],
-            )
-            .await;
-        if let Err(err) = probe {
+        if let Err(err) = prepare_stats_probe(&client, &config.stats.query).await {
             return Err(ConfigError::Invalid {
                 key: "stats.query",
                 reason: format!(

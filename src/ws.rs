@@ -21,6 +21,7 @@ use hyper_util::rt::TokioIo;
 use tokio::sync::{mpsc, watch};
 
 use crate::auth::{self, ChannelError, Identity};
+use crate::clock;
 use crate::db;
 use crate::frames::{FrameFlood, FrameMeter};
 use crate::hub::ClientHandle;
@@ -450,11 +451,7 @@ impl Connection {
         };
         match msg {
             ClientMessage::Ping => {
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_millis())
-                    .unwrap_or_default();
-                self.send(protocol::pong(now)).await;
+                self.send(protocol::pong(clock::unix_millis())).await;
             }
             ClientMessage::Subscribe { channel, since } => self.subscribe(&channel, since).await,
             ClientMessage::Unsubscribe { channel } => match auth::channel_tenant(&channel) {
@@ -629,7 +626,7 @@ impl Connection {
 }
 
 fn expiry_instant(expires_at: u64) -> tokio::time::Instant {
-    let now = auth::unix_now();
+    let now = clock::unix_now();
     let left = expires_at.saturating_sub(now).min(10 * 365 * 86_400);
     tokio::time::Instant::now() + Duration::from_secs(left)
 }

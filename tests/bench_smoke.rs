@@ -4,7 +4,7 @@
 //! committed; it never asserts how fast anything was.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -12,6 +12,32 @@ use serde_json::Value;
 
 /// The smoke run is a few seconds of work; this only guards against a hang.
 const LIMIT: Duration = Duration::from_secs(150);
+
+/// `citapulse-bench`, built next to the daemon binary.
+///
+/// The bench is a crate of its own, so Cargo gives this test no `CARGO_BIN_EXE_` for
+/// it. `cargo test` builds it anyway (the bench crate has tests of its own); building it
+/// here too, with the same profile into the same directory, is then a no-op, and makes
+/// `cargo test --test bench_smoke` alone run the current bench rather than a stale one.
+fn bench_bin() -> PathBuf {
+    let profile_dir = Path::new(env!("CARGO_BIN_EXE_citapulse")).parent().unwrap();
+    let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") | None => "dev",
+        Some(name) => name,
+    };
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--quiet", "-p", "citapulse-bench", "--bin"])
+        .args(["citapulse-bench", "--profile", profile])
+        .env("CARGO_TARGET_DIR", profile_dir.parent().unwrap())
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdin(Stdio::null())
+        .status()
+        .expect("run cargo build -p citapulse-bench");
+    assert!(status.success(), "cargo build -p citapulse-bench: {status}");
+    let bin = profile_dir.join("citapulse-bench");
+    assert!(bin.is_file(), "no {} after building it", bin.display());
+    bin
+}
 
 fn tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
@@ -26,7 +52,7 @@ fn quick_mode_runs_every_scenario() {
     let out = dir.join("results.json");
     let log = dir.join("bench.log");
     let log_file = std::fs::File::create(&log).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_citapulse-bench"))
+    let mut child = Command::new(bench_bin())
         .arg("--quick")
         .arg("--out")
         .arg(&out)

@@ -269,7 +269,7 @@ async fn token_and_health_commands() {
         .unwrap();
     assert_eq!(id.tenant.as_deref(), Some("t9"));
     assert_eq!(id.role.as_deref(), Some("staff"));
-    let left = id.expires_at - citapulse::auth::unix_now();
+    let left = id.expires_at - citapulse::clock::unix_now();
     assert!((590..=600).contains(&left), "{left}");
 
     let (code, _, err) = cli(&["token", "--tenant", "t9"], &[]);

@@ -33,7 +33,7 @@ type Headers<'a> = Env<'a>;
 // Tokens.
 
 fn now() -> u64 {
-    citapulse::auth::unix_now()
+    citapulse::clock::unix_now()
 }
 
 fn key_path(name: &str) -> PathBuf {

@@ -16,7 +16,8 @@ use std::time::Duration;
 
 use citapulse::auth::Authenticator;
 use citapulse::config::{Config, Secret};
-use citapulse::pgcluster::{ClusterOptions, PgCluster};
+use citapulse_testkit::wire::stats_channel;
+use citapulse_testkit::{ClusterOptions, PgCluster};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -290,16 +291,7 @@ fn init_logs() {
 }
 
 /// Sums every sample of `name` (ignoring labels) in Prometheus text.
-pub fn metric_value(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
+pub use citapulse_testkit::wire::metric_value;
 
 /// Polls `cond` every 20 ms until true or [`WAIT`] passes (then panics).
 pub async fn wait_until<F, Fut>(mut cond: F)
@@ -400,7 +392,7 @@ impl WsClient {
 
     /// Subscribes and waits for `subscribed`.
     pub async fn subscribe(&mut self, tenant: &str, since: Option<i64>) {
-        let mut data = json!({"channel": format!("estadisticas:{tenant}")});
+        let mut data = json!({"channel": stats_channel(tenant)});
         if let Some(s) = since {
             data["since"] = json!(s);
         }
@@ -547,11 +539,7 @@ pub struct ProcDaemon {
 
 /// A free loopback port (bound then released).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    citapulse_testkit::free_port().expect("a free loopback port")
 }
 
 impl ProcDaemon {

@@ -24,6 +24,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
+use crate::process::{free_port, running_as_root, send_signal, set_parent_death_signal};
+
 const HOST: &str = "127.0.0.1";
 const SUPERUSER: &str = "postgres";
 const PG_LIB_DIR: &str = "/usr/lib/postgresql";
@@ -203,7 +205,8 @@ impl PgCluster {
 
         let mut attempt = 1;
         loop {
-            cluster.port = free_port()?;
+            cluster.port = free_port()
+                .map_err(|e| ClusterError::io("binding 127.0.0.1:0 to find a free port", e))?;
             match cluster.launch().await {
                 Ok(()) => break,
                 Err(e) if attempt < START_ATTEMPTS && e.is_bind_failure() => {
@@ -375,7 +378,8 @@ impl PgCluster {
         if let Some(u) = self.run_as {
             cmd.uid(u.uid).gid(u.gid);
         }
-        set_parent_death_signal(&mut cmd);
+        // Immediate shutdown when the spawner thread (alive as long as we are) dies.
+        set_parent_death_signal(&mut cmd, libc::SIGQUIT);
 
         let child =
             spawn_from_spawner_thread(cmd)
@@ -609,16 +613,6 @@ fn create_temp_dir(run_as: Option<RunAs>) -> Result<PathBuf, ClusterError> {
     ))
 }
 
-/// Picks a currently free loopback port (the OS may hand it to someone else before we bind it).
-fn free_port() -> Result<u16, ClusterError> {
-    let listener = std::net::TcpListener::bind((HOST, 0))
-        .map_err(|e| ClusterError::io("binding 127.0.0.1:0 to find a free port", e))?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| ClusterError::io("reading the free port's address", e))?;
-    Ok(addr.port())
-}
-
 async fn connect(
     port: u16,
     dbname: &str,
@@ -687,45 +681,6 @@ fn spawner_loop(requests: mpsc::Receiver<SpawnRequest>) {
             let _ = send_signal(child.id(), libc::SIGQUIT);
             let _ = child.wait();
         }
-    }
-}
-
-/// Makes the child receive SIGQUIT (immediate shutdown) when the spawning thread dies.
-#[allow(unsafe_code)]
-fn set_parent_death_signal(cmd: &mut Command) {
-    let parent = std::process::id();
-    // SAFETY: the closure runs in the forked child before exec (and after the uid
-    // switch, which would otherwise clear the setting); it only calls prctl and
-    // getppid, which are async-signal-safe, and neither allocates nor takes locks.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGQUIT as libc::c_ulong) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // If we died before prctl took effect, the signal will never come: bail out.
-            if u32::try_from(libc::getppid()).ok() != Some(parent) {
-                return Err(io::Error::from_raw_os_error(libc::ESRCH));
-            }
-            Ok(())
-        });
-    }
-}
-
-#[allow(unsafe_code)]
-fn running_as_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
-
-#[allow(unsafe_code)]
-fn send_signal(pid: u32, signal: libc::c_int) -> io::Result<()> {
-    let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::other("pid out of range"))?;
-    // SAFETY: kill has no memory-safety preconditions; `pid` is our own unreaped
-    // child, so it cannot have been recycled for another process.
-    if unsafe { libc::kill(pid, signal) } == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
     }
 }
 
