@@ -205,8 +205,9 @@ $$;
 
 -- Writes one statement's changes to the log, then wakes the daemon while notifying is on.
 -- It must never make the application's statement fail on data: rows with a NULL tenant
--- are skipped, so are (and counted) tenant values over 255 bytes (never subscribable:
--- channel names allow 64 characters; and too big for the (tenant, id) index), and every
+-- are skipped, and tenant values over 255 bytes (never subscribable: channel names allow
+-- 64 characters; and too big for the log's (tenant, id) index) are dropped and counted
+-- when the daemon moves the inbox (the bulk path below drops them itself), and every
 -- column type travels through to_jsonb. The tenant is whatever the row holds, always
 -- literal: no value means "every tenant". The NOTIFY payload is empty: any database login
 -- may LISTEN, so it carries neither tenants nor ids; rows travel through the log.
@@ -241,8 +242,8 @@ BEGIN
     -- The usual statement: every row is its own event, unless the statement is bigger
     -- than the threshold (the InitPlan count then lets nothing through). OFFSET 0 keeps
     -- the planner from inlining to_jsonb() into each use. The sub-select takes the table
-    -- name once per statement, not per row. The CASE keeps the counting function
-    -- off every row but the oversized ones.
+    -- name once per statement, not per row. Oversized tenants are dropped (and counted)
+    -- by citapulse.move_inbox(), off the commit path: the inbox has no tenant index.
     IF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN
         INSERT INTO citapulse.inbox (tenant, kind, tbl, op, row_data)
         SELECT c.tenant, fam, (SELECT pg_catalog.format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME)), 'INSERT', c.r
@@ -250,9 +251,7 @@ BEGIN
                                  ELSE j.r OPERATOR(pg_catalog.->>) tenant_col END AS tenant
                   FROM (SELECT pg_catalog.to_jsonb(n.*) AS r FROM citapulse_new n OFFSET 0) j) c
          WHERE (SELECT pg_catalog.count(*) FROM citapulse_new) OPERATOR(pg_catalog.<=) threshold
-           AND CASE WHEN tenant_col OPERATOR(pg_catalog.=) '' THEN true WHEN c.tenant IS NULL THEN false
-                    WHEN pg_catalog.octet_length(c.tenant) OPERATOR(pg_catalog.<=) 255 THEN true
-                    ELSE citapulse.count_oversized_tenant() END;
+           AND (c.tenant IS NOT NULL OR tenant_col OPERATOR(pg_catalog.=) '');
     ELSIF TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN
         INSERT INTO citapulse.inbox (tenant, kind, tbl, op, old_data)
         SELECT c.tenant, fam, (SELECT pg_catalog.format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME)), 'DELETE', c.o
@@ -260,9 +259,7 @@ BEGIN
                                  ELSE j.o OPERATOR(pg_catalog.->>) tenant_col END AS tenant
                   FROM (SELECT pg_catalog.to_jsonb(d.*) AS o FROM citapulse_old d OFFSET 0) j) c
          WHERE (SELECT pg_catalog.count(*) FROM citapulse_old) OPERATOR(pg_catalog.<=) threshold
-           AND CASE WHEN tenant_col OPERATOR(pg_catalog.=) '' THEN true WHEN c.tenant IS NULL THEN false
-                    WHEN pg_catalog.octet_length(c.tenant) OPERATOR(pg_catalog.<=) 255 THEN true
-                    ELSE citapulse.count_oversized_tenant() END;
+           AND (c.tenant IS NOT NULL OR tenant_col OPERATOR(pg_catalog.=) '');
     ELSE
         -- PostgreSQL fills both transition tables of an UPDATE in the same order, so
         -- the i-th new row pairs with the i-th old row.
@@ -274,9 +271,7 @@ BEGIN
                   JOIN (SELECT pg_catalog.to_jsonb(x.*) AS o, pg_catalog.row_number() OVER () AS i FROM citapulse_old x) d
                     ON d.i OPERATOR(pg_catalog.=) n.i) c
          WHERE (SELECT pg_catalog.count(*) FROM citapulse_new) OPERATOR(pg_catalog.<=) threshold
-           AND CASE WHEN tenant_col OPERATOR(pg_catalog.=) '' THEN true WHEN c.tenant IS NULL THEN false
-                    WHEN pg_catalog.octet_length(c.tenant) OPERATOR(pg_catalog.<=) 255 THEN true
-                    ELSE citapulse.count_oversized_tenant() END;
+           AND (c.tenant IS NOT NULL OR tenant_col OPERATOR(pg_catalog.=) '');
     END IF;
     IF FOUND THEN
         IF citapulse.notifying() THEN
@@ -494,14 +489,20 @@ END
 $$;
 
 -- Moves up to `batch` committed inbox rows, oldest id first, to citapulse.events with
--- their ids; returns how many. Rows of transactions still running are invisible here and
+-- their ids; returns how many it took from the inbox. Rows of transactions still running are invisible here and
 -- move on a later call. Each daemon's reader calls it before reading the log: two movers
 -- take rows in id order and wait on each other's row locks (no deadlock, no skipped row
 -- a reader would then miss until its next wake-up), and what one moved the other finds
 -- gone. The daemon runs it with synchronous_commit off: a move lost in a crash leaves
 -- its rows in the inbox, and they move again with the same ids.
 CREATE OR REPLACE FUNCTION citapulse.move_inbox(batch integer DEFAULT 5000) RETURNS integer
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    n          integer;
+    taken_rows bigint;
+BEGIN
+    -- PL/pgSQL keeps this statement's plan for the session (a SQL function would plan it
+    -- on every call, several times what an empty move costs).
     WITH taken AS (
         SELECT i.id FROM citapulse.inbox i ORDER BY i.id LIMIT batch FOR UPDATE
     ), moved AS (
@@ -510,10 +511,18 @@ LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     ), written AS (
         INSERT INTO citapulse.events (id, tenant, kind, event_type, tbl, op, row_data, old_data, payload, created_at)
         SELECT m.id, m.tenant, m.kind, m.event_type, m.tbl, m.op, m.row_data, m.old_data, m.payload, m.created_at
-          FROM moved m ORDER BY m.id
+          FROM moved m
+         WHERE m.tenant IS NULL OR octet_length(m.tenant) <= 255
+         ORDER BY m.id
         RETURNING 1
     )
-    SELECT count(*)::integer FROM written
+    SELECT count(*)::integer, (SELECT count(*) FROM moved) INTO n, taken_rows FROM written;
+    -- Rows whose tenant is over 255 bytes (see capture()) are dropped here, and counted.
+    IF taken_rows > n THEN
+        PERFORM citapulse.count_oversized_tenant() FROM generate_series(1, taken_rows - n);
+    END IF;
+    RETURN taken_rows::integer;
+END
 $$;
 
 -- Nothing for PUBLIC: a login that may create a table (a temporary one will do) must not

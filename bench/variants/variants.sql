@@ -273,3 +273,55 @@ BEGIN
   SELECT count(pg_notify('citapulse', '')) INTO dummy FROM citapulse.wakeup w WHERE w.notify AND EXISTS (SELECT 1 FROM ins);
   RETURN NULL; END $$;
 CREATE TRIGGER c AFTER INSERT ON v3t_citas REFERENCING NEW TABLE AS citapulse_new FOR EACH STATEMENT EXECUTE FUNCTION v3t_cap('negocio_id','appointment');
+
+-- SQL version 4's write path taken apart (an inbox with only its key, no table read):
+-- i1 = capture() minus the oversized-tenant guard; i2 = minus the guard and the bulk
+-- count; i3 = i2 without SECURITY DEFINER; i4 = i2 without the kind/tbl/op/created_at
+-- columns (tenant and row only, like the lean floor).
+CREATE TABLE in_1 (LIKE citapulse.inbox INCLUDING ALL);
+CREATE TABLE in_2 (LIKE citapulse.inbox INCLUDING ALL);
+CREATE TABLE in_3 (LIKE citapulse.inbox INCLUDING ALL);
+CREATE TABLE in_4 (id bigserial PRIMARY KEY, tenant text, row_data jsonb);
+CREATE TABLE i1_citas (LIKE citas INCLUDING ALL);
+CREATE TABLE i2_citas (LIKE citas INCLUDING ALL);
+CREATE TABLE i3_citas (LIKE citas INCLUDING ALL);
+CREATE TABLE i4_citas (LIKE citas INCLUDING ALL);
+CREATE OR REPLACE FUNCTION i1_cap() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS $$
+DECLARE tenant_col pg_catalog.text := TG_ARGV[0]; fam pg_catalog.text := TG_ARGV[1]; threshold pg_catalog.int4 := COALESCE(TG_ARGV[2], '100');
+BEGIN
+  INSERT INTO public.in_1 (tenant, kind, tbl, op, row_data)
+  SELECT c.tenant, fam, (SELECT pg_catalog.format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME)), 'INSERT', c.r
+    FROM (SELECT j.r, j.r OPERATOR(pg_catalog.->>) tenant_col AS tenant
+            FROM (SELECT pg_catalog.to_jsonb(n.*) AS r FROM citapulse_new n OFFSET 0) j) c
+   WHERE (SELECT pg_catalog.count(*) FROM citapulse_new) OPERATOR(pg_catalog.<=) threshold AND c.tenant IS NOT NULL;
+  IF FOUND THEN IF citapulse.notifying() THEN PERFORM pg_catalog.pg_notify('citapulse', ''); END IF; END IF;
+  RETURN NULL; END $$;
+CREATE OR REPLACE FUNCTION i2_cap() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS $$
+DECLARE tenant_col pg_catalog.text := TG_ARGV[0]; fam pg_catalog.text := TG_ARGV[1];
+BEGIN
+  INSERT INTO public.in_2 (tenant, kind, tbl, op, row_data)
+  SELECT c.tenant, fam, (SELECT pg_catalog.format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME)), 'INSERT', c.r
+    FROM (SELECT j.r, j.r OPERATOR(pg_catalog.->>) tenant_col AS tenant
+            FROM (SELECT pg_catalog.to_jsonb(n.*) AS r FROM citapulse_new n OFFSET 0) j) c
+   WHERE c.tenant IS NOT NULL;
+  IF FOUND THEN IF citapulse.notifying() THEN PERFORM pg_catalog.pg_notify('citapulse', ''); END IF; END IF;
+  RETURN NULL; END $$;
+CREATE OR REPLACE FUNCTION i3_cap() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE tenant_col pg_catalog.text := TG_ARGV[0]; fam pg_catalog.text := TG_ARGV[1];
+BEGIN
+  INSERT INTO public.in_3 (tenant, kind, tbl, op, row_data)
+  SELECT c.tenant, fam, (SELECT pg_catalog.format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME)), 'INSERT', c.r
+    FROM (SELECT j.r, j.r OPERATOR(pg_catalog.->>) tenant_col AS tenant
+            FROM (SELECT pg_catalog.to_jsonb(n.*) AS r FROM citapulse_new n OFFSET 0) j) c
+   WHERE c.tenant IS NOT NULL;
+  IF FOUND THEN IF citapulse.notifying() THEN PERFORM pg_catalog.pg_notify('citapulse', ''); END IF; END IF;
+  RETURN NULL; END $$;
+CREATE OR REPLACE FUNCTION i4_cap() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS $$
+BEGIN
+  INSERT INTO public.in_4 (tenant, row_data) SELECT n.negocio_id, pg_catalog.to_jsonb(n.*) FROM citapulse_new n;
+  IF FOUND THEN IF citapulse.notifying() THEN PERFORM pg_catalog.pg_notify('citapulse', ''); END IF; END IF;
+  RETURN NULL; END $$;
+CREATE TRIGGER c AFTER INSERT ON i1_citas REFERENCING NEW TABLE AS citapulse_new FOR EACH STATEMENT EXECUTE FUNCTION i1_cap('negocio_id','appointment','100');
+CREATE TRIGGER c AFTER INSERT ON i2_citas REFERENCING NEW TABLE AS citapulse_new FOR EACH STATEMENT EXECUTE FUNCTION i2_cap('negocio_id','appointment');
+CREATE TRIGGER c AFTER INSERT ON i3_citas REFERENCING NEW TABLE AS citapulse_new FOR EACH STATEMENT EXECUTE FUNCTION i3_cap('negocio_id','appointment');
+CREATE TRIGGER c AFTER INSERT ON i4_citas REFERENCING NEW TABLE AS citapulse_new FOR EACH STATEMENT EXECUTE FUNCTION i4_cap();
