@@ -10,7 +10,6 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::{Client, NoTls};
 
 use crate::config::Config;
-use crate::hub::{Audience, LogEvent};
 
 /// `sql/install.sql`, embedded.
 pub const INSTALL_SQL: &str = include_str!("../sql/install.sql");
@@ -534,4 +533,32 @@ pub async fn sync_settings(client: &Client, bulk_threshold: u32) -> Result<(), D
         )
         .await?;
     Ok(())
+}
+
+/// Who an event is for. "Every tenant" and "not yet known" are never tenant values:
+/// whatever an application row holds in its tenant column is one literal tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Audience {
+    /// The subscribers of this tenant's channel.
+    Tenant(String),
+    /// Every tenant with subscribers (a `TRUNCATE` of a watched table).
+    AllTenants,
+    /// A row of a table watched without a tenant column, before `[[resolvers]]` ran.
+    Unresolved,
+}
+
+/// One event read from the log, ready to be shaped per channel.
+#[derive(Debug, Clone)]
+pub struct LogEvent {
+    /// Event id (from the log's sequence).
+    pub id: i64,
+    /// Who receives it.
+    pub audience: Audience,
+    /// Message type.
+    pub event_type: String,
+    /// The `data` object as JSON text; `None` when the reader skipped shaping it because
+    /// the tenant had no subscribers here (see `delivery::hub::Hub::dispatch`).
+    pub data: Option<String>,
+    /// Unix seconds when the row was logged.
+    pub created: f64,
 }

@@ -30,7 +30,7 @@ pub enum DemoError {
     Database(#[from] tokio_postgres::Error),
     /// The daemon failed.
     #[error(transparent)]
-    Server(#[from] crate::server::ServerError),
+    Server(#[from] crate::http::ServerError),
     /// The address is taken or invalid.
     #[error("cannot listen on {addr}")]
     Listen {
@@ -76,7 +76,7 @@ pub async fn run(opts: DemoOptions, shutdown: impl Future<Output = ()>) -> Resul
         .collect();
     config.auth.jwt_secret = Some(Secret::new(secret));
     config.stats.min_interval_ms = 200;
-    let auth = Authenticator::new(&config.auth).map_err(crate::server::ServerError::from)?;
+    let auth = Authenticator::new(&config.auth).map_err(crate::http::ServerError::from)?;
     let ttl = 12 * 3600;
     let token = auth
         .mint("demo-user", Some(DEMO_TENANTS[0]), Some("staff"), ttl)
@@ -104,7 +104,7 @@ pub async fn run(opts: DemoOptions, shutdown: impl Future<Output = ()>) -> Resul
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut server_stop = stop_rx.clone();
-    let server = tokio::spawn(crate::server::run(listener, config, async move {
+    let server = tokio::spawn(crate::http::run(listener, config, async move {
         let _ = server_stop.changed().await;
     }));
     let simulator = tokio::spawn(simulate(client, opts.writes_per_sec, stop_rx));

@@ -5,38 +5,31 @@
 //! fans events out to the subscribers of each tenant's channel and recomputes the
 //! tenant's statistics with one coalesced query.
 //!
-//! # Layout (in data-flow order)
+//! # Layout (in data-flow order; `ARCHITECTURE.md` has the map)
 //! - [`db`]: the embedded SQL and every query on the log (the lossless read rule).
-//! - [`listener`]: LISTEN, the log cursor, reconnects, the adaptive wake-up's I/O.
-//! - [`wakeup`]: the adaptive wake-up's decisions (pure: state, observation, now).
+//! - [`capture`]: LISTEN, moving the triggers' inbox into the log, the log cursor, the
+//!   adaptive wake-up (decisions and I/O), tenant resolvers, retention.
 //! - [`stats`]: the coalescer of statistics queries and the day-rollover clock.
-//! - [`hub`]: channels → subscribers, bounded per-client queues, latest-wins stats.
-//! - [`ws`]: one WebSocket connection (receive loop + send task).
-//! - [`replay`]: the connection budget of resumes (`since`), per tenant and in all.
-//! - [`frames`]: the frame meter under the WebSocket codec (frame-level rate limit).
-//! - [`server`]: HTTP routes, the handshake, start-up and graceful shutdown.
-//! - [`auth`], [`protocol`], [`config`], [`metrics`], [`retention`]: supporting parts.
-//! - [`clock`]: wall-clock time as the wire format and tokens count it.
+//! - [`delivery`]: channels → subscribers (hub), WebSocket connections, resumes,
+//!   frame metering, the wire format.
+//! - [`http`]: routes, the handshake, start-up and graceful shutdown.
+//! - [`auth`], [`config`], [`metrics`], [`clock`]: supporting parts.
 //! - `demo` (feature `demo`): the embedded demo on a throwaway PostgreSQL from
 //!   `citapulse-testkit`, the crate that also holds the test and bench infrastructure.
 
 pub mod auth;
+pub mod capture;
 pub mod clock;
 pub mod config;
 pub mod db;
+pub mod delivery;
 #[cfg(feature = "demo")]
 pub mod demo;
-pub mod frames;
-pub mod hub;
-pub mod listener;
+pub mod http;
 pub mod metrics;
-pub mod protocol;
-pub mod replay;
-pub mod retention;
-pub mod server;
 pub mod stats;
-pub mod wakeup;
-pub mod ws;
+pub mod sync;
+pub mod tasks;
 
 pub use config::Config;
-pub use server::run;
+pub use http::run;

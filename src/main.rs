@@ -396,7 +396,7 @@ async fn check(config: &Config) -> Result<ExitCode, String> {
         .map_err(|e| pg_report(&e))?
         .map(|r| r.get(0));
     let tenant = sample.unwrap_or_else(|| "sample".into());
-    let stmt = citapulse::server::prepare_stats_probe(&client, &config.stats.query)
+    let stmt = citapulse::http::prepare_stats_probe(&client, &config.stats.query)
         .await
         .map_err(|e| format!("config key `stats.query`: {}", pg_report(&e)))?;
     let today = chrono_free_today(&client, &config.stats.timezone).await?;

@@ -575,3 +575,35 @@ async fn a_table_without_a_tenant_column_is_resolved_by_config() {
     assert_eq!(replayed["id"], ev1["id"]);
     d.stop().await;
 }
+
+#[tokio::test]
+async fn numbers_another_daemon_shared_arrive_even_without_their_notification() {
+    // Daemons share computed numbers through citapulse.stats and wake each other with
+    // NOTIFY citapulse_stats. A notification this instance misses (it was reconnecting,
+    // say) must not leave its subscribers on old numbers until the next change: it also
+    // checks the shared rows periodically. Here the row changes with no NOTIFY at all.
+    let db = TestDb::new().await;
+    let d = Daemon::start(&db.url, |_| {}).await;
+    let mut c = WsClient::subscribed(d.addr, "t1").await;
+    wait_until(|| async {
+        db.client
+            .query_opt("SELECT 1 FROM citapulse.stats WHERE tenant = 't1'", &[])
+            .await
+            .unwrap()
+            .is_some()
+    })
+    .await;
+    db.client
+        .execute(
+            "UPDATE citapulse.stats \
+                SET message = jsonb_set(message::jsonb, '{data,from}', '\"elsewhere\"')::text, \
+                    computed_by = 'another-instance', version = nextval('citapulse.stats_version') \
+              WHERE tenant = 't1'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let s = c.stats_until(|data| data["from"] == "elsewhere").await;
+    assert_eq!(s["channel"], "estadisticas:t1");
+    d.stop().await;
+}

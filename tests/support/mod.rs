@@ -215,7 +215,7 @@ pub struct Daemon {
     /// Where it listens.
     pub addr: SocketAddr,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<Result<(), citapulse::server::ServerError>>>,
+    task: Option<tokio::task::JoinHandle<Result<(), citapulse::http::ServerError>>>,
 }
 
 impl Daemon {

@@ -7,18 +7,41 @@
 //! `stats.timezone`, and pushes fresh numbers when the day rolls over. Tenants without
 //! subscribers are never queried.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hyper_tungstenite::tungstenite::Utf8Bytes;
 use serde_json::{Map, Value};
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tokio_postgres::types::Type;
 
+use crate::config::Config;
 use crate::db::DbError;
-use crate::server::Shared;
+use crate::delivery::hub::Hub;
+use crate::metrics::Metrics;
+
+pub mod engine;
+
+/// What the statistics tasks (coalescer, day rollover) get from start-up.
+pub struct Context {
+    /// The validated configuration.
+    pub config: Arc<Config>,
+    /// Where fresh numbers go.
+    pub hub: Arc<Hub>,
+    /// Metrics registry.
+    pub metrics: Arc<Metrics>,
+    /// Connections for the statistics queries.
+    pub pool: deadpool_postgres::Pool,
+    /// The coalescer's state.
+    pub stats: Arc<StatsEngine>,
+    /// Today's date in `stats.timezone`.
+    pub today: watch::Receiver<String>,
+    /// The highest event id the listener has read (`as_of` bound).
+    pub reader_position: Arc<AtomicI64>,
+}
+
+use engine::{Job, SWEEP_EVERY, StatsEngine, Step, Tenants};
 
 /// Queries run at once at most (a share of the pool; replay needs the rest).
 const MAX_CONCURRENT_QUERIES: usize = 2;
@@ -31,95 +54,10 @@ pub fn unix_time_f64() -> f64 {
         .unwrap_or_default()
 }
 
-/// Event ids remembered per dirty tenant for the "already covered" check; beyond this
-/// the tenant is simply recomputed.
-const MAX_PENDING_IDS: usize = 64;
 /// Advisory-lock namespace for "computing this tenant's stats" (first key of the pair).
 const STATS_LOCK_CLASS: i32 = 0x4369_7461; // "Cita"
 /// The NOTIFY channel on which a computed result is shared with the other daemons.
 pub const STATS_CHANNEL: &str = "citapulse_stats";
-
-#[derive(Default)]
-struct TenantState {
-    /// Recompute even if a shared result looks current (`POST /notify/cita`).
-    force: bool,
-    /// Events read since the last publish; the shared result must include them all.
-    pending: Vec<i64>,
-    overflow: bool,
-    running: bool,
-    last_run: Option<Instant>,
-}
-
-/// Per-tenant state plus the tenants waiting for a run, so a pass of the loop costs
-/// what is dirty, not every tenant ever seen.
-#[derive(Default)]
-struct Tenants {
-    state: HashMap<Arc<str>, TenantState>,
-    dirty: HashSet<Arc<str>>,
-}
-
-/// The coalescer's shared state; the loop in [`run`] does the work.
-#[derive(Default)]
-pub struct StatsEngine {
-    tenants: Mutex<Tenants>,
-    wake: Notify,
-}
-
-/// How often tenants whose subscribers all left are forgotten.
-const SWEEP_EVERY: Duration = Duration::from_secs(30);
-
-impl StatsEngine {
-    /// Marks tenants dirty without naming events (a client wants a snapshot, the day
-    /// rolled over, the listener reconnected).
-    pub fn mark_dirty(&self, tenants: &[Arc<str>]) {
-        self.mark(tenants.iter().map(|t| (t.clone(), None)), false);
-    }
-
-    /// Marks tenants dirty for a change the log does not show (`POST /notify/cita`).
-    pub fn mark_forced(&self, tenants: &[Arc<str>]) {
-        self.mark(tenants.iter().map(|t| (t.clone(), None)), true);
-    }
-
-    /// Marks tenants dirty because these events were read.
-    pub fn mark_events(&self, events: &[(Arc<str>, i64)]) {
-        self.mark(events.iter().map(|(t, id)| (t.clone(), Some(*id))), false);
-    }
-
-    fn mark(&self, items: impl Iterator<Item = (Arc<str>, Option<i64>)>, force: bool) {
-        let mut any = false;
-        if let Ok(mut tenants) = self.tenants.lock() {
-            let Tenants { state, dirty } = &mut *tenants;
-            for (tenant, id) in items {
-                let s = state.entry(tenant.clone()).or_default();
-                dirty.insert(tenant);
-                s.force |= force;
-                if let Some(id) = id {
-                    if s.pending.len() < MAX_PENDING_IDS {
-                        s.pending.push(id);
-                    } else {
-                        s.overflow = true;
-                    }
-                }
-                any = true;
-            }
-        }
-        if any {
-            self.wake.notify_one();
-        }
-    }
-
-    /// Marks every tenant with subscribers dirty (reconnect, day rollover).
-    pub fn mark_dirty_all(&self, hub: &crate::hub::Hub) {
-        self.mark_dirty(&hub.tenants());
-    }
-}
-
-/// What one recomputation needs to know.
-struct Job {
-    tenant: Arc<str>,
-    pending: Vec<i64>,
-    force: bool,
-}
 
 /// How a recomputation ended.
 enum Outcome {
@@ -182,7 +120,7 @@ const PUBLISH_SQL: &str = "WITH unflushed AS (SELECT set_config('synchronous_com
    SELECT pg_notify('citapulse_stats', '') FROM saved, unflushed";
 
 /// Runs the coalescer until shutdown.
-pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(shared: Arc<Context>, mut shutdown: watch::Receiver<bool>) {
     let min_interval = Duration::from_millis(shared.config.stats.min_interval_ms);
     let sql = Arc::new(wrapped_query(&shared.config.stats.query));
     let limit = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_QUERIES));
@@ -191,7 +129,8 @@ pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
         let mut due: Vec<Job> = Vec::new();
         let mut next: Option<Instant> = None;
         let now = Instant::now();
-        if let Ok(mut tenants) = shared.stats.tenants.lock() {
+        {
+            let mut tenants = crate::sync::lock(&shared.stats.tenants);
             let Tenants { state, dirty } = &mut *tenants;
             if now.duration_since(last_sweep) >= SWEEP_EVERY {
                 last_sweep = now;
@@ -202,30 +141,21 @@ pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
                 let Some(s) = state.get_mut(tenant) else {
                     return false;
                 };
-                if s.running {
-                    // Looked at again when the run ends (it wakes this loop).
-                    return true;
+                match s.next_step(shared.hub.has_subscribers(tenant), now, min_interval) {
+                    Step::AfterRun => true,
+                    Step::At(at) => {
+                        next = Some(next.map_or(at, |n| n.min(at)));
+                        true
+                    }
+                    Step::Forget => {
+                        state.remove(tenant);
+                        false
+                    }
+                    Step::Now => {
+                        due.push(s.start(tenant.clone(), now));
+                        false
+                    }
                 }
-                if let Some(last) = s.last_run
-                    && now.duration_since(last) < min_interval
-                {
-                    let at = last + min_interval;
-                    next = Some(next.map_or(at, |n| n.min(at)));
-                    return true;
-                }
-                if !shared.hub.has_subscribers(tenant) {
-                    // Nobody to tell; a new subscriber asks for a snapshot anyway.
-                    state.remove(tenant);
-                    return false;
-                }
-                due.push(Job {
-                    tenant: tenant.clone(),
-                    pending: std::mem::take(&mut s.pending),
-                    force: std::mem::take(&mut s.force) || std::mem::take(&mut s.overflow),
-                });
-                s.running = true;
-                s.last_run = Some(now);
-                false
             });
         }
         for job in due {
@@ -247,20 +177,13 @@ pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
                         true
                     }
                 };
-                if let Ok(mut tenants) = shared.stats.tenants.lock() {
+                {
+                    let mut tenants = crate::sync::lock(&shared.stats.tenants);
                     let Tenants { state, dirty } = &mut *tenants;
-                    if let Some(s) = state.get_mut(&job.tenant) {
-                        s.running = false;
-                        if retry {
-                            // Keep the events: the next attempt must still cover them.
-                            dirty.insert(job.tenant.clone());
-                            s.force |= job.force;
-                            s.pending.extend_from_slice(&job.pending);
-                            if s.pending.len() > MAX_PENDING_IDS {
-                                s.pending.truncate(MAX_PENDING_IDS);
-                                s.overflow = true;
-                            }
-                        }
+                    if let Some(s) = state.get_mut(&job.tenant)
+                        && s.finish(&job, retry)
+                    {
+                        dirty.insert(job.tenant.clone());
                     }
                 }
                 shared.stats.wake.notify_one();
@@ -280,7 +203,7 @@ pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
-async fn recompute(shared: &Shared, sql: &str, job: &Job) -> Result<Outcome, DbError> {
+async fn recompute(shared: &Context, sql: &str, job: &Job) -> Result<Outcome, DbError> {
     let tenant: &str = &job.tenant;
     let as_of_bound = shared.reader_position.load(Ordering::Acquire);
     let today = shared.today.borrow().clone();
@@ -380,9 +303,16 @@ pub async fn shared_version(client: &tokio_postgres::Client) -> Result<i64, DbEr
 }
 
 /// Applies the results other daemons computed since version `seen` (after a
+/// How often the listener reads `citapulse.stats` for results of other daemons even
+/// without a `citapulse_stats` notification: twice the minimum recompute interval, so a
+/// dropped notification delays shared numbers by at most that (one indexed query).
+pub fn shared_check_period(cfg: &crate::config::StatsConfig) -> Duration {
+    Duration::from_millis(cfg.min_interval_ms.saturating_mul(2).max(100))
+}
+
 /// `citapulse_stats` notification) to this daemon's subscribers; advances `seen`.
 pub async fn read_shared(
-    shared: &Shared,
+    shared: &Context,
     client: &tokio_postgres::Client,
     seen: &mut i64,
 ) -> Result<(), DbError> {
@@ -433,8 +363,8 @@ pub async fn today_in_zone(
 
 /// Keeps `shared.today` current; on a new day, every subscribed tenant is recomputed.
 pub async fn rollover(
-    shared: Arc<Shared>,
-    today_tx: watch::Sender<String>,
+    shared: Arc<Context>,
+    today_tx: Arc<watch::Sender<String>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let tz = shared.config.stats.timezone.clone();

@@ -26,17 +26,19 @@ use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{AuthError, Authenticator, Identity};
+use crate::capture::health::{Health, Wakeup};
 use crate::config::{Config, ConfigError};
 use crate::db::{self, DbError};
-use crate::hub::Hub;
-use crate::listener::{Health, Wakeup};
+use crate::delivery::hub::Hub;
+use crate::delivery::replay::ReplayBudget;
 use crate::metrics::Metrics;
-use crate::stats::StatsEngine;
+use crate::stats::engine::StatsEngine;
+use crate::tasks::{OnDeath, supervise};
 
 /// The dashboard page and its client, embedded so the binary serves them alone.
-const INDEX_HTML: &str = include_str!("../static/index.html");
-const CLIENT_JS: &str = include_str!("../clients/js/citapulse.js");
-const CLIENT_DTS: &str = include_str!("../clients/js/citapulse.d.ts");
+const INDEX_HTML: &str = include_str!("../../static/index.html");
+const CLIENT_JS: &str = include_str!("../../clients/js/citapulse.js");
+const CLIENT_DTS: &str = include_str!("../../clients/js/citapulse.d.ts");
 
 /// Request line plus headers, in bytes (README: Security).
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
@@ -52,30 +54,32 @@ pub enum ServerError {
     Database(#[from] DbError),
 }
 
-/// State every task shares.
+/// The daemon's state, built once at start-up in [`run`]. Each task gets its own
+/// context (capture, stats, sockets) holding only handles to the parts it uses; none of
+/// them imports this module back.
 pub struct Shared {
     /// The validated configuration.
-    pub config: Config,
+    pub config: Arc<Config>,
     /// Token verification.
-    pub auth: Authenticator,
+    pub auth: Arc<Authenticator>,
     /// Channels and subscribers.
-    pub hub: Hub,
+    pub hub: Arc<Hub>,
     /// Metrics registry.
     pub metrics: Arc<Metrics>,
     /// Statistics coalescer state.
-    pub stats: StatsEngine,
-    /// Connections for stats, replay and maintenance.
-    pub pool: deadpool_postgres::Pool,
-    /// How many of them resumes may use, per tenant and in all.
-    pub replay_budget: crate::replay::ReplayBudget,
+    pub stats: Arc<StatsEngine>,
     /// LISTEN health.
-    pub health: Health,
+    pub health: Arc<Health>,
     /// The wake-up mode as seen by this daemon.
-    pub wakeup: Wakeup,
+    pub wakeup: Arc<Wakeup>,
     /// The highest event id the listener has read.
-    pub reader_position: AtomicI64,
-    /// Today's date in `stats.timezone`.
-    pub today: watch::Receiver<String>,
+    pub reader_position: Arc<AtomicI64>,
+    /// The listener's and retention's context.
+    pub capture: Arc<crate::capture::Context>,
+    /// The statistics tasks' context.
+    pub stats_task: Arc<crate::stats::Context>,
+    /// The sockets' context.
+    pub sockets: Arc<crate::delivery::ws::Context>,
     /// Open sockets per client address.
     per_ip: Mutex<HashMap<IpAddr, usize>>,
 }
@@ -88,9 +92,8 @@ struct IpSlot {
 
 impl Drop for IpSlot {
     fn drop(&mut self) {
-        if let Ok(mut map) = self.shared.per_ip.lock()
-            && let Some(n) = map.get_mut(&self.ip)
-        {
+        let mut map = crate::sync::lock(&self.shared.per_ip);
+        if let Some(n) = map.get_mut(&self.ip) {
             *n = n.saturating_sub(1);
             if *n == 0 {
                 map.remove(&self.ip);
@@ -101,7 +104,7 @@ impl Drop for IpSlot {
 
 impl Shared {
     fn take_ip_slot(self: &Arc<Self>, ip: IpAddr) -> Option<IpSlot> {
-        let mut map = self.per_ip.lock().ok()?;
+        let mut map = crate::sync::lock(&self.per_ip);
         let n = map.entry(ip).or_default();
         if *n >= self.config.limits.connections_per_ip {
             return None;
@@ -181,31 +184,93 @@ pub async fn run(
     let (today_tx, today_rx) = watch::channel(String::new());
     today_tx.send_replace(today);
 
-    let shared = Arc::new(Shared {
-        hub: Hub::new(metrics.clone(), config.limits.queue_len.max(1024) * 4),
-        auth,
-        metrics,
-        stats: StatsEngine::default(),
-        replay_budget: crate::replay::ReplayBudget::new(config.database.pool_size),
-        pool,
-        health: Health::default(),
-        wakeup: Wakeup::default(),
-        reader_position: AtomicI64::new(0),
+    let config = Arc::new(config);
+    let hub = Arc::new(Hub::new(
+        metrics.clone(),
+        config.limits.queue_len.max(1024) * 4,
+    ));
+    let stats = Arc::new(StatsEngine::default());
+    let health = Arc::new(Health::default());
+    let wakeup = Arc::new(Wakeup::default());
+    let reader_position = Arc::new(AtomicI64::new(0));
+    let stats_task = Arc::new(crate::stats::Context {
+        config: config.clone(),
+        hub: hub.clone(),
+        metrics: metrics.clone(),
+        pool: pool.clone(),
+        stats: stats.clone(),
         today: today_rx,
-        per_ip: Mutex::new(HashMap::new()),
+        reader_position: reader_position.clone(),
+    });
+    let capture = Arc::new(crate::capture::Context {
+        config: config.clone(),
+        hub: hub.clone(),
+        metrics: metrics.clone(),
+        stats: stats.clone(),
+        pool: pool.clone(),
+        health: health.clone(),
+        wakeup: wakeup.clone(),
+        reader_position: reader_position.clone(),
+        shared_stats: stats_task.clone(),
+    });
+    let auth = Arc::new(auth);
+    let sockets = Arc::new(crate::delivery::ws::Context {
+        config: config.clone(),
+        auth: auth.clone(),
+        hub: hub.clone(),
+        metrics: metrics.clone(),
+        pool,
+        replay_budget: Arc::new(ReplayBudget::new(config.database.pool_size)),
+        stats: stats.clone(),
+    });
+    let shared = Arc::new(Shared {
         config,
+        auth,
+        hub,
+        metrics,
+        stats,
+        health,
+        wakeup,
+        reader_position,
+        capture,
+        stats_task,
+        sockets,
+        per_ip: Mutex::new(HashMap::new()),
     });
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let background = TaskTracker::new();
-    background.spawn(crate::listener::run(shared.clone(), stop_rx.clone()));
-    background.spawn(crate::stats::run(shared.clone(), stop_rx.clone()));
-    background.spawn(crate::stats::rollover(
-        shared.clone(),
-        today_tx,
+    let restart = || OnDeath::Restart(Duration::from_secs(1));
+    let capture = shared.capture.clone();
+    let stop = stop_rx.clone();
+    background.spawn(supervise(
+        "listener",
+        OnDeath::FailHealth(shared.health.clone(), shared.metrics.clone()),
         stop_rx.clone(),
+        move || crate::capture::listener::run(capture.clone(), stop.clone()),
     ));
-    background.spawn(crate::retention::run(shared.clone(), stop_rx.clone()));
+    let stats_task = shared.stats_task.clone();
+    let stop = stop_rx.clone();
+    background.spawn(supervise("stats", restart(), stop_rx.clone(), move || {
+        crate::stats::run(stats_task.clone(), stop.clone())
+    }));
+    let stats_task = shared.stats_task.clone();
+    let stop = stop_rx.clone();
+    let today_tx = Arc::new(today_tx);
+    background.spawn(supervise(
+        "rollover",
+        restart(),
+        stop_rx.clone(),
+        move || crate::stats::rollover(stats_task.clone(), today_tx.clone(), stop.clone()),
+    ));
+    let capture = shared.capture.clone();
+    let stop = stop_rx.clone();
+    background.spawn(supervise(
+        "retention",
+        restart(),
+        stop_rx.clone(),
+        move || crate::capture::retention::run(capture.clone(), stop.clone()),
+    ));
 
     let addr = listener.local_addr().ok();
     tracing::info!(addr = ?addr, instance = %shared.config.instance, "citapulse listening");
@@ -546,7 +611,9 @@ fn upgrade(
     tracker.spawn(async move {
         let _slot = slot;
         match upgraded.await {
-            Ok(io) => crate::ws::serve(io, shared, identity, peer, stop).await,
+            Ok(io) => {
+                crate::delivery::ws::serve(io, shared.sockets.clone(), identity, peer, stop).await
+            }
             Err(err) => tracing::debug!(peer = %peer, error = %err, "upgrade failed"),
         }
     });

@@ -8,14 +8,14 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use super::Context;
 use crate::db;
-use crate::server::Shared;
 
 /// Batches per round at most, so one round never monopolises a connection.
 const MAX_BATCHES_PER_ROUND: usize = 100;
 
 /// Prunes every `outbox.prune_every` until shutdown.
-pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(shared: Arc<Context>, mut shutdown: watch::Receiver<bool>) {
     let every = shared.config.outbox.prune_every;
     // Spread daemons that started together.
     let first = every
@@ -35,7 +35,7 @@ pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
 }
 
 /// Deletes expired events batch by batch; returns how many rows went.
-pub async fn prune_round(shared: &Shared) -> Result<u64, db::DbError> {
+pub async fn prune_round(shared: &Context) -> Result<u64, db::DbError> {
     let mut client = shared.pool.get().await?;
     let batch = i64::from(shared.config.outbox.prune_batch);
     let mut total = 0u64;

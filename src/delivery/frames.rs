@@ -2,7 +2,7 @@
 //!
 //! tungstenite yields whole messages only, so a client that opens a fragmented message
 //! and then sends empty continuation frames forever (or any other frame that never
-//! completes a message) would never meet the per-message rate limit in [`crate::ws`].
+//! completes a message) would never meet the per-message rate limit in the socket loop (`ws.rs`).
 //! [`FrameMeter`] wraps the upgraded socket, parses just the frame headers out of the
 //! bytes read (payloads are skipped, never copied) and feeds a token bucket of frames.
 //! Once the bucket runs dry the next read fails with [`FrameFlood`], which the receive

@@ -38,7 +38,7 @@ impl ReplayBudget {
     /// Waits for the tenant's turn, then for a free slot.
     pub async fn acquire(&self, tenant: &str) -> Option<PagePermit> {
         let tenant_slots = {
-            let mut tenants = self.tenants.lock().unwrap_or_else(|p| p.into_inner());
+            let mut tenants = crate::sync::lock(&self.tenants);
             // Forget tenants nobody is replaying (only the map holds their semaphore).
             if tenants.len() > 64 {
                 tenants.retain(|_, s| Arc::strong_count(s) > 1);

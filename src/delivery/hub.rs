@@ -8,13 +8,14 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use hyper_tungstenite::tungstenite::Utf8Bytes;
 use tokio::sync::{Notify, mpsc};
 
+use crate::delivery::protocol;
 use crate::metrics::Metrics;
-use crate::protocol;
+use crate::sync::lock;
 
 /// Close code sent to a client whose event queue overflowed: reconnect and resume.
 pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
@@ -22,34 +23,9 @@ pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
 /// Identifies one WebSocket connection.
 pub type ClientId = u64;
 
-/// Who an event is for. "Every tenant" and "not yet known" are never tenant values:
-/// whatever an application row holds in its tenant column is one literal tenant.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Audience {
-    /// The subscribers of this tenant's channel.
-    Tenant(String),
-    /// Every tenant with subscribers (a `TRUNCATE` of a watched table).
-    AllTenants,
-    /// A row of a table watched without a tenant column, before `[[resolvers]]` ran.
-    Unresolved,
-}
+pub use crate::db::{Audience, LogEvent};
 
-/// One event read from the log, ready to be shaped per channel.
-#[derive(Debug, Clone)]
-pub struct LogEvent {
-    /// Event id (from the log's sequence).
-    pub id: i64,
-    /// Who receives it.
-    pub audience: Audience,
-    /// Message type.
-    pub event_type: String,
-    /// The `data` object as JSON text; `None` when the reader skipped shaping it because
-    /// the tenant had no subscribers here (see [`Hub::dispatch`]).
-    pub data: Option<String>,
-    /// Unix seconds when the row was logged.
-    pub created: f64,
-}
-
+// Shaping a log event into a message is delivery's job.
 impl LogEvent {
     /// The message for one channel.
     pub fn message(&self, channel: &str) -> Utf8Bytes {
@@ -201,11 +177,6 @@ pub struct Hub {
     next_client: AtomicU64,
     metrics: Arc<Metrics>,
     replay_buffer_cap: usize,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic elsewhere must not wedge fan-out: the data stays consistent per operation.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Hub {

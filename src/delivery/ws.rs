@@ -23,11 +23,28 @@ use tokio::sync::{mpsc, watch};
 use crate::auth::{self, ChannelError, Identity};
 use crate::clock;
 use crate::db;
-use crate::frames::{FrameFlood, FrameMeter};
-use crate::hub::ClientHandle;
+use crate::delivery::frames::{FrameFlood, FrameMeter};
+use crate::delivery::hub::ClientHandle;
+use crate::delivery::protocol::{self, ClientMessage};
 use crate::metrics::Metrics;
-use crate::protocol::{self, ClientMessage};
-use crate::server::Shared;
+
+/// What the sockets get from start-up.
+pub struct Context {
+    /// The validated configuration.
+    pub config: Arc<crate::config::Config>,
+    /// Token verification (re-authentication on a socket).
+    pub auth: Arc<crate::auth::Authenticator>,
+    /// Channels and subscribers.
+    pub hub: Arc<crate::delivery::hub::Hub>,
+    /// Metrics registry.
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// Connections for resumes.
+    pub pool: deadpool_postgres::Pool,
+    /// How many of them resumes may use, per tenant and in all.
+    pub replay_budget: Arc<crate::delivery::replay::ReplayBudget>,
+    /// Where a subscriber without cached numbers asks for a snapshot.
+    pub stats: Arc<dyn super::SnapshotRequests>,
+}
 
 /// Close code: the token expired.
 pub const CLOSE_TOKEN_EXPIRED: u16 = 4001;
@@ -91,7 +108,7 @@ enum Exit {
 
 /// A live connection's state, owned by its receive loop.
 struct Connection {
-    shared: Arc<Shared>,
+    shared: Arc<Context>,
     client: Arc<ClientHandle>,
     identity: Identity,
     subscriptions: HashSet<String>,
@@ -106,7 +123,7 @@ type Socket = WebSocketStream<Io>;
 /// reason.
 pub async fn serve(
     upgraded: Upgraded,
-    shared: Arc<Shared>,
+    shared: Arc<Context>,
     identity: Identity,
     peer: SocketAddr,
     shutdown: watch::Receiver<bool>,
@@ -269,7 +286,7 @@ async fn write_until_done(
 fn overflowed(client: &ClientHandle) -> bool {
     client
         .pending_close()
-        .is_some_and(|(code, _)| code == crate::hub::CLOSE_SLOW_CONSUMER)
+        .is_some_and(|(code, _)| code == crate::delivery::hub::CLOSE_SLOW_CONSUMER)
 }
 
 /// Performs the pending close; returns the reason for the logs and metrics.
@@ -279,7 +296,7 @@ async fn close_as_requested(sink: &mut Sink, client: &ClientHandle) -> &'static 
     };
     close(sink, code, reason).await;
     match code {
-        crate::hub::CLOSE_SLOW_CONSUMER => "slow_consumer",
+        crate::delivery::hub::CLOSE_SLOW_CONSUMER => "slow_consumer",
         CLOSE_TOKEN_EXPIRED => "token_expired",
         1002 => "protocol_error",
         1007 => "invalid_utf8",
@@ -503,7 +520,7 @@ impl Connection {
             .subscribe(&tenant, channel, &self.client, since.is_some());
         self.subscriptions.insert(tenant.clone());
         if !subscribed.had_stats {
-            shared.stats.mark_dirty(&[Arc::from(tenant.as_str())]);
+            shared.stats.want_snapshot(&[Arc::from(tenant.as_str())]);
         }
         let Some(since) = since else { return };
         let replayed = self.replay(&tenant, channel, since).await;
