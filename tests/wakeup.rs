@@ -1,5 +1,6 @@
-//! The wake-up modes (DESIGN.md §1): every mode is lossless, adaptive switches both ways
-//! under a changing write rate, and a suppressed notification only costs the safety poll.
+//! The wake-up modes (ARCHITECTURE.md, "Invariants" → "Wake-up modes"): every mode is
+//! lossless, adaptive switches both ways under a changing write rate, and a suppressed
+//! notification only costs the safety poll.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
