@@ -157,20 +157,7 @@ impl Listener {
         let shared = self.shared.clone();
         let (client, connection) = db::connect_as(&shared.config, "citapulse-listener").await?;
         let mut wakeups = Wakeups::forward(connection);
-        db::check_version(&client).await?;
-        db::sync_settings(&client, shared.config.events.bulk_threshold).await?;
-        client
-            .batch_execute(&format!(
-                "LISTEN {}; LISTEN {}",
-                db::NOTIFY_CHANNEL,
-                crate::stats::STATS_CHANNEL
-            ))
-            .await?;
-        let mut stats_seen = crate::stats::shared_version(&client).await?;
-        let stmts = Statements {
-            read: db::prepare_reader(&client).await?,
-            mover: client.prepare(db::MOVE_SQL).await?,
-        };
+        let (stmts, mut stats_seen) = listen(&client, &shared).await?;
         let cur = match self.cursor.take() {
             Some(c) => c,
             None => db::initial_cursor(&client).await?,
@@ -223,6 +210,30 @@ impl Listener {
             next_poll = why.next_poll(next_poll, Instant::now(), reader.mode.poll_every());
         }
     }
+}
+
+/// Checks the installed SQL, LISTENs on both channels and prepares the statements;
+/// returns them with the newest shared-stats version (where reading shared results
+/// starts).
+async fn listen(
+    client: &tokio_postgres::Client,
+    shared: &Context,
+) -> Result<(Statements, i64), DbError> {
+    db::check_version(client).await?;
+    db::sync_settings(client, shared.config.events.bulk_threshold).await?;
+    client
+        .batch_execute(&format!(
+            "LISTEN {}; LISTEN {}",
+            db::NOTIFY_CHANNEL,
+            crate::stats::STATS_CHANNEL
+        ))
+        .await?;
+    let stats_seen = crate::stats::shared_version(client).await?;
+    let stmts = Statements {
+        read: db::prepare_reader(client).await?,
+        mover: client.prepare(db::MOVE_SQL).await?,
+    };
+    Ok((stmts, stats_seen))
 }
 
 /// The notifications of one connection, sorted by channel.
