@@ -125,31 +125,14 @@ async fn concurrent_writers_with_delayed_commits_lose_nothing() {
     let db = TestDb::new().await;
     let d = Daemon::start(&db.url, |_| {}).await;
     let mut c = WsClient::subscribed(d.addr, "t1").await;
-    let mut writers = Vec::new();
-    for w in 0..6 {
-        let url = db.url.clone();
-        writers.push(tokio::spawn(async move {
-            let mut client = pg(&url).await;
-            for i in 0..50 {
-                let tx = client.transaction().await.unwrap();
-                tx.execute(
-                    "INSERT INTO citas (negocio_id, cliente_id) VALUES ('t1', $1)",
-                    &[&format!("w{w}-{i}")],
-                )
-                .await
-                .unwrap();
-                tokio::time::sleep(Duration::from_millis(fastrand::u64(0..15))).await;
-                if fastrand::u8(..10) == 0 {
-                    tx.rollback().await.unwrap();
-                } else {
-                    tx.commit().await.unwrap();
-                }
-            }
-        }));
-    }
-    for w in writers {
-        w.await.unwrap();
-    }
+    let load = Writers {
+        writers: 6,
+        per_writer: 50,
+        max_hold_ms: 15,
+        rollback_one_in: 10,
+        gap: Duration::ZERO,
+    };
+    concurrent_writes(&db.url, load).await;
     let want = committed_ids(&db, "t1").await;
     let got = collect_ids(&mut c, &want).await;
     let got_set: BTreeSet<i64> = got.iter().copied().collect();

@@ -224,14 +224,7 @@ async fn sql_commands_print_apply_and_check() {
 
     let (code, _, err) = cli(&["sql", "uninstall", "--apply"], &env);
     assert_eq!(code, 0, "{err}");
-    let triggers: i64 = client
-        .query_one(
-            "SELECT count(*) FROM pg_trigger WHERE NOT tgisinternal",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let triggers = user_trigger_count(&client).await;
     assert_eq!(triggers, 0);
 }
 

@@ -48,15 +48,7 @@ async fn sql_install_is_idempotent_and_uninstall_keeps_user_tables() {
         .batch_execute(citapulse::db::UNINSTALL_SQL)
         .await
         .unwrap();
-    let left: i64 = db
-        .client
-        .query_one(
-            "SELECT count(*) FROM pg_trigger WHERE NOT tgisinternal",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let left = user_trigger_count(&db.client).await;
     assert_eq!(left, 0);
     let schema: Option<String> = db
         .client

@@ -331,6 +331,35 @@ impl RawWs {
     }
 }
 
+/// Reads the read half of a [`RawWs`] split for a writer task until a close frame (its
+/// code) or the end of the connection (`None`), starting with the bytes already in
+/// `buf`. Pongs and errors keep coming while a flood lasts: one deadline for the close,
+/// past which it panics with `late`.
+async fn close_code_under_flood(
+    rd: &mut tokio::net::tcp::OwnedReadHalf,
+    mut buf: Vec<u8>,
+    late: &str,
+) -> Option<u16> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some((f, used)) = parse_frame(&buf) {
+            buf.drain(..used);
+            if f.opcode == OP_CLOSE {
+                return f.close_code();
+            }
+            continue;
+        }
+        let mut chunk = [0u8; 8192];
+        match tokio::time::timeout_at(deadline, rd.read(&mut chunk))
+            .await
+            .expect(late)
+        {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Authentication at the handshake.
 
@@ -1312,26 +1341,9 @@ async fn a_paced_flood_that_wins_tokens_back_is_closed_too() {
             }
         }
     });
-    let mut buf = std::mem::take(&mut raw.buf);
-    // Pongs and errors keep coming while the flood lasts: one deadline for the close.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let code = loop {
-        if let Some((f, used)) = parse_frame(&buf) {
-            buf.drain(..used);
-            if f.opcode == OP_CLOSE {
-                break f.close_code();
-            }
-            continue;
-        }
-        let mut chunk = [0u8; 8192];
-        match tokio::time::timeout_at(deadline, rd.read(&mut chunk))
-            .await
-            .expect("sustained abuse is closed within the wait")
-        {
-            Ok(0) | Err(_) => break None,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    };
+    let buf = std::mem::take(&mut raw.buf);
+    let code =
+        close_code_under_flood(&mut rd, buf, "sustained abuse is closed within the wait").await;
     writer.abort();
     assert_eq!(code, Some(1008));
     d.stop().await;
@@ -1855,25 +1867,9 @@ async fn a_flood_of_empty_continuation_frames_is_closed_with_1008() {
         // Keep the socket open: a close from the server must come from the limit.
         std::future::pending::<()>().await;
     });
-    let mut buf = std::mem::take(&mut raw.buf);
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let code = loop {
-        if let Some((f, used)) = parse_frame(&buf) {
-            buf.drain(..used);
-            if f.opcode == OP_CLOSE {
-                break f.close_code();
-            }
-            continue;
-        }
-        let mut chunk = [0u8; 8192];
-        match tokio::time::timeout_at(deadline, rd.read(&mut chunk))
-            .await
-            .expect("the frame flood is closed within the wait")
-        {
-            Ok(0) | Err(_) => break None,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    };
+    let buf = std::mem::take(&mut raw.buf);
+    let code =
+        close_code_under_flood(&mut rd, buf, "the frame flood is closed within the wait").await;
     writer.abort();
     assert_eq!(code, Some(1008), "closed for the rate limit");
     let metrics = http_get(d.addr, "/metrics", &[]).await.1;

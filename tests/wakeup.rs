@@ -1,5 +1,6 @@
-//! The wake-up modes (DESIGN.md §1): every mode is lossless, adaptive switches both ways
-//! under a changing write rate, and a suppressed notification only costs the safety poll.
+//! The wake-up modes (ARCHITECTURE.md, "Invariants" → "Wake-up modes"): every mode is
+//! lossless, adaptive switches both ways under a changing write rate, and a suppressed
+//! notification only costs the safety poll.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -18,34 +19,23 @@ use support::*;
 /// Writers with randomly delayed commits (some rolled back), `per_writer` each,
 /// pausing `gap` between transactions.
 async fn write_concurrently(url: &str, writers: usize, per_writer: usize, gap: Duration) {
-    let mut tasks = Vec::new();
-    for w in 0..writers {
-        let url = url.to_string();
-        tasks.push(tokio::spawn(async move {
-            let mut client = pg(&url).await;
-            for i in 0..per_writer {
-                let tx = client.transaction().await.unwrap();
-                tx.execute(
-                    "INSERT INTO citas (negocio_id, cliente_id) VALUES ('t1', $1)",
-                    &[&format!("w{w}-{i}")],
-                )
-                .await
-                .unwrap();
-                tokio::time::sleep(Duration::from_millis(fastrand::u64(0..5))).await;
-                if fastrand::u8(..20) == 0 {
-                    tx.rollback().await.unwrap();
-                } else {
-                    tx.commit().await.unwrap();
-                }
-                if !gap.is_zero() {
-                    tokio::time::sleep(gap).await;
-                }
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
+    let load = Writers {
+        writers,
+        per_writer,
+        max_hold_ms: 5,
+        rollback_one_in: 20,
+        gap,
+    };
+    concurrent_writes(url, load).await;
+}
+
+/// Whether the triggers notify, as the row says.
+async fn triggers_notify(db: &TestDb) -> bool {
+    db.client
+        .query_one("SELECT notify FROM citapulse.wakeup", &[])
+        .await
+        .unwrap()
+        .get(0)
 }
 
 /// Receives until every committed id has arrived; asserts nothing extra or repeated.
@@ -67,12 +57,7 @@ async fn lossless_in(mode: WakeupMode) {
     let mut c = WsClient::subscribed(d.addr, "t1").await;
     write_concurrently(&db.url, 4, 40, Duration::ZERO).await;
     assert_all_delivered(&db, &mut c).await;
-    let notify: bool = db
-        .client
-        .query_one("SELECT notify FROM citapulse.wakeup", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let notify = triggers_notify(&db).await;
     match mode {
         WakeupMode::Notify => assert!(notify),
         WakeupMode::Poll => assert!(!notify, "poll mode turns the triggers' notify off"),
@@ -116,12 +101,7 @@ async fn adaptive_switches_to_polling_under_load_and_back_when_calm() {
         rounds += 1;
         assert!(rounds < 50, "never switched to poll");
     }
-    let notify: bool = db
-        .client
-        .query_one("SELECT notify FROM citapulse.wakeup", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let notify = triggers_notify(&db).await;
     assert!(!notify, "the triggers stopped notifying");
     // ...then slow until it switches back.
     let mut rounds = 0;

@@ -3,8 +3,9 @@
 //! Owns the one dedicated database connection and the log cursor. The cursor survives
 //! reconnects, so a lost connection only delays delivery: on reconnect it LISTENs
 //! first, then reads everything committed since. Also owns the wake-up mode
-//! (DESIGN.md §1): it switches the triggers between notifying and not, and polls
-//! accordingly. Must not block on clients: fan-out is non-blocking.
+//! (ARCHITECTURE.md, "Invariants" → "Wake-up modes"): it switches the triggers between
+//! notifying and not, and polls accordingly. Must not block on clients: fan-out is
+//! non-blocking.
 
 use std::future::poll_fn;
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 use tokio_postgres::AsyncMessage;
 
 use super::Context;
@@ -28,6 +30,39 @@ const MOVE_BATCH: i32 = 5000;
 /// Tenants with subscribers up to which the reader shapes only their events.
 const SHAPE_FOR_AT_MOST: usize = 1000;
 
+/// Why the listener reads the log now: the `reason` label of `citapulse_log_reads`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum WakeCause {
+    /// The triggers' `pg_notify` arrived.
+    Notify,
+    /// The poll interval ran out.
+    Poll,
+    /// The first read of a session: everything committed while disconnected.
+    CatchUp,
+}
+
+impl WakeCause {
+    /// The metric label; exported text that tests and dashboards match on.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Self::Notify => "notify",
+            Self::Poll => "poll",
+            Self::CatchUp => "catch_up",
+        }
+    }
+
+    /// When to poll after a read for this cause: polls keep their cadence (the time a
+    /// read takes is not added to the interval, so an event waits at most one
+    /// interval); any other read restarts the clock.
+    fn next_poll(self, scheduled: Instant, now: Instant, every: Duration) -> Instant {
+        if self == Self::Poll {
+            (scheduled + every).max(now)
+        } else {
+            now + every
+        }
+    }
+}
+
 /// Aborts the connection driver when the session ends.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
@@ -40,39 +75,18 @@ impl Drop for AbortOnDrop {
 /// Runs until shutdown: connect, LISTEN, catch up, then read on every wake-up or poll;
 /// on failure reconnect with capped exponential backoff and jitter.
 pub async fn run(shared: Arc<Context>, mut shutdown: watch::Receiver<bool>) {
-    let mut cursor: Option<Cursor> = None;
-    let mut connected_before = false;
-    let mut attempt: u32 = 0;
-    let mut resolver = Resolver::default();
+    let mut listener = Listener {
+        shared,
+        cursor: None,
+        resolver: Resolver::default(),
+        reconnects: Reconnects::default(),
+    };
     loop {
-        let outcome = session(
-            &shared,
-            &mut cursor,
-            &mut shutdown,
-            &mut connected_before,
-            &mut attempt,
-            &mut resolver,
-        )
-        .await;
-        match outcome {
+        match listener.session(&mut shutdown).await {
             Ok(()) => return,
-            Err(err) => {
-                let reason = match &err {
-                    DbError::Postgres(e) => format!("{err}: {e}"),
-                    other => other.to_string(),
-                };
-                tracing::warn!(error = %reason, attempt, "listener down");
-                shared.health.set_down(reason, &shared.metrics);
-                if matches!(err, DbError::NotInstalled | DbError::Incompatible { .. }) {
-                    // Keep retrying: a DBA may be installing it right now.
-                    attempt = attempt.max(6);
-                }
-            }
+            Err(err) => listener.reconnects.down(&listener.shared, err),
         }
-        let base = Duration::from_millis(100).saturating_mul(1 << attempt.min(7));
-        let capped = base.min(Duration::from_secs(10));
-        let delay = capped.mul_f64(0.5 + fastrand::f64() * 0.5);
-        attempt = attempt.saturating_add(1);
+        let delay = listener.reconnects.next_delay();
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = shutdown.changed() => return,
@@ -80,38 +94,133 @@ pub async fn run(shared: Arc<Context>, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
-async fn session(
-    shared: &Arc<Context>,
-    cursor: &mut Option<Cursor>,
-    shutdown: &mut watch::Receiver<bool>,
-    connected_before: &mut bool,
-    attempt: &mut u32,
-    resolver: &mut Resolver,
-) -> Result<(), DbError> {
-    let (client, mut connection) = db::connect_as(&shared.config, "citapulse-listener").await?;
-    let (wake_tx, mut wake_rx) = mpsc::channel::<()>(1);
-    // Results computed by other daemons: a wake-up, the rows are read by version.
-    let (stats_tx, mut stats_rx) = mpsc::channel::<()>(1);
-    // tokio-postgres only surfaces notifications to whoever polls the connection.
-    let _driver = AbortOnDrop(tokio::spawn(async move {
-        while let Some(msg) = poll_fn(|cx| connection.poll_message(cx)).await {
-            match msg {
-                Ok(AsyncMessage::Notification(n)) if n.channel() == crate::stats::STATS_CHANNEL => {
-                    let _ = stats_tx.try_send(());
-                }
-                Ok(AsyncMessage::Notification(_)) => {
-                    let _ = wake_tx.try_send(());
-                }
-                Ok(_) => {}
-                Err(err) => {
-                    tracing::debug!(error = %err, "listener connection ended");
-                    break;
-                }
-            }
+/// What survives reconnects: the cursor, the resolver's cache and the backoff.
+struct Listener {
+    shared: Arc<Context>,
+    /// Where the next read starts; `None` until the first session reads the log's head.
+    cursor: Option<Cursor>,
+    resolver: Resolver,
+    reconnects: Reconnects,
+}
+
+/// The backoff and whether a session was ever up (a later one counts as a reconnect).
+#[derive(Default)]
+struct Reconnects {
+    attempt: u32,
+    connected_before: bool,
+}
+
+impl Reconnects {
+    /// Reports a failed session (log, `/health`, metrics).
+    fn down(&mut self, shared: &Context, err: DbError) {
+        let reason = match &err {
+            DbError::Postgres(e) => format!("{err}: {e}"),
+            other => other.to_string(),
+        };
+        tracing::warn!(error = %reason, attempt = self.attempt, "listener down");
+        shared.health.set_down(reason, &shared.metrics);
+        if matches!(err, DbError::NotInstalled | DbError::Incompatible { .. }) {
+            // Keep retrying: a DBA may be installing it right now.
+            self.attempt = self.attempt.max(6);
         }
-    }));
-    db::check_version(&client).await?;
-    db::sync_settings(&client, shared.config.events.bulk_threshold).await?;
+    }
+
+    /// The wait before the next attempt: 100 ms doubling up to 10 s, with jitter.
+    fn next_delay(&mut self) -> Duration {
+        let base = Duration::from_millis(100).saturating_mul(1 << self.attempt.min(7));
+        let capped = base.min(Duration::from_secs(10));
+        let delay = capped.mul_f64(0.5 + fastrand::f64() * 0.5);
+        self.attempt = self.attempt.saturating_add(1);
+        delay
+    }
+
+    /// Reports a session that LISTENs and has caught up.
+    fn up(&mut self, shared: &Context, last_id: i64) {
+        shared.health.set_up(&shared.metrics);
+        self.attempt = 0;
+        if self.connected_before {
+            shared.metrics.listener_reconnects.inc();
+            tracing::info!(last_id, "listener reconnected and caught up");
+            // Numbers may have changed while we were away.
+            shared.stats.mark_dirty_all(&shared.hub);
+        } else {
+            tracing::info!(last_id, "listener up");
+        }
+        self.connected_before = true;
+    }
+}
+
+impl Listener {
+    /// One connection's life: set up, catch up, then read on every wake-up until
+    /// shutdown (`Ok`) or a database error (`Err`: reconnect).
+    async fn session(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), DbError> {
+        let shared = self.shared.clone();
+        let (client, connection) = db::connect_as(&shared.config, "citapulse-listener").await?;
+        let mut wakeups = Wakeups::forward(connection);
+        let (stmts, mut stats_seen) = listen(&client, &shared).await?;
+        let cur = match self.cursor.take() {
+            Some(c) => c,
+            None => db::initial_cursor(&client).await?,
+        };
+        let cursor = self.cursor.insert(cur);
+        shared
+            .reader_position
+            .fetch_max(cursor.last_id, Ordering::AcqRel);
+
+        let mut reader = Reader {
+            shared: &shared,
+            client: &client,
+            stmts,
+            cursor,
+            resolver: &mut self.resolver,
+            mode: ModeControl::new(&shared),
+        };
+        reader.mode.enforce_pinned(&client).await?;
+        reader.drain(WakeCause::CatchUp).await?;
+        self.reconnects.up(&shared, reader.cursor.last_id);
+
+        let mut next_poll = Instant::now() + reader.mode.poll_every();
+        let mut stats_check =
+            tokio::time::interval(crate::stats::shared_check_period(&shared.config.stats));
+        stats_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let why = tokio::select! {
+                _ = shutdown.changed() => return Ok(()),
+                woke = wakeups.notify.recv() => match woke {
+                    Some(()) => WakeCause::Notify,
+                    None => return Err(DbError::Closed),
+                },
+                _ = tokio::time::sleep_until(next_poll) => WakeCause::Poll,
+                shared_stats = wakeups.shared_stats.recv() => {
+                    if shared_stats.is_some() {
+                        crate::stats::read_shared(&shared.shared_stats, &client, &mut stats_seen).await?;
+                    }
+                    stats_check.reset();
+                    continue;
+                }
+                // A missed `citapulse_stats` notification (the daemon was reconnecting, the
+                // queue overflowed) costs at most this period, not the next change.
+                _ = stats_check.tick() => {
+                    crate::stats::read_shared(&shared.shared_stats, &client, &mut stats_seen).await?;
+                    continue;
+                }
+            };
+            reader.drain(why).await?;
+            reader.mode.maybe_switch(&client).await?;
+            next_poll = why.next_poll(next_poll, Instant::now(), reader.mode.poll_every());
+        }
+    }
+}
+
+/// Checks the installed SQL, LISTENs on both channels and prepares the statements;
+/// returns them with the newest shared-stats version (where reading shared results
+/// starts).
+async fn listen(
+    client: &tokio_postgres::Client,
+    shared: &Context,
+) -> Result<(Statements, i64), DbError> {
+    db::check_version(client).await?;
+    db::sync_settings(client, shared.config.events.bulk_threshold).await?;
     client
         .batch_execute(&format!(
             "LISTEN {}; LISTEN {}",
@@ -119,76 +228,58 @@ async fn session(
             crate::stats::STATS_CHANNEL
         ))
         .await?;
-    let mut stats_seen = crate::stats::shared_version(&client).await?;
-    let stmt = db::prepare_reader(&client).await?;
-    let mover = client.prepare(db::MOVE_SQL).await?;
-    let stmts = Statements { read: stmt, mover };
-    let cur = match cursor.take() {
-        Some(c) => c,
-        None => db::initial_cursor(&client).await?,
+    let stats_seen = crate::stats::shared_version(client).await?;
+    let stmts = Statements {
+        read: db::prepare_reader(client).await?,
+        mover: client.prepare(db::MOVE_SQL).await?,
     };
-    let cursor = cursor.insert(cur);
-    shared
-        .reader_position
-        .fetch_max(cursor.last_id, Ordering::AcqRel);
+    Ok((stmts, stats_seen))
+}
 
-    let mut mode = ModeControl::new(shared);
-    mode.enforce_pinned(&client).await?;
-    drain(
-        shared, &client, &stmts, cursor, "catch_up", &mut mode, resolver,
-    )
-    .await?;
-    shared.health.set_up(&shared.metrics);
-    *attempt = 0;
-    if *connected_before {
-        shared.metrics.listener_reconnects.inc();
-        tracing::info!(
-            last_id = cursor.last_id,
-            "listener reconnected and caught up"
-        );
-        // Numbers may have changed while we were away.
-        shared.stats.mark_dirty_all(&shared.hub);
-    } else {
-        tracing::info!(last_id = cursor.last_id, "listener up");
-    }
-    *connected_before = true;
+/// The notifications of one connection, sorted by channel.
+struct Wakeups {
+    /// The triggers' wake-ups.
+    notify: mpsc::Receiver<()>,
+    /// Results computed by other daemons: a wake-up, the rows are read by version.
+    shared_stats: mpsc::Receiver<()>,
+    _driver: AbortOnDrop,
+}
 
-    let mut next_poll = tokio::time::Instant::now() + mode.poll_every();
-    let mut stats_check =
-        tokio::time::interval(crate::stats::shared_check_period(&shared.config.stats));
-    stats_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        let why = tokio::select! {
-            _ = shutdown.changed() => return Ok(()),
-            woke = wake_rx.recv() => match woke {
-                Some(()) => "notify",
-                None => return Err(DbError::Closed),
-            },
-            _ = tokio::time::sleep_until(next_poll) => "poll",
-            shared_stats = stats_rx.recv() => {
-                if shared_stats.is_some() {
-                    crate::stats::read_shared(&shared.shared_stats, &client, &mut stats_seen).await?;
+impl Wakeups {
+    /// Drives `connection`: tokio-postgres only surfaces notifications to whoever polls
+    /// the connection. Channels of one slot: a pending wake-up covers any later one.
+    fn forward(
+        mut connection: tokio_postgres::Connection<
+            tokio_postgres::Socket,
+            tokio_postgres::tls::NoTlsStream,
+        >,
+    ) -> Self {
+        let (wake_tx, notify) = mpsc::channel::<()>(1);
+        let (stats_tx, shared_stats) = mpsc::channel::<()>(1);
+        let driver = tokio::spawn(async move {
+            while let Some(msg) = poll_fn(|cx| connection.poll_message(cx)).await {
+                match msg {
+                    Ok(AsyncMessage::Notification(n))
+                        if n.channel() == crate::stats::STATS_CHANNEL =>
+                    {
+                        let _ = stats_tx.try_send(());
+                    }
+                    Ok(AsyncMessage::Notification(_)) => {
+                        let _ = wake_tx.try_send(());
+                    }
+                    Ok(_) => {}
+                    Err(err) => {
+                        tracing::debug!(error = %err, "listener connection ended");
+                        break;
+                    }
                 }
-                stats_check.reset();
-                continue;
             }
-            // A missed `citapulse_stats` notification (the daemon was reconnecting, the
-            // queue overflowed) costs at most this period, not the next change.
-            _ = stats_check.tick() => {
-                crate::stats::read_shared(&shared.shared_stats, &client, &mut stats_seen).await?;
-                continue;
-            }
-        };
-        drain(shared, &client, &stmts, cursor, why, &mut mode, resolver).await?;
-        mode.maybe_switch(&client).await?;
-        // Polls keep their cadence (the time a read takes is not added to the interval,
-        // so an event waits at most one interval); a notified read restarts the clock.
-        let now = tokio::time::Instant::now();
-        next_poll = if why == "poll" {
-            (next_poll + mode.poll_every()).max(now)
-        } else {
-            now + mode.poll_every()
-        };
+        });
+        Self {
+            notify,
+            shared_stats,
+            _driver: AbortOnDrop(driver),
+        }
     }
 }
 
@@ -198,57 +289,94 @@ struct Statements {
     mover: tokio_postgres::Statement,
 }
 
-async fn drain(
-    shared: &Context,
-    client: &tokio_postgres::Client,
-    stmts: &Statements,
-    cursor: &mut Cursor,
-    why: &str,
-    mode: &mut ModeControl<'_>,
-    resolver: &mut Resolver,
-) -> Result<(), DbError> {
-    loop {
-        // Shaping an event (its type and JSON) is most of a read's cost: only for tenants
-        // with subscribers here, unless there are so many that the list costs more.
-        let tenants = shared.hub.tenants();
-        let shape_for: Option<Vec<String>> = (tenants.len() <= SHAPE_FOR_AT_MOST)
-            .then(|| tenants.iter().map(|t| t.to_string()).collect());
-        // Move what the triggers committed into the log, then read it: pipelined (one
-        // round trip), and the read's snapshot is taken after the move committed.
-        let (moved, mut batch) = tokio::try_join!(
-            db::move_inbox(client, &stmts.mover, MOVE_BATCH),
-            db::read_batch(client, &stmts.read, cursor, BATCH, shape_for.as_deref()),
-        )?;
-        if batch
-            .events
-            .iter()
-            .any(|e| e.audience == Audience::Unresolved)
-        {
-            resolver.resolve(shared, &mut batch.events).await?;
-        }
-        Metrics::count(&shared.metrics.log_reads, why);
-        shared
-            .metrics
-            .rows_per_read
-            .observe(batch.events.len() as f64);
-        mode.observe(batch.events.len(), batch.triggers_notify);
-        if !batch.events.is_empty() {
-            shared.metrics.events_read.inc_by(batch.events.len() as u64);
+/// One session's reading side: its connection and statements, and the state it advances.
+struct Reader<'a> {
+    shared: &'a Context,
+    client: &'a tokio_postgres::Client,
+    stmts: Statements,
+    cursor: &'a mut Cursor,
+    resolver: &'a mut Resolver,
+    mode: ModeControl<'a>,
+}
+
+impl Reader<'_> {
+    /// Moves and reads until the log has nothing more, delivering as it goes.
+    async fn drain(&mut self, why: WakeCause) -> Result<(), DbError> {
+        let shared = self.shared;
+        let client = self.client;
+        loop {
+            // Shaping an event (its type and JSON) is most of a read's cost: only for tenants
+            // with subscribers here, unless there are so many that the list costs more.
+            let tenants = shared.hub.tenants();
+            let shape_for: Option<Vec<String>> = (tenants.len() <= SHAPE_FOR_AT_MOST)
+                .then(|| tenants.iter().map(|t| t.to_string()).collect());
+            // Move what the triggers committed into the log, then read it: pipelined (one
+            // round trip), and the read's snapshot is taken after the move committed.
+            let (moved, mut batch) = tokio::try_join!(
+                db::move_inbox(client, &self.stmts.mover, MOVE_BATCH),
+                db::read_batch(
+                    client,
+                    &self.stmts.read,
+                    self.cursor,
+                    BATCH,
+                    shape_for.as_deref()
+                ),
+            )?;
+            if batch
+                .events
+                .iter()
+                .any(|e| e.audience == Audience::Unresolved)
+            {
+                self.resolver.resolve(shared, &mut batch.events).await?;
+            }
+            Metrics::count(&shared.metrics.log_reads, why.label());
             shared
-                .reader_position
-                .store(cursor.last_id, Ordering::Release);
-            let now = crate::stats::unix_time_f64();
-            let dispatched = shared.hub.dispatch(&batch.events, now);
-            shared.stats.mark_events(&dispatched.touched);
-            if !dispatched.unshaped.is_empty() {
-                // Subscribed while the read ran: read those whole, deliver them now.
-                let whole = db::events_by_id(client, &dispatched.unshaped).await?;
-                let again = shared.hub.dispatch(&whole, now);
-                shared.stats.mark_events(&again.touched);
+                .metrics
+                .rows_per_read
+                .observe(batch.events.len() as f64);
+            self.mode.observe(batch.events.len(), batch.triggers_notify);
+            if !batch.events.is_empty() {
+                shared.metrics.events_read.inc_by(batch.events.len() as u64);
+                shared
+                    .reader_position
+                    .store(self.cursor.last_id, Ordering::Release);
+                let now = crate::stats::unix_time_f64();
+                let dispatched = shared.hub.dispatch(&batch.events, now);
+                shared.stats.mark_events(&dispatched.touched);
+                if !dispatched.unshaped.is_empty() {
+                    // Subscribed while the read ran: read those whole, deliver them now.
+                    let whole = db::events_by_id(client, &dispatched.unshaped).await?;
+                    let again = shared.hub.dispatch(&whole, now);
+                    shared.stats.mark_events(&again.touched);
+                }
+            }
+            if !batch.more && moved < MOVE_BATCH {
+                return Ok(());
             }
         }
-        if !batch.more && moved < MOVE_BATCH {
-            return Ok(());
-        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_the_exported_text() {
+        assert_eq!(WakeCause::Notify.label(), "notify");
+        assert_eq!(WakeCause::Poll.label(), "poll");
+        assert_eq!(WakeCause::CatchUp.label(), "catch_up");
+    }
+
+    #[test]
+    fn polls_keep_their_cadence_other_reads_restart_it() {
+        let t0 = Instant::now();
+        let every = Duration::from_millis(100);
+        let late = t0 + Duration::from_millis(30);
+        assert_eq!(WakeCause::Poll.next_poll(t0, late, every), t0 + every);
+        let very_late = t0 + Duration::from_millis(250);
+        assert_eq!(WakeCause::Poll.next_poll(t0, very_late, every), very_late);
+        assert_eq!(WakeCause::Notify.next_poll(t0, late, every), late + every);
+        assert_eq!(WakeCause::CatchUp.next_poll(t0, late, every), late + every);
     }
 }

@@ -1,9 +1,9 @@
 //! The adaptive wake-up's decisions, as a plain function of (state, observation, now).
 //!
-//! Owns when to switch the triggers between notifying and silent (DESIGN.md §1); does no
-//! I/O. The listener gathers the inputs (rows read, samples of the NOTIFY commit lock)
-//! and performs the switch this module asks for, so the rules are tested with made-up
-//! clocks instead of real load.
+//! Owns when to switch the triggers between notifying and silent (ARCHITECTURE.md,
+//! "Invariants" → "Wake-up modes"); does no I/O. The listener gathers the inputs (rows
+//! read, samples of the NOTIFY commit lock) and performs the switch this module asks
+//! for, so the rules are tested with made-up clocks instead of real load.
 
 use std::time::{Duration, Instant};
 

@@ -146,99 +146,136 @@ pub async fn run(
     let auth = Authenticator::new(&config.auth)?;
     let metrics = Arc::new(Metrics::new(&config.instance));
     let pool = db::pool(&config)?;
-
-    // Fail fast on a database without the SQL or with a bad time zone.
-    let today = {
-        let (client, connection) = db::connect(&config).await?;
-        let driver = tokio::spawn(connection);
-        db::check_version(&client).await?;
-        let today = crate::stats::today_in_zone(
-            &client,
-            &config.stats.timezone,
-            config.stats.clock_offset_secs,
-        )
-        .await
-        .map_err(|_| ConfigError::Invalid {
-            key: "stats.timezone",
-            reason: format!(
-                "{:?} is not a time zone PostgreSQL knows",
-                config.stats.timezone
-            ),
-        })?;
-        if let Err(err) = prepare_stats_probe(&client, &config.stats.query).await {
-            return Err(ConfigError::Invalid {
-                key: "stats.query",
-                reason: format!(
-                    "does not prepare: {}",
-                    err.as_db_error()
-                        .map(|e| e.message().to_string())
-                        .unwrap_or_else(|| err.to_string())
-                ),
-            }
-            .into());
-        }
-        drop(client);
-        driver.abort();
-        today.0
-    };
+    let today = check_database(&config).await?;
     let (today_tx, today_rx) = watch::channel(String::new());
     today_tx.send_replace(today);
-
-    let config = Arc::new(config);
-    let hub = Arc::new(Hub::new(
-        metrics.clone(),
-        config.limits.queue_len.max(1024) * 4,
-    ));
-    let stats = Arc::new(StatsEngine::default());
-    let health = Arc::new(Health::default());
-    let wakeup = Arc::new(Wakeup::default());
-    let reader_position = Arc::new(AtomicI64::new(0));
-    let stats_task = Arc::new(crate::stats::Context {
-        config: config.clone(),
-        hub: hub.clone(),
-        metrics: metrics.clone(),
-        pool: pool.clone(),
-        stats: stats.clone(),
-        today: today_rx,
-        reader_position: reader_position.clone(),
-    });
-    let capture = Arc::new(crate::capture::Context {
-        config: config.clone(),
-        hub: hub.clone(),
-        metrics: metrics.clone(),
-        stats: stats.clone(),
-        pool: pool.clone(),
-        health: health.clone(),
-        wakeup: wakeup.clone(),
-        reader_position: reader_position.clone(),
-        shared_stats: stats_task.clone(),
-    });
-    let auth = Arc::new(auth);
-    let sockets = Arc::new(crate::delivery::ws::Context {
-        config: config.clone(),
-        auth: auth.clone(),
-        hub: hub.clone(),
-        metrics: metrics.clone(),
-        pool,
-        replay_budget: Arc::new(ReplayBudget::new(config.database.pool_size)),
-        stats: stats.clone(),
-    });
-    let shared = Arc::new(Shared {
-        config,
-        auth,
-        hub,
-        metrics,
-        stats,
-        health,
-        wakeup,
-        reader_position,
-        capture,
-        stats_task,
-        sockets,
-        per_ip: Mutex::new(HashMap::new()),
-    });
+    let shared = Shared::build(config, auth, metrics, pool, today_rx);
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let background = spawn_background(&shared, today_tx, &stop_rx);
+    let sockets = accept_until(listener, &shared, &stop_rx, shutdown).await;
+
+    tracing::info!("shutting down: closing sockets");
+    let _ = stop_tx.send(true);
+    sockets.close();
+    background.close();
+    let grace = Duration::from_secs(shared.config.limits.shutdown_grace_secs);
+    if tokio::time::timeout(grace, sockets.wait()).await.is_err() {
+        tracing::warn!("shutdown grace period over; dropping remaining sockets");
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), background.wait()).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Fails fast on a database without the SQL, with a bad time zone or a statistics
+/// query that does not prepare; returns today's date in `stats.timezone`.
+async fn check_database(config: &Config) -> Result<String, ServerError> {
+    let (client, connection) = db::connect(config).await?;
+    let driver = tokio::spawn(connection);
+    db::check_version(&client).await?;
+    let today = crate::stats::today_in_zone(
+        &client,
+        &config.stats.timezone,
+        config.stats.clock_offset_secs,
+    )
+    .await
+    .map_err(|_| ConfigError::Invalid {
+        key: "stats.timezone",
+        reason: format!(
+            "{:?} is not a time zone PostgreSQL knows",
+            config.stats.timezone
+        ),
+    })?;
+    if let Err(err) = prepare_stats_probe(&client, &config.stats.query).await {
+        return Err(ConfigError::Invalid {
+            key: "stats.query",
+            reason: format!(
+                "does not prepare: {}",
+                err.as_db_error()
+                    .map(|e| e.message().to_string())
+                    .unwrap_or_else(|| err.to_string())
+            ),
+        }
+        .into());
+    }
+    drop(client);
+    driver.abort();
+    Ok(today.0)
+}
+
+impl Shared {
+    /// Builds the shared parts once and, from them, each task's narrow context.
+    fn build(
+        config: Config,
+        auth: Authenticator,
+        metrics: Arc<Metrics>,
+        pool: deadpool_postgres::Pool,
+        today: watch::Receiver<String>,
+    ) -> Arc<Self> {
+        let config = Arc::new(config);
+        let hub = Arc::new(Hub::new(
+            metrics.clone(),
+            config.limits.queue_len.max(1024) * 4,
+        ));
+        let stats = Arc::new(StatsEngine::default());
+        let health = Arc::new(Health::default());
+        let wakeup = Arc::new(Wakeup::default());
+        let reader_position = Arc::new(AtomicI64::new(0));
+        let stats_task = Arc::new(crate::stats::Context {
+            config: config.clone(),
+            hub: hub.clone(),
+            metrics: metrics.clone(),
+            pool: pool.clone(),
+            stats: stats.clone(),
+            today,
+            reader_position: reader_position.clone(),
+        });
+        let capture = Arc::new(crate::capture::Context {
+            config: config.clone(),
+            hub: hub.clone(),
+            metrics: metrics.clone(),
+            stats: stats.clone(),
+            pool: pool.clone(),
+            health: health.clone(),
+            wakeup: wakeup.clone(),
+            reader_position: reader_position.clone(),
+            shared_stats: stats_task.clone(),
+        });
+        let auth = Arc::new(auth);
+        let sockets = Arc::new(crate::delivery::ws::Context {
+            config: config.clone(),
+            auth: auth.clone(),
+            hub: hub.clone(),
+            metrics: metrics.clone(),
+            pool,
+            replay_budget: Arc::new(ReplayBudget::new(config.database.pool_size)),
+            stats: stats.clone(),
+        });
+        Arc::new(Shared {
+            config,
+            auth,
+            hub,
+            metrics,
+            stats,
+            health,
+            wakeup,
+            reader_position,
+            capture,
+            stats_task,
+            sockets,
+            per_ip: Mutex::new(HashMap::new()),
+        })
+    }
+}
+
+/// Spawns the supervised background tasks (listener, stats, day rollover, retention),
+/// all stopped by `stop`. A dead listener fails `/health`; the others restart.
+fn spawn_background(
+    shared: &Shared,
+    today_tx: watch::Sender<String>,
+    stop_rx: &watch::Receiver<bool>,
+) -> TaskTracker {
     let background = TaskTracker::new();
     let restart = || OnDeath::Restart(Duration::from_secs(1));
     let capture = shared.capture.clone();
@@ -271,7 +308,17 @@ pub async fn run(
         stop_rx.clone(),
         move || crate::capture::retention::run(capture.clone(), stop.clone()),
     ));
+    background
+}
 
+/// Accepts connections until `shutdown` resolves, then closes the listening socket;
+/// returns the tracker of the connections still open.
+async fn accept_until(
+    listener: TcpListener,
+    shared: &Arc<Shared>,
+    stop_rx: &watch::Receiver<bool>,
+    shutdown: impl Future<Output = ()>,
+) -> TaskTracker {
     let addr = listener.local_addr().ok();
     tracing::info!(addr = ?addr, instance = %shared.config.instance, "citapulse listening");
     let sockets = TaskTracker::new();
@@ -295,19 +342,8 @@ pub async fn run(
             _ = &mut shutdown => break,
         }
     }
-
-    tracing::info!("shutting down: closing sockets");
     drop(listener);
-    let _ = stop_tx.send(true);
-    sockets.close();
-    background.close();
-    let grace = Duration::from_secs(shared.config.limits.shutdown_grace_secs);
-    if tokio::time::timeout(grace, sockets.wait()).await.is_err() {
-        tracing::warn!("shutdown grace period over; dropping remaining sockets");
-    }
-    let _ = tokio::time::timeout(Duration::from_secs(2), background.wait()).await;
-    tracing::info!("stopped");
-    Ok(())
+    sockets
 }
 
 async fn serve_http(

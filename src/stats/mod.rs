@@ -126,68 +126,9 @@ pub async fn run(shared: Arc<Context>, mut shutdown: watch::Receiver<bool>) {
     let limit = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_QUERIES));
     let mut last_sweep = Instant::now();
     loop {
-        let mut due: Vec<Job> = Vec::new();
-        let mut next: Option<Instant> = None;
-        let now = Instant::now();
-        {
-            let mut tenants = crate::sync::lock(&shared.stats.tenants);
-            let Tenants { state, dirty } = &mut *tenants;
-            if now.duration_since(last_sweep) >= SWEEP_EVERY {
-                last_sweep = now;
-                state
-                    .retain(|t, s| s.running || dirty.contains(t) || shared.hub.has_subscribers(t));
-            }
-            dirty.retain(|tenant| {
-                let Some(s) = state.get_mut(tenant) else {
-                    return false;
-                };
-                match s.next_step(shared.hub.has_subscribers(tenant), now, min_interval) {
-                    Step::AfterRun => true,
-                    Step::At(at) => {
-                        next = Some(next.map_or(at, |n| n.min(at)));
-                        true
-                    }
-                    Step::Forget => {
-                        state.remove(tenant);
-                        false
-                    }
-                    Step::Now => {
-                        due.push(s.start(tenant.clone(), now));
-                        false
-                    }
-                }
-            });
-        }
+        let (due, next) = take_due(&shared, min_interval, &mut last_sweep);
         for job in due {
-            let shared = shared.clone();
-            let sql = sql.clone();
-            let limit = limit.clone();
-            tokio::spawn(async move {
-                let _permit = limit.acquire().await;
-                let retry = match recompute(&shared, &sql, &job).await {
-                    Ok(Outcome::Computed) => false,
-                    Ok(Outcome::Shared) => {
-                        shared.metrics.stats_shared.inc();
-                        false
-                    }
-                    Ok(Outcome::Busy) => true,
-                    Err(err) => {
-                        shared.metrics.stats_errors.inc();
-                        tracing::warn!(tenant = %job.tenant, error = %err, cause = ?std::error::Error::source(&err), "stats query failed");
-                        true
-                    }
-                };
-                {
-                    let mut tenants = crate::sync::lock(&shared.stats.tenants);
-                    let Tenants { state, dirty } = &mut *tenants;
-                    if let Some(s) = state.get_mut(&job.tenant)
-                        && s.finish(&job, retry)
-                    {
-                        dirty.insert(job.tenant.clone());
-                    }
-                }
-                shared.stats.wake.notify_one();
-            });
+            tokio::spawn(run_job(shared.clone(), sql.clone(), limit.clone(), job));
         }
         let sleep = async {
             match next {
@@ -203,6 +144,82 @@ pub async fn run(shared: Arc<Context>, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
+/// Under the lock, one pass over the dirty tenants: the jobs to start now, and when the
+/// next trailing edge is due. Every [`SWEEP_EVERY`] also forgets idle tenants without
+/// subscribers.
+fn take_due(
+    shared: &Context,
+    min_interval: Duration,
+    last_sweep: &mut Instant,
+) -> (Vec<Job>, Option<Instant>) {
+    let mut due: Vec<Job> = Vec::new();
+    let mut next: Option<Instant> = None;
+    let now = Instant::now();
+    let mut tenants = crate::sync::lock(&shared.stats.tenants);
+    let Tenants { state, dirty } = &mut *tenants;
+    if now.duration_since(*last_sweep) >= SWEEP_EVERY {
+        *last_sweep = now;
+        state.retain(|t, s| s.running || dirty.contains(t) || shared.hub.has_subscribers(t));
+    }
+    dirty.retain(|tenant| {
+        let Some(s) = state.get_mut(tenant) else {
+            return false;
+        };
+        match s.next_step(shared.hub.has_subscribers(tenant), now, min_interval) {
+            Step::AfterRun => true,
+            Step::At(at) => {
+                next = Some(next.map_or(at, |n| n.min(at)));
+                true
+            }
+            Step::Forget => {
+                state.remove(tenant);
+                false
+            }
+            Step::Now => {
+                due.push(s.start(tenant.clone(), now));
+                false
+            }
+        }
+    });
+    (due, next)
+}
+
+/// One recomputation as a task: waits for a query slot, runs, then hands the tenant
+/// back to the coalescer (dirty again if it must be retried) and wakes it.
+async fn run_job(
+    shared: Arc<Context>,
+    sql: Arc<String>,
+    limit: Arc<tokio::sync::Semaphore>,
+    job: Job,
+) {
+    let _permit = limit.acquire().await;
+    let retry = match recompute(&shared, &sql, &job).await {
+        Ok(Outcome::Computed) => false,
+        Ok(Outcome::Shared) => {
+            shared.metrics.stats_shared.inc();
+            false
+        }
+        Ok(Outcome::Busy) => true,
+        Err(err) => {
+            shared.metrics.stats_errors.inc();
+            tracing::warn!(tenant = %job.tenant, error = %err, cause = ?std::error::Error::source(&err), "stats query failed");
+            true
+        }
+    };
+    {
+        let mut tenants = crate::sync::lock(&shared.stats.tenants);
+        let Tenants { state, dirty } = &mut *tenants;
+        if let Some(s) = state.get_mut(&job.tenant)
+            && s.finish(&job, retry)
+        {
+            dirty.insert(job.tenant.clone());
+        }
+    }
+    shared.stats.wake.notify_one();
+}
+
+/// Claims the tenant, then either takes another daemon's covering result, backs off,
+/// or runs the query, publishes locally and shares the result.
 async fn recompute(shared: &Context, sql: &str, job: &Job) -> Result<Outcome, DbError> {
     let tenant: &str = &job.tenant;
     let as_of_bound = shared.reader_position.load(Ordering::Acquire);
@@ -252,10 +269,31 @@ async fn recompute(shared: &Context, sql: &str, job: &Job) -> Result<Outcome, Db
         return Ok(Outcome::Busy);
     }
 
+    let (message, snapshot) =
+        query_stats(shared, &tx, &stats_stmt, tenant, &today, as_of_bound).await?;
+    if let Some(snapshot) = snapshot {
+        let instance = &shared.config.instance;
+        tx.query(&publish, &[&tenant, &message, &today, &snapshot, instance])
+            .await?;
+    }
+    // Local subscribers need not wait for the commit: the numbers are what they are.
+    shared.hub.publish_stats(tenant, Utf8Bytes::from(message));
+    tx.commit().await?;
+    Ok(Outcome::Computed)
+}
+
+/// Runs the wrapped statistics query (timed, counted): the `stats` message, and the
+/// snapshot its numbers were read in (`None` when the query returned no row).
+async fn query_stats(
+    shared: &Context,
+    tx: &tokio_postgres::Transaction<'_>,
+    stmt: &tokio_postgres::Statement,
+    tenant: &str,
+    today: &str,
+    as_of_bound: i64,
+) -> Result<(String, Option<String>), DbError> {
     let started = Instant::now();
-    let row = tx
-        .query_opt(&stats_stmt, &[&tenant, &today, &as_of_bound])
-        .await?;
+    let row = tx.query_opt(stmt, &[&tenant, &today, &as_of_bound]).await?;
     shared.metrics.stats_queries.inc();
     shared
         .metrics
@@ -269,6 +307,12 @@ async fn recompute(shared: &Context, sql: &str, job: &Job) -> Result<Outcome, Db
         ),
         None => (None, None, None),
     };
+    Ok((stats_message(tenant, fields, as_of), snapshot))
+}
+
+/// The `stats` message for `tenant`: the query's columns (none when it returned no
+/// row or not an object), plus the tenant, the time and `as_of` (0: no event yet).
+fn stats_message(tenant: &str, fields: Option<Value>, as_of: Option<i64>) -> String {
     let mut data = match fields {
         Some(Value::Object(map)) => map,
         _ => Map::new(),
@@ -276,22 +320,12 @@ async fn recompute(shared: &Context, sql: &str, job: &Job) -> Result<Outcome, Db
     data.insert("negocio_id".into(), Value::from(tenant));
     data.insert("timestamp".into(), Value::from(crate::auth::unix_now()));
     data.insert("as_of".into(), Value::from(as_of.unwrap_or(0)));
-    let message = serde_json::json!({
+    serde_json::json!({
         "type": "stats",
         "channel": format!("{}{tenant}", crate::auth::STATS_PREFIX),
         "data": data,
     })
-    .to_string();
-
-    if let Some(snapshot) = snapshot {
-        let instance = &shared.config.instance;
-        tx.query(&publish, &[&tenant, &message, &today, &snapshot, instance])
-            .await?;
-    }
-    // Local subscribers need not wait for the commit: the numbers are what they are.
-    shared.hub.publish_stats(tenant, Utf8Bytes::from(message));
-    tx.commit().await?;
-    Ok(Outcome::Computed)
+    .to_string()
 }
 
 /// The newest version of `citapulse.stats` (where [`read_shared`] starts).
@@ -302,7 +336,6 @@ pub async fn shared_version(client: &tokio_postgres::Client) -> Result<i64, DbEr
     Ok(row.get(0))
 }
 
-/// Applies the results other daemons computed since version `seen` (after a
 /// How often the listener reads `citapulse.stats` for results of other daemons even
 /// without a `citapulse_stats` notification: twice the minimum recompute interval, so a
 /// dropped notification delays shared numbers by at most that (one indexed query).
@@ -310,6 +343,7 @@ pub fn shared_check_period(cfg: &crate::config::StatsConfig) -> Duration {
     Duration::from_millis(cfg.min_interval_ms.saturating_mul(2).max(100))
 }
 
+/// Applies the results other daemons computed since version `seen` (after a
 /// `citapulse_stats` notification) to this daemon's subscribers; advances `seen`.
 pub async fn read_shared(
     shared: &Context,

@@ -619,3 +619,58 @@ pub fn token_with_ttl(
         .mint(sub, tenant, role, ttl_secs)
         .unwrap()
 }
+
+/// Concurrent writers of tenant `t1`, for the lossless checks: each inserts
+/// `per_writer` rows, one transaction each, held open a random `0..max_hold_ms` (so
+/// commits land out of id order), one in `rollback_one_in` rolled back, then pauses `gap`.
+pub struct Writers {
+    pub writers: usize,
+    pub per_writer: usize,
+    pub max_hold_ms: u64,
+    pub rollback_one_in: u8,
+    pub gap: Duration,
+}
+
+/// Runs [`Writers`] to the end.
+pub async fn concurrent_writes(url: &str, load: Writers) {
+    let mut tasks = Vec::new();
+    for w in 0..load.writers {
+        let url = url.to_string();
+        tasks.push(tokio::spawn(async move {
+            let mut client = pg(&url).await;
+            for i in 0..load.per_writer {
+                let tx = client.transaction().await.unwrap();
+                tx.execute(
+                    "INSERT INTO citas (negocio_id, cliente_id) VALUES ('t1', $1)",
+                    &[&format!("w{w}-{i}")],
+                )
+                .await
+                .unwrap();
+                tokio::time::sleep(Duration::from_millis(fastrand::u64(0..load.max_hold_ms))).await;
+                if fastrand::u8(..load.rollback_one_in) == 0 {
+                    tx.rollback().await.unwrap();
+                } else {
+                    tx.commit().await.unwrap();
+                }
+                if !load.gap.is_zero() {
+                    tokio::time::sleep(load.gap).await;
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+/// User triggers left in the database (after an uninstall: none).
+pub async fn user_trigger_count(client: &Client) -> i64 {
+    client
+        .query_one(
+            "SELECT count(*) FROM pg_trigger WHERE NOT tgisinternal",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
