@@ -1,6 +1,6 @@
 //! PostgreSQL access: connections, the embedded SQL, and every query on the log.
 //!
-//! Owns the SQL text the daemon runs, so the lossless rule (DESIGN.md §1) lives in one
+//! Owns the SQL text the daemon runs, so the lossless rule (ARCHITECTURE.md, "Lossless delivery") lives in one
 //! place: the live reader and client replay both use it.
 
 use std::str::FromStr;
