@@ -14,7 +14,6 @@ use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::Upgraded;
 use hyper_tungstenite::WebSocketStream;
-use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use hyper_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use hyper_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use hyper_util::rt::TokioIo;
@@ -23,6 +22,7 @@ use tokio::sync::{mpsc, watch};
 use crate::auth::{self, ChannelError, Identity};
 use crate::clock;
 use crate::db;
+use crate::delivery::close::CloseCode;
 use crate::delivery::frames::{FrameFlood, FrameMeter};
 use crate::delivery::hub::ClientHandle;
 use crate::delivery::protocol::{self, ClientMessage};
@@ -46,8 +46,6 @@ pub struct Context {
     pub stats: Arc<dyn super::SnapshotRequests>,
 }
 
-/// Close code: the token expired.
-pub const CLOSE_TOKEN_EXPIRED: u16 = 4001;
 /// Events read per replay page: with the client's queue (`limits.queue_len`), what one
 /// resuming connection holds in memory at most.
 const REPLAY_PAGE: i64 = 256;
@@ -255,8 +253,8 @@ async fn write_until_done(
         let step = tokio::select! {
             biased;
             _ = shutdown.changed() => {
-                close(sink, 1001, "server shutting down; reconnect and resume with since").await;
-                return "server_shutdown";
+                close(sink, CloseCode::ServerShutdown).await;
+                return CloseCode::ServerShutdown.label();
             }
             msg = queue.recv() => match msg {
                 // After a slow-consumer overflow nothing else is written: events queued
@@ -286,25 +284,16 @@ async fn write_until_done(
 fn overflowed(client: &ClientHandle) -> bool {
     client
         .pending_close()
-        .is_some_and(|(code, _)| code == crate::delivery::hub::CLOSE_SLOW_CONSUMER)
+        .is_some_and(|code| code == CloseCode::SlowConsumer)
 }
 
 /// Performs the pending close; returns the reason for the logs and metrics.
 async fn close_as_requested(sink: &mut Sink, client: &ClientHandle) -> &'static str {
-    let Some((code, reason)) = client.pending_close() else {
+    let Some(code) = client.pending_close() else {
         return "server_close";
     };
-    close(sink, code, reason).await;
-    match code {
-        crate::delivery::hub::CLOSE_SLOW_CONSUMER => "slow_consumer",
-        CLOSE_TOKEN_EXPIRED => "token_expired",
-        1002 => "protocol_error",
-        1007 => "invalid_utf8",
-        1008 => "policy_violation",
-        1009 => "message_too_big",
-        1000 => "client_closed",
-        _ => "server_close",
-    }
+    close(sink, code).await;
+    code.label()
 }
 
 async fn write_batch(
@@ -352,10 +341,10 @@ async fn timed<F: Future<Output = Result<(), WsError>>>(fut: F) -> bool {
     matches!(tokio::time::timeout(WRITE_TIMEOUT, fut).await, Ok(Ok(())))
 }
 
-async fn close(sink: &mut Sink, code: u16, reason: &str) {
+async fn close(sink: &mut Sink, code: CloseCode) {
     let frame = CloseFrame {
-        code: CloseCode::from(code),
-        reason: Utf8Bytes::from(reason),
+        code: code.into(),
+        reason: Utf8Bytes::from_static(code.reason()),
     };
     let _ = timed(sink.send(Message::Close(Some(frame)))).await;
     let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
@@ -391,32 +380,32 @@ impl Connection {
                     match frame {
                         None => return Exit::Closed("peer_gone"),
                         Some(Err(WsError::Capacity(_))) => {
-                            self.client.request_close(1009, "message too big");
+                            self.client.request_close(CloseCode::MessageTooBig);
                             return Exit::AwaitWriter;
                         }
                         Some(Err(WsError::Utf8(_))) => {
-                            self.client.request_close(1007, "text frames must be UTF-8");
+                            self.client.request_close(CloseCode::InvalidUtf8);
                             return Exit::AwaitWriter;
                         }
                         Some(Err(WsError::Protocol(_))) => {
-                            self.client.request_close(1002, "protocol error");
+                            self.client.request_close(CloseCode::ProtocolError);
                             return Exit::AwaitWriter;
                         }
                         Some(Err(WsError::Io(err))) if FrameFlood::is(&err) => {
                             Metrics::count(&self.shared.metrics.client_errors, "frame_rate_limited_close");
-                            self.client.request_close(1008, "rate limit exceeded");
+                            self.client.request_close(CloseCode::RateLimited);
                             return Exit::AwaitWriter;
                         }
                         Some(Err(_)) => return Exit::Closed("io_error"),
                         Some(Ok(Message::Close(_))) => {
-                            self.client.request_close(1000, "");
+                            self.client.request_close(CloseCode::ClientClosed);
                             return Exit::AwaitWriter;
                         }
                         Some(Ok(Message::Text(text))) => {
                             if let Err(close) = self.rate.take(Instant::now()) {
                                 if close {
                                     Metrics::count(&self.shared.metrics.client_errors, "rate_limited_close");
-                                    self.client.request_close(1008, "rate limit exceeded");
+                                    self.client.request_close(CloseCode::RateLimited);
                                     return Exit::AwaitWriter;
                                 }
                                 self.reply_error("rate_limited", "too many messages; slow down").await;
@@ -430,7 +419,7 @@ impl Connection {
                                 Err(false) => self.reply_error("rate_limited", "too many messages; slow down").await,
                                 Err(true) => {
                                     Metrics::count(&self.shared.metrics.client_errors, "rate_limited_close");
-                                    self.client.request_close(1008, "rate limit exceeded");
+                                    self.client.request_close(CloseCode::RateLimited);
                                     return Exit::AwaitWriter;
                                 }
                             }
@@ -439,14 +428,14 @@ impl Connection {
                         Some(Ok(_)) => {
                             if self.rate.take(Instant::now()) == Err(true) {
                                 Metrics::count(&self.shared.metrics.client_errors, "rate_limited_close");
-                                self.client.request_close(1008, "rate limit exceeded");
+                                self.client.request_close(CloseCode::RateLimited);
                                 return Exit::AwaitWriter;
                             }
                         }
                     }
                 }
                 _ = tokio::time::sleep_until(expires) => {
-                    self.client.request_close(CLOSE_TOKEN_EXPIRED, "token expired");
+                    self.client.request_close(CloseCode::TokenExpired);
                     return Exit::AwaitWriter;
                 }
                 _ = tokio::time::sleep_until(last_heard + idle_timeout) => {
