@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde_json::{Map, Value};
 
-use crate::config::{AuthConfig, ConfigError};
+use crate::config::{AuthConfig, ConfigError, JwtAlgorithm, KeyFamily};
 
 /// The channel prefix for a tenant's statistics and events.
 pub const STATS_PREFIX: &str = "estadisticas:";
@@ -56,22 +56,22 @@ pub struct Authenticator {
     signing: Option<EncodingKey>,
 }
 
-fn parse_alg(name: &str) -> Option<Algorithm> {
-    Some(match name {
-        "HS256" => Algorithm::HS256,
-        "HS384" => Algorithm::HS384,
-        "HS512" => Algorithm::HS512,
-        "RS256" => Algorithm::RS256,
-        "RS384" => Algorithm::RS384,
-        "RS512" => Algorithm::RS512,
-        "PS256" => Algorithm::PS256,
-        "PS384" => Algorithm::PS384,
-        "PS512" => Algorithm::PS512,
-        "ES256" => Algorithm::ES256,
-        "ES384" => Algorithm::ES384,
-        "EdDSA" => Algorithm::EdDSA,
-        _ => return None,
-    })
+/// The library's name for a configured algorithm.
+fn library_alg(alg: JwtAlgorithm) -> Algorithm {
+    match alg {
+        JwtAlgorithm::HS256 => Algorithm::HS256,
+        JwtAlgorithm::HS384 => Algorithm::HS384,
+        JwtAlgorithm::HS512 => Algorithm::HS512,
+        JwtAlgorithm::RS256 => Algorithm::RS256,
+        JwtAlgorithm::RS384 => Algorithm::RS384,
+        JwtAlgorithm::RS512 => Algorithm::RS512,
+        JwtAlgorithm::PS256 => Algorithm::PS256,
+        JwtAlgorithm::PS384 => Algorithm::PS384,
+        JwtAlgorithm::PS512 => Algorithm::PS512,
+        JwtAlgorithm::ES256 => Algorithm::ES256,
+        JwtAlgorithm::ES384 => Algorithm::ES384,
+        JwtAlgorithm::EdDSA => Algorithm::EdDSA,
+    }
 }
 
 impl Authenticator {
@@ -85,43 +85,25 @@ impl Authenticator {
             })?),
             None => None,
         };
-        for name in &cfg.algorithms {
-            let alg = parse_alg(name).ok_or_else(|| ConfigError::Invalid {
-                key: "auth.algorithms",
-                reason: format!("unknown algorithm {name:?}"),
-            })?;
+        for configured in cfg.algorithms()? {
             let bad_key = |e: jsonwebtoken::errors::Error| ConfigError::Invalid {
                 key: "auth.public_key_file",
-                reason: format!("not a usable {name} public key: {e}"),
+                reason: format!("not a usable {configured} public key: {e}"),
             };
-            let key = match alg {
-                Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => {
+            let pem = pem.as_deref().unwrap_or_default();
+            let key = match configured.family() {
+                KeyFamily::Hmac => {
                     let secret = cfg.jwt_secret.as_ref().ok_or(ConfigError::Invalid {
                         key: "auth.jwt_secret",
                         reason: "is required for HS* algorithms".into(),
                     })?;
                     DecodingKey::from_secret(secret.expose().as_bytes())
                 }
-                Algorithm::RS256
-                | Algorithm::RS384
-                | Algorithm::RS512
-                | Algorithm::PS256
-                | Algorithm::PS384
-                | Algorithm::PS512 => DecodingKey::from_rsa_pem(pem.as_deref().unwrap_or_default())
-                    .map_err(bad_key)?,
-                Algorithm::ES256 | Algorithm::ES384 => {
-                    DecodingKey::from_ec_pem(pem.as_deref().unwrap_or_default()).map_err(bad_key)?
-                }
-                Algorithm::EdDSA => {
-                    DecodingKey::from_ed_pem(pem.as_deref().unwrap_or_default()).map_err(bad_key)?
-                }
-                _ => {
-                    return Err(ConfigError::Invalid {
-                        key: "auth.algorithms",
-                        reason: format!("algorithm {name:?} is not supported"),
-                    });
-                }
+                KeyFamily::Rsa => DecodingKey::from_rsa_pem(pem).map_err(bad_key)?,
+                KeyFamily::Ec => DecodingKey::from_ec_pem(pem).map_err(bad_key)?,
+                KeyFamily::Ed => DecodingKey::from_ed_pem(pem).map_err(bad_key)?,
             };
+            let alg = library_alg(configured);
             keys.push((alg, key));
         }
         let mut validation = Validation::new(Algorithm::HS256);
@@ -343,6 +325,27 @@ mod tests {
         ] {
             assert!(a.verify(&sign(claims.clone())).is_err(), "{claims}");
         }
+    }
+
+    #[test]
+    fn every_configured_algorithm_maps_to_the_same_library_name() {
+        for alg in JwtAlgorithm::ALL {
+            assert_eq!(format!("{:?}", library_alg(alg)), alg.as_str());
+        }
+    }
+
+    #[test]
+    fn an_unknown_configured_algorithm_names_the_key() {
+        let cfg = AuthConfig {
+            jwt_secret: Some(Secret::new("0123456789abcdef0123")),
+            algorithms: vec!["HS256".into(), "XS1".into()],
+            ..AuthConfig::default()
+        };
+        let err = Authenticator::new(&cfg)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("auth.algorithms"), "{err}");
     }
 
     #[test]

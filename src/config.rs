@@ -123,6 +123,114 @@ pub struct DatabaseConfig {
     pub pool_size: usize,
 }
 
+/// A JWT signature algorithm `auth.algorithms` may list; `none` is not one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum JwtAlgorithm {
+    /// HMAC with SHA-256.
+    HS256,
+    /// HMAC with SHA-384.
+    HS384,
+    /// HMAC with SHA-512.
+    HS512,
+    /// RSA PKCS#1 v1.5 with SHA-256.
+    RS256,
+    /// RSA PKCS#1 v1.5 with SHA-384.
+    RS384,
+    /// RSA PKCS#1 v1.5 with SHA-512.
+    RS512,
+    /// RSA-PSS with SHA-256.
+    PS256,
+    /// RSA-PSS with SHA-384.
+    PS384,
+    /// RSA-PSS with SHA-512.
+    PS512,
+    /// ECDSA P-256 with SHA-256.
+    ES256,
+    /// ECDSA P-384 with SHA-384.
+    ES384,
+    /// Ed25519.
+    EdDSA,
+}
+
+/// Which key an algorithm verifies with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyFamily {
+    /// `auth.jwt_secret`.
+    Hmac,
+    /// `auth.public_key_file`, an RSA key.
+    Rsa,
+    /// `auth.public_key_file`, an EC key.
+    Ec,
+    /// `auth.public_key_file`, an Ed25519 key.
+    Ed,
+}
+
+impl JwtAlgorithm {
+    /// Every supported algorithm.
+    pub const ALL: [JwtAlgorithm; 12] = [
+        Self::HS256,
+        Self::HS384,
+        Self::HS512,
+        Self::RS256,
+        Self::RS384,
+        Self::RS512,
+        Self::PS256,
+        Self::PS384,
+        Self::PS512,
+        Self::ES256,
+        Self::ES384,
+        Self::EdDSA,
+    ];
+
+    /// The name used in the `alg` header and in `config.toml`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::HS256 => "HS256",
+            Self::HS384 => "HS384",
+            Self::HS512 => "HS512",
+            Self::RS256 => "RS256",
+            Self::RS384 => "RS384",
+            Self::RS512 => "RS512",
+            Self::PS256 => "PS256",
+            Self::PS384 => "PS384",
+            Self::PS512 => "PS512",
+            Self::ES256 => "ES256",
+            Self::ES384 => "ES384",
+            Self::EdDSA => "EdDSA",
+        }
+    }
+
+    /// The key it needs.
+    pub const fn family(self) -> KeyFamily {
+        match self {
+            Self::HS256 | Self::HS384 | Self::HS512 => KeyFamily::Hmac,
+            Self::RS256 | Self::RS384 | Self::RS512 | Self::PS256 | Self::PS384 | Self::PS512 => {
+                KeyFamily::Rsa
+            }
+            Self::ES256 | Self::ES384 => KeyFamily::Ec,
+            Self::EdDSA => KeyFamily::Ed,
+        }
+    }
+}
+
+impl fmt::Display for JwtAlgorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for JwtAlgorithm {
+    type Err = String;
+
+    /// Exact, case-sensitive names; anything else (`none` included) is refused.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|alg| alg.as_str() == s)
+            .ok_or_else(|| format!("unknown or unsafe algorithm {s:?} (`none` is never accepted)"))
+    }
+}
+
 /// `[auth]`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -131,7 +239,8 @@ pub struct AuthConfig {
     pub jwt_secret: Option<Secret>,
     /// PEM public key for RS*/ES*/PS* algorithms.
     pub public_key_file: Option<PathBuf>,
-    /// Accepted algorithms; anything else is refused.
+    /// Accepted algorithms, as written (see [`AuthConfig::algorithms`]); anything else
+    /// is refused at load.
     pub algorithms: Vec<String>,
     /// Claim holding the tenant id.
     pub tenant_claim: String,
@@ -143,6 +252,24 @@ pub struct AuthConfig {
     pub audience: Option<String>,
     /// Shared secret accepted in `X-Citapulse-Secret` by `POST /notify/cita`.
     pub notify_secret: Option<Secret>,
+}
+
+impl AuthConfig {
+    /// The configured algorithms, parsed; names `auth.algorithms` on a bad one.
+    ///
+    /// The field stays text so configurations built in code (tests, `citapulse token`)
+    /// write names as in `config.toml`; [`Config::validate`] runs this at load.
+    pub fn algorithms(&self) -> Result<Vec<JwtAlgorithm>, ConfigError> {
+        self.algorithms
+            .iter()
+            .map(|name| {
+                name.parse().map_err(|reason| ConfigError::Invalid {
+                    key: "auth.algorithms",
+                    reason,
+                })
+            })
+            .collect()
+    }
 }
 
 /// `[stats]`.
@@ -237,12 +364,65 @@ pub struct LimitsConfig {
     pub shutdown_grace_secs: u64,
 }
 
+/// How log lines are written (`log.format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// Human-readable lines (colored on a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line, fields flattened.
+    Json,
+}
+
+impl LogFormat {
+    /// The spelling in `config.toml`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Text => "text",
+            Self::Json => "json",
+        }
+    }
+}
+
+impl fmt::Display for LogFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "text" => Ok(Self::Text),
+            "json" => Ok(Self::Json),
+            other => Err(format!("must be \"text\" or \"json\", not {other:?}")),
+        }
+    }
+}
+
+impl Serialize for LogFormat {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// Parsed while loading, so a bad value is a start-up error naming `log.format`.
+impl<'de> Deserialize<'de> for LogFormat {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 /// `[log]`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     /// `text` or `json`.
-    pub format: String,
+    pub format: LogFormat,
     /// A tracing filter, e.g. `info` or `citapulse=debug`.
     pub level: String,
 }
@@ -360,7 +540,7 @@ impl Default for LimitsConfig {
 impl Default for LogConfig {
     fn default() -> Self {
         Self {
-            format: "text".into(),
+            format: LogFormat::Text,
             level: "info".into(),
         }
     }
@@ -434,9 +614,9 @@ impl Config {
                 "must list at least one algorithm, e.g. [\"HS256\"]",
             );
         }
-        for alg in &self.auth.algorithms {
-            match alg.as_str() {
-                "HS256" | "HS384" | "HS512" => match &self.auth.jwt_secret {
+        for alg in self.auth.algorithms()? {
+            match alg.family() {
+                KeyFamily::Hmac => match &self.auth.jwt_secret {
                     None => {
                         return invalid(
                             "auth.jwt_secret",
@@ -448,22 +628,13 @@ impl Config {
                     }
                     Some(_) => {}
                 },
-                "RS256" | "RS384" | "RS512" | "PS256" | "PS384" | "PS512" | "ES256" | "ES384"
-                | "EdDSA" => {
+                KeyFamily::Rsa | KeyFamily::Ec | KeyFamily::Ed => {
                     if self.auth.public_key_file.is_none() {
                         return invalid(
                             "auth.public_key_file",
                             &format!("is required for {alg}: a PEM public key file"),
                         );
                     }
-                }
-                other => {
-                    return invalid(
-                        "auth.algorithms",
-                        &format!(
-                            "unknown or unsafe algorithm {other:?} (`none` is never accepted)"
-                        ),
-                    );
                 }
             }
         }
@@ -531,9 +702,6 @@ impl Config {
             if r.table.trim().is_empty() || r.key.trim().is_empty() || r.query.trim().is_empty() {
                 return invalid("resolvers", "each [[resolvers]] needs table, key and query");
             }
-        }
-        if !matches!(self.log.format.as_str(), "text" | "json") {
-            return invalid("log.format", "must be \"text\" or \"json\"");
         }
         Ok(())
     }
@@ -606,6 +774,72 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(err.contains("auth.jwt_secret"), "{err}");
+    }
+
+    #[test]
+    fn algorithm_names_round_trip_and_none_is_refused() {
+        for alg in JwtAlgorithm::ALL {
+            assert_eq!(alg.to_string().parse::<JwtAlgorithm>(), Ok(alg));
+        }
+        for bad in ["none", "None", "hs256", "HS 256", "", "ES512"] {
+            let err = bad.parse::<JwtAlgorithm>().err().unwrap_or_default();
+            assert!(
+                err.contains("unknown or unsafe algorithm"),
+                "{bad:?}: {err}"
+            );
+        }
+        assert_eq!(JwtAlgorithm::EdDSA.family(), KeyFamily::Ed);
+        assert_eq!(JwtAlgorithm::PS384.family(), KeyFamily::Rsa);
+    }
+
+    #[test]
+    fn a_bad_algorithm_names_the_key() {
+        let mut c = Config::default();
+        c.auth.jwt_secret = Some(Secret::new("0123456789abcdef0123"));
+        c.auth.algorithms = vec!["HS256".into(), "none".into()];
+        let err = c
+            .validate()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("auth.algorithms"), "{err}");
+        assert!(err.contains("`none` is never accepted"), "{err}");
+        c.auth.algorithms = vec!["RS256".into()];
+        let err = c
+            .validate()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("auth.public_key_file"), "{err}");
+        c.auth.algorithms = vec!["HS512".into()];
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn log_formats_parse() {
+        assert_eq!("text".parse(), Ok(LogFormat::Text));
+        assert_eq!("json".parse(), Ok(LogFormat::Json));
+        assert!("JSON".parse::<LogFormat>().is_err());
+        assert_eq!(LogFormat::Json.to_string(), "json");
+        assert_eq!(LogConfig::default().format, LogFormat::Text);
+    }
+
+    #[test]
+    fn a_bad_log_format_is_a_load_error_naming_the_key() {
+        let dir = std::env::temp_dir().join(format!("citapulse-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("log-format.toml");
+        std::fs::write(&path, "[log]\nformat = \"xml\"\n").unwrap();
+        let err = Config::load_unvalidated(Some(&path))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        std::fs::write(&path, "[log]\nformat = \"json\"\n").unwrap();
+        let ok = Config::load_unvalidated(Some(&path)).map(|c| c.log.format);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(err.contains("log.format"), "{err}");
+        assert!(err.contains("must be \"text\" or \"json\""), "{err}");
+        assert_eq!(ok.ok(), Some(LogFormat::Json));
     }
 
     #[test]

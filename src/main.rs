@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use citapulse::config::{Config, ConfigError, humantime};
+use citapulse::config::{Config, ConfigError, JwtAlgorithm, LogFormat, humantime};
 use citapulse::{auth, db};
 use clap::{Parser, Subcommand};
 
@@ -162,7 +162,7 @@ fn init_tracing(config: &Config, demo: bool) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    if config.log.format == "json" {
+    if config.log.format == LogFormat::Json {
         builder.json().flatten_event(true).init();
     } else {
         builder
@@ -249,7 +249,7 @@ async fn dispatch(command: Command, config: Config) -> Result<ExitCode, String> 
                 return Err("no HS256 secret: set JWT_SECRET or auth.jwt_secret".into());
             }
             let mut auth_cfg = config.auth.clone();
-            auth_cfg.algorithms = vec!["HS256".into()];
+            auth_cfg.algorithms = vec![JwtAlgorithm::HS256.to_string()];
             let auth = auth::Authenticator::new(&auth_cfg).map_err(|e| report(&e))?;
             let token = auth
                 .mint(

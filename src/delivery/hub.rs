@@ -2,7 +2,7 @@
 //!
 //! Owns who listens to what. Every message is serialized once and its bytes shared by
 //! all subscribers. Each client has a bounded event queue; when it is full the client
-//! is closed with [`CLOSE_SLOW_CONSUMER`] so it reconnects and resumes with `since`,
+//! is closed with [`CloseCode::SlowConsumer`] so it reconnects and resumes with `since`,
 //! and never stalls the others. Statistics bypass the queue: one slot per channel per
 //! client, overwritten by newer numbers. Must not do I/O or await while holding a lock.
 
@@ -13,12 +13,10 @@ use std::sync::{Arc, Mutex};
 use hyper_tungstenite::tungstenite::Utf8Bytes;
 use tokio::sync::{Notify, mpsc};
 
+use crate::delivery::close::CloseCode;
 use crate::delivery::protocol;
 use crate::metrics::Metrics;
 use crate::sync::lock;
-
-/// Close code sent to a client whose event queue overflowed: reconnect and resume.
-pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
 
 /// Identifies one WebSocket connection.
 pub type ClientId = u64;
@@ -44,7 +42,7 @@ pub struct ClientHandle {
     pub id: ClientId,
     queue: mpsc::Sender<Utf8Bytes>,
     stats: Mutex<Vec<(Arc<str>, Utf8Bytes)>>,
-    close: Mutex<Option<(u16, &'static str)>>,
+    close: Mutex<Option<CloseCode>>,
     closing: std::sync::atomic::AtomicBool,
     wake: Notify,
 }
@@ -81,10 +79,7 @@ impl ClientHandle {
                 true
             }
             Err(mpsc::error::TrySendError::Full(_)) => {
-                if self.request_close(
-                    CLOSE_SLOW_CONSUMER,
-                    "slow consumer: reconnect and resume with since",
-                ) {
+                if self.request_close(CloseCode::SlowConsumer) {
                     metrics.slow_consumer_closes.inc();
                 }
                 false
@@ -94,12 +89,12 @@ impl ClientHandle {
     }
 
     /// Asks the writer to close the socket; true the first time.
-    pub fn request_close(&self, code: u16, reason: &'static str) -> bool {
+    pub fn request_close(&self, code: CloseCode) -> bool {
         let mut close = lock(&self.close);
         if close.is_some() {
             return false;
         }
-        *close = Some((code, reason));
+        *close = Some(code);
         self.closing.store(true, Ordering::Relaxed);
         drop(close);
         self.wake.notify_one();
@@ -107,7 +102,7 @@ impl ClientHandle {
     }
 
     /// The close the writer must perform, if any.
-    pub fn pending_close(&self) -> Option<(u16, &'static str)> {
+    pub fn pending_close(&self) -> Option<CloseCode> {
         *lock(&self.close)
     }
 
@@ -143,7 +138,58 @@ impl ClientHandle {
 struct Subscriber {
     client: Arc<ClientHandle>,
     /// While a replay runs, live events wait here so they follow the replayed ones.
-    pending: Option<Vec<(i64, Utf8Bytes)>>,
+    pending: Option<ReplayBuffer<Utf8Bytes>>,
+}
+
+/// What became of a live event offered to a [`ReplayBuffer`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Held {
+    /// Kept, to follow the replay.
+    Kept,
+    /// Dropped: the buffer is full. The client must be closed as a slow consumer
+    /// (it resumes from the last id it saw), since a gap cannot be sent around.
+    Overflow,
+}
+
+/// Live events that arrive while a resume replays the log, held back so they follow
+/// the replayed ones; bounded by `cap`.
+///
+/// The decisions only, without I/O: the hub holds one per replaying subscriber and
+/// performs what they say (queue, or close on [`Held::Overflow`]).
+#[derive(Debug)]
+pub(crate) struct ReplayBuffer<T> {
+    held: Vec<(i64, T)>,
+    cap: usize,
+}
+
+impl<T> ReplayBuffer<T> {
+    /// An empty buffer holding at most `cap` events.
+    pub(crate) fn new(cap: usize) -> Self {
+        Self {
+            held: Vec::new(),
+            cap,
+        }
+    }
+
+    /// Holds live event `id` unless the buffer is full.
+    pub(crate) fn hold(&mut self, id: i64, msg: T) -> Held {
+        if self.held.len() < self.cap {
+            self.held.push((id, msg));
+            Held::Kept
+        } else {
+            Held::Overflow
+        }
+    }
+
+    /// Ends the replay: the held events the replay did not already send, in the order
+    /// they arrived (the live order, which is id order except for late commits; see the
+    /// README's delivery semantics). `replayed` holds the ids the replay sent, sorted.
+    pub(crate) fn release(self, replayed: &[i64]) -> impl Iterator<Item = (i64, T)> {
+        debug_assert!(replayed.is_sorted(), "replayed ids must be sorted");
+        self.held
+            .into_iter()
+            .filter(move |(id, _)| replayed.binary_search(id).is_err())
+    }
 }
 
 struct Channel {
@@ -222,7 +268,7 @@ impl Hub {
             client.id,
             Subscriber {
                 client: client.clone(),
-                pending: replaying.then(Vec::new),
+                pending: replaying.then(|| ReplayBuffer::new(self.replay_buffer_cap)),
             },
         );
         if is_new {
@@ -247,8 +293,11 @@ impl Hub {
         else {
             return;
         };
-        for (id, msg) in sub.pending.take().unwrap_or_default() {
-            if replayed.binary_search(&id).is_err() && !client.offer(msg, &self.metrics) {
+        let Some(pending) = sub.pending.take() else {
+            return;
+        };
+        for (_, msg) in pending.release(replayed) {
+            if !client.offer(msg, &self.metrics) {
                 break;
             }
         }
@@ -322,14 +371,10 @@ impl Hub {
         let msg = ev.message(&channel.name);
         for sub in channel.subscribers.values_mut() {
             match &mut sub.pending {
-                Some(pending) if pending.len() < self.replay_buffer_cap => {
-                    pending.push((ev.id, msg.clone()))
-                }
-                Some(_) => {
-                    if sub.client.request_close(
-                        CLOSE_SLOW_CONSUMER,
-                        "slow consumer: reconnect and resume with since",
-                    ) {
+                Some(pending) => {
+                    if pending.hold(ev.id, msg.clone()) == Held::Overflow
+                        && sub.client.request_close(CloseCode::SlowConsumer)
+                    {
                         self.metrics.slow_consumer_closes.inc();
                     }
                 }
@@ -439,5 +484,89 @@ mod tests {
         assert_eq!(d.touched.len(), 2);
         let first = queue.try_recv().expect("event 7");
         assert!(first.as_str().contains("\"id\":7"), "{}", first.as_str());
+    }
+
+    fn released(buffer: ReplayBuffer<&'static str>, replayed: &[i64]) -> Vec<(i64, &'static str)> {
+        buffer.release(replayed).collect()
+    }
+
+    #[test]
+    fn live_events_the_replay_sent_are_not_sent_again() {
+        let mut buffer = ReplayBuffer::new(16);
+        for (id, msg) in [(10, "a"), (11, "b"), (12, "c"), (13, "d")] {
+            assert_eq!(buffer.hold(id, msg), Held::Kept);
+        }
+        // The replay read up to 11 before it stopped.
+        assert_eq!(
+            released(buffer, &[5, 8, 10, 11]),
+            vec![(12, "c"), (13, "d")]
+        );
+    }
+
+    #[test]
+    fn without_a_replayed_event_every_held_event_follows() {
+        let mut buffer = ReplayBuffer::new(4);
+        buffer.hold(3, "x");
+        buffer.hold(4, "y");
+        assert_eq!(released(buffer, &[]), vec![(3, "x"), (4, "y")]);
+        assert!(released(ReplayBuffer::new(4), &[1, 2, 3]).is_empty());
+    }
+
+    #[test]
+    fn a_late_commit_below_the_highest_replayed_id_is_still_sent() {
+        // Event 7 committed late: it is neither in the replay nor skipped for being
+        // lower than the highest replayed id (20), and arrival order is kept.
+        let mut buffer = ReplayBuffer::new(8);
+        buffer.hold(19, "dup");
+        buffer.hold(7, "late");
+        buffer.hold(21, "new");
+        assert_eq!(
+            released(buffer, &[15, 19, 20]),
+            vec![(7, "late"), (21, "new")]
+        );
+    }
+
+    #[test]
+    fn a_full_buffer_overflows_and_keeps_what_it_held() {
+        let mut buffer = ReplayBuffer::new(2);
+        assert_eq!(buffer.hold(1, "a"), Held::Kept);
+        assert_eq!(buffer.hold(2, "b"), Held::Kept);
+        assert_eq!(buffer.hold(3, "c"), Held::Overflow);
+        assert_eq!(buffer.hold(4, "d"), Held::Overflow);
+        assert_eq!(released(buffer, &[1]), vec![(2, "b")]);
+        let mut none = ReplayBuffer::new(0);
+        assert_eq!(none.hold(1, "a"), Held::Overflow);
+    }
+
+    #[test]
+    fn an_overflow_during_replay_closes_the_subscriber_as_slow() {
+        let hub = Hub::new(Arc::new(Metrics::new("test")), 1);
+        let (client, mut queue) = ClientHandle::new(1, 16);
+        hub.subscribe("t1", "estadisticas:t1", &client, true);
+        assert!(queue.try_recv().is_ok(), "subscribed");
+        hub.dispatch(&[event(7, "t1", Some("{}"))], 0.0);
+        assert_eq!(client.pending_close(), None);
+        hub.dispatch(&[event(8, "t1", Some("{}"))], 0.0);
+        assert_eq!(client.pending_close(), Some(CloseCode::SlowConsumer));
+    }
+
+    #[test]
+    fn finishing_a_replay_queues_only_what_it_did_not_send() {
+        let hub = Hub::new(Arc::new(Metrics::new("test")), 16);
+        let (client, mut queue) = ClientHandle::new(1, 16);
+        hub.subscribe("t1", "estadisticas:t1", &client, true);
+        assert!(queue.try_recv().is_ok(), "subscribed");
+        hub.dispatch(
+            &[event(7, "t1", Some("{}")), event(8, "t1", Some("{}"))],
+            0.0,
+        );
+        assert!(queue.try_recv().is_err(), "held back during the replay");
+        hub.finish_replay("t1", &client, &[6, 7]);
+        let next = queue.try_recv().expect("event 8");
+        assert!(next.as_str().contains("\"id\":8"), "{}", next.as_str());
+        assert!(queue.try_recv().is_err(), "7 is not sent twice");
+        // Later live events go straight to the queue.
+        hub.dispatch(&[event(9, "t1", Some("{}"))], 0.0);
+        assert!(queue.try_recv().is_ok(), "event 9");
     }
 }

@@ -3,8 +3,9 @@
 //! [`hub`] maps channels to subscribers with bounded per-client queues (bytes
 //! serialized once and shared); [`ws`] runs one connection (receive loop, send task,
 //! resumes); [`replay`] budgets the connections resumes may use; [`frames`] meters
-//! frames under the codec; [`protocol`] is the wire format.
+//! frames under the codec; [`protocol`] is the wire format and [`close`] its close codes.
 
+pub mod close;
 pub mod frames;
 pub mod hub;
 pub mod protocol;

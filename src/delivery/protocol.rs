@@ -113,14 +113,54 @@ pub fn parse_client_message(text: &str) -> Result<ClientMessage, BadRequest> {
     }
 }
 
+/// The `code` of an `error` message (README "Errors"); also its `client_errors` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// A message the server cannot use (bad JSON, unknown type, bad channel name).
+    BadRequest,
+    /// Messages faster than `limits.messages_per_sec`.
+    RateLimited,
+    /// A channel the token does not grant.
+    Forbidden,
+    /// Over `limits.subscriptions_per_connection`.
+    TooManySubscriptions,
+    /// A refreshed token that does not verify.
+    Unauthorized,
+    /// `since` is outside the retained history of the channel.
+    HistoryExpired,
+    /// The history cannot be read right now.
+    Unavailable,
+}
+
+impl ErrorCode {
+    /// The code as sent.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::BadRequest => "bad_request",
+            Self::RateLimited => "rate_limited",
+            Self::Forbidden => "forbidden",
+            Self::TooManySubscriptions => "too_many_subscriptions",
+            Self::Unauthorized => "unauthorized",
+            Self::HistoryExpired => "history_expired",
+            Self::Unavailable => "unavailable",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// `{"type":"error","data":{"code":…,"message":…}}`.
-pub fn error(code: &str, message: &str) -> String {
-    json!({"type": "error", "data": {"code": code, "message": message}}).to_string()
+pub fn error(code: ErrorCode, message: &str) -> String {
+    json!({"type": "error", "data": {"code": code.as_str(), "message": message}}).to_string()
 }
 
 /// `{"type":"error",…}` for one channel.
-pub fn channel_error(code: &str, message: &str, channel: &str) -> String {
-    json!({"type": "error", "data": {"code": code, "message": message, "channel": channel}})
+pub fn channel_error(code: ErrorCode, message: &str, channel: &str) -> String {
+    json!({"type": "error", "data": {"code": code.as_str(), "message": message, "channel": channel}})
         .to_string()
 }
 
@@ -173,6 +213,45 @@ fn push_json_str(out: &mut String, s: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_codes_are_sent_as_documented() {
+        let codes: Vec<&str> = [
+            ErrorCode::BadRequest,
+            ErrorCode::RateLimited,
+            ErrorCode::Forbidden,
+            ErrorCode::TooManySubscriptions,
+            ErrorCode::Unauthorized,
+            ErrorCode::HistoryExpired,
+            ErrorCode::Unavailable,
+        ]
+        .into_iter()
+        .map(ErrorCode::as_str)
+        .collect();
+        assert_eq!(
+            codes,
+            [
+                "bad_request",
+                "rate_limited",
+                "forbidden",
+                "too_many_subscriptions",
+                "unauthorized",
+                "history_expired",
+                "unavailable",
+            ]
+        );
+        let readme = include_str!("../../README.md");
+        for code in codes {
+            assert!(
+                readme.contains(&format!("`{code}`")),
+                "README documents {code}"
+            );
+        }
+        let msg: serde_json::Value =
+            serde_json::from_str(&channel_error(ErrorCode::HistoryExpired, "m", "c")).unwrap();
+        assert_eq!(msg["data"]["code"], "history_expired");
+        assert_eq!(msg["data"]["channel"], "c");
+    }
 
     #[test]
     fn parses_every_client_message() {

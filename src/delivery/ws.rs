@@ -14,7 +14,6 @@ use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::Upgraded;
 use hyper_tungstenite::WebSocketStream;
-use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use hyper_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use hyper_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use hyper_util::rt::TokioIo;
@@ -23,9 +22,10 @@ use tokio::sync::{mpsc, watch};
 use crate::auth::{self, ChannelError, Identity};
 use crate::clock;
 use crate::db;
+use crate::delivery::close::CloseCode;
 use crate::delivery::frames::{FrameFlood, FrameMeter};
 use crate::delivery::hub::ClientHandle;
-use crate::delivery::protocol::{self, ClientMessage};
+use crate::delivery::protocol::{self, ClientMessage, ErrorCode};
 use crate::metrics::Metrics;
 
 /// What the sockets get from start-up.
@@ -46,8 +46,6 @@ pub struct Context {
     pub stats: Arc<dyn super::SnapshotRequests>,
 }
 
-/// Close code: the token expired.
-pub const CLOSE_TOKEN_EXPIRED: u16 = 4001;
 /// Events read per replay page: with the client's queue (`limits.queue_len`), what one
 /// resuming connection holds in memory at most.
 const REPLAY_PAGE: i64 = 256;
@@ -96,12 +94,53 @@ impl RateLimit {
     }
 }
 
+/// Why a connection ended: the `reason` label of `connections_closed` and of the
+/// "connection closed" log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// The server sent this close frame.
+    Sent(CloseCode),
+    /// The writer was woken for a close that was not pending.
+    ServerClose,
+    /// The peer closed the TCP connection without a close frame.
+    PeerGone,
+    /// Reading from the socket failed.
+    IoError,
+    /// Nothing heard from the peer for `limits.idle_timeout_secs`.
+    IdleTimeout,
+    /// The send task panicked or was cancelled.
+    WriterFailed,
+    /// The close frame could not be written in time.
+    WriteTimeout,
+    /// The client's queue was dropped.
+    QueueClosed,
+    /// A write failed or made no progress.
+    WriteFailed,
+}
+
+impl Ended {
+    /// The label, as counted and logged.
+    const fn label(self) -> &'static str {
+        match self {
+            Self::Sent(code) => code.label(),
+            Self::ServerClose => "server_close",
+            Self::PeerGone => "peer_gone",
+            Self::IoError => "io_error",
+            Self::IdleTimeout => "idle_timeout",
+            Self::WriterFailed => "writer_failed",
+            Self::WriteTimeout => "write_timeout",
+            Self::QueueClosed => "queue_closed",
+            Self::WriteFailed => "write_failed",
+        }
+    }
+}
+
 /// How the receive loop ended.
 enum Exit {
     /// The peer is gone; stop the writer.
-    Closed(&'static str),
+    Closed(Ended),
     /// The writer already finished, for this reason, and handed back the sink.
-    WriterDone(&'static str, Sink),
+    WriterDone(Ended, Sink),
     /// A close was requested; the writer sends it.
     AwaitWriter,
 }
@@ -193,11 +232,12 @@ pub async fn serve(
             }
             _ => {
                 writer.abort();
-                "write_timeout"
+                Ended::WriteTimeout
             }
         },
     };
     shared.metrics.connections.dec();
+    let reason = reason.label();
     Metrics::count(&shared.metrics.connections_closed, reason);
     shared.hub.connection_closed(
         conn.identity.tenant.as_deref(),
@@ -238,7 +278,7 @@ async fn write_loop(
     client: Arc<ClientHandle>,
     shutdown: watch::Receiver<bool>,
     ping_every: Duration,
-) -> (&'static str, Sink) {
+) -> (Ended, Sink) {
     let reason = write_until_done(&mut sink, queue, client, shutdown, ping_every).await;
     (reason, sink)
 }
@@ -249,14 +289,14 @@ async fn write_until_done(
     client: Arc<ClientHandle>,
     mut shutdown: watch::Receiver<bool>,
     ping_every: Duration,
-) -> &'static str {
+) -> Ended {
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
     loop {
         let step = tokio::select! {
             biased;
             _ = shutdown.changed() => {
-                close(sink, 1001, "server shutting down; reconnect and resume with since").await;
-                return "server_shutdown";
+                close(sink, CloseCode::ServerShutdown).await;
+                return Ended::Sent(CloseCode::ServerShutdown);
             }
             msg = queue.recv() => match msg {
                 // After a slow-consumer overflow nothing else is written: events queued
@@ -266,7 +306,7 @@ async fn write_until_done(
                     return close_as_requested(sink, &client).await;
                 }
                 Some(first) => write_batch(sink, &mut queue, &client, first).await,
-                None => return "queue_closed",
+                None => return Ended::QueueClosed,
             },
             _ = client.woken() => {
                 if client.pending_close().is_some() {
@@ -277,7 +317,7 @@ async fn write_until_done(
             _ = ping.tick() => timed(sink.send(Message::Ping(Default::default()))).await,
         };
         if !step {
-            return "write_failed";
+            return Ended::WriteFailed;
         }
     }
 }
@@ -286,25 +326,16 @@ async fn write_until_done(
 fn overflowed(client: &ClientHandle) -> bool {
     client
         .pending_close()
-        .is_some_and(|(code, _)| code == crate::delivery::hub::CLOSE_SLOW_CONSUMER)
+        .is_some_and(|code| code == CloseCode::SlowConsumer)
 }
 
-/// Performs the pending close; returns the reason for the logs and metrics.
-async fn close_as_requested(sink: &mut Sink, client: &ClientHandle) -> &'static str {
-    let Some((code, reason)) = client.pending_close() else {
-        return "server_close";
+/// Performs the pending close.
+async fn close_as_requested(sink: &mut Sink, client: &ClientHandle) -> Ended {
+    let Some(code) = client.pending_close() else {
+        return Ended::ServerClose;
     };
-    close(sink, code, reason).await;
-    match code {
-        crate::delivery::hub::CLOSE_SLOW_CONSUMER => "slow_consumer",
-        CLOSE_TOKEN_EXPIRED => "token_expired",
-        1002 => "protocol_error",
-        1007 => "invalid_utf8",
-        1008 => "policy_violation",
-        1009 => "message_too_big",
-        1000 => "client_closed",
-        _ => "server_close",
-    }
+    close(sink, code).await;
+    Ended::Sent(code)
 }
 
 async fn write_batch(
@@ -352,10 +383,10 @@ async fn timed<F: Future<Output = Result<(), WsError>>>(fut: F) -> bool {
     matches!(tokio::time::timeout(WRITE_TIMEOUT, fut).await, Ok(Ok(())))
 }
 
-async fn close(sink: &mut Sink, code: u16, reason: &str) {
+async fn close(sink: &mut Sink, code: CloseCode) {
     let frame = CloseFrame {
-        code: CloseCode::from(code),
-        reason: Utf8Bytes::from(reason),
+        code: code.into(),
+        reason: Utf8Bytes::from_static(code.reason()),
     };
     let _ = timed(sink.send(Message::Close(Some(frame)))).await;
     let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
@@ -368,15 +399,15 @@ impl Connection {
         }
     }
 
-    async fn reply_error(&self, code: &str, message: &str) {
-        Metrics::count(&self.shared.metrics.client_errors, code);
+    async fn reply_error(&self, code: ErrorCode, message: &str) {
+        Metrics::count(&self.shared.metrics.client_errors, code.as_str());
         self.send(protocol::error(code, message)).await;
     }
 
     async fn receive_loop(
         &mut self,
         stream: &mut Stream,
-        writer: &mut tokio::task::JoinHandle<(&'static str, Sink)>,
+        writer: &mut tokio::task::JoinHandle<(Ended, Sink)>,
         mut shutdown: watch::Receiver<bool>,
     ) -> Exit {
         let idle_timeout = Duration::from_secs(self.shared.config.limits.idle_timeout_secs);
@@ -389,48 +420,48 @@ impl Connection {
                 frame = stream.next() => {
                     last_heard = tokio::time::Instant::now();
                     match frame {
-                        None => return Exit::Closed("peer_gone"),
+                        None => return Exit::Closed(Ended::PeerGone),
                         Some(Err(WsError::Capacity(_))) => {
-                            self.client.request_close(1009, "message too big");
+                            self.client.request_close(CloseCode::MessageTooBig);
                             return Exit::AwaitWriter;
                         }
                         Some(Err(WsError::Utf8(_))) => {
-                            self.client.request_close(1007, "text frames must be UTF-8");
+                            self.client.request_close(CloseCode::InvalidUtf8);
                             return Exit::AwaitWriter;
                         }
                         Some(Err(WsError::Protocol(_))) => {
-                            self.client.request_close(1002, "protocol error");
+                            self.client.request_close(CloseCode::ProtocolError);
                             return Exit::AwaitWriter;
                         }
                         Some(Err(WsError::Io(err))) if FrameFlood::is(&err) => {
                             Metrics::count(&self.shared.metrics.client_errors, "frame_rate_limited_close");
-                            self.client.request_close(1008, "rate limit exceeded");
+                            self.client.request_close(CloseCode::RateLimited);
                             return Exit::AwaitWriter;
                         }
-                        Some(Err(_)) => return Exit::Closed("io_error"),
+                        Some(Err(_)) => return Exit::Closed(Ended::IoError),
                         Some(Ok(Message::Close(_))) => {
-                            self.client.request_close(1000, "");
+                            self.client.request_close(CloseCode::ClientClosed);
                             return Exit::AwaitWriter;
                         }
                         Some(Ok(Message::Text(text))) => {
                             if let Err(close) = self.rate.take(Instant::now()) {
                                 if close {
                                     Metrics::count(&self.shared.metrics.client_errors, "rate_limited_close");
-                                    self.client.request_close(1008, "rate limit exceeded");
+                                    self.client.request_close(CloseCode::RateLimited);
                                     return Exit::AwaitWriter;
                                 }
-                                self.reply_error("rate_limited", "too many messages; slow down").await;
+                                self.reply_error(ErrorCode::RateLimited, "too many messages; slow down").await;
                                 continue;
                             }
                             self.handle(&text).await;
                         }
                         Some(Ok(Message::Binary(_))) => {
                             match self.rate.take(Instant::now()) {
-                                Ok(()) => self.reply_error("bad_request", "binary frames are not supported; send JSON text").await,
-                                Err(false) => self.reply_error("rate_limited", "too many messages; slow down").await,
+                                Ok(()) => self.reply_error(ErrorCode::BadRequest, "binary frames are not supported; send JSON text").await,
+                                Err(false) => self.reply_error(ErrorCode::RateLimited, "too many messages; slow down").await,
                                 Err(true) => {
                                     Metrics::count(&self.shared.metrics.client_errors, "rate_limited_close");
-                                    self.client.request_close(1008, "rate limit exceeded");
+                                    self.client.request_close(CloseCode::RateLimited);
                                     return Exit::AwaitWriter;
                                 }
                             }
@@ -439,22 +470,22 @@ impl Connection {
                         Some(Ok(_)) => {
                             if self.rate.take(Instant::now()) == Err(true) {
                                 Metrics::count(&self.shared.metrics.client_errors, "rate_limited_close");
-                                self.client.request_close(1008, "rate limit exceeded");
+                                self.client.request_close(CloseCode::RateLimited);
                                 return Exit::AwaitWriter;
                             }
                         }
                     }
                 }
                 _ = tokio::time::sleep_until(expires) => {
-                    self.client.request_close(CLOSE_TOKEN_EXPIRED, "token expired");
+                    self.client.request_close(CloseCode::TokenExpired);
                     return Exit::AwaitWriter;
                 }
                 _ = tokio::time::sleep_until(last_heard + idle_timeout) => {
-                    return Exit::Closed("idle_timeout");
+                    return Exit::Closed(Ended::IdleTimeout);
                 }
                 done = &mut *writer => return match done {
                     Ok((reason, sink)) => Exit::WriterDone(reason, sink),
-                    Err(_) => Exit::Closed("writer_failed"),
+                    Err(_) => Exit::Closed(Ended::WriterFailed),
                 },
                 _ = shutdown.changed() => return Exit::AwaitWriter,
             }
@@ -464,7 +495,9 @@ impl Connection {
     async fn handle(&mut self, text: &str) {
         let msg = match protocol::parse_client_message(text) {
             Ok(m) => m,
-            Err(protocol::BadRequest(why)) => return self.reply_error("bad_request", &why).await,
+            Err(protocol::BadRequest(why)) => {
+                return self.reply_error(ErrorCode::BadRequest, &why).await;
+            }
         };
         match msg {
             ClientMessage::Ping => {
@@ -479,7 +512,7 @@ impl Connection {
                     self.send(protocol::unsubscribed(&channel)).await;
                 }
                 Err(_) => {
-                    self.reply_error("bad_request", "invalid channel name")
+                    self.reply_error(ErrorCode::BadRequest, "invalid channel name")
                         .await
                 }
             },
@@ -493,14 +526,17 @@ impl Connection {
             Err(ChannelError::BadName) => {
                 return self
                     .reply_error(
-                        "bad_request",
+                        ErrorCode::BadRequest,
                         "invalid channel: expected estadisticas:<tenant> with 1-64 characters of [A-Za-z0-9_.-]",
                     )
                     .await;
             }
             Err(ChannelError::Forbidden) => {
                 return self
-                    .reply_error("forbidden", "not allowed to subscribe to this channel")
+                    .reply_error(
+                        ErrorCode::Forbidden,
+                        "not allowed to subscribe to this channel",
+                    )
                     .await;
             }
         };
@@ -509,7 +545,7 @@ impl Connection {
         {
             return self
                 .reply_error(
-                    "too_many_subscriptions",
+                    ErrorCode::TooManySubscriptions,
                     "subscription limit reached for this connection",
                 )
                 .await;
@@ -554,9 +590,12 @@ impl Connection {
             let events = match page {
                 Ok(Some(events)) => events,
                 Ok(None) => {
-                    Metrics::count(&shared.metrics.client_errors, "history_expired");
+                    Metrics::count(
+                        &shared.metrics.client_errors,
+                        ErrorCode::HistoryExpired.as_str(),
+                    );
                     self.send(protocol::channel_error(
-                        "history_expired",
+                        ErrorCode::HistoryExpired,
                         "since is older than the retained history: reload your state (a fresh stats snapshot follows)",
                         channel,
                     ))
@@ -567,7 +606,7 @@ impl Connection {
                     let err: db::DbError = err;
                     tracing::warn!(tenant = %tenant, error = %err, "replay failed");
                     self.send(protocol::channel_error(
-                        "unavailable",
+                        ErrorCode::Unavailable,
                         "history is unavailable right now: resubscribe with the same since shortly",
                         channel,
                     ))
@@ -620,9 +659,12 @@ impl Connection {
                 for tenant in revoked {
                     self.subscriptions.remove(&tenant);
                     self.shared.hub.unsubscribe(&tenant, self.client.id);
-                    Metrics::count(&self.shared.metrics.client_errors, "forbidden");
+                    Metrics::count(
+                        &self.shared.metrics.client_errors,
+                        ErrorCode::Forbidden.as_str(),
+                    );
                     self.send(protocol::channel_error(
-                        "forbidden",
+                        ErrorCode::Forbidden,
                         "the refreshed token does not grant this channel; unsubscribed",
                         &format!("{}{tenant}", auth::STATS_PREFIX),
                     ))
@@ -632,12 +674,15 @@ impl Connection {
             }
             Ok(_) => {
                 self.reply_error(
-                    "forbidden",
+                    ErrorCode::Forbidden,
                     "a refreshed token must be for the same user and tenant",
                 )
                 .await;
             }
-            Err(err) => self.reply_error("unauthorized", &err.to_string()).await,
+            Err(err) => {
+                self.reply_error(ErrorCode::Unauthorized, &err.to_string())
+                    .await
+            }
         }
     }
 }
@@ -654,6 +699,44 @@ mod tests {
 
     fn at(start: Instant, ms: u64) -> Instant {
         start + Duration::from_millis(ms)
+    }
+
+    #[test]
+    fn close_labels_are_unchanged() {
+        let labels: Vec<&str> = [
+            Ended::Sent(CloseCode::SlowConsumer),
+            Ended::Sent(CloseCode::TokenExpired),
+            Ended::Sent(CloseCode::RateLimited),
+            Ended::Sent(CloseCode::ServerShutdown),
+            Ended::ServerClose,
+            Ended::PeerGone,
+            Ended::IoError,
+            Ended::IdleTimeout,
+            Ended::WriterFailed,
+            Ended::WriteTimeout,
+            Ended::QueueClosed,
+            Ended::WriteFailed,
+        ]
+        .into_iter()
+        .map(Ended::label)
+        .collect();
+        assert_eq!(
+            labels,
+            [
+                "slow_consumer",
+                "token_expired",
+                "policy_violation",
+                "server_shutdown",
+                "server_close",
+                "peer_gone",
+                "io_error",
+                "idle_timeout",
+                "writer_failed",
+                "write_timeout",
+                "queue_closed",
+                "write_failed",
+            ]
+        );
     }
 
     #[test]
