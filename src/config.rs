@@ -308,7 +308,7 @@ pub struct OutboxConfig {
     pub prune_batch: u32,
 }
 
-/// Wake-up strategy (DESIGN.md §1).
+/// Wake-up strategy (ARCHITECTURE.md, "Wake-up modes").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WakeupMode {
