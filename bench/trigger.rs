@@ -86,6 +86,10 @@ enum Config {
     /// The floor: a statement trigger doing only `INSERT … SELECT tenant, to_jsonb(n)`
     /// into a log whose only index is its key, no daemon.
     LeanFloor,
+    /// The lean floor plus the cheapest consumer: one connection reading the new log
+    /// rows every 10 ms (`id > last`, no late-commit handling, no indexing, no
+    /// delivery). What any design with a reader on the same cores can hope for.
+    LeanReader,
 }
 
 impl Config {
@@ -99,6 +103,7 @@ impl Config {
             Config::Previous => "capture() before #17 (poll, no daemon)",
             Config::V3 => "capture() v3 (poll, no daemon)",
             Config::LeanFloor => "lean floor (no daemon)",
+            Config::LeanReader => "lean floor + bare reader",
         }
     }
 
@@ -112,6 +117,7 @@ impl Config {
             Config::Previous => "previous",
             Config::V3 => "v3",
             Config::LeanFloor => "lean_floor",
+            Config::LeanReader => "lean_reader",
         }
     }
 
@@ -124,7 +130,8 @@ impl Config {
             | Config::RowNotify
             | Config::Previous
             | Config::V3
-            | Config::LeanFloor => None,
+            | Config::LeanFloor
+            | Config::LeanReader => None,
         }
     }
 }
@@ -241,7 +248,7 @@ async fn prepare(
             "SELECT citapulse.unwatch('public.citas'::regclass); \
              SELECT citapulse_v3.watch('public.citas'::regclass, tenant_column => 'negocio_id', kind => 'appointment')"
         }
-        Config::LeanFloor => {
+        Config::LeanFloor | Config::LeanReader => {
             "SELECT citapulse.unwatch('public.citas'::regclass); \
              CREATE TRIGGER bench_lean_insert AFTER INSERT ON citas REFERENCING NEW TABLE AS bench_new \
                FOR EACH STATEMENT EXECUTE FUNCTION bench_lean_capture(); \
@@ -336,6 +343,32 @@ async fn drain_listener(
     Ok((client, task))
 }
 
+/// The lean floor's consumer (see [`Config::LeanReader`]): reads until aborted.
+async fn bare_reader(url: &str) -> Result<tokio::task::JoinHandle<()>> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .ctx("connecting the bare reader")?;
+    let driver = tokio::spawn(connection);
+    let stmt = client
+        .prepare(
+            "SELECT id, tenant, row_data::text FROM bench_lean_log WHERE id > $1 ORDER BY id LIMIT 5000",
+        )
+        .await
+        .ctx("preparing the bare reader")?;
+    Ok(tokio::spawn(async move {
+        let mut last = 0i64;
+        while let Ok(rows) = client.query(&stmt, &[&last]).await {
+            for row in &rows {
+                last = last.max(row.get::<_, i64>(0));
+            }
+            if rows.len() < 5000 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        driver.abort();
+    }))
+}
+
 /// A subscriber of [`WATCHED_TENANT`] that reads and discards until aborted.
 async fn subscribe_and_drain(
     b: &Bench,
@@ -376,6 +409,7 @@ pub async fn scenario(b: &Bench) -> Result<Section> {
             &[
                 Config::None,
                 Config::LeanFloor,
+                Config::LeanReader,
                 Config::Previous,
                 Config::V3,
                 Config::RowNotify,
@@ -411,7 +445,14 @@ pub async fn scenario(b: &Bench) -> Result<Section> {
                         Some(d) => Some(subscribe_and_drain(b, d.addr).await?),
                         None => None,
                     };
+                    let reader = match config {
+                        Config::LeanReader => Some(bare_reader(&b.db.url).await?),
+                        _ => None,
+                    };
                     let measured = pgbench(b, &path, c, secs).await;
+                    if let Some(task) = reader {
+                        task.abort();
+                    }
                     let mut mode_at_end = String::new();
                     if let Some(task) = subscriber {
                         task.abort();

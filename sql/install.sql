@@ -503,10 +503,11 @@ DECLARE
 BEGIN
     -- PL/pgSQL keeps this statement's plan for the session (a SQL function would plan it
     -- on every call, several times what an empty move costs).
-    WITH taken AS (
-        SELECT i.id FROM citapulse.inbox i ORDER BY i.id LIMIT batch
-    ), moved AS (
-        DELETE FROM citapulse.inbox i USING taken t WHERE i.id = t.id
+    -- = ANY(ARRAY(...)): probes of the key, never a join that reads the whole inbox
+    -- (dead rows included) to build a hash table.
+    WITH moved AS (
+        DELETE FROM citapulse.inbox i
+         WHERE i.id = ANY (ARRAY(SELECT j.id FROM citapulse.inbox j ORDER BY j.id LIMIT batch))
         RETURNING i.id, i.tenant, i.kind, i.event_type, i.tbl, i.op, i.row_data, i.old_data, i.payload, i.created_at
     ), written AS (
         INSERT INTO citapulse.events (id, tenant, kind, event_type, tbl, op, row_data, old_data, payload, created_at)

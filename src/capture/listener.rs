@@ -27,6 +27,8 @@ use crate::metrics::Metrics;
 const BATCH: i64 = 2000;
 /// Inbox rows moved into the log per statement.
 const MOVE_BATCH: i32 = 5000;
+/// Inbox rows moved between two vacuums of the inbox.
+const VACUUM_INBOX_AFTER: u64 = 10_000;
 /// Tenants with subscribers up to which the reader shapes only their events.
 const SHAPE_FOR_AT_MOST: usize = 1000;
 
@@ -174,6 +176,7 @@ impl Listener {
             cursor,
             resolver: &mut self.resolver,
             mode: ModeControl::new(&shared),
+            unvacuumed: 0,
         };
         reader.mode.enforce_pinned(&client).await?;
         reader.drain(WakeCause::CatchUp).await?;
@@ -297,9 +300,30 @@ struct Reader<'a> {
     cursor: &'a mut Cursor,
     resolver: &'a mut Resolver,
     mode: ModeControl<'a>,
+    /// Inbox rows moved since this session last vacuumed the inbox.
+    unvacuumed: u64,
 }
 
 impl Reader<'_> {
+    /// Vacuums the inbox after every [`VACUUM_INBOX_AFTER`] moved rows. Autovacuum looks
+    /// at a database once a minute; at thousands of writes a second the dead rows the
+    /// moves leave behind would make every move walk further through the inbox's key.
+    /// `SKIP_LOCKED`: another daemon's vacuum is as good. A role that may not vacuum the
+    /// table gets a warning from PostgreSQL, and autovacuum remains.
+    async fn vacuum_inbox(&mut self) {
+        if self.unvacuumed < VACUUM_INBOX_AFTER {
+            return;
+        }
+        self.unvacuumed = 0;
+        if let Err(err) = self
+            .client
+            .batch_execute("VACUUM (SKIP_LOCKED) citapulse.inbox")
+            .await
+        {
+            tracing::warn!(error = %err, "vacuum of citapulse.inbox failed");
+        }
+    }
+
     /// Moves and reads until the log has nothing more, delivering as it goes.
     async fn drain(&mut self, why: WakeCause) -> Result<(), DbError> {
         let shared = self.shared;
@@ -350,7 +374,9 @@ impl Reader<'_> {
                     shared.stats.mark_events(&again.touched);
                 }
             }
+            self.unvacuumed += u64::try_from(moved).unwrap_or_default();
             if !batch.more && moved < MOVE_BATCH {
+                self.vacuum_inbox().await;
                 return Ok(());
             }
         }
