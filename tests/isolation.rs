@@ -458,25 +458,8 @@ async fn resumes_that_do_not_read_hold_a_bounded_share_and_starve_no_one() {
 
 #[tokio::test]
 async fn install_over_version_1_migrates_the_markers_and_keeps_the_log() {
-    let scratch = TestDb::new().await;
-    let name = format!("v1_{}", std::process::id());
-    let admin = pg(&admin_url(&scratch.url)).await;
-    admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
-        .await
-        .unwrap();
-    admin
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .await
-        .unwrap();
-    let url = url_with_db(&scratch.url, &name);
-    let db = pg(&url).await;
-    db.batch_execute(include_str!("fixtures/install_v1.sql"))
-        .await
-        .unwrap();
-    db.batch_execute(citapulse::db::EXAMPLE_SCHEMA_SQL)
-        .await
-        .unwrap();
+    let old = OldInstall::new("v1", include_str!("fixtures/install_v1.sql")).await;
+    let (url, db) = (old.url.clone(), pg(&old.url).await);
     // Version 1's markers: a TRUNCATE ('*'), an unresolved row (''), and app rows holding
     // the same values literally.
     db.batch_execute(
@@ -554,10 +537,7 @@ async fn install_over_version_1_migrates_the_markers_and_keeps_the_log() {
     assert_eq!(live[0]["data"]["row"]["cliente_id"], "after");
     d.stop().await;
     drop(db);
-    admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .await
-        .ok();
+    old.drop_database().await;
 }
 
 #[tokio::test]
@@ -566,23 +546,8 @@ async fn install_over_version_3_keeps_the_log_and_a_transaction_in_flight() {
     // keeps its log; rows written through the old capture() (one by a transaction still
     // open when the install starts) and through the new one all reach a resuming client
     // in id order, each once.
-    let scratch = TestDb::new().await;
-    let name = format!("v3_{}", std::process::id());
-    let admin = pg(&admin_url(&scratch.url)).await;
-    for sql in [
-        format!("DROP DATABASE IF EXISTS {name}"),
-        format!("CREATE DATABASE {name}"),
-    ] {
-        admin.batch_execute(&sql).await.unwrap();
-    }
-    let url = url_with_db(&scratch.url, &name);
-    let db = pg(&url).await;
-    db.batch_execute(include_str!("fixtures/install_v3.sql"))
-        .await
-        .unwrap();
-    db.batch_execute(citapulse::db::EXAMPLE_SCHEMA_SQL)
-        .await
-        .unwrap();
+    let old = OldInstall::new("v3", include_str!("fixtures/install_v3.sql")).await;
+    let (url, db) = (old.url.clone(), pg(&old.url).await);
     db.batch_execute("INSERT INTO citas (negocio_id, cliente_id) VALUES ('t1', 'v3-committed')")
         .await
         .unwrap();
@@ -629,10 +594,47 @@ async fn install_over_version_3_keeps_the_log_and_a_transaction_in_flight() {
     assert_eq!(live[0]["data"]["row"]["cliente_id"], "live");
     d.stop().await;
     drop((db, in_flight));
-    admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .await
-        .ok();
+    old.drop_database().await;
+}
+
+/// A fresh database with an older `sql/install.sql` and the example schema, for the
+/// upgrade tests.
+struct OldInstall {
+    admin: tokio_postgres::Client,
+    name: String,
+    url: String,
+}
+
+impl OldInstall {
+    async fn new(version: &str, install_sql: &str) -> Self {
+        let scratch = TestDb::new().await;
+        let name = format!("{version}_{}", std::process::id());
+        let admin = pg(&admin_url(&scratch.url)).await;
+        // One statement per call: CREATE DATABASE refuses a multi-statement batch.
+        for sql in [
+            format!("DROP DATABASE IF EXISTS {name}"),
+            format!("CREATE DATABASE {name}"),
+        ] {
+            admin.batch_execute(&sql).await.unwrap();
+        }
+        let url = url_with_db(&scratch.url, &name);
+        let db = pg(&url).await;
+        db.batch_execute(install_sql).await.unwrap();
+        db.batch_execute(citapulse::db::EXAMPLE_SCHEMA_SQL)
+            .await
+            .unwrap();
+        Self { admin, name, url }
+    }
+
+    async fn drop_database(self) {
+        self.admin
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .await
+            .ok();
+    }
 }
 
 #[tokio::test]
