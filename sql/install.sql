@@ -22,7 +22,7 @@ CREATE SCHEMA IF NOT EXISTS citapulse;
 
 -- The version the daemon checks at start-up; bump on any incompatible change.
 CREATE OR REPLACE FUNCTION citapulse.version() RETURNS integer
-LANGUAGE sql IMMUTABLE AS $$ SELECT 4 $$;
+LANGUAGE sql IMMUTABLE AS $$ SELECT 5 $$;
 
 -- One row per changed row (or one calendar_refresh per tenant for a bulk statement).
 -- Since version 4 the triggers write citapulse.inbox and a daemon moves committed inbox
@@ -488,42 +488,53 @@ BEGIN
 END
 $$;
 
--- Moves up to `batch` committed inbox rows, oldest id first, to citapulse.events with
--- their ids; returns how many it took from the inbox. Rows of transactions still running are invisible here and
--- move on a later call. Each daemon's reader calls it before reading the log: two movers
--- delete rows in id order and the second waits on the first's row locks (no deadlock, no
--- skipped row a reader would then miss until its next wake-up), then finds them gone.
--- No FOR UPDATE: locking first would write every row twice more (lock, then delete). The daemon runs it with synchronous_commit off: a move lost in a crash leaves
--- its rows in the inbox, and they move again with the same ids.
-CREATE OR REPLACE FUNCTION citapulse.move_inbox(batch integer DEFAULT 5000) RETURNS integer
+-- Moves the inbox rows `ids` to citapulse.events with their ids, and returns the rows as
+-- written (xid and horizon are the caller's transaction). The daemon's reader picks the
+-- ids (committed rows, oldest first) in its read statement's snapshot and calls this in
+-- the same statement (version 5): the moved rows go to subscribers from this result,
+-- with no second statement to read them back. An id that is gone was moved by another
+-- daemon, after that snapshot: the reader, seeing fewer rows than it asked for, reads
+-- again once that move committed. Two movers delete rows in id order and the second
+-- waits on the first's row locks (no deadlock), then finds them gone. No FOR UPDATE:
+-- locking first would write every row twice more (lock, then delete). The daemon runs
+-- it with synchronous_commit off: a move lost in a crash leaves its rows in the inbox,
+-- and they move again with the same ids.
+CREATE OR REPLACE FUNCTION citapulse.take_inbox(ids bigint[])
+RETURNS SETOF citapulse.events
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    n          integer;
-    taken_rows bigint;
 BEGIN
     -- PL/pgSQL keeps this statement's plan for the session (a SQL function would plan it
     -- on every call, several times what an empty move costs).
-    -- = ANY(ARRAY(...)): probes of the key, never a join that reads the whole inbox
-    -- (dead rows included) to build a hash table.
+    -- Rows whose tenant is over 255 bytes (see capture(): the inbox has no tenant index,
+    -- so the app's write never checks) are dropped here and counted by `dropped`.
+    RETURN QUERY
     WITH moved AS (
         DELETE FROM citapulse.inbox i
-         WHERE i.id = ANY (ARRAY(SELECT j.id FROM citapulse.inbox j ORDER BY j.id LIMIT batch))
+         WHERE i.id = ANY (ids)
         RETURNING i.id, i.tenant, i.kind, i.event_type, i.tbl, i.op, i.row_data, i.old_data, i.payload, i.created_at
     ), written AS (
-        INSERT INTO citapulse.events (id, tenant, kind, event_type, tbl, op, row_data, old_data, payload, created_at)
+        INSERT INTO citapulse.events AS ev (id, tenant, kind, event_type, tbl, op, row_data, old_data, payload, created_at)
         SELECT m.id, m.tenant, m.kind, m.event_type, m.tbl, m.op, m.row_data, m.old_data, m.payload, m.created_at
           FROM moved m
          WHERE m.tenant IS NULL OR octet_length(m.tenant) <= 255
          ORDER BY m.id
-        RETURNING 1
+        RETURNING ev.*
+    ), dropped AS (
+        SELECT count(citapulse.count_oversized_tenant()) AS n
+          FROM moved m WHERE octet_length(m.tenant) > 255
     )
-    SELECT count(*)::integer, (SELECT count(*) FROM moved) INTO n, taken_rows FROM written;
-    -- Rows whose tenant is over 255 bytes (see capture()) are dropped here, and counted.
-    IF taken_rows > n THEN
-        PERFORM citapulse.count_oversized_tenant() FROM generate_series(1, taken_rows - n);
-    END IF;
-    RETURN taken_rows::integer;
+    SELECT w.* FROM written w, dropped d;
 END
+$$;
+
+-- Moves up to `batch` committed inbox rows, oldest first, like take_inbox(), and returns
+-- how many it moved (version 4's interface; tests and scripts that need the log filled
+-- call it). = ANY(ARRAY(...)): probes of the key, never a join that reads the whole
+-- inbox (dead rows included) to build a hash table.
+CREATE OR REPLACE FUNCTION citapulse.move_inbox(batch integer DEFAULT 5000) RETURNS integer
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT count(*)::integer
+      FROM citapulse.take_inbox(ARRAY(SELECT j.id FROM citapulse.inbox j ORDER BY j.id LIMIT batch))
 $$;
 
 -- Nothing for PUBLIC: a login that may create a table (a temporary one will do) must not

@@ -18,7 +18,7 @@ pub const UNINSTALL_SQL: &str = include_str!("../sql/uninstall.sql");
 /// `sql/example_schema.sql`, embedded.
 pub const EXAMPLE_SCHEMA_SQL: &str = include_str!("../sql/example_schema.sql");
 /// The `citapulse.version()` this daemon speaks.
-pub const SQL_VERSION: i32 = 4;
+pub const SQL_VERSION: i32 = 5;
 /// The NOTIFY channel the triggers use.
 pub const NOTIFY_CHANNEL: &str = "citapulse";
 
@@ -156,6 +156,35 @@ pub struct Cursor {
     pub in_progress: Vec<String>,
     /// The last read's snapshot xmax (xid8 as text).
     pub xmax: String,
+    /// This reader's own moves whose rows it already returned (see [`Taken`]).
+    pub taken: Vec<Taken>,
+}
+
+/// A move made by the reader's own statement (`citapulse.take_inbox`), whose rows that
+/// statement returned: later reads skip rows with this xid, which would otherwise come
+/// back by the late-commit rule (the move's xid is at or above the snapshot's xmax) or,
+/// after a read cut at its limit, by id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Taken {
+    /// The moving transaction (xid8 as text).
+    pub xid: String,
+    /// The highest id it moved.
+    pub max_id: i64,
+    /// Made by the latest read: the next read's late-commit window still covers it.
+    pub fresh: bool,
+}
+
+impl Cursor {
+    /// After a read: a move stays excluded while the next read's late-commit window
+    /// covers it, or while rows it moved lie above `last_id`.
+    fn forget_passed_moves(&mut self) {
+        let last_id = self.last_id;
+        self.taken.retain_mut(|t| {
+            let keep = t.fresh || t.max_id > last_id;
+            t.fresh = false;
+            keep
+        });
+    }
 }
 
 /// The triggers leave the event type to the reader (classification is off the app's
@@ -211,6 +240,7 @@ pub async fn initial_cursor(client: &Client) -> Result<Cursor, DbError> {
         last_id: row.get(0),
         in_progress: row.get(1),
         xmax: row.get(2),
+        taken: Vec::new(),
     })
 }
 
@@ -235,21 +265,39 @@ pub async fn prepare_reader(client: &Client) -> Result<tokio_postgres::Statement
 }
 
 /// The reader's statement: $1 last id, $2 xids in progress (text[]), $3 limit, $4 xmax,
-/// $5 the tenants to shape events for (text[], NULL = all).
+/// $5 the tenants to shape events for (text[], NULL = all), $6 how many inbox rows to
+/// move (int8), $7 the reader's own earlier moves to skip (xid8 as text[]).
+///
+/// Moves and reads in one statement: `citapulse.take_inbox` moves the inbox rows this
+/// snapshot sees into the log and returns them as written, so they reach subscribers
+/// with no second statement (and no second round trip) to read them back. The other
+/// arms read what other daemons moved, with the snapshot rules of [`Cursor`]; a row
+/// another daemon moved after this snapshot is missing from the move (the header row
+/// says how many were wanted), and the reader reads again. The move's own rows are
+/// invisible to the other arms of this statement, and the next reads skip them by xid
+/// (see [`Taken`]). The move commits without waiting for its WAL flush: one lost in a
+/// crash leaves its rows in the inbox, to move again with the same ids.
 pub fn reader_sql() -> String {
     format!(
-        "SELECT NULL::bigint, NULL::text, NULL::text, NULL::text, NULL::float8, NULL::boolean, \
+        "WITH want AS MATERIALIZED ( \
+             SELECT ARRAY(SELECT j.id FROM citapulse.inbox j ORDER BY j.id LIMIT $6) AS ids) \
+         SELECT NULL::bigint, NULL::text, NULL::text, NULL::text, NULL::float8, NULL::boolean, \
                 (SELECT coalesce(array_agg(x::text), '{{}}') FROM pg_snapshot_xip(pg_current_snapshot()) AS x), \
                 pg_snapshot_xmax(pg_current_snapshot())::text, \
-                (SELECT notify FROM citapulse.wakeup) \
+                (SELECT notify FROM citapulse.wakeup), \
+                set_config('synchronous_commit', 'off', true), \
+                (SELECT cardinality(w.ids) FROM want w) \
          UNION ALL \
-         (SELECT {READER_COLUMNS}, NULL, NULL, NULL FROM citapulse.events e \
+         (SELECT {READER_COLUMNS}, NULL, NULL, NULL, NULL, NULL FROM citapulse.events e \
            WHERE (e.xid = ANY($2::text[]::xid8[]) \
                   OR (e.xid >= $4::text::xid8 AND e.xid < pg_snapshot_xmax(pg_current_snapshot()))) \
-             AND e.id + 0 <= $1) \
+             AND e.id + 0 <= $1 AND e.xid <> ALL($7::text[]::xid8[])) \
          UNION ALL \
-         (SELECT {READER_COLUMNS}, NULL, NULL, NULL FROM citapulse.events e \
-           WHERE e.id > $1 ORDER BY e.id LIMIT $3)"
+         (SELECT {READER_COLUMNS}, NULL, NULL, NULL, NULL, NULL FROM citapulse.events e \
+           WHERE e.id > $1 AND e.xid <> ALL($7::text[]::xid8[]) ORDER BY e.id LIMIT $3) \
+         UNION ALL \
+         SELECT {READER_COLUMNS}, NULL, NULL, NULL, e.xid::text, NULL \
+           FROM want w, citapulse.take_inbox(w.ids) e"
     )
 }
 
@@ -262,6 +310,17 @@ pub struct Batch {
     pub more: bool,
     /// `citapulse.wakeup.notify` as seen by this read.
     pub triggers_notify: bool,
+    /// Rows this read moved from the inbox.
+    pub moved: usize,
+}
+
+/// How much one read may return.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadLimits {
+    /// Rows read from the log beyond the cursor.
+    pub read: i64,
+    /// Rows moved from the inbox (and returned).
+    pub take: i64,
 }
 
 /// Reads the next batch after `cursor` and advances it.
@@ -273,18 +332,21 @@ pub async fn read_batch(
     client: &Client,
     stmt: &tokio_postgres::Statement,
     cursor: &mut Cursor,
-    limit: i64,
+    limits: ReadLimits,
     shape_for: Option<&[String]>,
 ) -> Result<Batch, DbError> {
+    let skip: Vec<&str> = cursor.taken.iter().map(|t| t.xid.as_str()).collect();
     let rows = client
         .query(
             stmt,
             &[
                 &cursor.last_id,
                 &cursor.in_progress,
-                &limit,
+                &limits.read,
                 &cursor.xmax,
                 &shape_for,
+                &limits.take,
+                &skip,
             ],
         )
         .await?;
@@ -293,6 +355,10 @@ pub async fn read_batch(
     let mut xmax = cursor.xmax.clone();
     let mut triggers_notify = true;
     let mut above = 0i64;
+    let mut max_read = cursor.last_id;
+    let mut taken: Option<Taken> = None;
+    let mut moved = 0usize;
+    let mut wanted = 0i32;
     for row in &rows {
         match row.get::<_, Option<i64>>(0) {
             None => {
@@ -303,42 +369,50 @@ pub async fn read_batch(
                     .get::<_, Option<String>>(EVENT_WIDTH + 1)
                     .unwrap_or(xmax);
                 triggers_notify = row.get::<_, Option<bool>>(EVENT_WIDTH + 2).unwrap_or(true);
+                wanted = row.get::<_, Option<i32>>(EVENT_WIDTH + 4).unwrap_or(0);
             }
             Some(id) => {
-                if id > cursor.last_id {
-                    above += 1;
+                if let Some(xid) = row.get::<_, Option<String>>(EVENT_WIDTH + 3) {
+                    moved += 1;
+                    let t = taken.get_or_insert(Taken {
+                        xid,
+                        max_id: id,
+                        fresh: true,
+                    });
+                    t.max_id = t.max_id.max(id);
+                } else {
+                    if id > cursor.last_id {
+                        above += 1;
+                    }
+                    max_read = max_read.max(id);
                 }
                 events.push(event_from_row(row));
             }
         }
     }
     events.sort_unstable_by_key(|e| e.id);
-    if let Some(max) = events.last().map(|e| e.id) {
-        cursor.last_id = cursor.last_id.max(max);
-    }
+    let cut = above >= limits.read;
+    // Cut at the limit, the log may hold rows between the last one read and those moved:
+    // stay below them (the moved ones are skipped by xid until the reader passes them).
+    cursor.last_id = match &taken {
+        Some(t) if !cut => max_read.max(t.max_id),
+        _ => max_read,
+    };
     cursor.in_progress = in_progress;
     cursor.xmax = xmax;
+    cursor.taken.extend(taken);
+    cursor.forget_passed_moves();
+    // Fewer rows moved than wanted: another daemon moved some after this snapshot (or
+    // they had oversized tenants, dropped): read again, after its move committed.
+    // As many as the limit: the inbox may hold more.
+    let wanted = usize::try_from(wanted).unwrap_or_default();
+    let full_move = wanted > moved || wanted >= usize::try_from(limits.take).unwrap_or(0);
     Ok(Batch {
         events,
-        more: above >= limit,
+        more: cut || full_move,
         triggers_notify,
+        moved,
     })
-}
-
-/// Moves up to `batch` committed rows from the triggers' inbox into the log (see
-/// `citapulse.move_inbox` in `sql/install.sql`); returns how many moved. Without a WAL
-/// flush wait: a move lost in a crash leaves its rows in the inbox, to move again.
-pub const MOVE_SQL: &str =
-    "SELECT set_config('synchronous_commit', 'off', true), citapulse.move_inbox($1::int4)";
-
-/// Runs [`MOVE_SQL`] (prepared by the caller).
-pub async fn move_inbox(
-    client: &Client,
-    stmt: &tokio_postgres::Statement,
-    batch: i32,
-) -> Result<i32, DbError> {
-    let row = client.query_one(stmt, &[&batch]).await?;
-    Ok(row.get::<_, Option<i32>>(1).unwrap_or(0))
 }
 
 /// Events by id, whole (the reader skipped shaping them; see `Hub::dispatch`).

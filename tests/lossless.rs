@@ -446,7 +446,7 @@ async fn a_log_read_touches_a_handful_of_pages_whatever_the_log_size() {
         .unwrap();
     db.move_inbox().await;
     db.client
-        .batch_execute("VACUUM ANALYZE citapulse.events")
+        .batch_execute("VACUUM ANALYZE citapulse.events, citapulse.inbox")
         .await
         .unwrap();
     // A transaction still in progress: the next read must re-check its xid.
@@ -474,7 +474,7 @@ async fn a_log_read_touches_a_handful_of_pages_whatever_the_log_size() {
     );
     db.client
         .batch_execute(&format!(
-            "{}; PREPARE r(bigint, text[], bigint, text, text[]) AS {}",
+            "{}; PREPARE r(bigint, text[], bigint, text, text[], int8, text[]) AS {}",
             citapulse::db::READER_SESSION,
             citapulse::db::reader_sql()
         ))
@@ -486,7 +486,7 @@ async fn a_log_read_touches_a_handful_of_pages_whatever_the_log_size() {
         .map(|x| format!("'{x}'"))
         .collect();
     let explain = format!(
-        "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE r({}, ARRAY[{}]::text[], 1000, '{}', NULL)",
+        "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE r({}, ARRAY[{}]::text[], 1000, '{}', NULL, 1000::int8, '{{}}')",
         cursor.last_id,
         xips.join(","),
         cursor.xmax
@@ -500,4 +500,139 @@ async fn a_log_read_touches_a_handful_of_pages_whatever_the_log_size() {
         "a read at the head of the log touched {touched} of {pages} pages: {plan}"
     );
     late.batch_execute("ROLLBACK").await.unwrap();
+}
+
+/// The live reader, driven by hand on its own connection: returns its statement.
+async fn hand_reader(url: &str) -> (tokio_postgres::Client, tokio_postgres::Statement) {
+    let client = pg(url).await;
+    let stmt = citapulse::db::prepare_reader(&client).await.unwrap();
+    (client, stmt)
+}
+
+/// Reads until a read reports nothing more; returns every event id, in delivery order.
+async fn read_until_idle(
+    client: &tokio_postgres::Client,
+    stmt: &tokio_postgres::Statement,
+    cursor: &mut citapulse::db::Cursor,
+    limits: citapulse::db::ReadLimits,
+) -> Vec<i64> {
+    let mut ids = Vec::new();
+    for _ in 0..100 {
+        let batch = citapulse::db::read_batch(client, stmt, cursor, limits, None)
+            .await
+            .unwrap();
+        ids.extend(batch.events.iter().map(|e| e.id));
+        if !batch.more {
+            return ids;
+        }
+    }
+    panic!("the reader never went idle");
+}
+
+/// A read cut at its limit while its own move returned rows above the cut: the next
+/// reads return the log rows in between and never the moved rows again (they are
+/// skipped by the move's xid until the cursor passes them).
+#[tokio::test]
+async fn a_read_cut_at_its_limit_neither_skips_nor_repeats_the_rows_it_moved() {
+    let db = TestDb::new().await;
+    let (client, stmt) = hand_reader(&db.url).await;
+    let mut cursor = citapulse::db::initial_cursor(&client).await.unwrap();
+    // Five rows in the log (moved by someone else), then three in the inbox.
+    for _ in 0..5 {
+        db.insert_cita("t1", "pendiente").await;
+    }
+    db.move_inbox().await;
+    for _ in 0..3 {
+        db.insert_cita("t1", "pendiente").await;
+    }
+    let limits = citapulse::db::ReadLimits {
+        read: 2,
+        take: 1000,
+    };
+    let first = citapulse::db::read_batch(&client, &stmt, &mut cursor, limits, None)
+        .await
+        .unwrap();
+    let first_ids: Vec<i64> = first.events.iter().map(|e| e.id).collect();
+    assert!(first.more, "cut at the limit: {first_ids:?}");
+    assert_eq!(first.moved, 3, "{first_ids:?}");
+    assert_eq!(first_ids.len(), 5, "two log rows and the three it moved");
+    let mut all = first_ids;
+    all.extend(read_until_idle(&client, &stmt, &mut cursor, limits).await);
+    // And once more after an unrelated write, when the late-commit window has moved on.
+    let last = db.insert_cita("t1", "pendiente").await;
+    all.extend(read_until_idle(&client, &stmt, &mut cursor, limits).await);
+
+    let want: Vec<i64> = db.event_ids("t1").await;
+    assert_eq!(want.len(), 9);
+    assert_eq!(*want.last().unwrap(), last);
+    let mut sorted = all.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, want, "every row once, delivered as {all:?}");
+    // The last move stays skipped for one more read (its late-commit window), then goes.
+    assert_eq!(cursor.taken.len(), 1, "{cursor:?}");
+    let idle = read_until_idle(&client, &stmt, &mut cursor, limits).await;
+    assert!(
+        idle.is_empty() && cursor.taken.is_empty(),
+        "{idle:?} {cursor:?}"
+    );
+}
+
+/// Two daemons move the same inbox rows: the one that loses the race (its move waits on
+/// the other's row locks, then finds them gone) reads again at once, and gets the rows
+/// from the log once the winner committed, instead of waiting for the next wake-up.
+#[tokio::test]
+async fn a_reader_that_loses_the_move_to_another_daemon_reads_again() {
+    let db = TestDb::new().await;
+    let (client, stmt) = hand_reader(&db.url).await;
+    let mut cursor = citapulse::db::initial_cursor(&client).await.unwrap();
+    let id = db.insert_cita("t1", "pendiente").await;
+
+    // The other daemon's move, holding the inbox row.
+    let winner = pg(&db.url).await;
+    winner
+        .batch_execute(&format!("BEGIN; {MOVE_INBOX}"))
+        .await
+        .unwrap();
+    let pid: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let limits = citapulse::db::ReadLimits {
+        read: 100,
+        take: 100,
+    };
+    let read = tokio::spawn(async move {
+        let batch = citapulse::db::read_batch(&client, &stmt, &mut cursor, limits, None)
+            .await
+            .unwrap();
+        (client, stmt, cursor, batch)
+    });
+    // Wait until the reader's move waits on the winner's row lock (no timing involved).
+    for _ in 0..500 {
+        let waiting: bool = db
+            .client
+            .query_one(
+                "SELECT coalesce(wait_event_type = 'Lock', false) FROM pg_stat_activity WHERE pid = $1",
+                &[&pid],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    winner.batch_execute("COMMIT").await.unwrap();
+    let (client, stmt, mut cursor, batch) = read.await.unwrap();
+    assert!(batch.events.is_empty(), "{:?}", batch.events);
+    assert_eq!(batch.moved, 0);
+    assert!(batch.more, "lost rows to another mover: read again");
+    let again = citapulse::db::read_batch(&client, &stmt, &mut cursor, limits, None)
+        .await
+        .unwrap();
+    let ids: Vec<i64> = again.events.iter().map(|e| e.id).collect();
+    assert_eq!(ids, vec![id]);
+    assert!(!again.more);
 }

@@ -23,10 +23,11 @@ use crate::db::{self, Cursor, DbError};
 use crate::delivery::hub::Audience;
 use crate::metrics::Metrics;
 
-/// Rows read per statement.
-const BATCH: i64 = 2000;
-/// Inbox rows moved into the log per statement.
-const MOVE_BATCH: i32 = 5000;
+/// Rows read per statement: from the log, and moved from the inbox.
+const LIMITS: db::ReadLimits = db::ReadLimits {
+    read: 2000,
+    take: 5000,
+};
 /// Inbox rows moved between two vacuums of the inbox.
 const VACUUM_INBOX_AFTER: u64 = 10_000;
 /// Tenants with subscribers up to which the reader shapes only their events.
@@ -159,7 +160,7 @@ impl Listener {
         let shared = self.shared.clone();
         let (client, connection) = db::connect_as(&shared.config, "citapulse-listener").await?;
         let mut wakeups = Wakeups::forward(connection);
-        let (stmts, mut stats_seen) = listen(&client, &shared).await?;
+        let (read, mut stats_seen) = listen(&client, &shared).await?;
         let cur = match self.cursor.take() {
             Some(c) => c,
             None => db::initial_cursor(&client).await?,
@@ -172,7 +173,7 @@ impl Listener {
         let mut reader = Reader {
             shared: &shared,
             client: &client,
-            stmts,
+            read,
             cursor,
             resolver: &mut self.resolver,
             mode: ModeControl::new(&shared),
@@ -221,7 +222,7 @@ impl Listener {
 async fn listen(
     client: &tokio_postgres::Client,
     shared: &Context,
-) -> Result<(Statements, i64), DbError> {
+) -> Result<(tokio_postgres::Statement, i64), DbError> {
     db::check_version(client).await?;
     db::sync_settings(client, shared.config.events.bulk_threshold).await?;
     client
@@ -232,11 +233,7 @@ async fn listen(
         ))
         .await?;
     let stats_seen = crate::stats::shared_version(client).await?;
-    let stmts = Statements {
-        read: db::prepare_reader(client).await?,
-        mover: client.prepare(db::MOVE_SQL).await?,
-    };
-    Ok((stmts, stats_seen))
+    Ok((db::prepare_reader(client).await?, stats_seen))
 }
 
 /// The notifications of one connection, sorted by channel.
@@ -286,17 +283,12 @@ impl Wakeups {
     }
 }
 
-/// The listener's prepared statements.
-struct Statements {
-    read: tokio_postgres::Statement,
-    mover: tokio_postgres::Statement,
-}
-
 /// One session's reading side: its connection and statements, and the state it advances.
 struct Reader<'a> {
     shared: &'a Context,
     client: &'a tokio_postgres::Client,
-    stmts: Statements,
+    /// The move-and-read statement (`db::reader_sql`).
+    read: tokio_postgres::Statement,
     cursor: &'a mut Cursor,
     resolver: &'a mut Resolver,
     mode: ModeControl<'a>,
@@ -334,18 +326,15 @@ impl Reader<'_> {
             let tenants = shared.hub.tenants();
             let shape_for: Option<Vec<String>> = (tenants.len() <= SHAPE_FOR_AT_MOST)
                 .then(|| tenants.iter().map(|t| t.to_string()).collect());
-            // Move what the triggers committed into the log, then read it: pipelined (one
-            // round trip), and the read's snapshot is taken after the move committed.
-            let (moved, mut batch) = tokio::try_join!(
-                db::move_inbox(client, &self.stmts.mover, MOVE_BATCH),
-                db::read_batch(
-                    client,
-                    &self.stmts.read,
-                    self.cursor,
-                    BATCH,
-                    shape_for.as_deref()
-                ),
-            )?;
+            // Moves what the triggers committed into the log and reads it, in one statement.
+            let mut batch = db::read_batch(
+                client,
+                &self.read,
+                self.cursor,
+                LIMITS,
+                shape_for.as_deref(),
+            )
+            .await?;
             if batch
                 .events
                 .iter()
@@ -374,8 +363,8 @@ impl Reader<'_> {
                     shared.stats.mark_events(&again.touched);
                 }
             }
-            self.unvacuumed += u64::try_from(moved).unwrap_or_default();
-            if !batch.more && moved < MOVE_BATCH {
+            self.unvacuumed += batch.moved as u64;
+            if !batch.more {
                 self.vacuum_inbox().await;
                 return Ok(());
             }
