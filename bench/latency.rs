@@ -383,7 +383,9 @@ fn writers_for(rate: f64) -> usize {
 /// rate and subscriber count, in interleaved rounds; medians over rounds.
 pub async fn scenario(b: &Bench) -> Result<Section> {
     let mut section = Section::new("latency");
-    let rates: &[f64] = if b.quick {
+    let rates: &[f64] = if !b.rates.is_empty() {
+        &b.rates
+    } else if b.quick {
         &[200.0]
     } else {
         &[200.0, 1000.0, 5000.0]

@@ -64,6 +64,9 @@ struct Args {
     /// Seconds of writing per latency run; default 5, quick 1.
     #[arg(long)]
     duration: Option<f64>,
+    /// Latency: commit rates to run (commits/s, comma-separated; default 200,1000,5000).
+    #[arg(long, value_delimiter = ',')]
+    rates: Vec<f64>,
     /// Subscribers on the hot tenant in the fan-out scenario.
     #[arg(long, default_value_t = 10_000)]
     fanout: usize,
@@ -126,6 +129,8 @@ pub struct Bench {
     pub rounds: usize,
     /// Writing time per latency run.
     pub duration: Duration,
+    /// Latency: the commit rates (empty: the default set).
+    pub rates: Vec<f64>,
     /// Fan-out: subscribers on the hot tenant.
     pub fanout: usize,
     /// Fan-out: total sockets wanted.
@@ -260,6 +265,7 @@ async fn run(args: Args) -> Result<()> {
                 .unwrap_or(if args.quick { 1.0 } else { 5.0 })
                 .max(0.2),
         ),
+        rates: args.rates.clone(),
         fanout: args.fanout,
         fanout_max: args.fanout_max,
         out_dir,

@@ -501,10 +501,14 @@ $$;
 -- and they move again with the same ids.
 CREATE OR REPLACE FUNCTION citapulse.take_inbox(ids bigint[])
 RETURNS SETOF citapulse.events
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+    SET plan_cache_mode = force_generic_plan SET enable_seqscan = off AS $$
 BEGIN
     -- PL/pgSQL keeps this statement's plan for the session (a SQL function would plan it
-    -- on every call, several times what an empty move costs).
+    -- on every call, several times what an empty move costs). The generic one: a custom
+    -- plan asks the inbox key for its actual bounds, walking every dead entry the moves
+    -- left (0.2 ms of a 0.3 ms read here); and no sequential scan, which the generic plan
+    -- of a table that is nearly always empty would pick, however many dead rows it holds.
     -- Rows whose tenant is over 255 bytes (see capture(): the inbox has no tenant index,
     -- so the app's write never checks) are dropped here and counted by `dropped`.
     RETURN QUERY
