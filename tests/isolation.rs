@@ -597,6 +597,48 @@ async fn install_over_version_3_keeps_the_log_and_a_transaction_in_flight() {
     old.drop_database().await;
 }
 
+#[tokio::test]
+async fn install_over_version_4_moves_what_its_inbox_holds() {
+    // Version 5 moves and reads in one statement (take_inbox). Rows version 4 left in the
+    // inbox and rows it had already moved to the log reach a resuming client, each once.
+    let old = OldInstall::new("v4", include_str!("fixtures/install_v4.sql")).await;
+    let (url, db) = (old.url.clone(), pg(&old.url).await);
+    db.batch_execute(
+        "INSERT INTO citas (negocio_id, cliente_id) VALUES ('t1', 'v4-moved'); \
+         SELECT citapulse.move_inbox(); \
+         INSERT INTO citas (negocio_id, cliente_id) VALUES ('t1', 'v4-in-inbox')",
+    )
+    .await
+    .unwrap();
+    db.batch_execute(citapulse::db::INSTALL_SQL)
+        .await
+        .expect("install over version 4");
+    db.batch_execute("INSERT INTO citas (negocio_id, cliente_id) VALUES ('t1', 'v5')")
+        .await
+        .unwrap();
+
+    let d = Daemon::start(&url, |_| {}).await;
+    let mut c = WsClient::connect(d.addr, &tenant_token("t1")).await;
+    c.subscribe("t1", Some(0)).await;
+    let replayed = c.events(3).await;
+    let clients: Vec<&str> = replayed
+        .iter()
+        .map(|e| e["data"]["row"]["cliente_id"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(clients, ["v4-moved", "v4-in-inbox", "v5"]);
+    db.execute(
+        "INSERT INTO citas (negocio_id, cliente_id) VALUES ('t1', 'live')",
+        &[],
+    )
+    .await
+    .unwrap();
+    let live = c.events(1).await;
+    assert_eq!(live[0]["data"]["row"]["cliente_id"], "live");
+    d.stop().await;
+    drop(db);
+    old.drop_database().await;
+}
+
 /// A fresh database with an older `sql/install.sql` and the example schema, for the
 /// upgrade tests.
 struct OldInstall {
