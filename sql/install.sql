@@ -22,7 +22,7 @@ CREATE SCHEMA IF NOT EXISTS citapulse;
 
 -- The version the daemon checks at start-up; bump on any incompatible change.
 CREATE OR REPLACE FUNCTION citapulse.version() RETURNS integer
-LANGUAGE sql IMMUTABLE AS $$ SELECT 5 $$;
+LANGUAGE sql IMMUTABLE AS $$ SELECT 6 $$;
 
 -- One row per changed row (or one calendar_refresh per tenant for a bulk statement).
 -- Since version 4 the triggers write citapulse.inbox and a daemon moves committed inbox
@@ -344,52 +344,16 @@ BEGIN
 END
 $$;
 
--- Attaches the four triggers (one per operation: transition tables allow one event each).
--- Calling it again replaces them, so changing tenant_column or kind is one call.
--- tenant_column => NULL watches a table without one: the daemon resolves each row's
--- tenant with a [[resolvers]] query from its config.
-CREATE OR REPLACE FUNCTION citapulse.watch(tbl regclass, tenant_column text, kind text DEFAULT 'appointment')
-RETURNS void LANGUAGE plpgsql AS $$
-DECLARE
-    threshold integer;
-BEGIN
-    IF kind IS NULL OR kind !~ '^[a-z][a-z0-9_]{0,40}$' THEN
-        RAISE EXCEPTION 'citapulse.watch: kind must match ^[a-z][a-z0-9_]{0,40}$ (got %)', kind;
-    END IF;
-    IF tenant_column IS NOT NULL AND NOT EXISTS (SELECT 1 FROM pg_attribute
-                    WHERE attrelid = tbl AND attname = tenant_column AND attnum > 0 AND NOT attisdropped) THEN
-        RAISE EXCEPTION 'citapulse.watch: table % has no column %', tbl, tenant_column;
-    END IF;
-    tenant_column := coalesce(tenant_column, '');
-    -- The threshold travels as a trigger argument: reading it from a table on every
-    -- write costs the app more than anything else capture() does (an UPDATE of
-    -- citapulse.settings.bulk_threshold re-attaches the triggers).
-    threshold := coalesce((SELECT s.bulk_threshold FROM citapulse.settings s), 100);
-    PERFORM citapulse.unwatch(tbl);
-    EXECUTE format('CREATE TRIGGER citapulse_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS citapulse_new '
-                   'FOR EACH STATEMENT EXECUTE FUNCTION citapulse.capture(%L, %L, %L)', tbl, tenant_column, kind, threshold);
-    EXECUTE format('CREATE TRIGGER citapulse_update AFTER UPDATE ON %s REFERENCING OLD TABLE AS citapulse_old NEW TABLE AS citapulse_new '
-                   'FOR EACH STATEMENT EXECUTE FUNCTION citapulse.capture(%L, %L, %L)', tbl, tenant_column, kind, threshold);
-    EXECUTE format('CREATE TRIGGER citapulse_delete AFTER DELETE ON %s REFERENCING OLD TABLE AS citapulse_old '
-                   'FOR EACH STATEMENT EXECUTE FUNCTION citapulse.capture(%L, %L, %L)', tbl, tenant_column, kind, threshold);
-    EXECUTE format('CREATE TRIGGER citapulse_truncate AFTER TRUNCATE ON %s '
-                   'FOR EACH STATEMENT EXECUTE FUNCTION citapulse.capture_truncate(%L)', tbl, kind);
-END
-$$;
-
-CREATE OR REPLACE FUNCTION citapulse.unwatch(tbl regclass) RETURNS void
-LANGUAGE plpgsql AS $$
-DECLARE
-    trg name;
-BEGIN
-    FOR trg IN SELECT t.tgname FROM pg_trigger t
-                WHERE t.tgrelid = tbl AND NOT t.tgisinternal
-                  AND t.tgfoid IN ('citapulse.capture'::regproc, 'citapulse.capture_truncate'::regproc)
-    LOOP
-        EXECUTE format('DROP TRIGGER %I ON %s', trg, tbl);
-    END LOOP;
-END
-$$;
+-- How changes are captured (DESIGN.md §7): 'trigger' (the triggers below write the inbox)
+-- or 'wal' (no trigger; the watched tables are in the publication citapulse and a daemon
+-- streams them from the logical slot wal_slot). Switched by citapulse.capture_mode().
+ALTER TABLE citapulse.settings ADD COLUMN IF NOT EXISTS capture text NOT NULL DEFAULT 'trigger';
+ALTER TABLE citapulse.settings ADD COLUMN IF NOT EXISTS wal_slot text NOT NULL DEFAULT 'citapulse';
+-- Counts mode switches; each writes its number into its WAL mark, so a daemon knows
+-- when it has captured past the latest one (and may drop a drained slot).
+ALTER TABLE citapulse.settings ADD COLUMN IF NOT EXISTS switches bigint NOT NULL DEFAULT 0;
+ALTER TABLE citapulse.settings DROP CONSTRAINT IF EXISTS settings_capture_check;
+ALTER TABLE citapulse.settings ADD CONSTRAINT settings_capture_check CHECK (capture IN ('trigger', 'wal'));
 
 -- The arguments of a trigger (pg_trigger.tgargs: each one followed by a zero byte).
 CREATE OR REPLACE FUNCTION citapulse.trigger_args(args bytea) RETURNS text[]
@@ -409,22 +373,321 @@ BEGIN
 END
 $$;
 
--- Attaches the triggers of every watched table again, with the same tenant column and
--- kind and the current settings (after an upgrade, or a new bulk threshold).
+-- The watched tables (since version 6; before, the triggers' arguments were the only
+-- record, and WAL mode has no trigger). saved_identity: the table's replica identity
+-- before WAL mode set it to FULL, restored when it switches back or the table is unwatched.
+CREATE TABLE IF NOT EXISTS citapulse.watches (
+    tbl             regclass PRIMARY KEY,
+    tenant_column   text NOT NULL,          -- '' = resolved by the daemon's [[resolvers]]
+    kind            text NOT NULL,
+    saved_identity  "char"
+);
+INSERT INTO citapulse.watches (tbl, tenant_column, kind)
+SELECT t.tgrelid::regclass, a[1], a[2]
+  FROM pg_trigger t, citapulse.trigger_args(t.tgargs) a
+ WHERE t.tgname = 'citapulse_insert' AND t.tgfoid = 'citapulse.capture'::regproc
+ON CONFLICT (tbl) DO NOTHING;
+
+-- Where the WAL capture of each slot stands: the end of the last transaction the daemon
+-- wrote to the log (written in that same transaction, so a daemon that dies between its
+-- commit and confirming the slot skips what it already wrote), and whether the stream
+-- after it is in WAL mode (capture_mode() marks each switch in the WAL itself).
+CREATE TABLE IF NOT EXISTS citapulse.wal_position (
+    slot        text PRIMARY KEY,
+    lsn         pg_lsn      NOT NULL DEFAULT '0/0',
+    capturing   boolean     NOT NULL DEFAULT false,
+    mark        bigint      NOT NULL DEFAULT 0,     -- the last switch mark captured past
+    updated_at  timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE OR REPLACE FUNCTION citapulse.drop_triggers(tbl regclass) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    trg name;
+BEGIN
+    FOR trg IN SELECT t.tgname FROM pg_trigger t
+                WHERE t.tgrelid = tbl AND NOT t.tgisinternal
+                  AND t.tgfoid IN ('citapulse.capture'::regproc, 'citapulse.capture_truncate'::regproc)
+    LOOP
+        EXECUTE format('DROP TRIGGER %I ON %s', trg, tbl);
+    END LOOP;
+END
+$$;
+
+-- Makes one watched table capture the way citapulse.settings.capture says: the four
+-- triggers (one per operation: transition tables allow one event each), or no trigger,
+-- REPLICA IDENTITY FULL (so UPDATE and DELETE carry the whole old row) and membership of
+-- the publication citapulse.
+CREATE OR REPLACE FUNCTION citapulse.attach(tbl regclass) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    w         citapulse.watches;
+    threshold integer;
+    mode      text;
+    ident     "char";
+BEGIN
+    SELECT * INTO w FROM citapulse.watches x WHERE x.tbl = attach.tbl;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    -- The threshold travels as a trigger argument: reading it from a table on every
+    -- write costs the app more than anything else capture() does (an UPDATE of
+    -- citapulse.settings.bulk_threshold re-attaches the triggers).
+    SELECT s.bulk_threshold, s.capture INTO threshold, mode FROM citapulse.settings s;
+    threshold := coalesce(threshold, 100);
+    PERFORM citapulse.drop_triggers(tbl);
+    SELECT c.relreplident INTO ident FROM pg_class c WHERE c.oid = tbl;
+    IF coalesce(mode, 'trigger') = 'wal' THEN
+        IF w.saved_identity IS NULL THEN
+            UPDATE citapulse.watches x SET saved_identity = ident WHERE x.tbl = attach.tbl;
+        END IF;
+        IF ident <> 'f' THEN
+            EXECUTE format('ALTER TABLE %s REPLICA IDENTITY FULL', tbl);
+        END IF;
+        IF NOT EXISTS (SELECT 1 FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid
+                        WHERE p.pubname = 'citapulse' AND r.prrelid = tbl) THEN
+            EXECUTE format('ALTER PUBLICATION citapulse ADD TABLE %s', tbl);
+        END IF;
+        RETURN;
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid
+                WHERE p.pubname = 'citapulse' AND r.prrelid = tbl) THEN
+        EXECUTE format('ALTER PUBLICATION citapulse DROP TABLE %s', tbl);
+    END IF;
+    IF w.saved_identity IS NOT NULL THEN
+        IF w.saved_identity <> ident THEN
+            EXECUTE format('ALTER TABLE %s REPLICA IDENTITY %s', tbl,
+                           CASE w.saved_identity WHEN 'd' THEN 'DEFAULT' WHEN 'n' THEN 'NOTHING' ELSE 'FULL' END);
+        END IF;
+        UPDATE citapulse.watches x SET saved_identity = NULL WHERE x.tbl = attach.tbl;
+    END IF;
+    EXECUTE format('CREATE TRIGGER citapulse_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS citapulse_new '
+                   'FOR EACH STATEMENT EXECUTE FUNCTION citapulse.capture(%L, %L, %L)', tbl, w.tenant_column, w.kind, threshold);
+    EXECUTE format('CREATE TRIGGER citapulse_update AFTER UPDATE ON %s REFERENCING OLD TABLE AS citapulse_old NEW TABLE AS citapulse_new '
+                   'FOR EACH STATEMENT EXECUTE FUNCTION citapulse.capture(%L, %L, %L)', tbl, w.tenant_column, w.kind, threshold);
+    EXECUTE format('CREATE TRIGGER citapulse_delete AFTER DELETE ON %s REFERENCING OLD TABLE AS citapulse_old '
+                   'FOR EACH STATEMENT EXECUTE FUNCTION citapulse.capture(%L, %L, %L)', tbl, w.tenant_column, w.kind, threshold);
+    EXECUTE format('CREATE TRIGGER citapulse_truncate AFTER TRUNCATE ON %s '
+                   'FOR EACH STATEMENT EXECUTE FUNCTION citapulse.capture_truncate(%L)', tbl, w.kind);
+END
+$$;
+
+-- Watches a table: records it and attaches its capture (triggers, or the publication in
+-- WAL mode). Calling it again replaces them, so changing tenant_column or kind is one call.
+-- tenant_column => NULL watches a table without one: the daemon resolves each row's
+-- tenant with a [[resolvers]] query from its config.
+CREATE OR REPLACE FUNCTION citapulse.watch(tbl regclass, tenant_column text, kind text DEFAULT 'appointment')
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    IF kind IS NULL OR kind !~ '^[a-z][a-z0-9_]{0,40}$' THEN
+        RAISE EXCEPTION 'citapulse.watch: kind must match ^[a-z][a-z0-9_]{0,40}$ (got %)', kind;
+    END IF;
+    IF tenant_column IS NOT NULL AND NOT EXISTS (SELECT 1 FROM pg_attribute
+                    WHERE attrelid = tbl AND attname = tenant_column AND attnum > 0 AND NOT attisdropped) THEN
+        RAISE EXCEPTION 'citapulse.watch: table % has no column %', tbl, tenant_column;
+    END IF;
+    INSERT INTO citapulse.watches AS w (tbl, tenant_column, kind)
+    VALUES (tbl, coalesce(tenant_column, ''), kind)
+    ON CONFLICT ON CONSTRAINT watches_pkey DO UPDATE SET tenant_column = excluded.tenant_column, kind = excluded.kind;
+    PERFORM citapulse.attach(tbl);
+END
+$$;
+
+-- Stops watching a table: drops its triggers, takes it out of the publication and gives
+-- it back the replica identity it had before WAL mode.
+CREATE OR REPLACE FUNCTION citapulse.unwatch(tbl regclass) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    saved "char";
+BEGIN
+    PERFORM citapulse.drop_triggers(tbl);
+    IF EXISTS (SELECT 1 FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid
+                WHERE p.pubname = 'citapulse' AND r.prrelid = tbl) THEN
+        EXECUTE format('ALTER PUBLICATION citapulse DROP TABLE %s', tbl);
+    END IF;
+    DELETE FROM citapulse.watches w WHERE w.tbl = unwatch.tbl RETURNING w.saved_identity INTO saved;
+    IF saved IS NOT NULL AND saved <> (SELECT c.relreplident FROM pg_class c WHERE c.oid = tbl) THEN
+        EXECUTE format('ALTER TABLE %s REPLICA IDENTITY %s', tbl,
+                       CASE saved WHEN 'd' THEN 'DEFAULT' WHEN 'n' THEN 'NOTHING' ELSE 'FULL' END);
+    END IF;
+END
+$$;
+
+-- Attaches the capture of every watched table again, with the same tenant column and
+-- kind and the current settings (after an upgrade, a new bulk threshold or a mode switch).
+-- Tables dropped since they were watched are forgotten.
 CREATE OR REPLACE FUNCTION citapulse.rewatch_all() RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
-    r record;
+    t regclass;
     n integer := 0;
 BEGIN
-    FOR r IN SELECT t.tgrelid::regclass AS tbl, citapulse.trigger_args(t.tgargs) AS a
-               FROM pg_trigger t
-              WHERE t.tgname = 'citapulse_insert' AND t.tgfoid = 'citapulse.capture'::regproc
-    LOOP
-        PERFORM citapulse.watch(r.tbl, nullif(r.a[1], ''), r.a[2]);
+    DELETE FROM citapulse.watches w WHERE NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = w.tbl);
+    -- In oid order, so two concurrent calls lock the tables in the same order.
+    FOR t IN SELECT w.tbl FROM citapulse.watches w ORDER BY w.tbl::oid LOOP
+        PERFORM citapulse.attach(t);
         n := n + 1;
     END LOOP;
     RETURN n;
+END
+$$;
+
+-- Switches how changes are captured (DESIGN.md §7), losslessly in both directions:
+-- every watched table is locked (ACCESS EXCLUSIVE, briefly, in oid order), so each
+-- application transaction is captured either by the triggers (committed before the
+-- switch) or from the WAL (after it); a message in the WAL marks the switch at exactly
+-- that point of the commit order, and the daemon streaming the slot captures only what
+-- lies between a 'capture=wal' and a 'capture=trigger' mark. Run it on its own (creating
+-- a slot needs a transaction that has written nothing), as the owner of the watched
+-- tables with REPLICATION (or as superuser). `slot` is the daemon's `capture.slot`
+-- (default citapulse). Switching to 'trigger' leaves the slot to the daemon, which drops
+-- it once it has captured everything up to the switch.
+CREATE OR REPLACE FUNCTION citapulse.capture_mode(mode text, slot text DEFAULT NULL) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    current   text;
+    wanted text;
+    existing  record;
+BEGIN
+    IF mode IS NULL OR mode NOT IN ('trigger', 'wal') THEN
+        RAISE EXCEPTION 'citapulse.capture_mode: mode must be ''trigger'' or ''wal'' (got %)', mode;
+    END IF;
+    wanted := coalesce(slot, (SELECT s.wal_slot FROM citapulse.settings s), 'citapulse');
+    IF wanted !~ '^[a-z0-9_]{1,63}$' THEN
+        RAISE EXCEPTION 'citapulse.capture_mode: slot must match ^[a-z0-9_]{1,63}$ (got %)', wanted;
+    END IF;
+    -- Serialises switches with a daemon dropping a drained slot. An advisory lock takes
+    -- no transaction id, so the slot can still be created below.
+    PERFORM pg_advisory_xact_lock(citapulse.switch_lock_key());
+    SELECT s.capture INTO current FROM citapulse.settings s;
+    IF mode = 'wal' THEN
+        IF current_setting('wal_level') <> 'logical' THEN
+            RAISE EXCEPTION 'citapulse.capture_mode: WAL capture needs wal_level = logical (it is %)', current_setting('wal_level')
+                USING HINT = 'Run ALTER SYSTEM SET wal_level = logical; and restart PostgreSQL (a reload is not enough).';
+        END IF;
+        -- pgoutput reads the publication as of each change, from the slot's start on: it
+        -- must exist before the slot does (install.sql creates it, empty).
+        IF NOT EXISTS (SELECT 1 FROM pg_publication p WHERE p.pubname = 'citapulse') THEN
+            RAISE EXCEPTION 'citapulse.capture_mode: the publication citapulse is missing'
+                USING HINT = 'Run sql/install.sql again (it creates the publication), then this.';
+        END IF;
+        SELECT r.plugin, r.slot_type, r.database INTO existing FROM pg_replication_slots r WHERE r.slot_name = wanted;
+        IF NOT FOUND THEN
+            PERFORM pg_create_logical_replication_slot(wanted, 'pgoutput');
+            INSERT INTO citapulse.wal_position AS p (slot, mark) VALUES (wanted, (SELECT s.switches FROM citapulse.settings s))
+            ON CONFLICT ON CONSTRAINT wal_position_pkey DO UPDATE SET lsn = '0/0', capturing = false, mark = excluded.mark, updated_at = now();
+            -- Already in WAL mode (the slot was dropped by hand): capture from here on.
+            UPDATE citapulse.wal_position p SET capturing = true WHERE p.slot = wanted AND current = 'wal';
+        ELSIF existing.slot_type <> 'logical' OR existing.plugin IS DISTINCT FROM 'pgoutput'
+              OR existing.database IS DISTINCT FROM current_database() THEN
+            RAISE EXCEPTION 'citapulse.capture_mode: replication slot % exists but is not a pgoutput slot of this database', wanted
+                USING HINT = 'Pick another name (citapulse.capture_mode(''wal'', ''<slot>'') and capture.slot in the daemon''s config) or drop that slot.';
+        ELSIF current = 'wal' AND wanted IS DISTINCT FROM (SELECT s.wal_slot FROM citapulse.settings s) THEN
+            RAISE EXCEPTION 'citapulse.capture_mode: already capturing from slot %', (SELECT s.wal_slot FROM citapulse.settings s)
+                USING HINT = 'Switch to trigger first to move to another slot.';
+        END IF;
+        INSERT INTO citapulse.wal_position (slot) VALUES (wanted) ON CONFLICT ON CONSTRAINT wal_position_pkey DO NOTHING;
+    END IF;
+    IF current = mode THEN
+        PERFORM citapulse.rewatch_all();   -- repairs a publication or triggers edited by hand
+        RETURN mode;
+    END IF;
+    UPDATE citapulse.settings s SET capture = mode, switches = s.switches + 1,
+           wal_slot = CASE WHEN mode = 'wal' THEN wanted ELSE s.wal_slot END;
+    PERFORM pg_logical_emit_message(true, 'citapulse', 'capture=' || mode || ' ' || s.switches)
+       FROM citapulse.settings s WHERE mode = 'wal' OR current_setting('wal_level') = 'logical';
+    PERFORM citapulse.rewatch_all();
+    PERFORM pg_notify('citapulse_capture', '');
+    RETURN mode;
+END
+$$;
+
+-- The advisory lock key of capture_mode() and of a daemon dropping a drained slot.
+CREATE OR REPLACE FUNCTION citapulse.switch_lock_key() RETURNS bigint
+LANGUAGE sql IMMUTABLE AS $$ SELECT 7382917400000001::bigint $$;
+
+-- WAL mode's publication, empty until capture_mode('wal') adds the watched tables. It
+-- exists from the install on because a slot only ever sees publications older than itself.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_publication p WHERE p.pubname = 'citapulse') THEN
+        CREATE PUBLICATION citapulse;
+    END IF;
+END
+$$;
+
+-- Writes one batch of changes the daemon decoded from the WAL to the log, and where the
+-- capture stands (same transaction: what is written and where to resume commit together).
+-- Row values arrive as JSON objects of the columns' text forms (json/jsonb columns as
+-- JSON); jsonb_populate_record() types them through each column's input function, so
+-- row_data is exactly what to_jsonb(NEW) gives in trigger mode. Ids are drawn in the
+-- order of the arrays (commit order). Rows whose tenant is over 255 bytes are dropped and
+-- counted, as take_inbox() does.
+CREATE OR REPLACE FUNCTION citapulse.wal_write(slot text, upto pg_lsn, capturing boolean, mark bigint,
+        rels oid[], tenants text[], ops text[], news jsonb[], olds jsonb[], types text[], payloads jsonb[])
+RETURNS integer LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    ids     bigint[];
+    rel     oid;
+    w       citapulse.watches;
+    tblname text;
+    written integer := 0;
+    k       integer;
+BEGIN
+    IF coalesce(cardinality(rels), 0) > 0 THEN
+        SELECT array_agg(nextval('citapulse.events_id_seq'::regclass) ORDER BY i) INTO ids
+          FROM generate_series(1, cardinality(rels)) i;
+        FOR rel IN SELECT r FROM unnest(rels) WITH ORDINALITY u(r, i) GROUP BY r ORDER BY min(i) LOOP
+            SELECT * INTO w FROM citapulse.watches x WHERE x.tbl = rel;
+            SELECT format('%I.%I', n.nspname, c.relname) INTO tblname
+              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel;
+            IF w.tbl IS NULL OR tblname IS NULL THEN
+                CONTINUE;   -- unwatched or dropped since: nothing to tell anyone
+            END IF;
+            EXECUTE format($q$
+                INSERT INTO citapulse.events (id, tenant, kind, event_type, tbl, op, row_data, old_data, payload)
+                SELECT u.id, u.tenant, $1, u.et, $2, u.op,
+                       CASE WHEN u.n IS NULL THEN NULL ELSE to_jsonb(jsonb_populate_record(NULL::%1$s, u.n)) END,
+                       CASE WHEN u.o IS NULL THEN NULL ELSE to_jsonb(jsonb_populate_record(NULL::%1$s, u.o)) END,
+                       u.payload
+                  FROM unnest($3, $4, $5, $6, $7, $8, $9, $10) AS u(id, r, tenant, op, n, o, et, payload)
+                 WHERE u.r = $11 AND (u.tenant IS NULL OR octet_length(u.tenant) <= 255)
+                 ORDER BY u.id $q$, rel::regclass)
+            USING w.kind, tblname, ids, rels, tenants, ops, news, olds, types, payloads, rel;
+            GET DIAGNOSTICS k = ROW_COUNT;
+            written := written + k;
+        END LOOP;
+        PERFORM count(citapulse.count_oversized_tenant()) FROM unnest(tenants) t WHERE octet_length(t) > 255;
+    END IF;
+    UPDATE citapulse.wal_position p SET lsn = upto, capturing = wal_write.capturing, mark = wal_write.mark,
+           updated_at = now()
+     WHERE p.slot = wal_write.slot;
+    IF written > 0 THEN
+        PERFORM pg_notify('citapulse', '');
+    END IF;
+    RETURN written;
+END
+$$;
+
+-- Drops a drained slot after a switch back to trigger mode: only once the daemon has
+-- captured past the latest switch's mark (so everything WAL mode committed is in the
+-- log) and closed its stream. The advisory lock orders it with capture_mode(): a switch
+-- to 'wal' that came first leaves the slot; one that comes after creates a new slot.
+CREATE OR REPLACE FUNCTION citapulse.wal_drop_slot(slot text) RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock(citapulse.switch_lock_key());
+    IF NOT EXISTS (SELECT 1 FROM citapulse.settings s, citapulse.wal_position p
+                    WHERE p.slot = wal_drop_slot.slot AND s.capture = 'trigger'
+                      AND NOT p.capturing AND p.mark = s.switches)
+       OR EXISTS (SELECT 1 FROM pg_replication_slots r WHERE r.slot_name = wal_drop_slot.slot AND r.active) THEN
+        RETURN false;
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_replication_slots r WHERE r.slot_name = wal_drop_slot.slot) THEN
+        PERFORM pg_drop_replication_slot(slot);
+    END IF;
+    DELETE FROM citapulse.wal_position p WHERE p.slot = wal_drop_slot.slot;
+    RETURN true;
 END
 $$;
 
@@ -445,13 +708,16 @@ CREATE TRIGGER citapulse_settings_changed AFTER UPDATE OF bulk_threshold ON cita
 
 -- The watched tables, for `citapulse check` and DBAs.
 CREATE OR REPLACE VIEW citapulse.watched AS
-SELECT t.tgrelid::regclass AS tbl,
-       count(*) AS triggers,
-       array_agg(t.tgname::text ORDER BY t.tgname) AS trigger_names
-  FROM pg_trigger t
- WHERE NOT t.tgisinternal
-   AND t.tgfoid IN ('citapulse.capture'::regproc, 'citapulse.capture_truncate'::regproc)
- GROUP BY t.tgrelid;
+SELECT w.tbl,
+       (SELECT count(*) FROM pg_trigger t
+         WHERE t.tgrelid = w.tbl AND NOT t.tgisinternal
+           AND t.tgfoid IN ('citapulse.capture'::regproc, 'citapulse.capture_truncate'::regproc)) AS triggers,
+       (SELECT coalesce(array_agg(t.tgname::text ORDER BY t.tgname), '{}') FROM pg_trigger t
+         WHERE t.tgrelid = w.tbl AND NOT t.tgisinternal
+           AND t.tgfoid IN ('citapulse.capture'::regproc, 'citapulse.capture_truncate'::regproc)) AS trigger_names,
+       EXISTS (SELECT 1 FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid
+                WHERE p.pubname = 'citapulse' AND r.prrelid = w.tbl) AS in_publication
+  FROM citapulse.watches w;
 
 -- Message types the daemon itself sends: an emitted event may not pose as one of them.
 CREATE OR REPLACE FUNCTION citapulse.reserved_event_types() RETURNS text[]

@@ -91,6 +91,8 @@ pub struct Config {
     pub outbox: OutboxConfig,
     /// How the daemon learns of new rows.
     pub wakeup: WakeupConfig,
+    /// WAL capture (DESIGN.md §7).
+    pub capture: CaptureConfig,
     /// Per-client and per-address limits.
     pub limits: LimitsConfig,
     /// Logging.
@@ -294,6 +296,24 @@ pub struct EventsConfig {
     pub bulk_threshold: u32,
 }
 
+/// `[capture]`: WAL capture. The mode itself is database state
+/// (`citapulse.capture_mode()`), not config: every daemon follows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CaptureConfig {
+    /// The logical replication slot streamed in WAL mode (the name given to
+    /// `citapulse.capture_mode('wal', slot)`).
+    pub slot: String,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        Self {
+            slot: "citapulse".into(),
+        }
+    }
+}
+
 /// `[outbox]`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -438,6 +458,7 @@ impl Default for Config {
             events: EventsConfig::default(),
             outbox: OutboxConfig::default(),
             wakeup: WakeupConfig::default(),
+            capture: CaptureConfig::default(),
             limits: LimitsConfig::default(),
             log: LogConfig::default(),
             resolvers: Vec::new(),
@@ -607,6 +628,18 @@ impl Config {
         }
         if self.database.pool_size == 0 || self.database.pool_size > 64 {
             return invalid("database.pool_size", "must be between 1 and 64");
+        }
+        let slot = &self.capture.slot;
+        if slot.is_empty()
+            || slot.len() > 63
+            || !slot
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        {
+            return invalid(
+                "capture.slot",
+                "must be 1 to 63 lowercase letters, digits or underscores (a replication slot name)",
+            );
         }
         if self.auth.algorithms.is_empty() {
             return invalid(

@@ -67,6 +67,12 @@ pub struct Metrics {
     /// Application rows the triggers did not log because their tenant value is too long
     /// (a database-wide count, read with the log size).
     pub oversized_tenant_rows: Gauge,
+    /// WAL bytes the capture slot holds on the server (0 without a slot).
+    pub capture_lag_bytes: Gauge,
+    /// Rows this instance decoded from the WAL and wrote to the log.
+    pub wal_rows: Counter,
+    /// 1 while this instance streams the slot (the WAL capture leader).
+    pub wal_streaming: Gauge,
     /// Current wake-up mode: 1 for the active mode label.
     pub wakeup_mode: Family<Reason, Gauge>,
     /// Wake-up mode switches made by this instance.
@@ -111,6 +117,9 @@ impl Metrics {
             pruned_rows: Counter::default(),
             log_rows: Gauge::default(),
             oversized_tenant_rows: Gauge::default(),
+            capture_lag_bytes: Gauge::default(),
+            wal_rows: Counter::default(),
+            wal_streaming: Gauge::default(),
             wakeup_mode: Family::default(),
             wakeup_switches: Family::default(),
             client_errors: Family::default(),
@@ -231,6 +240,21 @@ impl Metrics {
             "oversized_tenant_rows",
             "Rows not logged because their tenant value is over 255 bytes (database-wide)",
             m.oversized_tenant_rows.clone(),
+        );
+        r.register(
+            "capture_lag_bytes",
+            "WAL bytes retained on the server by the capture slot (WAL mode)",
+            m.capture_lag_bytes.clone(),
+        );
+        r.register(
+            "wal_rows",
+            "Rows decoded from the WAL and written to the log by this instance",
+            m.wal_rows.clone(),
+        );
+        r.register(
+            "wal_streaming",
+            "1 while this instance streams the capture slot",
+            m.wal_streaming.clone(),
         );
         r.register(
             "wakeup_mode",

@@ -6,7 +6,8 @@
 //! engine. [`wakeup`] decides (pure) when the triggers should notify or stay silent,
 //! [`mode`] carries that decision out; [`resolver`] finds tenants of tables watched
 //! without a tenant column; [`retention`] prunes the log; [`health`] is what the
-//! listener reports. Room for a WAL-based capture next to the trigger one.
+//! listener reports. [`wal`] is the other way in (WAL mode, DESIGN.md §7): it streams
+//! the logical slot, [`pgoutput`] parses its messages, and it writes the log itself.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicI64;
@@ -19,9 +20,11 @@ use crate::stats::engine::StatsEngine;
 pub mod health;
 pub mod listener;
 pub mod mode;
+pub mod pgoutput;
 pub mod resolver;
 pub mod retention;
 pub mod wakeup;
+pub mod wal;
 
 /// What the capture tasks (listener, retention) get from start-up.
 pub struct Context {

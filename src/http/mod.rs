@@ -308,6 +308,11 @@ fn spawn_background(
         stop_rx.clone(),
         move || crate::capture::retention::run(capture.clone(), stop.clone()),
     ));
+    let capture = shared.capture.clone();
+    let stop = stop_rx.clone();
+    background.spawn(supervise("wal", restart(), stop_rx.clone(), move || {
+        crate::capture::wal::run(capture.clone(), stop.clone())
+    }));
     background
 }
 

@@ -48,6 +48,10 @@ const DEFAULT_SETTINGS: &[(&str, &str)] = &[
     ("full_page_writes", "off"),
     ("max_connections", "200"),
     ("shared_buffers", "128MB"),
+    // WAL capture tests stream logical slots (one per test database).
+    ("wal_level", "logical"),
+    ("max_replication_slots", "64"),
+    ("max_wal_senders", "64"),
 ];
 
 /// A running throwaway PostgreSQL server with its own data directory.

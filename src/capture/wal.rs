@@ -1,0 +1,774 @@
+//! WAL capture (DESIGN.md §7): streams the logical slot with `pgoutput` and writes the
+//! decoded rows to the log itself, so the application's writes carry no trigger.
+//!
+//! One daemon per database streams (the leader, by a session advisory lock); the others
+//! check every second and take over when its session ends. A batch of whole transactions
+//! is written by `citapulse.wal_write()` together with the position it reaches, and only
+//! then confirmed to the slot: a daemon that dies in between skips, on restart, the
+//! transactions its position already covers. `citapulse.capture_mode()` marks each switch
+//! in the WAL (`capture=wal N`, `capture=trigger N`); rows are captured only between a
+//! `wal` and a `trigger` mark, so every transaction is captured once, by the triggers or
+//! from here. After a switch back to trigger mode the leader drops the drained slot.
+//! The readers (`listener`) then deliver the rows like any other log rows.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
+use serde_json::{Map, Value as Json};
+use tokio::sync::watch;
+use tokio_postgres::Client;
+use tokio_postgres::types::Type;
+
+use super::Context;
+use super::pgoutput::{self, Message, Value};
+use crate::db::{self, DbError};
+
+/// The publication `capture_mode('wal')` fills.
+pub const PUBLICATION: &str = "citapulse";
+/// Advisory lock key of the streaming leader (any fixed number unlike the others).
+const LEADER_LOCK: i64 = 7_382_917_400_000_002;
+/// How often a non-leader looks for a slot to stream, and the leader for a drained one.
+const TICK: Duration = Duration::from_secs(1);
+/// Rows per `wal_write` call at most (whole transactions; a bigger one is spilled).
+const BATCH_ROWS: usize = 5_000;
+/// A transaction buffering more rows than this is written in parts, inside one database
+/// transaction that commits with its last part: memory stays bounded.
+const SPILL_ROWS: usize = 50_000;
+
+const JSON_OID: u32 = 114;
+const JSONB_OID: u32 = 3802;
+
+/// Why streaming stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum WalError {
+    /// A query on the ordinary connection failed.
+    #[error(transparent)]
+    Db(#[from] DbError),
+    /// The replication stream failed.
+    #[error("replication stream: {0}")]
+    Stream(#[from] pgwire_replication::PgWireError),
+    /// A message did not parse.
+    #[error(transparent)]
+    Parse(#[from] pgoutput::ParseError),
+    /// The connection string cannot be used for replication.
+    #[error("database.url: {0}")]
+    Url(String),
+}
+
+impl From<tokio_postgres::Error> for WalError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        WalError::Db(DbError::Postgres(e))
+    }
+}
+
+/// Runs until shutdown: streams the slot whenever it exists and this daemon leads.
+pub async fn run(ctx: Arc<Context>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        if let Err(err) = session(&ctx, &mut shutdown).await {
+            tracing::warn!(error = %err, "WAL capture stopped; retrying");
+        }
+        ctx.metrics.wal_streaming.set(0);
+        tokio::select! {
+            _ = tokio::time::sleep(TICK) => {}
+            _ = shutdown.changed() => return,
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+    }
+}
+
+/// One ordinary connection: watches the slot, leads when it can.
+async fn session(ctx: &Context, shutdown: &mut watch::Receiver<bool>) -> Result<(), WalError> {
+    let (client, conn) = db::connect_as(&ctx.config, "citapulse-wal")
+        .await
+        .map_err(WalError::Db)?;
+    let driver = tokio::spawn(conn);
+    let result = watch_slot(ctx, &client, shutdown).await;
+    driver.abort();
+    result
+}
+
+async fn watch_slot(
+    ctx: &Context,
+    client: &Client,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), WalError> {
+    let slot = ctx.config.capture.slot.as_str();
+    loop {
+        let row = client
+            .query_one(
+                "SELECT r.slot_name IS NOT NULL, \
+                        coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), r.restart_lsn), 0)::float8 \
+                   FROM (SELECT 1) one \
+                   LEFT JOIN pg_replication_slots r ON r.slot_name = $1 AND r.database = current_database()",
+                &[&slot],
+            )
+            .await?;
+        let exists: bool = row.get(0);
+        ctx.metrics
+            .capture_lag_bytes
+            .set(row.get::<_, f64>(1) as i64);
+        if exists {
+            let led: bool = client
+                .query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_LOCK])
+                .await?
+                .get(0);
+            if led {
+                ctx.metrics.wal_streaming.set(1);
+                tracing::info!(slot, "streaming the WAL capture slot");
+                let result = stream(ctx, client, shutdown).await;
+                ctx.metrics.wal_streaming.set(0);
+                // On an error the session ends, and the lock with it.
+                result?;
+                client
+                    .execute("SELECT pg_advisory_unlock($1)", &[&LEADER_LOCK])
+                    .await?;
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(TICK) => {}
+            _ = shutdown.changed() => return Ok(()),
+        }
+        if *shutdown.borrow() {
+            return Ok(());
+        }
+    }
+}
+
+/// A relation as the stream described it, with how it is watched.
+struct Relation {
+    columns: Vec<pgoutput::Column>,
+    /// Index of the tenant column; `None` with `resolved` for resolver tables.
+    tenant: Option<usize>,
+    /// Watched with a `[[resolvers]]` lookup (no tenant column).
+    resolved: bool,
+    watched: bool,
+}
+
+/// One row for `wal_write`.
+struct Row {
+    rel: u32,
+    tenant: Option<String>,
+    op: &'static str,
+    new: Option<Json>,
+    old: Option<Json>,
+    event_type: Option<String>,
+    payload: Option<Json>,
+}
+
+/// The transaction being decoded.
+struct Txn {
+    /// Already written by an earlier session (its commit is below the saved position).
+    skip: bool,
+    rows: Vec<Row>,
+    /// Rows per (relation, op, tenant); above the bulk threshold their rows are dropped
+    /// and one calendar_refresh goes out at commit.
+    counts: HashMap<(u32, &'static str, String), usize>,
+}
+
+/// Where this stream stands.
+struct Position {
+    /// End of the last transaction written (or covered) by the log.
+    lsn: u64,
+    capturing: bool,
+    mark: i64,
+}
+
+/// Written rows awaiting `wal_write`, and the position they reach.
+#[derive(Default)]
+struct Batch {
+    rows: Vec<Row>,
+    upto: u64,
+    /// The position must be saved even without rows (a mark was passed).
+    dirty: bool,
+    /// Part of a spilled transaction went out in an open database transaction.
+    open: bool,
+}
+
+/// Streams until an error, shutdown, or the slot was drained and dropped.
+async fn stream(
+    ctx: &Context,
+    client: &Client,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), WalError> {
+    let slot = ctx.config.capture.slot.clone();
+    let threshold = ctx.config.events.bulk_threshold as usize;
+    let saved = client
+        .query_opt(
+            "SELECT p.lsn::text, p.capturing, p.mark FROM citapulse.wal_position p WHERE p.slot = $1",
+            &[&slot],
+        )
+        .await?;
+    let mut pos = match saved {
+        Some(row) => Position {
+            lsn: parse_lsn(row.get(0))?,
+            capturing: row.get(1),
+            mark: row.get(2),
+        },
+        None => {
+            // A slot nobody recorded (made by hand): capture if the database says so.
+            let wal: bool = client
+                .query_one("SELECT capture = 'wal' FROM citapulse.settings", &[])
+                .await?
+                .get(0);
+            client
+                .execute(
+                    "INSERT INTO citapulse.wal_position (slot, capturing, mark) \
+                     SELECT $1, $2, switches FROM citapulse.settings ON CONFLICT (slot) DO NOTHING",
+                    &[&slot, &wal],
+                )
+                .await?;
+            Position {
+                lsn: 0,
+                capturing: wal,
+                mark: 0,
+            }
+        }
+    };
+    let write = client
+        .prepare_typed(
+            "SELECT citapulse.wal_write($1, $2::text::pg_lsn, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            &[
+                Type::TEXT,
+                Type::TEXT,
+                Type::BOOL,
+                Type::INT8,
+                Type::OID_ARRAY,
+                Type::TEXT_ARRAY,
+                Type::TEXT_ARRAY,
+                Type::JSONB_ARRAY,
+                Type::JSONB_ARRAY,
+                Type::TEXT_ARRAY,
+                Type::JSONB_ARRAY,
+            ],
+        )
+        .await?;
+
+    let mut repl = ReplicationClient::connect(replication_config(ctx, pos.lsn)?).await?;
+    let mut relations: HashMap<u32, Relation> = HashMap::new();
+    let mut txn: Option<Txn> = None;
+    let mut batch = Batch::default();
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    loop {
+        // Flush once the stream has nothing more ready: a batch never waits for input.
+        let event = if (batch.rows.is_empty() && !batch.dirty) || txn.is_some() {
+            tokio::select! {
+                ev = repl.recv() => ev?,
+                _ = tick.tick() => {
+                    if txn.is_none() && drained(client, &slot, &pos).await? {
+                        repl.stop();
+                        let _ = repl.shutdown().await;
+                        drop_slot(client, &slot).await?;
+                        return Ok(());
+                    }
+                    continue;
+                }
+                _ = shutdown.changed() => {
+                    repl.stop();
+                    return Ok(());
+                }
+            }
+        } else {
+            match tokio::time::timeout(Duration::ZERO, repl.recv()).await {
+                Ok(ev) => ev?,
+                Err(_) => {
+                    flush(ctx, client, &write, &slot, &mut pos, &mut batch, &repl).await?;
+                    continue;
+                }
+            }
+        };
+        let Some(event) = event else {
+            return Ok(());
+        };
+        match event {
+            ReplicationEvent::Begin { final_lsn, .. } => {
+                txn = Some(Txn {
+                    skip: final_lsn.as_u64() < pos.lsn,
+                    rows: Vec::new(),
+                    counts: HashMap::new(),
+                });
+            }
+            ReplicationEvent::XLogData { data, .. } => {
+                let message = pgoutput::parse(&data)?;
+                if let Message::Relation {
+                    id,
+                    namespace,
+                    name,
+                    columns,
+                } = message
+                {
+                    let rel = describe(client, id, &namespace, &name, columns).await?;
+                    relations.insert(id, rel);
+                    continue;
+                }
+                let Some(t) = txn.as_mut() else { continue };
+                if t.skip || !pos.capturing {
+                    continue;
+                }
+                collect(&relations, t, message, threshold);
+                if t.rows.len() >= SPILL_ROWS {
+                    batch.rows.append(&mut t.rows);
+                    spill(client, &write, &slot, &pos, &mut batch).await?;
+                }
+            }
+            ReplicationEvent::Message {
+                prefix, content, ..
+            } if prefix == "citapulse" => {
+                if txn.as_ref().is_some_and(|t| t.skip) {
+                    continue;
+                }
+                if let Some((capturing, mark)) = parse_mark(&content) {
+                    tracing::info!(capturing, mark, "capture mode switch reached in the WAL");
+                    pos.capturing = capturing;
+                    pos.mark = mark;
+                    batch.dirty = true;
+                }
+            }
+            ReplicationEvent::Commit { end_lsn, .. } => {
+                let Some(mut t) = txn.take() else { continue };
+                if t.skip {
+                    continue;
+                }
+                finish(&mut t, threshold);
+                batch.rows.append(&mut t.rows);
+                batch.upto = end_lsn.as_u64();
+                if batch.rows.is_empty() && !batch.dirty && !batch.open {
+                    // Nothing of ours: confirm at once, nothing to save.
+                    pos.lsn = pos.lsn.max(batch.upto);
+                    repl.update_applied_lsn(end_lsn);
+                } else if batch.rows.len() >= BATCH_ROWS {
+                    flush(ctx, client, &write, &slot, &mut pos, &mut batch, &repl).await?;
+                }
+            }
+            ReplicationEvent::KeepAlive { wal_end, .. } => {
+                // Everything before wal_end that committed has been sent: with nothing
+                // pending, the slot may move on (else it would hold WAL while idle).
+                if txn.is_none() && batch.rows.is_empty() && !batch.dirty && !batch.open {
+                    repl.update_applied_lsn(wal_end);
+                }
+            }
+            ReplicationEvent::StoppedAt { .. } => return Ok(()),
+            ReplicationEvent::Message { .. } => {}
+        }
+    }
+}
+
+/// Whether the slot is drained: trigger mode, and this stream is past the latest mark.
+async fn drained(client: &Client, slot: &str, pos: &Position) -> Result<bool, WalError> {
+    if pos.capturing {
+        return Ok(false);
+    }
+    let row = client
+        .query_one(
+            "SELECT s.capture = 'trigger' AND p.mark = s.switches AND NOT p.capturing \
+               FROM citapulse.settings s LEFT JOIN citapulse.wal_position p ON p.slot = $1",
+            &[&slot],
+        )
+        .await?;
+    Ok(row.get::<_, Option<bool>>(0).unwrap_or(false))
+}
+
+/// Drops the drained slot once its walsender is gone (a few tries: it exits after us).
+async fn drop_slot(client: &Client, slot: &str) -> Result<(), WalError> {
+    for _ in 0..50 {
+        let dropped: bool = client
+            .query_one("SELECT citapulse.wal_drop_slot($1)", &[&slot])
+            .await?
+            .get(0);
+        if dropped {
+            tracing::info!(slot, "trigger mode: WAL capture drained, slot dropped");
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+/// Looks up how a relation is watched.
+async fn describe(
+    client: &Client,
+    id: u32,
+    namespace: &str,
+    name: &str,
+    columns: Vec<pgoutput::Column>,
+) -> Result<Relation, WalError> {
+    let row = client
+        .query_opt(
+            "SELECT w.tenant_column FROM citapulse.watches w WHERE w.tbl = $1::oid::regclass",
+            &[&id],
+        )
+        .await?;
+    let tenant_column: Option<String> = row.map(|r| r.get(0));
+    if tenant_column.is_none() {
+        tracing::warn!(table = %format!("{namespace}.{name}"), "a table in the publication citapulse is not watched: its rows are ignored (run SELECT citapulse.rewatch_all())");
+    }
+    let tenant = tenant_column
+        .as_deref()
+        .and_then(|c| columns.iter().position(|col| col.name == c));
+    Ok(Relation {
+        tenant,
+        resolved: tenant_column.as_deref() == Some(""),
+        watched: tenant_column.is_some(),
+        columns,
+    })
+}
+
+/// Adds one row message of a capturing transaction.
+fn collect(relations: &HashMap<u32, Relation>, t: &mut Txn, message: Message, threshold: usize) {
+    let (rel, op, new, old) = match message {
+        Message::Insert { rel, new } => (rel, "INSERT", Some(new), None),
+        Message::Update { rel, old, new } => (rel, "UPDATE", Some(new), old),
+        Message::Delete { rel, old } => (rel, "DELETE", None, Some(old)),
+        Message::Truncate { rels } => {
+            for rel in rels {
+                if relations.get(&rel).is_some_and(|r| r.watched) {
+                    t.rows.push(Row {
+                        rel,
+                        tenant: None,
+                        op: "TRUNCATE",
+                        new: None,
+                        old: None,
+                        event_type: Some("calendar_refresh".into()),
+                        payload: Some(
+                            serde_json::json!({"reason": "truncate", "action": "truncate"}),
+                        ),
+                    });
+                }
+            }
+            return;
+        }
+        Message::Relation { .. } | Message::Other(_) => return,
+    };
+    let Some(relation) = relations.get(&rel).filter(|r| r.watched) else {
+        return;
+    };
+    let tenant = match (relation.resolved, relation.tenant) {
+        (true, _) => None,
+        (false, Some(i)) => {
+            let source = new.as_ref().or(old.as_ref());
+            match source.and_then(|v| v.get(i)) {
+                Some(Value::Text(s)) => Some(s.clone()),
+                // No tenant: skipped, as the triggers skip it.
+                _ => return,
+            }
+        }
+        (false, None) => return,
+    };
+    if let Some(tenant) = &tenant {
+        let key = (rel, op, tenant.clone());
+        let n = t.counts.entry(key).or_default();
+        *n += 1;
+        if *n > threshold {
+            if *n == threshold + 1 {
+                t.rows
+                    .retain(|r| !(r.rel == rel && r.op == op && r.tenant.as_ref() == Some(tenant)));
+            }
+            return;
+        }
+    }
+    let old_json = old.as_deref().map(|v| row_json(&relation.columns, v, None));
+    let new_json = new
+        .as_deref()
+        .map(|v| row_json(&relation.columns, v, old.as_deref()));
+    t.rows.push(Row {
+        rel,
+        tenant,
+        op,
+        new: new_json,
+        old: old_json,
+        event_type: None,
+        payload: None,
+    });
+}
+
+/// Appends one calendar_refresh per (relation, op, tenant) above the threshold.
+fn finish(t: &mut Txn, threshold: usize) {
+    let mut bulk: Vec<_> = t.counts.drain().filter(|(_, n)| *n > threshold).collect();
+    bulk.sort();
+    for ((rel, op, tenant), n) in bulk {
+        t.rows.push(Row {
+            rel,
+            tenant: Some(tenant),
+            op,
+            new: None,
+            old: None,
+            event_type: Some("calendar_refresh".into()),
+            payload: Some(
+                serde_json::json!({"reason": "bulk", "rows": n, "action": op.to_lowercase()}),
+            ),
+        });
+    }
+}
+
+/// A tuple as a JSON object of the columns' text forms (json/jsonb parsed), which
+/// `jsonb_populate_record` types in `wal_write`. An unchanged TOASTed value comes from
+/// the old row (REPLICA IDENTITY FULL sends it whole); without one the key is left out.
+fn row_json(columns: &[pgoutput::Column], values: &[Value], old: Option<&[Value]>) -> Json {
+    let mut map = Map::with_capacity(columns.len());
+    for (i, (col, value)) in columns.iter().zip(values).enumerate() {
+        let value = match value {
+            Value::UnchangedToast => match old.and_then(|o| o.get(i)) {
+                Some(v @ (Value::Text(_) | Value::Null)) => v,
+                _ => continue,
+            },
+            v => v,
+        };
+        let json = match value {
+            Value::Text(s) if col.type_oid == JSON_OID || col.type_oid == JSONB_OID => {
+                serde_json::from_str(s).unwrap_or_else(|_| Json::String(s.clone()))
+            }
+            Value::Text(s) => Json::String(s.clone()),
+            _ => Json::Null,
+        };
+        map.insert(col.name.clone(), json);
+    }
+    Json::Object(map)
+}
+
+/// Writes the batch and the position it reaches in one transaction, then confirms it.
+async fn flush(
+    ctx: &Context,
+    client: &Client,
+    write: &tokio_postgres::Statement,
+    slot: &str,
+    pos: &mut Position,
+    batch: &mut Batch,
+    repl: &ReplicationClient,
+) -> Result<(), WalError> {
+    let upto = batch.upto.max(pos.lsn);
+    let rows = std::mem::take(&mut batch.rows);
+    let n = call_write(client, write, slot, upto, pos, &rows).await?;
+    if batch.open {
+        client.batch_execute("COMMIT").await?;
+        batch.open = false;
+    }
+    batch.dirty = false;
+    pos.lsn = upto;
+    repl.update_applied_lsn(Lsn::from_u64(upto));
+    ctx.metrics.wal_rows.inc_by(n as u64);
+    Ok(())
+}
+
+/// Writes part of a transaction too big to hold, in a database transaction left open
+/// until the rest is written (`flush` commits it). The saved position does not move.
+async fn spill(
+    client: &Client,
+    write: &tokio_postgres::Statement,
+    slot: &str,
+    pos: &Position,
+    batch: &mut Batch,
+) -> Result<(), WalError> {
+    if !batch.open {
+        client.batch_execute("BEGIN").await?;
+        batch.open = true;
+    }
+    let rows = std::mem::take(&mut batch.rows);
+    call_write(client, write, slot, pos.lsn, pos, &rows).await?;
+    Ok(())
+}
+
+async fn call_write(
+    client: &Client,
+    write: &tokio_postgres::Statement,
+    slot: &str,
+    upto: u64,
+    pos: &Position,
+    rows: &[Row],
+) -> Result<i32, WalError> {
+    let rels: Vec<u32> = rows.iter().map(|r| r.rel).collect();
+    let tenants: Vec<Option<&str>> = rows.iter().map(|r| r.tenant.as_deref()).collect();
+    let ops: Vec<&str> = rows.iter().map(|r| r.op).collect();
+    let news: Vec<Option<&Json>> = rows.iter().map(|r| r.new.as_ref()).collect();
+    let olds: Vec<Option<&Json>> = rows.iter().map(|r| r.old.as_ref()).collect();
+    let types: Vec<Option<&str>> = rows.iter().map(|r| r.event_type.as_deref()).collect();
+    let payloads: Vec<Option<&Json>> = rows.iter().map(|r| r.payload.as_ref()).collect();
+    let lsn = Lsn::from_u64(upto).to_pg_string();
+    let row = client
+        .query_one(
+            write,
+            &[
+                &slot,
+                &lsn,
+                &pos.capturing,
+                &pos.mark,
+                &rels,
+                &tenants,
+                &ops,
+                &news,
+                &olds,
+                &types,
+                &payloads,
+            ],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// `capture=wal 3` → (true, 3).
+fn parse_mark(content: &[u8]) -> Option<(bool, i64)> {
+    let text = std::str::from_utf8(content).ok()?;
+    let (mode, mark) = text.strip_prefix("capture=")?.split_once(' ')?;
+    let mark = mark.parse().ok()?;
+    match mode {
+        "wal" => Some((true, mark)),
+        "trigger" => Some((false, mark)),
+        _ => None,
+    }
+}
+
+fn parse_lsn(text: &str) -> Result<u64, WalError> {
+    Lsn::parse(text)
+        .map(Lsn::as_u64)
+        .map_err(|e| WalError::Url(format!("bad position {text}: {e}")))
+}
+
+/// The replication connection, from `database.url` (first host).
+fn replication_config(ctx: &Context, start: u64) -> Result<ReplicationConfig, WalError> {
+    let pg = db::pg_config(&ctx.config).map_err(WalError::Db)?;
+    let user = pg.get_user().unwrap_or("postgres").to_string();
+    let password = pg
+        .get_password()
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .unwrap_or_default();
+    let dbname = pg.get_dbname().unwrap_or(&user).to_string();
+    let port = pg.get_ports().first().copied().unwrap_or(5432);
+    let slot = ctx.config.capture.slot.clone();
+    let mut cfg = match pg.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(host)) => {
+            ReplicationConfig::new(host.clone(), user, password, dbname, slot, PUBLICATION)
+                .with_port(port)
+        }
+        Some(tokio_postgres::config::Host::Unix(dir)) => ReplicationConfig::unix(
+            dir.to_string_lossy().into_owned(),
+            port,
+            user,
+            password,
+            dbname,
+            slot,
+            PUBLICATION,
+        ),
+        None => return Err(WalError::Url("no host".into())),
+    };
+    cfg = cfg
+        .with_start_lsn(Lsn::from_u64(start))
+        .with_status_interval(Duration::from_millis(500))
+        .with_wakeup_interval(Duration::from_secs(1))
+        .with_application_name("citapulse-wal")
+        // Text forms the log's connection parses back the same way.
+        .with_options("-c datestyle=ISO,MDY -c intervalstyle=postgres -c extra_float_digits=3");
+    Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rel(tenant: Option<usize>) -> HashMap<u32, Relation> {
+        let columns = ["id", "negocio_id", "data"]
+            .iter()
+            .zip([20, 25, JSONB_OID])
+            .map(|(n, t)| pgoutput::Column {
+                name: (*n).into(),
+                type_oid: t,
+            })
+            .collect();
+        HashMap::from([(
+            7,
+            Relation {
+                columns,
+                tenant,
+                resolved: false,
+                watched: true,
+            },
+        )])
+    }
+
+    fn insert(id: &str, tenant: &str) -> Message {
+        Message::Insert {
+            rel: 7,
+            new: vec![
+                Value::Text(id.into()),
+                Value::Text(tenant.into()),
+                Value::Text(r#"{"a": [1]}"#.into()),
+            ],
+        }
+    }
+
+    fn txn() -> Txn {
+        Txn {
+            skip: false,
+            rows: Vec::new(),
+            counts: HashMap::new(),
+        }
+    }
+
+    #[test]
+    fn rows_carry_their_tenant_and_typed_json() {
+        let rels = rel(Some(1));
+        let mut t = txn();
+        collect(&rels, &mut t, insert("1", "t1"), 100);
+        assert_eq!(t.rows.len(), 1);
+        assert_eq!(t.rows[0].tenant.as_deref(), Some("t1"));
+        assert_eq!(
+            t.rows[0].new,
+            Some(serde_json::json!({"id": "1", "negocio_id": "t1", "data": {"a": [1]}}))
+        );
+    }
+
+    #[test]
+    fn a_tenant_over_the_threshold_becomes_one_refresh() {
+        let rels = rel(Some(1));
+        let mut t = txn();
+        for i in 0..5 {
+            collect(&rels, &mut t, insert(&i.to_string(), "big"), 3);
+        }
+        collect(&rels, &mut t, insert("9", "small"), 3);
+        finish(&mut t, 3);
+        let kinds: Vec<_> = t
+            .rows
+            .iter()
+            .map(|r| (r.tenant.clone().unwrap(), r.event_type.clone()))
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                ("small".to_string(), None),
+                ("big".to_string(), Some("calendar_refresh".to_string()))
+            ]
+        );
+        assert_eq!(t.rows[1].payload.as_ref().unwrap()["rows"], 5);
+    }
+
+    #[test]
+    fn unchanged_toast_comes_from_the_old_row() {
+        let cols = &rel(Some(1))[&7].columns;
+        let old = vec![
+            Value::Text("1".into()),
+            Value::Text("t".into()),
+            Value::Text("{}".into()),
+        ];
+        let new = vec![
+            Value::Text("1".into()),
+            Value::Text("t".into()),
+            Value::UnchangedToast,
+        ];
+        assert_eq!(
+            row_json(cols, &new, Some(&old))["data"],
+            serde_json::json!({})
+        );
+        assert!(row_json(cols, &new, None).get("data").is_none());
+    }
+
+    #[test]
+    fn marks() {
+        assert_eq!(parse_mark(b"capture=wal 3"), Some((true, 3)));
+        assert_eq!(parse_mark(b"capture=trigger 12"), Some((false, 12)));
+        assert_eq!(parse_mark(b"capture=x 1"), None);
+        assert_eq!(parse_mark(b"probe"), None);
+    }
+}
