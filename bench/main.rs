@@ -85,6 +85,11 @@ struct Args {
     /// Trigger cost: scripts of bench/pgbench (comma-separated).
     #[arg(long, value_delimiter = ',', default_values_t = ["insert_1".to_string(), "insert_100".to_string(), "update_1".to_string()])]
     pgbench_scripts: Vec<String>,
+    /// How the database captures changes in the latency, modes, fan-out and stats
+    /// scenarios: trigger (default) or wal (`citapulse.capture_mode('wal')`; the trigger
+    /// scenario always measures both)
+    #[arg(long, default_value = "trigger", value_parser = ["trigger", "wal"])]
+    capture: String,
 }
 
 /// The scenarios, in issue 10's order.
@@ -255,6 +260,14 @@ async fn run(args: Args) -> Result<()> {
     };
     eprintln!("citapulse-bench: starting PostgreSQL (fsync=on, synchronous_commit=on)");
     let db = Database::start().await?;
+    if args.capture == "wal" {
+        let admin = db.connect().await?;
+        admin
+            .batch_execute("SELECT citapulse.capture_mode('wal')")
+            .await
+            .ctx("switching the bench database to WAL capture")?;
+        eprintln!("citapulse-bench: WAL capture mode");
+    }
     let bench = Bench {
         db,
         tokens: Tokens::new()?,

@@ -90,6 +90,12 @@ enum Config {
     /// rows every 10 ms (`id > last`, no late-commit handling, no indexing, no
     /// delivery). What any design with a reader on the same cores can hope for.
     LeanReader,
+    /// citapulse in WAL capture mode (no trigger; the daemon streams the slot), daemon
+    /// running with a subscriber.
+    Wal,
+    /// The floor of any WAL design: no trigger, a logical slot decoded meanwhile by
+    /// `pg_recvlogical` (test_decoding, to /dev/null).
+    SlotFloor,
 }
 
 impl Config {
@@ -104,6 +110,8 @@ impl Config {
             Config::V3 => "capture() v3 (poll, no daemon)",
             Config::LeanFloor => "lean floor (no daemon)",
             Config::LeanReader => "lean floor + bare reader",
+            Config::Wal => "citapulse WAL mode",
+            Config::SlotFloor => "no trigger + slot decoded (WAL floor)",
         }
     }
 
@@ -118,6 +126,8 @@ impl Config {
             Config::V3 => "v3",
             Config::LeanFloor => "lean_floor",
             Config::LeanReader => "lean_reader",
+            Config::Wal => "wal",
+            Config::SlotFloor => "slot_floor",
         }
     }
 
@@ -125,13 +135,14 @@ impl Config {
         match self {
             Config::Notify => Some("notify"),
             Config::Poll => Some("poll"),
-            Config::Adaptive => Some("adaptive"),
+            Config::Adaptive | Config::Wal => Some("adaptive"),
             Config::None
             | Config::RowNotify
             | Config::Previous
             | Config::V3
             | Config::LeanFloor
-            | Config::LeanReader => None,
+            | Config::LeanReader
+            | Config::SlotFloor => None,
         }
     }
 }
@@ -208,6 +219,7 @@ async fn prepare(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    leave_wal_mode(admin).await?;
     admin
         .batch_execute(
             "SET session_replication_role = replica; \
@@ -255,19 +267,77 @@ async fn prepare(
              CREATE TRIGGER bench_lean_update AFTER UPDATE ON citas REFERENCING NEW TABLE AS bench_new \
                FOR EACH STATEMENT EXECUTE FUNCTION bench_lean_capture()"
         }
-        Config::Notify | Config::Poll | Config::Adaptive => {
+        Config::Notify | Config::Poll | Config::Adaptive | Config::Wal => {
             "SELECT citapulse.watch('public.citas'::regclass, tenant_column => 'negocio_id', kind => 'appointment')"
         }
+        Config::SlotFloor => "SELECT citapulse.unwatch('public.citas'::regclass)",
     };
     admin
         .batch_execute(attach)
         .await
         .ctx(format!("attaching triggers for {}", config.key()))?;
+    // A slot may only be created by a transaction that has written nothing: apart.
+    match config {
+        Config::Wal => {
+            admin
+                .batch_execute("SELECT citapulse.capture_mode('wal')")
+                .await
+                .ctx("switching to WAL capture")?;
+        }
+        Config::SlotFloor => {
+            admin
+                .batch_execute(
+                    "SELECT pg_create_logical_replication_slot('bench_floor', 'test_decoding')",
+                )
+                .await
+                .ctx("creating the floor's slot")?;
+        }
+        _ => {}
+    }
     // One statement per call: VACUUM refuses the implicit transaction of a batch.
     for sql in ["VACUUM ANALYZE citas", "CHECKPOINT"] {
         admin.batch_execute(sql).await.ctx(sql)?;
     }
     b.db.reset_wakeup(admin).await
+}
+
+/// Back to trigger capture with no slot left (a stopped daemon leaves its slot).
+async fn leave_wal_mode(admin: &tokio_postgres::Client) -> Result<()> {
+    admin
+        .batch_execute(
+            "SELECT citapulse.capture_mode('trigger') WHERE (SELECT capture FROM citapulse.settings) = 'wal'",
+        )
+        .await
+        .ctx("leaving WAL capture")?;
+    admin
+        .batch_execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+              WHERE slot_name IN ('citapulse', 'bench_floor') AND NOT active; \
+             DELETE FROM citapulse.wal_position",
+        )
+        .await
+        .ctx("dropping the capture slots")
+}
+
+/// `pg_recvlogical` decoding the floor's slot to /dev/null until killed.
+fn slot_reader(b: &Bench) -> Result<tokio::process::Child> {
+    tokio::process::Command::new("pg_recvlogical")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-d",
+            "bench",
+            "-S",
+            "bench_floor",
+        ])
+        .arg("-p")
+        .arg(b.db.port().to_string())
+        .args(["--start", "-f", "/dev/null"])
+        .kill_on_drop(true)
+        .spawn()
+        .ctx("starting pg_recvlogical")
 }
 
 /// Runs pgbench; returns the run's tps and the per-second tps after 1.5 s.
@@ -415,6 +485,8 @@ pub async fn scenario(b: &Bench) -> Result<Section> {
                 Config::RowNotify,
                 Config::Poll,
                 Config::Adaptive,
+                Config::SlotFloor,
+                Config::Wal,
             ],
             b.pgbench.secs,
         )
@@ -449,7 +521,14 @@ pub async fn scenario(b: &Bench) -> Result<Section> {
                         Config::LeanReader => Some(bare_reader(&b.db.url).await?),
                         _ => None,
                     };
+                    let decoder = match config {
+                        Config::SlotFloor => Some(slot_reader(b)?),
+                        _ => None,
+                    };
                     let measured = pgbench(b, &path, c, secs).await;
+                    if let Some(mut child) = decoder {
+                        let _ = child.kill().await;
+                    }
                     if let Some(task) = reader {
                         task.abort();
                     }
@@ -478,7 +557,8 @@ pub async fn scenario(b: &Bench) -> Result<Section> {
     }
     drop(listener);
     listen_task.abort();
-    // Leave citas watched for the scenarios that follow.
+    // Leave citas watched (trigger mode) for the scenarios that follow.
+    leave_wal_mode(&admin).await?;
     admin
         .batch_execute(
             "DROP TRIGGER IF EXISTS bench_notify ON citas; \

@@ -42,6 +42,9 @@ pub enum DbError {
         "citapulse SQL is not installed in this database: run `citapulse sql install --apply` (or psql -f sql/install.sql)"
     )]
     NotInstalled,
+    /// The database is in WAL capture mode but this daemon cannot stream it.
+    #[error("WAL capture (citapulse.settings.capture = 'wal') cannot run: {0}")]
+    Capture(String),
     /// The LISTEN connection closed.
     #[error("connection to the database was lost")]
     Closed,
@@ -635,4 +638,104 @@ pub struct LogEvent {
     pub data: Option<String>,
     /// Unix seconds when the row was logged.
     pub created: f64,
+}
+
+/// How the database captures changes, and what stands in the way of WAL capture.
+#[derive(Debug, Clone)]
+pub struct CaptureCheck {
+    /// `trigger` or `wal` (`citapulse.settings.capture`).
+    pub mode: String,
+    /// The slot the database streams in WAL mode (`citapulse.settings.wal_slot`).
+    pub slot: String,
+    /// WAL bytes the slot holds on the server, if it exists.
+    pub retained_bytes: Option<i64>,
+    /// Each problem with what to run; empty when WAL capture can work.
+    pub problems: Vec<String>,
+}
+
+/// Checks WAL capture's requirements for a daemon configured to stream `slot`
+/// (`capture.slot`). In trigger mode without a slot there is nothing to check.
+pub async fn capture_check(client: &Client, slot: &str) -> Result<CaptureCheck, DbError> {
+    let row = client
+        .query_one(
+            "SELECT s.capture, s.wal_slot, current_setting('wal_level'), \
+                    (SELECT r.rolreplication OR r.rolsuper FROM pg_roles r WHERE r.rolname = current_user), \
+                    current_user::text, \
+                    (SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), x.restart_lsn)::int8 \
+                       FROM pg_replication_slots x WHERE x.slot_name = $1), \
+                    (SELECT x.slot_type = 'logical' AND x.plugin = 'pgoutput' AND x.database = current_database() \
+                       FROM pg_replication_slots x WHERE x.slot_name = $1), \
+                    EXISTS (SELECT 1 FROM pg_publication p WHERE p.pubname = 'citapulse'), \
+                    ARRAY(SELECT w.tbl::text FROM citapulse.watches w \
+                           WHERE NOT EXISTS (SELECT 1 FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid \
+                                              WHERE p.pubname = 'citapulse' AND r.prrelid = w.tbl) ORDER BY 1), \
+                    ARRAY(SELECT r.prrelid::regclass::text FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid \
+                           WHERE p.pubname = 'citapulse' \
+                             AND NOT EXISTS (SELECT 1 FROM citapulse.watches w WHERE w.tbl = r.prrelid) ORDER BY 1), \
+                    ARRAY(SELECT w.tbl::text FROM citapulse.watches w JOIN pg_class c ON c.oid = w.tbl \
+                           WHERE c.relreplident <> 'f' ORDER BY 1) \
+               FROM citapulse.settings s",
+            &[&slot],
+        )
+        .await?;
+    let mode: String = row.get(0);
+    let db_slot: String = row.get(1);
+    let wal_level: String = row.get(2);
+    let replication: Option<bool> = row.get(3);
+    let user: String = row.get(4);
+    let retained_bytes: Option<i64> = row.get(5);
+    let slot_ok: Option<bool> = row.get(6);
+    let publication: bool = row.get(7);
+    let unpublished: Vec<String> = row.get(8);
+    let extra: Vec<String> = row.get(9);
+    let not_full: Vec<String> = row.get(10);
+    let mut problems = Vec::new();
+    if mode == "wal" || slot_ok.is_some() {
+        if wal_level != "logical" {
+            problems.push(format!(
+                "wal_level is {wal_level}; WAL capture needs logical: run ALTER SYSTEM SET wal_level = logical; and restart PostgreSQL"
+            ));
+        }
+        if replication != Some(true) {
+            problems.push(format!(
+                "role {user} cannot stream the slot: run ALTER ROLE {user} REPLICATION; (or use a role that has it)"
+            ));
+        }
+        if slot_ok == Some(false) {
+            problems.push(format!(
+                "replication slot {slot} is not a pgoutput slot of this database: drop it or set capture.slot to another name"
+            ));
+        }
+    }
+    if mode == "wal" {
+        if db_slot != slot {
+            problems.push(format!(
+                "the database captures through slot {db_slot} (citapulse.settings.wal_slot) but capture.slot is {slot}: set capture.slot = \"{db_slot}\""
+            ));
+        } else if slot_ok.is_none() {
+            problems.push(format!(
+                "replication slot {slot} is missing: run SELECT citapulse.capture_mode('wal', '{slot}'); (changes made while it was gone were not captured)"
+            ));
+        }
+        if !publication {
+            problems.push(
+                "publication citapulse is missing: run sql/install.sql again, then SELECT citapulse.rewatch_all();".into(),
+            );
+        } else if !unpublished.is_empty() || !extra.is_empty() {
+            problems.push(format!(
+                "publication citapulse does not match the watched tables (not in it: {unpublished:?}; not watched: {extra:?}): run SELECT citapulse.rewatch_all(); (or citapulse.unwatch for tables you added by hand)"
+            ));
+        }
+        if !not_full.is_empty() {
+            problems.push(format!(
+                "tables without REPLICA IDENTITY FULL lose the old row of UPDATE/DELETE: {not_full:?}: run SELECT citapulse.rewatch_all();"
+            ));
+        }
+    }
+    Ok(CaptureCheck {
+        mode,
+        slot: db_slot,
+        retained_bytes,
+        problems,
+    })
 }

@@ -358,9 +358,13 @@ async fn check(config: &Config) -> Result<ExitCode, String> {
     println!("database: connected");
     db::check_version(&client).await.map_err(|e| report(&e))?;
     println!("sql: installed, version {}", db::SQL_VERSION);
+    let capture = db::capture_check(&client, &config.capture.slot)
+        .await
+        .map_err(|e| report(&e))?;
+    let wal = capture.mode == "wal";
     let rows = client
         .query(
-            "SELECT tbl::text, triggers FROM citapulse.watched ORDER BY 1",
+            "SELECT tbl::text, triggers, in_publication FROM citapulse.watched ORDER BY 1",
             &[],
         )
         .await
@@ -370,14 +374,41 @@ async fn check(config: &Config) -> Result<ExitCode, String> {
         println!("watched tables: none (events will only come from citapulse.emit)");
     }
     for r in &rows {
-        let (tbl, n): (String, i64) = (r.get(0), r.get(1));
-        let status = if n == 4 {
+        let (tbl, n, published): (String, i64, bool) = (r.get(0), r.get(1), r.get(2));
+        let (fine, how) = if wal {
+            (
+                n == 0 && published,
+                format!("WAL: in publication {published}, {n} triggers"),
+            )
+        } else {
+            (n == 4 && !published, format!("{n}/4 triggers"))
+        };
+        let status = if fine {
             "ok"
         } else {
-            "INCOMPLETE: run citapulse.watch again"
+            "INCOMPLETE: run SELECT citapulse.rewatch_all();"
         };
-        ok &= n == 4;
-        println!("watched: {tbl} ({n}/4 triggers) {status}");
+        ok &= fine;
+        println!("watched: {tbl} ({how}) {status}");
+    }
+    println!(
+        "capture: {} mode{}",
+        capture.mode,
+        if wal {
+            format!(", slot {}", capture.slot)
+        } else {
+            String::new()
+        }
+    );
+    if let Some(bytes) = capture.retained_bytes {
+        println!(
+            "capture: slot {} holds {bytes} bytes of WAL on the server (citapulse_capture_lag_bytes)",
+            config.capture.slot
+        );
+    }
+    for problem in &capture.problems {
+        ok = false;
+        println!("capture: PROBLEM: {problem}");
     }
     citapulse::stats::today_in_zone(&client, &config.stats.timezone, 0)
         .await

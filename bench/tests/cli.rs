@@ -35,6 +35,7 @@ fn help_lists_every_scenario_and_flag() {
         "--pgbench-rounds",
         "--pgbench-clients",
         "--pgbench-scripts",
+        "--capture",
     ] {
         assert!(help.contains(word), "{word:?} missing from:\n{help}");
     }

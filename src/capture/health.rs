@@ -10,6 +10,8 @@ use crate::metrics::Metrics;
 pub struct Health {
     up: AtomicBool,
     reason: Mutex<String>,
+    /// Whether the database is in WAL capture mode (the WAL task looks every second).
+    pub(crate) capture_wal: AtomicBool,
 }
 
 impl Default for Health {
@@ -17,6 +19,7 @@ impl Default for Health {
         Self {
             up: AtomicBool::new(false),
             reason: Mutex::new("starting".into()),
+            capture_wal: AtomicBool::new(false),
         }
     }
 }
@@ -28,6 +31,15 @@ impl Health {
             Ok(())
         } else {
             Err(crate::sync::lock(&self.reason).clone())
+        }
+    }
+
+    /// `trigger` or `wal`: how the database captures changes.
+    pub fn capture_mode(&self) -> &'static str {
+        if self.capture_wal.load(Ordering::Relaxed) {
+            "wal"
+        } else {
+            "trigger"
         }
     }
 

@@ -101,8 +101,9 @@ async fn watch_slot(
         let row = client
             .query_one(
                 "SELECT r.slot_name IS NOT NULL, \
-                        coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), r.restart_lsn), 0)::float8 \
-                   FROM (SELECT 1) one \
+                        coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), r.restart_lsn), 0)::float8, \
+                        s.capture = 'wal' \
+                   FROM citapulse.settings s \
                    LEFT JOIN pg_replication_slots r ON r.slot_name = $1 AND r.database = current_database()",
                 &[&slot],
             )
@@ -260,7 +261,7 @@ async fn stream(
             tokio::select! {
                 ev = repl.recv() => ev?,
                 _ = tick.tick() => {
-                    if txn.is_none() && drained(client, &slot, &pos).await? {
+                    if txn.is_none() && drained(ctx, client, &slot, &pos).await? {
                         repl.stop();
                         let _ = repl.shutdown().await;
                         drop_slot(client, &slot).await?;
@@ -285,6 +286,7 @@ async fn stream(
         let Some(event) = event else {
             return Ok(());
         };
+        tracing::trace!(?event, "wal event");
         match event {
             ReplicationEvent::Begin { final_lsn, .. } => {
                 txn = Some(Txn {
@@ -359,18 +361,25 @@ async fn stream(
 }
 
 /// Whether the slot is drained: trigger mode, and this stream is past the latest mark.
-async fn drained(client: &Client, slot: &str, pos: &Position) -> Result<bool, WalError> {
-    if pos.capturing {
-        return Ok(false);
-    }
+/// Also keeps `/health`'s capture mode current while streaming.
+async fn drained(
+    ctx: &Context,
+    client: &Client,
+    slot: &str,
+    pos: &Position,
+) -> Result<bool, WalError> {
     let row = client
         .query_one(
-            "SELECT s.capture = 'trigger' AND p.mark = s.switches AND NOT p.capturing \
+            "SELECT s.capture = 'wal', \
+                    coalesce(s.capture = 'trigger' AND p.mark = s.switches AND NOT p.capturing, false) \
                FROM citapulse.settings s LEFT JOIN citapulse.wal_position p ON p.slot = $1",
             &[&slot],
         )
         .await?;
-    Ok(row.get::<_, Option<bool>>(0).unwrap_or(false))
+    ctx.health
+        .capture_wal
+        .store(row.get(0), std::sync::atomic::Ordering::Relaxed);
+    Ok(!pos.capturing && row.get::<_, bool>(1))
 }
 
 /// Drops the drained slot once its walsender is gone (a few tries: it exits after us).

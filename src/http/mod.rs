@@ -174,6 +174,16 @@ async fn check_database(config: &Config) -> Result<String, ServerError> {
     let (client, connection) = db::connect(config).await?;
     let driver = tokio::spawn(connection);
     db::check_version(&client).await?;
+    let capture = db::capture_check(&client, &config.capture.slot).await?;
+    if !capture.problems.is_empty() {
+        if capture.mode == "wal" {
+            return Err(DbError::Capture(capture.problems.join("; ")).into());
+        }
+        // Trigger mode with a slot left to drain: it waits for a daemon that can.
+        for problem in &capture.problems {
+            tracing::warn!(problem, "a WAL capture slot is left to drain");
+        }
+    }
     let today = crate::stats::today_in_zone(
         &client,
         &config.stats.timezone,
@@ -460,6 +470,7 @@ fn health(shared: &Shared) -> Response<Body> {
                 "database": "up",
                 "listener": "up",
                 "wakeup": shared.wakeup.current(),
+                "capture": shared.health.capture_mode(),
                 "instance": shared.config.instance,
                 "connections": connections,
                 "last_event_id": shared.reader_position.load(std::sync::atomic::Ordering::Relaxed),
