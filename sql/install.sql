@@ -532,59 +532,77 @@ BEGIN
 END
 $$;
 
--- Switches how changes are captured (DESIGN.md §7), losslessly in both directions:
--- every watched table is locked (ACCESS EXCLUSIVE, briefly, in oid order), so each
--- application transaction is captured either by the triggers (committed before the
--- switch) or from the WAL (after it); a message in the WAL marks the switch at exactly
--- that point of the commit order, and the daemon streaming the slot captures only what
--- lies between a 'capture=wal' and a 'capture=trigger' mark. Run it on its own (creating
--- a slot needs a transaction that has written nothing), as the owner of the watched
--- tables with REPLICATION (or as superuser). `slot` is the daemon's `capture.slot`
--- (default citapulse). Switching to 'trigger' leaves the slot to the daemon, which drops
--- it once it has captured everything up to the switch.
-CREATE OR REPLACE FUNCTION citapulse.capture_mode(mode text, slot text DEFAULT NULL) RETURNS text
+-- capture_mode() is one SQL expression, which the planner inlines into the caller's
+-- query, because PostgreSQL cannot create a logical slot from inside a function (PL/pgSQL
+-- or a SQL function of several statements) while other sessions run DDL ("snapshot
+-- reference … is not owned by resource owner TopTransaction"); from the top-level query
+-- it can. Arguments are evaluated in order: checks and the lock, the slot, the switch.
+CREATE OR REPLACE FUNCTION citapulse.slot_exists(name text) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_replication_slots r WHERE r.slot_name = name)
+$$;
+
+-- The slot a switch uses: the one given, else the database's.
+CREATE OR REPLACE FUNCTION citapulse.capture_slot(slot text) RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(slot, (SELECT s.wal_slot FROM citapulse.settings s), 'citapulse')
+$$;
+
+CREATE OR REPLACE FUNCTION citapulse.capture_prepare(mode text, slot text) RETURNS text
 LANGUAGE plpgsql AS $$
 DECLARE
-    current   text;
-    wanted text;
-    existing  record;
+    wanted   text;
+    existing record;
 BEGIN
     IF mode IS NULL OR mode NOT IN ('trigger', 'wal') THEN
         RAISE EXCEPTION 'citapulse.capture_mode: mode must be ''trigger'' or ''wal'' (got %)', mode;
     END IF;
-    wanted := coalesce(slot, (SELECT s.wal_slot FROM citapulse.settings s), 'citapulse');
+    wanted := citapulse.capture_slot(slot);
     IF wanted !~ '^[a-z0-9_]{1,63}$' THEN
         RAISE EXCEPTION 'citapulse.capture_mode: slot must match ^[a-z0-9_]{1,63}$ (got %)', wanted;
     END IF;
     -- Serialises switches with a daemon dropping a drained slot. An advisory lock takes
-    -- no transaction id, so the slot can still be created below.
+    -- no transaction id, so the slot can still be created next.
     PERFORM pg_advisory_xact_lock(citapulse.switch_lock_key());
-    SELECT s.capture INTO current FROM citapulse.settings s;
+    SELECT r.plugin, r.slot_type, r.database INTO existing FROM pg_replication_slots r WHERE r.slot_name = wanted;
+    IF mode = 'trigger' THEN
+        RETURN wanted;
+    END IF;
+    IF current_setting('wal_level') <> 'logical' THEN
+        RAISE EXCEPTION 'citapulse.capture_mode: WAL capture needs wal_level = logical (it is %)', current_setting('wal_level')
+            USING HINT = 'Run ALTER SYSTEM SET wal_level = logical; and restart PostgreSQL (a reload is not enough).';
+    END IF;
+    -- pgoutput reads the publication as of each change, from the slot's start on: it
+    -- must exist before the slot does (install.sql creates it, empty).
+    IF NOT EXISTS (SELECT 1 FROM pg_publication p WHERE p.pubname = 'citapulse') THEN
+        RAISE EXCEPTION 'citapulse.capture_mode: the publication citapulse is missing'
+            USING HINT = 'Run sql/install.sql again (it creates the publication), then this.';
+    END IF;
+    IF existing.slot_type IS NOT NULL AND (existing.slot_type <> 'logical' OR existing.plugin IS DISTINCT FROM 'pgoutput'
+                                           OR existing.database IS DISTINCT FROM current_database()) THEN
+        RAISE EXCEPTION 'citapulse.capture_mode: replication slot % exists but is not a pgoutput slot of this database', wanted
+            USING HINT = 'Pick another name (citapulse.capture_mode(''wal'', ''<slot>'') and capture.slot in the daemon''s config) or drop that slot.';
+    END IF;
+    IF (SELECT s.capture FROM citapulse.settings s) = 'wal' AND wanted IS DISTINCT FROM (SELECT s.wal_slot FROM citapulse.settings s) THEN
+        RAISE EXCEPTION 'citapulse.capture_mode: already capturing from slot %', (SELECT s.wal_slot FROM citapulse.settings s)
+            USING HINT = 'Switch to trigger first to move to another slot.';
+    END IF;
+    RETURN wanted;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION citapulse.capture_switch(mode text, wanted text, created text) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    current text;
+BEGIN
+    SELECT s.capture INTO current FROM citapulse.settings s FOR UPDATE;
     IF mode = 'wal' THEN
-        IF current_setting('wal_level') <> 'logical' THEN
-            RAISE EXCEPTION 'citapulse.capture_mode: WAL capture needs wal_level = logical (it is %)', current_setting('wal_level')
-                USING HINT = 'Run ALTER SYSTEM SET wal_level = logical; and restart PostgreSQL (a reload is not enough).';
-        END IF;
-        -- pgoutput reads the publication as of each change, from the slot's start on: it
-        -- must exist before the slot does (install.sql creates it, empty).
-        IF NOT EXISTS (SELECT 1 FROM pg_publication p WHERE p.pubname = 'citapulse') THEN
-            RAISE EXCEPTION 'citapulse.capture_mode: the publication citapulse is missing'
-                USING HINT = 'Run sql/install.sql again (it creates the publication), then this.';
-        END IF;
-        SELECT r.plugin, r.slot_type, r.database INTO existing FROM pg_replication_slots r WHERE r.slot_name = wanted;
-        IF NOT FOUND THEN
-            PERFORM pg_create_logical_replication_slot(wanted, 'pgoutput');
+        IF created IS NOT NULL THEN
             INSERT INTO citapulse.wal_position AS p (slot, mark) VALUES (wanted, (SELECT s.switches FROM citapulse.settings s))
             ON CONFLICT ON CONSTRAINT wal_position_pkey DO UPDATE SET lsn = '0/0', capturing = false, mark = excluded.mark, updated_at = now();
             -- Already in WAL mode (the slot was dropped by hand): capture from here on.
             UPDATE citapulse.wal_position p SET capturing = true WHERE p.slot = wanted AND current = 'wal';
-        ELSIF existing.slot_type <> 'logical' OR existing.plugin IS DISTINCT FROM 'pgoutput'
-              OR existing.database IS DISTINCT FROM current_database() THEN
-            RAISE EXCEPTION 'citapulse.capture_mode: replication slot % exists but is not a pgoutput slot of this database', wanted
-                USING HINT = 'Pick another name (citapulse.capture_mode(''wal'', ''<slot>'') and capture.slot in the daemon''s config) or drop that slot.';
-        ELSIF current = 'wal' AND wanted IS DISTINCT FROM (SELECT s.wal_slot FROM citapulse.settings s) THEN
-            RAISE EXCEPTION 'citapulse.capture_mode: already capturing from slot %', (SELECT s.wal_slot FROM citapulse.settings s)
-                USING HINT = 'Switch to trigger first to move to another slot.';
         END IF;
         INSERT INTO citapulse.wal_position (slot) VALUES (wanted) ON CONFLICT ON CONSTRAINT wal_position_pkey DO NOTHING;
     END IF;
@@ -600,6 +618,25 @@ BEGIN
     PERFORM pg_notify('citapulse_capture', '');
     RETURN mode;
 END
+$$;
+
+-- Switches how changes are captured (DESIGN.md §7), losslessly in both directions:
+-- every watched table is locked (ACCESS EXCLUSIVE, briefly, in oid order), so each
+-- application transaction is captured either by the triggers (committed before the
+-- switch) or from the WAL (after it); a message in the WAL marks the switch at exactly
+-- that point of the commit order, and the daemon streaming the slot captures only what
+-- lies between a 'capture=wal' and a 'capture=trigger' mark. Run it on its own (creating
+-- a slot needs a transaction that has written nothing), as the owner of the watched
+-- tables with REPLICATION (or as superuser). `slot` is the daemon's `capture.slot`
+-- (default citapulse). Switching to 'trigger' leaves the slot to the daemon, which drops
+-- it once it has captured everything up to the switch.
+CREATE OR REPLACE FUNCTION citapulse.capture_mode(mode text, slot text DEFAULT NULL) RETURNS text
+LANGUAGE sql AS $$
+    SELECT citapulse.capture_switch(mode, citapulse.capture_slot(slot),
+           CASE WHEN citapulse.capture_prepare(mode, slot) IS NOT NULL AND mode = 'wal'
+                     AND NOT citapulse.slot_exists(citapulse.capture_slot(slot))
+                THEN (pg_create_logical_replication_slot(citapulse.capture_slot(slot), 'pgoutput')).slot_name::text
+           END)
 $$;
 
 -- The advisory lock key of capture_mode() and of a daemon dropping a drained slot.
