@@ -653,58 +653,23 @@ BEGIN
 END
 $$;
 
--- Writes one batch of changes the daemon decoded from the WAL to the log, and where the
--- capture stands (same transaction: what is written and where to resume commit together).
--- Row values arrive as JSON objects of the columns' text forms (json/jsonb columns as
--- JSON); jsonb_populate_record() types them through each column's input function, so
--- row_data is exactly what to_jsonb(NEW) gives in trigger mode. Ids are drawn in the
--- order of the arrays (commit order). Rows whose tenant is over 255 bytes are dropped and
--- counted, as take_inbox() does.
-CREATE OR REPLACE FUNCTION citapulse.wal_write(slot text, upto pg_lsn, capturing boolean, mark bigint,
-        rels oid[], tenants text[], ops text[], news jsonb[], olds jsonb[], types text[], payloads jsonb[])
-RETURNS integer LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    ids     bigint[];
-    rel     oid;
-    w       citapulse.watches;
-    tblname text;
-    written integer := 0;
-    k       integer;
+-- Saves where the WAL capture stands, in the transaction in which the daemon wrote the
+-- rows decoded up to there into citapulse.events (one INSERT per run of one table's
+-- rows, prepared by the daemon: jsonb_populate_record() types the text values through
+-- each column's input function, so row_data is exactly what to_jsonb(NEW) gives in
+-- trigger mode); what is written and where to resume commit together. Wakes the readers.
+CREATE OR REPLACE FUNCTION citapulse.wal_confirm(slot text, upto pg_lsn, capturing boolean, mark bigint, wake boolean)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    IF coalesce(cardinality(rels), 0) > 0 THEN
-        SELECT array_agg(nextval('citapulse.events_id_seq'::regclass) ORDER BY i) INTO ids
-          FROM generate_series(1, cardinality(rels)) i;
-        FOR rel IN SELECT r FROM unnest(rels) WITH ORDINALITY u(r, i) GROUP BY r ORDER BY min(i) LOOP
-            SELECT * INTO w FROM citapulse.watches x WHERE x.tbl = rel;
-            SELECT format('%I.%I', n.nspname, c.relname) INTO tblname
-              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel;
-            IF w.tbl IS NULL OR tblname IS NULL THEN
-                CONTINUE;   -- unwatched or dropped since: nothing to tell anyone
-            END IF;
-            EXECUTE format($q$
-                INSERT INTO citapulse.events (id, tenant, kind, event_type, tbl, op, row_data, old_data, payload)
-                SELECT u.id, u.tenant, $1, u.et, $2, u.op,
-                       CASE WHEN u.n IS NULL THEN NULL ELSE to_jsonb(jsonb_populate_record(NULL::%1$s, u.n)) END,
-                       CASE WHEN u.o IS NULL THEN NULL ELSE to_jsonb(jsonb_populate_record(NULL::%1$s, u.o)) END,
-                       u.payload
-                  FROM unnest($3, $4, $5, $6, $7, $8, $9, $10) AS u(id, r, tenant, op, n, o, et, payload)
-                 WHERE u.r = $11 AND (u.tenant IS NULL OR octet_length(u.tenant) <= 255)
-                 ORDER BY u.id $q$, rel::regclass)
-            USING w.kind, tblname, ids, rels, tenants, ops, news, olds, types, payloads, rel;
-            GET DIAGNOSTICS k = ROW_COUNT;
-            written := written + k;
-        END LOOP;
-        PERFORM count(citapulse.count_oversized_tenant()) FROM unnest(tenants) t WHERE octet_length(t) > 255;
-    END IF;
-    UPDATE citapulse.wal_position p SET lsn = upto, capturing = wal_write.capturing, mark = wal_write.mark,
+    UPDATE citapulse.wal_position p SET lsn = upto, capturing = wal_confirm.capturing, mark = wal_confirm.mark,
            updated_at = now()
-     WHERE p.slot = wal_write.slot;
-    IF written > 0 THEN
+     WHERE p.slot = wal_confirm.slot;
+    IF wake THEN
         PERFORM pg_notify('citapulse', '');
     END IF;
-    RETURN written;
 END
 $$;
+DROP FUNCTION IF EXISTS citapulse.wal_write(text, pg_lsn, boolean, bigint, oid[], text[], text[], jsonb[], jsonb[], text[], jsonb[]);
 
 -- Drops a drained slot after a switch back to trigger mode: only once the daemon has
 -- captured past the latest switch's mark (so everything WAL mode committed is in the

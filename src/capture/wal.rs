@@ -3,8 +3,8 @@
 //!
 //! One daemon per database streams (the leader, by a session advisory lock); the others
 //! check every second and take over when its session ends. A batch of whole transactions
-//! is written by `citapulse.wal_write()` together with the position it reaches, and only
-//! then confirmed to the slot: a daemon that dies in between skips, on restart, the
+//! is written to the log (one prepared INSERT per run of one table's rows) together with
+//! the position it reaches (`citapulse.wal_confirm()`), and only then confirmed to the slot: a daemon that dies in between skips, on restart, the
 //! transactions its position already covers. `citapulse.capture_mode()` marks each switch
 //! in the WAL (`capture=wal N`, `capture=trigger N`); rows are captured only between a
 //! `wal` and a `trigger` mark, so every transaction is captured once, by the triggers or
@@ -31,7 +31,7 @@ pub const PUBLICATION: &str = "citapulse";
 const LEADER_LOCK: i64 = 7_382_917_400_000_002;
 /// How often a non-leader looks for a slot to stream, and the leader for a drained one.
 const TICK: Duration = Duration::from_secs(1);
-/// Rows per `wal_write` call at most (whole transactions; a bigger one is spilled).
+/// Rows per written batch at most (whole transactions; a bigger one is spilled).
 const BATCH_ROWS: usize = 5_000;
 /// A transaction buffering more rows than this is written in parts, inside one database
 /// transaction that commits with its last part: memory stays bounded.
@@ -142,6 +142,10 @@ async fn watch_slot(
 /// A relation as the stream described it, with how it is watched.
 struct Relation {
     columns: Vec<pgoutput::Column>,
+    /// The INSERT of this table's rows into the log (prepared; `None` if unwatched).
+    insert: Option<tokio_postgres::Statement>,
+    /// The watch's kind and the table's name as the log writes it.
+    kind_and_table: Option<(String, String)>,
     /// Index of the tenant column; `None` with `resolved` for resolver tables.
     tenant: Option<usize>,
     /// Watched with a `[[resolvers]]` lookup (no tenant column).
@@ -149,7 +153,7 @@ struct Relation {
     watched: bool,
 }
 
-/// One row for `wal_write`.
+/// One row for the log.
 struct Row {
     rel: u32,
     tenant: Option<String>,
@@ -178,7 +182,7 @@ struct Position {
     mark: i64,
 }
 
-/// Written rows awaiting `wal_write`, and the position they reach.
+/// Decoded rows awaiting their write, and the position they reach.
 #[derive(Default)]
 struct Batch {
     rows: Vec<Row>,
@@ -231,20 +235,8 @@ async fn stream(
     };
     let write = client
         .prepare_typed(
-            "SELECT citapulse.wal_write($1, $2::text::pg_lsn, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-            &[
-                Type::TEXT,
-                Type::TEXT,
-                Type::BOOL,
-                Type::INT8,
-                Type::OID_ARRAY,
-                Type::TEXT_ARRAY,
-                Type::TEXT_ARRAY,
-                Type::JSONB_ARRAY,
-                Type::JSONB_ARRAY,
-                Type::TEXT_ARRAY,
-                Type::JSONB_ARRAY,
-            ],
+            "SELECT citapulse.wal_confirm($1, $2::text::pg_lsn, $3, $4, $5)",
+            &[Type::TEXT, Type::TEXT, Type::BOOL, Type::INT8, Type::BOOL],
         )
         .await?;
 
@@ -278,7 +270,10 @@ async fn stream(
             match tokio::time::timeout(Duration::ZERO, repl.recv()).await {
                 Ok(ev) => ev?,
                 Err(_) => {
-                    flush(ctx, client, &write, &slot, &mut pos, &mut batch, &repl).await?;
+                    flush(
+                        ctx, client, &write, &relations, &slot, &mut pos, &mut batch, &repl,
+                    )
+                    .await?;
                     continue;
                 }
             }
@@ -315,7 +310,7 @@ async fn stream(
                 collect(&relations, t, message, threshold);
                 if t.rows.len() >= SPILL_ROWS {
                     batch.rows.append(&mut t.rows);
-                    spill(client, &write, &slot, &pos, &mut batch).await?;
+                    spill(client, &relations, &mut batch).await?;
                 }
             }
             ReplicationEvent::Message {
@@ -344,7 +339,10 @@ async fn stream(
                     pos.lsn = pos.lsn.max(batch.upto);
                     repl.update_applied_lsn(end_lsn);
                 } else if batch.rows.len() >= BATCH_ROWS {
-                    flush(ctx, client, &write, &slot, &mut pos, &mut batch, &repl).await?;
+                    flush(
+                        ctx, client, &write, &relations, &slot, &mut pos, &mut batch, &repl,
+                    )
+                    .await?;
                 }
             }
             ReplicationEvent::KeepAlive { wal_end, .. } => {
@@ -398,7 +396,7 @@ async fn drop_slot(client: &Client, slot: &str) -> Result<(), WalError> {
     Ok(())
 }
 
-/// Looks up how a relation is watched.
+/// Looks up how a relation is watched, and prepares the INSERT of its rows.
 async fn describe(
     client: &Client,
     id: u32,
@@ -408,22 +406,61 @@ async fn describe(
 ) -> Result<Relation, WalError> {
     let row = client
         .query_opt(
-            "SELECT w.tenant_column FROM citapulse.watches w WHERE w.tbl = $1::oid::regclass",
+            "SELECT w.tenant_column, w.kind, format('%I.%I', n.nspname, c.relname) \
+               FROM citapulse.watches w JOIN pg_class c ON c.oid = w.tbl \
+               JOIN pg_namespace n ON n.oid = c.relnamespace \
+              WHERE w.tbl = $1::oid::regclass",
             &[&id],
         )
         .await?;
-    let tenant_column: Option<String> = row.map(|r| r.get(0));
-    if tenant_column.is_none() {
+    let Some(row) = row else {
         tracing::warn!(table = %format!("{namespace}.{name}"), "a table in the publication citapulse is not watched: its rows are ignored (run SELECT citapulse.rewatch_all())");
-    }
-    let tenant = tenant_column
-        .as_deref()
-        .and_then(|c| columns.iter().position(|col| col.name == c));
+        return Ok(Relation {
+            columns,
+            insert: None,
+            kind_and_table: None,
+            tenant: None,
+            resolved: false,
+            watched: false,
+        });
+    };
+    let (tenant_column, kind, table): (String, String, String) =
+        (row.get(0), row.get(1), row.get(2));
+    // The names are the database's own (format %I), the kind and table bound: nothing of
+    // the stream's text is spliced into SQL.
+    let insert = client
+        .prepare_typed(
+            &format!(
+                "INSERT INTO citapulse.events (tenant, kind, event_type, tbl, op, row_data, old_data, payload) \
+                 SELECT u.tenant, $1, u.et, $2, u.op, \
+                        CASE WHEN u.n IS NULL THEN NULL ELSE to_jsonb(jsonb_populate_record(NULL::{table}, u.n)) END, \
+                        CASE WHEN u.o IS NULL THEN NULL ELSE to_jsonb(jsonb_populate_record(NULL::{table}, u.o)) END, \
+                        u.payload \
+                   FROM unnest($3::text[], $4::text[], $5::jsonb[], $6::jsonb[], $7::text[], $8::jsonb[]) \
+                        WITH ORDINALITY AS u(tenant, op, n, o, et, payload, i) \
+                  WHERE u.tenant IS NULL OR octet_length(u.tenant) <= 255 \
+                  ORDER BY u.i"
+            ),
+            &[
+                Type::TEXT,
+                Type::TEXT,
+                Type::TEXT_ARRAY,
+                Type::TEXT_ARRAY,
+                Type::JSONB_ARRAY,
+                Type::JSONB_ARRAY,
+                Type::TEXT_ARRAY,
+                Type::JSONB_ARRAY,
+            ],
+        )
+        .await?;
+    let tenant = columns.iter().position(|col| col.name == tenant_column);
     Ok(Relation {
         tenant,
-        resolved: tenant_column.as_deref() == Some(""),
-        watched: tenant_column.is_some(),
+        resolved: tenant_column.is_empty(),
+        watched: true,
+        insert: Some(insert),
         columns,
+        kind_and_table: Some((kind, table)),
     })
 }
 
@@ -540,10 +577,12 @@ fn row_json(columns: &[pgoutput::Column], values: &[Value], old: Option<&[Value]
 }
 
 /// Writes the batch and the position it reaches in one transaction, then confirms it.
+#[allow(clippy::too_many_arguments)]
 async fn flush(
     ctx: &Context,
     client: &Client,
-    write: &tokio_postgres::Statement,
+    confirm: &tokio_postgres::Statement,
+    relations: &HashMap<u32, Relation>,
     slot: &str,
     pos: &mut Position,
     batch: &mut Batch,
@@ -551,15 +590,30 @@ async fn flush(
 ) -> Result<(), WalError> {
     let upto = batch.upto.max(pos.lsn);
     let rows = std::mem::take(&mut batch.rows);
-    let n = call_write(client, write, slot, upto, pos, &rows).await?;
-    if batch.open {
-        client.batch_execute("COMMIT").await?;
-        batch.open = false;
+    if !batch.open {
+        client.batch_execute("BEGIN").await?;
     }
+    let n = write_rows(client, relations, &rows).await?;
+    let lsn = Lsn::from_u64(upto).to_pg_string();
+    client
+        .execute(
+            confirm,
+            &[
+                &slot,
+                &lsn,
+                &pos.capturing,
+                &pos.mark,
+                &(n > 0 || batch.open),
+            ],
+        )
+        .await?;
+    client.batch_execute("COMMIT").await?;
+    batch.open = false;
     batch.dirty = false;
+    tracing::trace!(rows = rows.len(), written = n, "wal batch written");
     pos.lsn = upto;
     repl.update_applied_lsn(Lsn::from_u64(upto));
-    ctx.metrics.wal_rows.inc_by(n as u64);
+    ctx.metrics.wal_rows.inc_by(n);
     Ok(())
 }
 
@@ -567,9 +621,7 @@ async fn flush(
 /// until the rest is written (`flush` commits it). The saved position does not move.
 async fn spill(
     client: &Client,
-    write: &tokio_postgres::Statement,
-    slot: &str,
-    pos: &Position,
+    relations: &HashMap<u32, Relation>,
     batch: &mut Batch,
 ) -> Result<(), WalError> {
     if !batch.open {
@@ -577,45 +629,54 @@ async fn spill(
         batch.open = true;
     }
     let rows = std::mem::take(&mut batch.rows);
-    call_write(client, write, slot, pos.lsn, pos, &rows).await?;
+    write_rows(client, relations, &rows).await?;
     Ok(())
 }
 
-async fn call_write(
+/// Inserts rows into the log, one statement per run of one table's rows, so ids follow
+/// commit order. Returns how many were written.
+async fn write_rows(
     client: &Client,
-    write: &tokio_postgres::Statement,
-    slot: &str,
-    upto: u64,
-    pos: &Position,
+    relations: &HashMap<u32, Relation>,
     rows: &[Row],
-) -> Result<i32, WalError> {
-    let rels: Vec<u32> = rows.iter().map(|r| r.rel).collect();
-    let tenants: Vec<Option<&str>> = rows.iter().map(|r| r.tenant.as_deref()).collect();
-    let ops: Vec<&str> = rows.iter().map(|r| r.op).collect();
-    let news: Vec<Option<&Json>> = rows.iter().map(|r| r.new.as_ref()).collect();
-    let olds: Vec<Option<&Json>> = rows.iter().map(|r| r.old.as_ref()).collect();
-    let types: Vec<Option<&str>> = rows.iter().map(|r| r.event_type.as_deref()).collect();
-    let payloads: Vec<Option<&Json>> = rows.iter().map(|r| r.payload.as_ref()).collect();
-    let lsn = Lsn::from_u64(upto).to_pg_string();
-    let row = client
-        .query_one(
-            write,
-            &[
-                &slot,
-                &lsn,
-                &pos.capturing,
-                &pos.mark,
-                &rels,
-                &tenants,
-                &ops,
-                &news,
-                &olds,
-                &types,
-                &payloads,
-            ],
-        )
-        .await?;
-    Ok(row.get(0))
+) -> Result<u64, WalError> {
+    let mut written = 0;
+    let mut oversized = 0i32;
+    for run in rows.chunk_by(|a, b| a.rel == b.rel) {
+        let Some(relation) = relations.get(&run[0].rel) else {
+            continue;
+        };
+        let (Some(insert), Some((kind, table))) = (&relation.insert, &relation.kind_and_table)
+        else {
+            continue;
+        };
+        let tenants: Vec<Option<&str>> = run.iter().map(|r| r.tenant.as_deref()).collect();
+        let ops: Vec<&str> = run.iter().map(|r| r.op).collect();
+        let news: Vec<Option<&Json>> = run.iter().map(|r| r.new.as_ref()).collect();
+        let olds: Vec<Option<&Json>> = run.iter().map(|r| r.old.as_ref()).collect();
+        let types: Vec<Option<&str>> = run.iter().map(|r| r.event_type.as_deref()).collect();
+        let payloads: Vec<Option<&Json>> = run.iter().map(|r| r.payload.as_ref()).collect();
+        oversized += tenants
+            .iter()
+            .filter(|t| t.is_some_and(|t| t.len() > 255))
+            .count() as i32;
+        written += client
+            .execute(
+                insert,
+                &[kind, table, &tenants, &ops, &news, &olds, &types, &payloads],
+            )
+            .await?;
+    }
+    if oversized > 0 {
+        // Counted as the triggers' path counts them (citapulse_oversized_tenant_rows).
+        client
+            .execute(
+                "SELECT citapulse.count_oversized_tenant() FROM generate_series(1, $1)",
+                &[&oversized],
+            )
+            .await?;
+    }
+    Ok(written)
 }
 
 /// `capture=wal 3` → (true, 3).
@@ -690,6 +751,8 @@ mod tests {
             7,
             Relation {
                 columns,
+                insert: None,
+                kind_and_table: None,
                 tenant,
                 resolved: false,
                 watched: true,
