@@ -9,11 +9,9 @@
 
 mod support;
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
 use citapulse::config::WakeupMode;
-use serde_json::Value;
 use support::*;
 
 /// Writers with randomly delayed commits (some rolled back), `per_writer` each,
@@ -36,19 +34,6 @@ async fn triggers_notify(db: &TestDb) -> bool {
         .await
         .unwrap()
         .get(0)
-}
-
-/// Receives until every committed id has arrived; asserts nothing extra or repeated.
-async fn assert_all_delivered(db: &TestDb, c: &mut WsClient) {
-    let want: BTreeSet<i64> = db.event_ids("t1").await.into_iter().collect();
-    let mut got = BTreeSet::new();
-    while got.len() < want.len() {
-        let ev = tokio::time::timeout(WAIT, c.expect(|m| m.get("id").is_some_and(Value::is_i64)))
-            .await
-            .unwrap_or_else(|_| panic!("missing: {:?}", want.difference(&got).collect::<Vec<_>>()));
-        assert!(got.insert(ev["id"].as_i64().unwrap()), "duplicate {ev}");
-    }
-    assert_eq!(got, want);
 }
 
 async fn lossless_in(mode: WakeupMode) {

@@ -46,6 +46,18 @@ async fn app_triggers(client: &Client) -> i64 {
         .get(0)
 }
 
+/// `pg_class.relreplident` of citas.
+async fn citas_identity(client: &Client) -> String {
+    client
+        .query_one(
+            "SELECT relreplident::text FROM pg_class WHERE oid = 'citas'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
 async fn slot_exists(client: &Client, slot: &str) -> bool {
     client
         .query_one(
@@ -96,17 +108,6 @@ async fn assert_logged_once(client: &Client) {
     assert!(extra.is_empty(), "logged but not committed: {extra:?}");
 }
 
-/// Receives until every event id of t1 in the log has arrived, none twice.
-async fn assert_all_delivered(db: &TestDb, c: &mut WsClient) {
-    let want: BTreeSet<i64> = db.event_ids("t1").await.into_iter().collect();
-    let mut got = BTreeSet::new();
-    while got.len() < want.len() {
-        let ev = c.expect(|m| m.get("id").is_some_and(Value::is_i64)).await;
-        assert!(got.insert(ev["id"].as_i64().unwrap()), "duplicate {ev}");
-    }
-    assert_eq!(got, want);
-}
-
 /// The four kinds of change on one appointment, as a client sees them (ids and times
 /// left out: they differ between two rows).
 async fn one_of_each(db: &TestDb, c: &mut WsClient) -> Vec<Value> {
@@ -155,16 +156,7 @@ async fn wal_mode_sends_what_trigger_mode_sends_without_a_trigger() {
 
     switch(&db.client, "wal", &slot).await;
     assert_eq!(app_triggers(&db.client).await, 0, "no trigger in WAL mode");
-    let identity: String = db
-        .client
-        .query_one(
-            "SELECT relreplident::text FROM pg_class WHERE oid = 'citas'::regclass",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(identity, "f");
+    assert_eq!(citas_identity(&db.client).await, "f");
     let from_wal = one_of_each(&db, &mut c).await;
     assert_eq!(from_wal, by_triggers);
     wait_until(|| async {
@@ -184,16 +176,7 @@ async fn wal_mode_sends_what_trigger_mode_sends_without_a_trigger() {
     let after = one_of_each(&db, &mut c).await;
     assert_eq!(after, by_triggers);
     wait_until(|| async { !slot_exists(&db.client, &slot).await }).await;
-    let identity: String = db
-        .client
-        .query_one(
-            "SELECT relreplident::text FROM pg_class WHERE oid = 'citas'::regclass",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(identity, "d");
+    assert_eq!(citas_identity(&db.client).await, "d");
     d.stop().await;
 }
 
@@ -453,4 +436,56 @@ async fn what_wal_mode_needs_is_said_with_what_to_run() {
         .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
         .await
         .unwrap();
+}
+
+/// `citapulse check` as a DBA runs it.
+fn check(url: &str, slot: &str) -> (i32, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_citapulse"))
+        .arg("check")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DATABASE_URL", url)
+        .env("JWT_SECRET", SECRET)
+        .env("CITAPULSE_CAPTURE__SLOT", slot)
+        .output()
+        .expect("run citapulse check");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+#[tokio::test]
+async fn check_reports_the_mode_the_slot_and_what_is_missing() {
+    let db = TestDb::new().await;
+    let slot = slot_of(&db.url);
+    switch(&db.client, "wal", &slot).await;
+    let (code, out) = check(&db.url, &slot);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(&format!("capture: wal mode, slot {slot}")),
+        "{out}"
+    );
+    assert!(
+        out.contains("citas (WAL: in publication true, 0 triggers) ok"),
+        "{out}"
+    );
+    assert!(out.contains("bytes of WAL on the server"), "{out}");
+    let (code, out) = check(&db.url, "another_slot");
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!(
+            "PROBLEM: the database captures through slot {slot}"
+        )),
+        "{out}"
+    );
+    switch(&db.client, "trigger", &slot).await;
+    db.client
+        .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+        .await
+        .unwrap();
+    let (code, out) = check(&db.url, &slot);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("capture: trigger mode"), "{out}");
+    assert!(out.contains("citas (4/4 triggers) ok"), "{out}");
 }

@@ -9,6 +9,7 @@
     clippy::field_reassign_with_default
 )]
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -673,4 +674,17 @@ pub async fn user_trigger_count(client: &Client) -> i64 {
         .await
         .unwrap()
         .get(0)
+}
+
+/// Receives until every event id of t1 in the log has arrived; asserts nothing extra or repeated.
+pub async fn assert_all_delivered(db: &TestDb, c: &mut WsClient) {
+    let want: BTreeSet<i64> = db.event_ids("t1").await.into_iter().collect();
+    let mut got = BTreeSet::new();
+    while got.len() < want.len() {
+        let ev = tokio::time::timeout(WAIT, c.expect(|m| m.get("id").is_some_and(Value::is_i64)))
+            .await
+            .unwrap_or_else(|_| panic!("missing: {:?}", want.difference(&got).collect::<Vec<_>>()));
+        assert!(got.insert(ev["id"].as_i64().unwrap()), "duplicate {ev}");
+    }
+    assert_eq!(got, want);
 }
