@@ -22,7 +22,7 @@ CREATE SCHEMA IF NOT EXISTS citapulse;
 
 -- The version the daemon checks at start-up; bump on any incompatible change.
 CREATE OR REPLACE FUNCTION citapulse.version() RETURNS integer
-LANGUAGE sql IMMUTABLE AS $$ SELECT 6 $$;
+LANGUAGE sql IMMUTABLE AS $$ SELECT 7 $$;
 
 -- One row per changed row (or one calendar_refresh per tenant for a bulk statement).
 -- Since version 4 the triggers write citapulse.inbox and a daemon moves committed inbox
@@ -753,6 +753,52 @@ BEGIN
         PERFORM pg_notify('citapulse', '');
     END IF;
     RETURN new_id;
+END
+$$;
+
+-- Revoked users (DESIGN.md §8, version 7): every daemon reads the rows above the last
+-- version it saw (within a second), closes the user's sockets (4003) and refuses tokens
+-- issued at or before revoked_at. A lifted revocation stays as a row (revoked = false)
+-- so that every instance learns of it.
+CREATE SEQUENCE IF NOT EXISTS citapulse.revocation_version;
+CREATE TABLE IF NOT EXISTS citapulse.revocations (
+    tenant      text        NOT NULL,
+    user_id     text        NOT NULL,
+    revoked     boolean     NOT NULL DEFAULT true,
+    revoked_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
+    reason      text,
+    version     bigint      NOT NULL DEFAULT nextval('citapulse.revocation_version'),
+    PRIMARY KEY (tenant, user_id)
+);
+CREATE INDEX IF NOT EXISTS revocations_version_idx ON citapulse.revocations (version);
+
+-- Closes every socket of `user_id` in `tenant` on every instance and refuses its tokens
+-- issued until now. Transactional: takes effect when the caller commits (a DBA may call
+-- it from a trigger on the application's users table when one is deactivated).
+CREATE OR REPLACE FUNCTION citapulse.revoke(tenant text, user_id text, reason text DEFAULT NULL)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF tenant IS NULL OR tenant !~ '^[A-Za-z0-9_.-]{1,64}$' THEN
+        RAISE EXCEPTION 'citapulse.revoke: tenant must match ^[A-Za-z0-9_.-]{1,64}$ (the tenant of one channel)';
+    END IF;
+    IF user_id IS NULL OR length(user_id) NOT BETWEEN 1 AND 256 THEN
+        RAISE EXCEPTION 'citapulse.revoke: user_id must be 1 to 256 characters (the token''s sub)';
+    END IF;
+    INSERT INTO citapulse.revocations AS r (tenant, user_id, reason)
+    VALUES (revoke.tenant, revoke.user_id, left(revoke.reason, 500))
+    ON CONFLICT ON CONSTRAINT revocations_pkey DO UPDATE
+       SET revoked = true, revoked_at = clock_timestamp(), reason = excluded.reason,
+           version = nextval('citapulse.revocation_version');
+END
+$$;
+
+-- Lifts a revocation: tokens of the user are accepted again (those not yet expired).
+CREATE OR REPLACE FUNCTION citapulse.unrevoke(tenant text, user_id text)
+RETURNS boolean LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    UPDATE citapulse.revocations r SET revoked = false, version = nextval('citapulse.revocation_version')
+     WHERE r.tenant = unrevoke.tenant AND r.user_id = unrevoke.user_id AND r.revoked;
+    RETURN FOUND;
 END
 $$;
 

@@ -3,7 +3,8 @@
 //! Owns which algorithms and keys are accepted and what a verified identity may read.
 //! Must never log a token.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde_json::{Map, Value};
@@ -40,6 +41,9 @@ pub struct Identity {
     pub role: Option<String>,
     /// `exp`, Unix seconds.
     pub expires_at: u64,
+    /// `iat`, Unix seconds, if the token has one (a revocation refuses tokens issued
+    /// before it, and those without `iat`).
+    pub issued_at: Option<u64>,
     /// Whether the role is one of `auth.super_roles`.
     pub is_super: bool,
 }
@@ -188,6 +192,7 @@ impl Authenticator {
             .and_then(Value::as_u64)
             .ok_or(AuthError::Invalid("bad exp"))?;
         let tenant = claim_text(claims.get(&self.tenant_claim));
+        let issued_at = claims.get("iat").and_then(Value::as_u64);
         let role = claim_text(claims.get("role"));
         let is_super = role.as_ref().is_some_and(|r| self.super_roles.contains(r));
         Ok(Identity {
@@ -195,6 +200,7 @@ impl Authenticator {
             tenant,
             role,
             expires_at,
+            issued_at,
             is_super,
         })
     }
@@ -273,6 +279,68 @@ pub fn authorize<'c>(who: &Identity, channel: &'c str) -> Result<&'c str, Channe
         Ok(tenant)
     } else {
         Err(ChannelError::Forbidden)
+    }
+}
+
+/// Users revoked with `citapulse.revoke(tenant, user_id, reason)` (DESIGN.md §8), as
+/// this daemon last read them from `citapulse.revocations` (`delivery::revocation`
+/// keeps it current). A token of a revoked user is refused if it was issued at or before
+/// the revocation (or carries no `iat`); open sockets of the user are told through
+/// [`Revocations::subscribe`].
+pub struct Revocations {
+    /// (tenant, user) → revocation time, Unix seconds.
+    revoked: Mutex<HashMap<(String, String), f64>>,
+    news: tokio::sync::broadcast::Sender<(String, String)>,
+}
+
+impl Default for Revocations {
+    fn default() -> Self {
+        Self {
+            revoked: Mutex::new(HashMap::new()),
+            news: tokio::sync::broadcast::channel(256).0,
+        }
+    }
+}
+
+impl Revocations {
+    /// Whether `identity`'s token is refused: its user is revoked in its tenant and the
+    /// token was issued at or before that.
+    pub fn refuses(&self, identity: &Identity) -> bool {
+        let Some(tenant) = &identity.tenant else {
+            return false;
+        };
+        let revoked = crate::sync::lock(&self.revoked);
+        match revoked.get(&(tenant.clone(), identity.user_id.clone())) {
+            Some(at) => identity.issued_at.is_none_or(|iat| iat as f64 <= *at),
+            None => false,
+        }
+    }
+
+    /// Records a revocation (`Some(time)`) or its lifting (`None`); a revocation new to
+    /// this instance is announced to the sockets, and `true` returned.
+    pub fn apply(&self, tenant: &str, user: &str, revoked_at: Option<f64>) -> bool {
+        let key = (tenant.to_string(), user.to_string());
+        let mut revoked = crate::sync::lock(&self.revoked);
+        match revoked_at {
+            Some(at) => {
+                let new = revoked.insert(key.clone(), at) != Some(at);
+                drop(revoked);
+                if new {
+                    // No receiver (no socket open) is fine.
+                    let _ = self.news.send(key);
+                }
+                new
+            }
+            None => {
+                revoked.remove(&key);
+                false
+            }
+        }
+    }
+
+    /// New revocations as (tenant, user).
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<(String, String)> {
+        self.news.subscribe()
     }
 }
 
@@ -389,8 +457,47 @@ mod tests {
             tenant: tenant.map(str::to_string),
             role: None,
             expires_at: u64::MAX,
+            issued_at: Some(100),
             is_super,
         }
+    }
+
+    #[test]
+    fn a_revocation_refuses_tokens_issued_up_to_it_and_is_lifted() {
+        let r = Revocations::default();
+        let mut news = r.subscribe();
+        let id = identity(Some("t1"), false);
+        assert!(!r.refuses(&id));
+        r.apply("t1", "u", Some(100.5));
+        assert_eq!(
+            news.try_recv().unwrap(),
+            ("t1".to_string(), "u".to_string())
+        );
+        assert!(r.refuses(&id), "issued before");
+        assert!(
+            !r.refuses(&Identity {
+                issued_at: Some(101),
+                ..id.clone()
+            }),
+            "issued after"
+        );
+        assert!(
+            r.refuses(&Identity {
+                issued_at: None,
+                ..id.clone()
+            }),
+            "no iat"
+        );
+        assert!(
+            !r.refuses(&identity(Some("t2"), false)),
+            "another tenant's user u"
+        );
+        assert!(
+            !r.refuses(&identity(None, true)),
+            "no tenant: not this user"
+        );
+        r.apply("t1", "u", None);
+        assert!(!r.refuses(&id));
     }
 
     mod properties {

@@ -18,7 +18,7 @@ pub const UNINSTALL_SQL: &str = include_str!("../sql/uninstall.sql");
 /// `sql/example_schema.sql`, embedded.
 pub const EXAMPLE_SCHEMA_SQL: &str = include_str!("../sql/example_schema.sql");
 /// The `citapulse.version()` this daemon speaks.
-pub const SQL_VERSION: i32 = 6;
+pub const SQL_VERSION: i32 = 7;
 /// The NOTIFY channel the triggers use.
 pub const NOTIFY_CHANNEL: &str = "citapulse";
 
@@ -738,4 +738,36 @@ pub async fn capture_check(client: &Client, slot: &str) -> Result<CaptureCheck, 
         retained_bytes,
         problems,
     })
+}
+
+/// One change of `citapulse.revocations`.
+#[derive(Debug, Clone)]
+pub struct Revocation {
+    /// Tenant.
+    pub tenant: String,
+    /// User (`sub`).
+    pub user_id: String,
+    /// When it was revoked (Unix seconds); `None` once lifted.
+    pub revoked_at: Option<f64>,
+    /// Its version (rows are read above the last version seen).
+    pub version: i64,
+}
+
+/// Revocations changed since `version` (all of them from 0), oldest first.
+pub async fn revocations_since(client: &Client, version: i64) -> Result<Vec<Revocation>, DbError> {
+    Ok(client
+        .query(
+            "SELECT tenant, user_id, CASE WHEN revoked THEN extract(epoch FROM revoked_at)::float8 END, version \
+               FROM citapulse.revocations WHERE version > $1 ORDER BY version",
+            &[&version],
+        )
+        .await?
+        .iter()
+        .map(|r| Revocation {
+            tenant: r.get(0),
+            user_id: r.get(1),
+            revoked_at: r.get(2),
+            version: r.get(3),
+        })
+        .collect())
 }

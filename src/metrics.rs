@@ -67,6 +67,8 @@ pub struct Metrics {
     /// Application rows the triggers did not log because their tenant value is too long
     /// (a database-wide count, read with the log size).
     pub oversized_tenant_rows: Gauge,
+    /// Revocations read from `citapulse.revocations` (each applied to this instance).
+    pub revocations: Counter,
     /// WAL bytes the capture slot holds on the server (0 without a slot).
     pub capture_lag_bytes: Gauge,
     /// Rows this instance decoded from the WAL and wrote to the log.
@@ -117,6 +119,7 @@ impl Metrics {
             pruned_rows: Counter::default(),
             log_rows: Gauge::default(),
             oversized_tenant_rows: Gauge::default(),
+            revocations: Counter::default(),
             capture_lag_bytes: Gauge::default(),
             wal_rows: Counter::default(),
             wal_streaming: Gauge::default(),
@@ -240,6 +243,11 @@ impl Metrics {
             "oversized_tenant_rows",
             "Rows not logged because their tenant value is over 255 bytes (database-wide)",
             m.oversized_tenant_rows.clone(),
+        );
+        r.register(
+            "revocations",
+            "User revocations applied by this instance (citapulse.revoke)",
+            m.revocations.clone(),
         );
         r.register(
             "capture_lag_bytes",

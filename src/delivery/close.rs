@@ -24,6 +24,8 @@ pub enum CloseCode {
     MessageTooBig,
     /// 4001: the token expired and no `auth` refresh came in time.
     TokenExpired,
+    /// 4003: the user was revoked (`citapulse.revoke`); a new token is refused too.
+    Revoked,
     /// 4008: the client's event queue overflowed; reconnect and resume.
     SlowConsumer,
 }
@@ -39,6 +41,7 @@ impl CloseCode {
             Self::RateLimited => 1008,
             Self::MessageTooBig => 1009,
             Self::TokenExpired => 4001,
+            Self::Revoked => 4003,
             Self::SlowConsumer => 4008,
         }
     }
@@ -53,6 +56,7 @@ impl CloseCode {
             Self::RateLimited => "rate limit exceeded",
             Self::MessageTooBig => "message too big",
             Self::TokenExpired => "token expired",
+            Self::Revoked => "revoked",
             Self::SlowConsumer => "slow consumer: reconnect and resume with since",
         }
     }
@@ -67,12 +71,13 @@ impl CloseCode {
             Self::RateLimited => "policy_violation",
             Self::MessageTooBig => "message_too_big",
             Self::TokenExpired => "token_expired",
+            Self::Revoked => "revoked",
             Self::SlowConsumer => "slow_consumer",
         }
     }
 
     /// Every code, for tests and documentation checks.
-    pub const ALL: [CloseCode; 8] = [
+    pub const ALL: [CloseCode; 9] = [
         Self::ClientClosed,
         Self::ServerShutdown,
         Self::ProtocolError,
@@ -80,6 +85,7 @@ impl CloseCode {
         Self::RateLimited,
         Self::MessageTooBig,
         Self::TokenExpired,
+        Self::Revoked,
         Self::SlowConsumer,
     ];
 }
@@ -122,6 +128,7 @@ mod tests {
                 (1008, "rate limit exceeded", "policy_violation"),
                 (1009, "message too big", "message_too_big"),
                 (4001, "token expired", "token_expired"),
+                (4003, "revoked", "revoked"),
                 (
                     4008,
                     "slow consumer: reconnect and resume with since",

@@ -10,6 +10,7 @@ pub mod frames;
 pub mod hub;
 pub mod protocol;
 pub mod replay;
+pub mod revocation;
 pub mod ws;
 
 /// Asks for a tenant's statistics when a subscriber arrives without a cached snapshot.

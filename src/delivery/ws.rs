@@ -44,6 +44,8 @@ pub struct Context {
     pub replay_budget: Arc<crate::delivery::replay::ReplayBudget>,
     /// Where a subscriber without cached numbers asks for a snapshot.
     pub stats: Arc<dyn super::SnapshotRequests>,
+    /// Revoked users (`citapulse.revoke`): their sockets close with 4003.
+    pub revocations: Arc<crate::auth::Revocations>,
 }
 
 /// Events read per replay page: with the client's queue (`limits.queue_len`), what one
@@ -414,9 +416,24 @@ impl Connection {
         // One timer per socket, re-armed by each frame: no periodic wake-ups, which
         // matter with tens of thousands of idle sockets.
         let mut last_heard = tokio::time::Instant::now();
+        let mut revoked = self.shared.revocations.subscribe();
         loop {
             let expires = expiry_instant(self.identity.expires_at);
             tokio::select! {
+                news = revoked.recv() => {
+                    // Lagged behind a burst of revocations: ask the registry itself.
+                    let mine = match news {
+                        Ok((tenant, user)) => {
+                            user == self.identity.user_id
+                                && self.identity.tenant.as_deref() == Some(tenant.as_str())
+                        }
+                        Err(_) => true,
+                    };
+                    if mine && self.shared.revocations.refuses(&self.identity) {
+                        self.client.request_close(CloseCode::Revoked);
+                        return Exit::AwaitWriter;
+                    }
+                }
                 frame = stream.next() => {
                     last_heard = tokio::time::Instant::now();
                     match frame {

@@ -146,10 +146,11 @@ pub async fn run(
     let auth = Authenticator::new(&config.auth)?;
     let metrics = Arc::new(Metrics::new(&config.instance));
     let pool = db::pool(&config)?;
-    let today = check_database(&config).await?;
+    let revocations = Arc::new(crate::auth::Revocations::default());
+    let today = check_database(&config, &revocations, &metrics).await?;
     let (today_tx, today_rx) = watch::channel(String::new());
     today_tx.send_replace(today);
-    let shared = Shared::build(config, auth, metrics, pool, today_rx);
+    let shared = Shared::build(config, auth, metrics, pool, today_rx, revocations);
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let background = spawn_background(&shared, today_tx, &stop_rx);
@@ -170,7 +171,11 @@ pub async fn run(
 
 /// Fails fast on a database without the SQL, with a bad time zone or a statistics
 /// query that does not prepare; returns today's date in `stats.timezone`.
-async fn check_database(config: &Config) -> Result<String, ServerError> {
+async fn check_database(
+    config: &Config,
+    revocations: &crate::auth::Revocations,
+    metrics: &Metrics,
+) -> Result<String, ServerError> {
     let (client, connection) = db::connect(config).await?;
     let driver = tokio::spawn(connection);
     db::check_version(&client).await?;
@@ -209,6 +214,8 @@ async fn check_database(config: &Config) -> Result<String, ServerError> {
         }
         .into());
     }
+    // Before the first handshake: a revoked user stays revoked across restarts.
+    crate::delivery::revocation::load(&client, revocations, metrics, 0).await?;
     drop(client);
     driver.abort();
     Ok(today.0)
@@ -222,6 +229,7 @@ impl Shared {
         metrics: Arc<Metrics>,
         pool: deadpool_postgres::Pool,
         today: watch::Receiver<String>,
+        revocations: Arc<crate::auth::Revocations>,
     ) -> Arc<Self> {
         let config = Arc::new(config);
         let hub = Arc::new(Hub::new(
@@ -261,6 +269,7 @@ impl Shared {
             pool,
             replay_budget: Arc::new(ReplayBudget::new(config.database.pool_size)),
             stats: stats.clone(),
+            revocations,
         });
         Arc::new(Shared {
             config,
@@ -279,7 +288,8 @@ impl Shared {
     }
 }
 
-/// Spawns the supervised background tasks (listener, stats, day rollover, retention),
+/// Spawns the supervised background tasks (listener, stats, day rollover, retention,
+/// WAL capture, revocations),
 /// all stopped by `stop`. A dead listener fails `/health`; the others restart.
 fn spawn_background(
     shared: &Shared,
@@ -323,6 +333,21 @@ fn spawn_background(
     background.spawn(supervise("wal", restart(), stop_rx.clone(), move || {
         crate::capture::wal::run(capture.clone(), stop.clone())
     }));
+    let sockets = shared.sockets.clone();
+    let stop = stop_rx.clone();
+    background.spawn(supervise(
+        "revocations",
+        restart(),
+        stop_rx.clone(),
+        move || {
+            crate::delivery::revocation::run(
+                sockets.config.clone(),
+                sockets.revocations.clone(),
+                sockets.metrics.clone(),
+                stop.clone(),
+            )
+        },
+    ));
     background
 }
 
@@ -602,6 +627,15 @@ fn upgrade(
             );
         }
     };
+    if shared.sockets.revocations.refuses(&identity) {
+        tracing::info!(peer = %peer, reason = "token_revoked", user = %identity.user_id, "handshake refused");
+        return refuse(
+            &shared,
+            StatusCode::UNAUTHORIZED,
+            "token_revoked",
+            "this user was revoked; a token issued after the revocation is needed",
+        );
+    }
     let Some(slot) = shared.take_ip_slot(peer.ip()) else {
         tracing::info!(peer = %peer, reason = "too_many_connections", "handshake refused");
         return refuse(
