@@ -24,6 +24,20 @@ fn slot_of(url: &str) -> String {
     base.rsplit('/').next().unwrap().to_string()
 }
 
+/// A daemon on `db` streaming `slot`, its config changed by `tweak`.
+async fn daemon_on(
+    db: &TestDb,
+    slot: &str,
+    tweak: impl FnOnce(&mut citapulse::config::Config),
+) -> Daemon {
+    let slot = slot.to_string();
+    Daemon::start(&db.url, |c| {
+        c.capture.slot = slot;
+        tweak(c);
+    })
+    .await
+}
+
 async fn switch(client: &Client, mode: &str, slot: &str) {
     let got: String = client
         .query_one("SELECT citapulse.capture_mode($1, $2)", &[&mode, &slot])
@@ -137,8 +151,7 @@ async fn one_of_each(db: &TestDb, c: &mut WsClient) -> Vec<Value> {
 async fn wal_mode_sends_what_trigger_mode_sends_without_a_trigger() {
     let db = TestDb::new().await;
     let slot = slot_of(&db.url);
-    let s = slot.clone();
-    let d = Daemon::start(&db.url, |c| c.capture.slot = s).await;
+    let d = daemon_on(&db, &slot, |_| {}).await;
     let mut c = WsClient::subscribed(d.addr, "t1").await;
     let by_triggers = one_of_each(&db, &mut c).await;
     assert_eq!(
@@ -184,8 +197,7 @@ async fn wal_mode_sends_what_trigger_mode_sends_without_a_trigger() {
 async fn switching_both_ways_under_writers_loses_and_doubles_nothing() {
     let db = TestDb::new().await;
     let slot = slot_of(&db.url);
-    let s = slot.clone();
-    let d = Daemon::start(&db.url, |c| c.capture.slot = s).await;
+    let d = daemon_on(&db, &slot, |_| {}).await;
     let mut c = WsClient::subscribed(d.addr, "t1").await;
     let load = Writers {
         writers: 4,
@@ -210,12 +222,7 @@ async fn switching_both_ways_under_writers_loses_and_doubles_nothing() {
 async fn a_big_transaction_is_one_refresh_per_tenant_and_truncate_reaches_everyone() {
     let db = TestDb::new().await;
     let slot = slot_of(&db.url);
-    let s = slot.clone();
-    let d = Daemon::start(&db.url, |c| {
-        c.capture.slot = s;
-        c.events.bulk_threshold = 5;
-    })
-    .await;
+    let d = daemon_on(&db, &slot, |c| c.events.bulk_threshold = 5).await;
     switch(&db.client, "wal", &slot).await;
     let mut t1 = WsClient::subscribed(d.addr, "t1").await;
     let mut t2 = WsClient::subscribed(d.addr, "t2").await;
@@ -298,8 +305,7 @@ async fn a_postgres_restart_or_a_dropped_connection_while_streaming_loses_nothin
     let db = TestDb::on_cluster(&cluster).await;
     let slot = slot_of(&db.url);
     switch(&db.client, "wal", &slot).await;
-    let s = slot.clone();
-    let d = Daemon::start(&db.url, |c| c.capture.slot = s).await;
+    let d = daemon_on(&db, &slot, |_| {}).await;
     let mut c = WsClient::subscribed(d.addr, "t1").await;
     for _ in 0..5 {
         db.insert_cita("t1", "pendiente").await;
@@ -410,10 +416,9 @@ async fn what_wal_mode_needs_is_said_with_what_to_run() {
         .batch_execute("ALTER PUBLICATION citapulse DROP TABLE horarios")
         .await
         .unwrap();
-    let s = slot.clone();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let mut c = config(&db.url);
-    c.capture.slot = s;
+    c.capture.slot = slot.clone();
     let err = citapulse::run(listener, c, async {})
         .await
         .unwrap_err()
