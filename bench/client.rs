@@ -79,6 +79,13 @@ pub async fn subscribe(ws: &mut Ws, tenant: &str) -> Result<()> {
         })?
 }
 
+/// Reads until a message of `kind`, skipping others; fails on an `error`.
+pub async fn expect_text(ws: &mut Ws, kind: &str) -> Result<()> {
+    tokio::time::timeout(SUBSCRIBE_TIMEOUT, expect(ws, kind))
+        .await
+        .map_err(|_| failed(format!("no `{kind}` in {SUBSCRIBE_TIMEOUT:?}")))?
+}
+
 /// Reads until a message of `kind` (others, like the first `stats`, are skipped).
 async fn expect(ws: &mut Ws, kind: &str) -> Result<()> {
     let tag = format!(r#""type":"{kind}""#);

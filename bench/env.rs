@@ -139,6 +139,15 @@ impl Tokens {
     }
 }
 
+impl Tokens {
+    /// A token for user `sub` of `tenant` with `role`, valid for two hours.
+    pub fn user(&self, sub: &str, tenant: &str, role: &str) -> Result<String> {
+        self.auth
+            .mint(sub, Some(tenant), Some(role), 7200)
+            .ok_or_else(|| failed("could not sign a token"))
+    }
+}
+
 /// Which server a process is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {

@@ -6,7 +6,7 @@
 //!   `/proc` readers (CPU seconds, RSS) and `RLIMIT_NOFILE`.
 //! - [`client`]: cheap WebSocket clients spread over 127.0.0.x source addresses.
 //! - [`writer`]: paced writers that timestamp COMMIT sent and acknowledged.
-//! - [`latency`], [`fanout`], [`trigger`], [`stats`]: one module per scenario.
+//! - [`latency`], [`fanout`], [`trigger`], [`stats`], [`people`]: one module per scenario.
 //! - [`report`]: percentiles, medians over rounds, Markdown tables.
 //!
 //! Every load targets 127.0.0.0/8, is bounded in count and time, and stops by itself;
@@ -17,6 +17,7 @@ mod env;
 mod error;
 mod fanout;
 mod latency;
+mod people;
 mod report;
 mod stats;
 mod trigger;
@@ -107,6 +108,8 @@ enum Scenario {
     Trigger,
     /// 6: stats recompute time and coalescing.
     Stats,
+    /// Issue 20: presence across two instances, routed vs tenant-only fan-out.
+    People,
 }
 
 /// No scenario runs longer than this (a full one takes a few minutes).
@@ -114,12 +117,13 @@ const SCENARIO_LIMIT: Duration = Duration::from_secs(20 * 60);
 /// Nor, in quick mode, longer than this.
 const QUICK_SCENARIO_LIMIT: Duration = Duration::from_secs(60);
 
-const ORDER: [Scenario; 5] = [
+const ORDER: [Scenario; 6] = [
     Scenario::Latency,
     Scenario::Modes,
     Scenario::Fanout,
     Scenario::Trigger,
     Scenario::Stats,
+    Scenario::People,
 ];
 
 /// What every scenario needs.
@@ -305,6 +309,7 @@ async fn run(args: Args) -> Result<()> {
                 Scenario::Fanout => fanout::scenario(&bench).await,
                 Scenario::Trigger => trigger::scenario(&bench).await,
                 Scenario::Stats => stats::scenario(&bench).await,
+                Scenario::People => people::scenario(&bench).await,
                 Scenario::All => Err(failed("`all` is expanded before this point")),
             }
         };

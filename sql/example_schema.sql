@@ -26,5 +26,8 @@ CREATE TABLE IF NOT EXISTS horarios (
 );
 CREATE INDEX IF NOT EXISTS horarios_negocio_idx ON horarios (negocio_id);
 
-SELECT citapulse.watch('public.citas'::regclass, tenant_column => 'negocio_id', kind => 'appointment');
+-- Each appointment also goes to its professional's and its client's channel
+-- (usuario:<negocio_id>:<profesional_id>, usuario:<negocio_id>:<cliente_id>).
+SELECT citapulse.watch('public.citas'::regclass, tenant_column => 'negocio_id', kind => 'appointment',
+                       route_columns => ARRAY['profesional_id', 'cliente_id']);
 SELECT citapulse.watch('public.horarios'::regclass, tenant_column => 'negocio_id', kind => 'schedule');

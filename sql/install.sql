@@ -22,7 +22,7 @@ CREATE SCHEMA IF NOT EXISTS citapulse;
 
 -- The version the daemon checks at start-up; bump on any incompatible change.
 CREATE OR REPLACE FUNCTION citapulse.version() RETURNS integer
-LANGUAGE sql IMMUTABLE AS $$ SELECT 7 $$;
+LANGUAGE sql IMMUTABLE AS $$ SELECT 8 $$;
 
 -- One row per changed row (or one calendar_refresh per tenant for a bulk statement).
 -- Since version 4 the triggers write citapulse.inbox and a daemon moves committed inbox
@@ -57,6 +57,11 @@ UPDATE citapulse.events e SET tenant = NULL
        SELECT format('%I.%I', n.nspname, c.relname)
          FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
         WHERE t.tgname = 'citapulse_insert' AND t.tgnargs >= 1 AND position('\x00'::bytea IN t.tgargs) = 1);
+-- Version 8: the people an event also goes to (DESIGN.md §8), as 'u:<user>' (the channel
+-- usuario:<tenant>:<user>), 'r:<role>' (rol:<tenant>:<role>) and 'u:*' (every user channel
+-- of the tenant: a calendar_refresh of a table with route columns). NULL: nobody besides
+-- the tenant's channel. Filled when the daemon moves a row here, never by the app's write.
+ALTER TABLE citapulse.events ADD COLUMN IF NOT EXISTS routes text[];
 -- Replay of one tenant's channel.
 CREATE INDEX IF NOT EXISTS events_tenant_id_idx ON citapulse.events (tenant, id);
 -- Late commits: the daemon re-reads events of transactions that were in progress.
@@ -90,6 +95,9 @@ CREATE TABLE IF NOT EXISTS citapulse.inbox (
     payload     jsonb,
     created_at  timestamptz NOT NULL DEFAULT clock_timestamp()
 );
+-- Only emit_to_user()/emit_to_role() write routes here; a watched row's routes are
+-- computed when it is moved (off the app's commit path).
+ALTER TABLE citapulse.inbox ADD COLUMN IF NOT EXISTS routes text[];
 -- Rows live here for milliseconds: vacuum often so the mover's key scan stays short.
 ALTER TABLE citapulse.inbox SET (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 2000,
                                  autovacuum_vacuum_insert_scale_factor = 0, autovacuum_vacuum_insert_threshold = 2000);
@@ -187,7 +195,7 @@ $$;
 CREATE OR REPLACE FUNCTION citapulse.event_data(e citapulse.events) RETURNS jsonb
 LANGUAGE sql STABLE AS $$
     SELECT CASE
-        WHEN e.op = 'EMIT' THEN coalesce(e.payload, '{}'::jsonb)
+        WHEN e.op IN ('EMIT', 'EMIT_TO') THEN coalesce(e.payload, '{}'::jsonb)
         WHEN e.event_type = 'calendar_refresh' THEN
             e.payload || jsonb_build_object('table', e.tbl, 'timestamp', floor(extract(epoch FROM e.created_at))::bigint)
         ELSE jsonb_build_object(
@@ -382,6 +390,9 @@ CREATE TABLE IF NOT EXISTS citapulse.watches (
     kind            text NOT NULL,
     saved_identity  "char"
 );
+-- Version 8: the columns holding user ids an event of the table also goes to
+-- (usuario:<tenant>:<value>), from the new and the old row.
+ALTER TABLE citapulse.watches ADD COLUMN IF NOT EXISTS route_columns text[] NOT NULL DEFAULT '{}';
 INSERT INTO citapulse.watches (tbl, tenant_column, kind)
 SELECT t.tgrelid::regclass, a[1], a[2]
   FROM pg_trigger t, citapulse.trigger_args(t.tgargs) a
@@ -472,12 +483,37 @@ BEGIN
 END
 $$;
 
+-- The people a changed row of a table with route columns goes to: 'u:<value>' for each
+-- distinct non-NULL value of those columns in the new and the old row (an appointment
+-- moved from professional A to B reaches both); 'u:*' (every user channel of the tenant)
+-- for a calendar_refresh, which carries no row. Values that cannot be a channel name's
+-- user part are dropped: nobody could subscribe to them.
+CREATE OR REPLACE FUNCTION citapulse.row_routes(cols text[], new_row jsonb, old_row jsonb)
+RETURNS text[] LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE
+        WHEN cols IS NULL OR cardinality(cols) = 0 THEN NULL
+        WHEN new_row IS NULL AND old_row IS NULL THEN ARRAY['u:*']
+        ELSE (SELECT array_agg(DISTINCT 'u:' || v.v ORDER BY 'u:' || v.v)
+                FROM (SELECT new_row ->> c FROM unnest(cols) c
+                      UNION ALL SELECT old_row ->> c FROM unnest(cols) c) v(v)
+               WHERE v.v ~ '^[A-Za-z0-9_.@-]{1,128}$')
+    END
+$$;
+
 -- Watches a table: records it and attaches its capture (triggers, or the publication in
 -- WAL mode). Calling it again replaces them, so changing tenant_column or kind is one call.
 -- tenant_column => NULL watches a table without one: the daemon resolves each row's
 -- tenant with a [[resolvers]] query from its config.
-CREATE OR REPLACE FUNCTION citapulse.watch(tbl regclass, tenant_column text, kind text DEFAULT 'appointment')
+-- route_columns (version 8) name the columns holding user ids: each event of the table
+-- also goes to usuario:<tenant>:<value> of the new and the old row's values. NULL keeps
+-- what an earlier call set (none for a new table); '{}' clears them.
+-- (Version 7's three-argument watch() is replaced: re-grant watch() to DBA roles.)
+DROP FUNCTION IF EXISTS citapulse.watch(regclass, text, text);
+CREATE OR REPLACE FUNCTION citapulse.watch(tbl regclass, tenant_column text, kind text DEFAULT 'appointment',
+                                           route_columns text[] DEFAULT NULL)
 RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    col text;
 BEGIN
     IF kind IS NULL OR kind !~ '^[a-z][a-z0-9_]{0,40}$' THEN
         RAISE EXCEPTION 'citapulse.watch: kind must match ^[a-z][a-z0-9_]{0,40}$ (got %)', kind;
@@ -486,9 +522,20 @@ BEGIN
                     WHERE attrelid = tbl AND attname = tenant_column AND attnum > 0 AND NOT attisdropped) THEN
         RAISE EXCEPTION 'citapulse.watch: table % has no column %', tbl, tenant_column;
     END IF;
-    INSERT INTO citapulse.watches AS w (tbl, tenant_column, kind)
-    VALUES (tbl, coalesce(tenant_column, ''), kind)
-    ON CONFLICT ON CONSTRAINT watches_pkey DO UPDATE SET tenant_column = excluded.tenant_column, kind = excluded.kind;
+    IF cardinality(route_columns) > 16 THEN
+        RAISE EXCEPTION 'citapulse.watch: at most 16 route_columns';
+    END IF;
+    FOREACH col IN ARRAY coalesce(route_columns, '{}') LOOP
+        IF col IS NULL OR NOT EXISTS (SELECT 1 FROM pg_attribute
+                        WHERE attrelid = tbl AND attname = col AND attnum > 0 AND NOT attisdropped) THEN
+            RAISE EXCEPTION 'citapulse.watch: table % has no column % (route_columns)', tbl, coalesce(col, 'NULL');
+        END IF;
+    END LOOP;
+    INSERT INTO citapulse.watches AS w (tbl, tenant_column, kind, route_columns)
+    VALUES (tbl, coalesce(tenant_column, ''), kind, coalesce(route_columns, '{}'))
+    ON CONFLICT ON CONSTRAINT watches_pkey DO UPDATE
+       SET tenant_column = excluded.tenant_column, kind = excluded.kind,
+           route_columns = coalesce(watch.route_columns, w.route_columns);
     PERFORM citapulse.attach(tbl);
 END
 $$;
@@ -756,6 +803,52 @@ BEGIN
 END
 $$;
 
+-- Publishes an event to one user's channel (usuario:<tenant>:<user_id>) or one role's
+-- (rol:<tenant>:<role>), in the caller's transaction like emit(). It does not go to the
+-- tenant's channel: only the addressed people (and super roles subscribed to their
+-- channel) receive it.
+CREATE OR REPLACE FUNCTION citapulse.emit_to(tenant text, route text, event_type text, data jsonb)
+RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    new_id bigint;
+BEGIN
+    IF tenant IS NULL OR tenant !~ '^[A-Za-z0-9_.-]{1,64}$' THEN
+        RAISE EXCEPTION 'citapulse.emit_to_%: tenant must match ^[A-Za-z0-9_.-]{1,64}$ (the tenant of one channel)',
+            CASE left(route, 1) WHEN 'u' THEN 'user' ELSE 'role' END;
+    END IF;
+    IF route IS NULL OR substr(route, 3) !~ '^[A-Za-z0-9_.@-]{1,128}$' THEN
+        RAISE EXCEPTION 'citapulse.emit_to_%: % must match ^[A-Za-z0-9_.@-]{1,128}$',
+            CASE left(route, 1) WHEN 'u' THEN 'user' ELSE 'role' END,
+            CASE left(route, 1) WHEN 'u' THEN 'user_id' ELSE 'role' END;
+    END IF;
+    IF event_type IS NULL OR event_type !~ '^[A-Za-z][A-Za-z0-9_.:-]{0,63}$' THEN
+        RAISE EXCEPTION 'citapulse.emit_to_%: event_type must match ^[A-Za-z][A-Za-z0-9_.:-]{0,63}$',
+            CASE left(route, 1) WHEN 'u' THEN 'user' ELSE 'role' END;
+    END IF;
+    IF lower(event_type) = ANY (citapulse.reserved_event_types()) THEN
+        RAISE EXCEPTION 'citapulse.emit_to_%: event_type % is reserved for messages of the server',
+            CASE left(route, 1) WHEN 'u' THEN 'user' ELSE 'role' END, event_type;
+    END IF;
+    INSERT INTO citapulse.inbox (tenant, kind, event_type, op, payload, routes)
+    VALUES (tenant, 'custom', event_type, 'EMIT_TO', coalesce(data, '{}'::jsonb), ARRAY[route])
+    RETURNING id INTO new_id;
+    IF citapulse.notifying() THEN
+        PERFORM pg_notify('citapulse', '');
+    END IF;
+    RETURN new_id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION citapulse.emit_to_user(tenant text, user_id text, event_type text, data jsonb DEFAULT '{}')
+RETURNS bigint LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT citapulse.emit_to(tenant, 'u:' || coalesce(user_id, ''), event_type, data)
+$$;
+
+CREATE OR REPLACE FUNCTION citapulse.emit_to_role(tenant text, role text, event_type text, data jsonb DEFAULT '{}')
+RETURNS bigint LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT citapulse.emit_to(tenant, 'r:' || coalesce(role, ''), event_type, data)
+$$;
+
 -- Revoked users (DESIGN.md §8, version 7): every daemon reads the rows above the last
 -- version it saw (within a second), closes the user's sockets (4003) and refuses tokens
 -- issued at or before revoked_at. A lifted revocation stays as a row (revoked = false)
@@ -772,12 +865,19 @@ CREATE TABLE IF NOT EXISTS citapulse.revocations (
 );
 CREATE INDEX IF NOT EXISTS revocations_version_idx ON citapulse.revocations (version);
 
+-- The lock keys that order presence writes (this one) and revocations (this one + 1):
+-- each writer takes it before drawing versions, so versions commit in order and a reader
+-- of "version > last" skips nothing.
+CREATE OR REPLACE FUNCTION citapulse.people_lock_key() RETURNS bigint
+LANGUAGE sql IMMUTABLE AS $$ SELECT 7382917400000003::bigint $$;
+
 -- Closes every socket of `user_id` in `tenant` on every instance and refuses its tokens
 -- issued until now. Transactional: takes effect when the caller commits (a DBA may call
 -- it from a trigger on the application's users table when one is deactivated).
 CREATE OR REPLACE FUNCTION citapulse.revoke(tenant text, user_id text, reason text DEFAULT NULL)
 RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+    PERFORM pg_advisory_xact_lock(citapulse.people_lock_key() + 1);
     IF tenant IS NULL OR tenant !~ '^[A-Za-z0-9_.-]{1,64}$' THEN
         RAISE EXCEPTION 'citapulse.revoke: tenant must match ^[A-Za-z0-9_.-]{1,64}$ (the tenant of one channel)';
     END IF;
@@ -796,9 +896,72 @@ $$;
 CREATE OR REPLACE FUNCTION citapulse.unrevoke(tenant text, user_id text)
 RETURNS boolean LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+    PERFORM pg_advisory_xact_lock(citapulse.people_lock_key() + 1);
     UPDATE citapulse.revocations r SET revoked = false, version = nextval('citapulse.revocation_version')
      WHERE r.tenant = unrevoke.tenant AND r.user_id = unrevoke.user_id AND r.revoked;
     RETURN FOUND;
+END
+$$;
+
+-- Presence (DESIGN.md §8, version 8): who is online in each tenant, across every daemon
+-- on the database. Each daemon writes its own users (one row per tenant and user, with
+-- its number of connections; 0 = left, kept until every daemon has read it) and a
+-- heartbeat; every daemon reads the rows above the last version it saw and counts only
+-- daemons whose heartbeat is younger than its presence.ttl_ms. Writes take a lock, so
+-- versions are handed out in commit order and a reader never skips a late commit.
+CREATE TABLE IF NOT EXISTS citapulse.presence_instances (
+    instance   text PRIMARY KEY,
+    heartbeat  timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE SEQUENCE IF NOT EXISTS citapulse.presence_version;
+CREATE TABLE IF NOT EXISTS citapulse.presence (
+    instance     text        NOT NULL,
+    tenant       text        NOT NULL,
+    user_id      text        NOT NULL,
+    role         text,
+    connections  integer     NOT NULL,
+    since        timestamptz NOT NULL,
+    version      bigint      NOT NULL,
+    updated_at   timestamptz NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (instance, tenant, user_id)
+);
+CREATE INDEX IF NOT EXISTS presence_version_idx ON citapulse.presence (version);
+
+
+-- One daemon's heartbeat and changed users. `leaving_in_ms` (a daemon shutting down)
+-- dates the heartbeat back so the others count its users for only that much longer.
+-- Returns whether the daemon had been given up for dead (no heartbeat for `ttl_ms`):
+-- it must then write all its users again, since the others dropped them.
+CREATE OR REPLACE FUNCTION citapulse.presence_write(instance text, ttl_ms integer, tenants text[], users text[],
+                                                    roles text[], connections integer[], sinces float8[],
+                                                    leaving_in_ms integer DEFAULT NULL)
+RETURNS boolean LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    previous timestamptz;
+BEGIN
+    PERFORM pg_advisory_xact_lock(citapulse.people_lock_key());
+    SELECT i.heartbeat INTO previous FROM citapulse.presence_instances i WHERE i.instance = presence_write.instance;
+    INSERT INTO citapulse.presence_instances AS i (instance, heartbeat)
+    VALUES (presence_write.instance,
+            clock_timestamp() - CASE WHEN leaving_in_ms IS NULL THEN interval '0'
+                                     ELSE make_interval(secs => greatest(ttl_ms - leaving_in_ms, 0) / 1000.0) END)
+    ON CONFLICT ON CONSTRAINT presence_instances_pkey DO UPDATE SET heartbeat = excluded.heartbeat;
+    INSERT INTO citapulse.presence AS p (instance, tenant, user_id, role, connections, since, version)
+    SELECT presence_write.instance, u.tenant, u.user_id, u.role, u.connections, to_timestamp(u.since),
+           nextval('citapulse.presence_version')
+      FROM unnest(tenants, users, roles, connections, sinces) AS u(tenant, user_id, role, connections, since)
+    ON CONFLICT ON CONSTRAINT presence_pkey DO UPDATE
+       SET role = excluded.role, connections = excluded.connections, since = excluded.since,
+           version = excluded.version, updated_at = clock_timestamp();
+    -- Housekeeping: leaves every daemon has long read, and daemons dead for a while.
+    DELETE FROM citapulse.presence p
+     WHERE p.instance = presence_write.instance AND p.connections = 0
+       AND p.updated_at < clock_timestamp() - make_interval(secs => 2 * ttl_ms / 1000.0);
+    DELETE FROM citapulse.presence p USING citapulse.presence_instances i
+     WHERE p.instance = i.instance AND i.heartbeat < clock_timestamp() - make_interval(secs => 4 * ttl_ms / 1000.0);
+    DELETE FROM citapulse.presence_instances i
+     WHERE i.heartbeat < clock_timestamp() - make_interval(secs => 4 * ttl_ms / 1000.0);
+    RETURN previous IS NULL OR previous < clock_timestamp() - make_interval(secs => ttl_ms / 1000.0);
 END
 $$;
 
@@ -816,24 +979,33 @@ $$;
 CREATE OR REPLACE FUNCTION citapulse.take_inbox(ids bigint[])
 RETURNS SETOF citapulse.events
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-    SET plan_cache_mode = force_generic_plan SET enable_seqscan = off AS $$
+    SET plan_cache_mode = force_generic_plan SET enable_seqscan = off SET jit = off AS $$
 BEGIN
     -- PL/pgSQL keeps this statement's plan for the session (a SQL function would plan it
     -- on every call, several times what an empty move costs). The generic one: a custom
     -- plan asks the inbox key for its actual bounds, walking every dead entry the moves
     -- left (0.2 ms of a 0.3 ms read here); and no sequential scan, which the generic plan
     -- of a table that is nearly always empty would pick, however many dead rows it holds.
+    -- (What must be scanned whole, the few rows of citapulse.watches, then costs like
+    -- a disabled plan: jit off, or every move would compile it for hundreds of ms.)
     -- Rows whose tenant is over 255 bytes (see capture(): the inbox has no tenant index,
     -- so the app's write never checks) are dropped here and counted by `dropped`.
+    -- Routes (version 8) are computed here, off the app's commit path, from the tables'
+    -- route_columns as they are now.
     RETURN QUERY
     WITH moved AS (
         DELETE FROM citapulse.inbox i
          WHERE i.id = ANY (ids)
-        RETURNING i.id, i.tenant, i.kind, i.event_type, i.tbl, i.op, i.row_data, i.old_data, i.payload, i.created_at
+        RETURNING i.id, i.tenant, i.kind, i.event_type, i.tbl, i.op, i.row_data, i.old_data, i.payload, i.created_at, i.routes
+    ), routing AS (
+        -- regclass prints as format('%I.%I', schema, name) under this search_path (what
+        -- the triggers write as tbl), from the catalog cache: no scan of pg_class.
+        SELECT w.tbl::text AS tbl, w.route_columns FROM citapulse.watches w WHERE cardinality(w.route_columns) > 0
     ), written AS (
-        INSERT INTO citapulse.events AS ev (id, tenant, kind, event_type, tbl, op, row_data, old_data, payload, created_at)
-        SELECT m.id, m.tenant, m.kind, m.event_type, m.tbl, m.op, m.row_data, m.old_data, m.payload, m.created_at
-          FROM moved m
+        INSERT INTO citapulse.events AS ev (id, tenant, kind, event_type, tbl, op, row_data, old_data, payload, created_at, routes)
+        SELECT m.id, m.tenant, m.kind, m.event_type, m.tbl, m.op, m.row_data, m.old_data, m.payload, m.created_at,
+               CASE WHEN m.op = 'EMIT_TO' THEN m.routes ELSE citapulse.row_routes(r.route_columns, m.row_data, m.old_data) END
+          FROM moved m LEFT JOIN routing r ON r.tbl = m.tbl
          WHERE m.tenant IS NULL OR octet_length(m.tenant) <= 255
          ORDER BY m.id
         RETURNING ev.*

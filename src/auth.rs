@@ -250,17 +250,130 @@ pub enum ChannelError {
     Forbidden,
 }
 
-/// Validates a channel name and returns its tenant: `estadisticas:` followed by
-/// 1–64 characters of `[A-Za-z0-9_.-]`.
-pub fn channel_tenant(channel: &str) -> Result<&str, ChannelError> {
-    let tenant = channel
-        .strip_prefix(STATS_PREFIX)
-        .ok_or(ChannelError::BadName)?;
-    if is_valid_tenant(tenant) {
-        Ok(tenant)
-    } else {
+/// The channel prefix for one user's events (`usuario:<tenant>:<user>`).
+pub const USER_PREFIX: &str = "usuario:";
+/// The channel prefix for one role's events (`rol:<tenant>:<role>`).
+pub const ROLE_PREFIX: &str = "rol:";
+/// Longest user id or role accepted in a channel name.
+pub const MAX_PERSON_LEN: usize = 128;
+
+/// Whose events a channel carries, besides its tenant.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ChannelKind {
+    /// `estadisticas:<tenant>`: the tenant's events and statistics.
+    Tenant,
+    /// `usuario:<tenant>:<user>`.
+    User(String),
+    /// `rol:<tenant>:<role>`.
+    Role(String),
+}
+
+/// A valid channel name, parsed.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Channel {
+    /// The tenant it belongs to.
+    pub tenant: String,
+    /// Which of the tenant's channels.
+    pub kind: ChannelKind,
+}
+
+impl Channel {
+    /// Parses `estadisticas:<tenant>`, `usuario:<tenant>:<user>` or `rol:<tenant>:<role>`:
+    /// a tenant of 1–64 characters of `[A-Za-z0-9_.-]`, a user or role of 1–128 of
+    /// `[A-Za-z0-9_.@-]`. Anything else (extra colons, empty parts) is a bad name.
+    pub fn parse(name: &str) -> Result<Self, ChannelError> {
+        let person = |rest: &str| -> Result<(String, String), ChannelError> {
+            let (tenant, who) = rest.split_once(':').ok_or(ChannelError::BadName)?;
+            if is_valid_tenant(tenant) && is_valid_person(who) {
+                Ok((tenant.to_string(), who.to_string()))
+            } else {
+                Err(ChannelError::BadName)
+            }
+        };
+        if let Some(tenant) = name.strip_prefix(STATS_PREFIX) {
+            return if is_valid_tenant(tenant) {
+                Ok(Self {
+                    tenant: tenant.to_string(),
+                    kind: ChannelKind::Tenant,
+                })
+            } else {
+                Err(ChannelError::BadName)
+            };
+        }
+        if let Some(rest) = name.strip_prefix(USER_PREFIX) {
+            let (tenant, user) = person(rest)?;
+            return Ok(Self {
+                tenant,
+                kind: ChannelKind::User(user),
+            });
+        }
+        if let Some(rest) = name.strip_prefix(ROLE_PREFIX) {
+            let (tenant, role) = person(rest)?;
+            return Ok(Self {
+                tenant,
+                kind: ChannelKind::Role(role),
+            });
+        }
         Err(ChannelError::BadName)
     }
+
+    /// The tenant's own channel.
+    pub fn tenant(tenant: &str) -> Self {
+        Self {
+            tenant: tenant.to_string(),
+            kind: ChannelKind::Tenant,
+        }
+    }
+
+    /// Its route in the log (`citapulse.events.routes`): `u:<user>`, `r:<role>`; `None`
+    /// for the tenant's channel.
+    pub fn route(&self) -> Option<String> {
+        match &self.kind {
+            ChannelKind::Tenant => None,
+            ChannelKind::User(u) => Some(format!("u:{u}")),
+            ChannelKind::Role(r) => Some(format!("r:{r}")),
+        }
+    }
+
+    /// The `/metrics` label of its kind.
+    pub fn kind_label(&self) -> &'static str {
+        match self.kind {
+            ChannelKind::Tenant => "tenant",
+            ChannelKind::User(_) => "user",
+            ChannelKind::Role(_) => "role",
+        }
+    }
+
+    /// Whether `who` may read it (DESIGN.md §8): a super role reads every channel; a
+    /// token of the tenant reads the tenant's channel, its own user's and its own role's.
+    pub fn allows(&self, who: &Identity) -> bool {
+        if who.is_super {
+            return true;
+        }
+        if who.tenant.as_deref() != Some(self.tenant.as_str()) {
+            return false;
+        }
+        match &self.kind {
+            ChannelKind::Tenant => true,
+            ChannelKind::User(u) => *u == who.user_id,
+            ChannelKind::Role(r) => who.role.as_deref() == Some(r.as_str()),
+        }
+    }
+}
+
+impl std::fmt::Display for Channel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.kind {
+            ChannelKind::Tenant => write!(f, "{STATS_PREFIX}{}", self.tenant),
+            ChannelKind::User(u) => write!(f, "{USER_PREFIX}{}:{u}", self.tenant),
+            ChannelKind::Role(r) => write!(f, "{ROLE_PREFIX}{}:{r}", self.tenant),
+        }
+    }
+}
+
+/// Validates a channel name and returns its tenant (any channel kind).
+pub fn channel_tenant(channel: &str) -> Result<String, ChannelError> {
+    Channel::parse(channel).map(|c| c.tenant)
 }
 
 /// Whether a tenant id may appear in a channel name.
@@ -272,11 +385,20 @@ pub fn is_valid_tenant(tenant: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
 }
 
-/// Whether `who` may read `channel`; returns the tenant when allowed.
-pub fn authorize<'c>(who: &Identity, channel: &'c str) -> Result<&'c str, ChannelError> {
-    let tenant = channel_tenant(channel)?;
-    if who.is_super || who.tenant.as_deref() == Some(tenant) {
-        Ok(tenant)
+/// Whether a user id or role may appear in a channel name.
+pub fn is_valid_person(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_PERSON_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'@'))
+}
+
+/// Whether `who` may read `channel`; returns it parsed when allowed.
+pub fn authorize(who: &Identity, channel: &str) -> Result<Channel, ChannelError> {
+    let parsed = Channel::parse(channel)?;
+    if parsed.allows(who) {
+        Ok(parsed)
     } else {
         Err(ChannelError::Forbidden)
     }
@@ -425,7 +547,10 @@ mod tests {
 
     #[test]
     fn channels_are_validated() {
-        assert_eq!(channel_tenant("estadisticas:negocio_1"), Ok("negocio_1"));
+        assert_eq!(
+            channel_tenant("estadisticas:negocio_1"),
+            Ok("negocio_1".to_string())
+        );
         assert_eq!(channel_tenant("estadisticas:"), Err(ChannelError::BadName));
         assert_eq!(
             channel_tenant("estadisticas:a b"),
@@ -436,7 +561,7 @@ mod tests {
         let long = format!("estadisticas:{}", "a".repeat(65));
         assert_eq!(channel_tenant(&long), Err(ChannelError::BadName));
         let longest = format!("estadisticas:{}", "a".repeat(64));
-        assert_eq!(channel_tenant(&longest), Ok("a".repeat(64).as_str()));
+        assert_eq!(channel_tenant(&longest), Ok("a".repeat(64)));
         for bad in [
             "estadisticas:../x",
             "estadisticas:a/b",
@@ -449,6 +574,60 @@ mod tests {
         ] {
             assert_eq!(channel_tenant(bad), Err(ChannelError::BadName), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn person_channels_are_validated() {
+        let user = Channel::parse("usuario:n1:p-7@x.org").unwrap();
+        assert_eq!(user.tenant, "n1");
+        assert_eq!(user.kind, ChannelKind::User("p-7@x.org".into()));
+        assert_eq!(user.route().as_deref(), Some("u:p-7@x.org"));
+        assert_eq!(user.to_string(), "usuario:n1:p-7@x.org");
+        let role = Channel::parse("rol:n1:admin").unwrap();
+        assert_eq!(role.kind, ChannelKind::Role("admin".into()));
+        assert_eq!(role.route().as_deref(), Some("r:admin"));
+        let long_user = format!("usuario:n1:{}", "u".repeat(129));
+        let long_tenant = format!("usuario:{}:u", "t".repeat(65));
+        let huge = format!("rol:n1:{}", "r".repeat(10_000));
+        for bad in [
+            "usuario:n1",
+            "usuario:n1:",
+            "usuario::u",
+            "usuario:n1:u:extra",
+            "usuario:n1:*",
+            "usuario:n1:ñ",
+            "usuario:n@1:u",
+            "rol:n1",
+            "rol:n1:",
+            "rol:n1:a:b",
+            "rol:n1:a b",
+            "Usuario:n1:u",
+            "usuario:n1:u\u{0}",
+            long_user.as_str(),
+            long_tenant.as_str(),
+            huge.as_str(),
+        ] {
+            assert_eq!(Channel::parse(bad), Err(ChannelError::BadName), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn person_channels_are_for_that_person_of_that_tenant() {
+        let mut who = identity(Some("n1"), false);
+        who.role = Some("admin".into());
+        let may = |c: &str| authorize(&who, c).is_ok();
+        assert!(may("estadisticas:n1"));
+        assert!(may("usuario:n1:u"), "own user");
+        assert!(may("rol:n1:admin"), "own role");
+        assert!(!may("usuario:n1:v"), "another user of the tenant");
+        assert!(!may("rol:n1:staff"), "another role");
+        assert!(!may("usuario:n2:u"), "same user id in another tenant");
+        assert!(!may("rol:n2:admin"), "same role in another tenant");
+        let root = identity(None, true);
+        assert!(authorize(&root, "usuario:n2:v").is_ok());
+        assert!(authorize(&root, "rol:n2:x").is_ok());
+        let no_tenant = identity(None, false);
+        assert!(authorize(&no_tenant, "usuario:n1:u").is_err());
     }
 
     fn identity(tenant: Option<&str>, is_super: bool) -> Identity {
@@ -514,15 +693,15 @@ mod tests {
             #[test]
             fn valid_tenants_round_trip(tenant in TENANT) {
                 let channel = format!("{STATS_PREFIX}{tenant}");
-                prop_assert_eq!(channel_tenant(&channel), Ok(tenant.as_str()));
+                prop_assert_eq!(channel_tenant(&channel), Ok(tenant.clone()));
             }
 
             /// Whatever the input, an accepted channel is the prefix plus a safe tenant.
             #[test]
             fn accepted_channels_are_safe(channel in any::<String>()) {
-                if let Ok(tenant) = channel_tenant(&channel) {
-                    prop_assert!(is_valid_tenant(tenant));
-                    prop_assert_eq!(format!("{STATS_PREFIX}{tenant}"), channel.clone());
+                if let Ok(parsed) = Channel::parse(&channel) {
+                    prop_assert!(is_valid_tenant(&parsed.tenant));
+                    prop_assert_eq!(parsed.to_string(), channel.clone());
                 }
             }
 
@@ -548,21 +727,22 @@ mod tests {
             fn authorization_is_per_tenant(own in TENANT, other in TENANT) {
                 let who = identity(Some(&own), false);
                 let own_channel = format!("{STATS_PREFIX}{own}");
-                prop_assert_eq!(authorize(&who, &own_channel), Ok(own.as_str()));
+                let tenant_of = |c: &str| authorize(&who, c).map(|c| c.tenant);
+                prop_assert_eq!(tenant_of(&own_channel), Ok(own.clone()));
                 let other_channel = format!("{STATS_PREFIX}{other}");
-                let expected = if other == own { Ok(other.as_str()) } else { Err(ChannelError::Forbidden) };
-                prop_assert_eq!(authorize(&who, &other_channel), expected);
+                let expected = if other == own { Ok(other.clone()) } else { Err(ChannelError::Forbidden) };
+                prop_assert_eq!(tenant_of(&other_channel), expected);
                 let nobody = identity(None, false);
                 prop_assert_eq!(authorize(&nobody, &other_channel), Err(ChannelError::Forbidden));
                 let root = identity(None, true);
-                prop_assert_eq!(authorize(&root, &other_channel), Ok(other.as_str()));
+                prop_assert_eq!(authorize(&root, &other_channel).map(|c| c.tenant), Ok(other.clone()));
             }
 
             /// Even a super role gets nothing from a malformed channel.
             #[test]
             fn super_roles_still_need_valid_names(channel in any::<String>()) {
                 let root = identity(None, true);
-                prop_assert_eq!(authorize(&root, &channel), channel_tenant(&channel));
+                prop_assert_eq!(authorize(&root, &channel), Channel::parse(&channel));
             }
 
             /// Arbitrary text is never an identity.

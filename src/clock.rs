@@ -20,3 +20,8 @@ pub fn unix_now() -> u64 {
 pub fn unix_millis() -> u128 {
     since_epoch().as_millis()
 }
+
+/// Seconds since the Unix epoch, with milliseconds (presence `since`).
+pub fn unix_now_f64() -> f64 {
+    since_epoch().as_millis() as f64 / 1000.0
+}

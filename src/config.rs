@@ -93,6 +93,8 @@ pub struct Config {
     pub wakeup: WakeupConfig,
     /// WAL capture (DESIGN.md §7).
     pub capture: CaptureConfig,
+    /// Who is online (DESIGN.md §8).
+    pub presence: PresenceConfig,
     /// Per-client and per-address limits.
     pub limits: LimitsConfig,
     /// Logging.
@@ -314,6 +316,30 @@ impl Default for CaptureConfig {
     }
 }
 
+/// `[presence]`: who is online in each tenant, across every instance on the database
+/// (DESIGN.md §8).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PresenceConfig {
+    /// Track presence and send `presence_join` / `presence_leave`.
+    pub enabled: bool,
+    /// How long a user's last connection may be gone before it is a leave (a reload
+    /// or a reconnect to another instance is not).
+    pub leave_grace_ms: u64,
+    /// Users of an instance that stopped heartbeating leave after this long.
+    pub ttl_ms: u64,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            leave_grace_ms: 3_000,
+            ttl_ms: 15_000,
+        }
+    }
+}
+
 /// `[outbox]`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -459,6 +485,7 @@ impl Default for Config {
             outbox: OutboxConfig::default(),
             wakeup: WakeupConfig::default(),
             capture: CaptureConfig::default(),
+            presence: PresenceConfig::default(),
             limits: LimitsConfig::default(),
             log: LogConfig::default(),
             resolvers: Vec::new(),
@@ -639,6 +666,18 @@ impl Config {
             return invalid(
                 "capture.slot",
                 "must be 1 to 63 lowercase letters, digits or underscores (a replication slot name)",
+            );
+        }
+        if self.presence.leave_grace_ms > 600_000 {
+            return invalid(
+                "presence.leave_grace_ms",
+                "must be at most 600000 (10 minutes)",
+            );
+        }
+        if !(3_000..=600_000).contains(&self.presence.ttl_ms) {
+            return invalid(
+                "presence.ttl_ms",
+                "must be between 3000 and 600000 (instances heartbeat every third of it)",
             );
         }
         if self.auth.algorithms.is_empty() {

@@ -18,7 +18,7 @@ pub const UNINSTALL_SQL: &str = include_str!("../sql/uninstall.sql");
 /// `sql/example_schema.sql`, embedded.
 pub const EXAMPLE_SCHEMA_SQL: &str = include_str!("../sql/example_schema.sql");
 /// The `citapulse.version()` this daemon speaks.
-pub const SQL_VERSION: i32 = 7;
+pub const SQL_VERSION: i32 = 8;
 /// The NOTIFY channel the triggers use.
 pub const NOTIFY_CHANNEL: &str = "citapulse";
 
@@ -195,7 +195,8 @@ impl Cursor {
 const EVENT_COLUMNS: &str = "e.id, e.tenant, \
                              COALESCE(e.event_type, citapulse.event_type(e.kind, e.op, e.row_data, e.old_data)), \
                              citapulse.event_data(e)::text, \
-                             extract(epoch FROM e.created_at)::float8, e.op = 'TRUNCATE'";
+                             extract(epoch FROM e.created_at)::float8, e.op = 'TRUNCATE', \
+                             e.routes, e.op <> 'EMIT_TO'";
 /// The reader's columns: like [`EVENT_COLUMNS`], but type and data (the costly part:
 /// classification and JSON) only for tenants in `$5` (those with subscribers here), or
 /// for every row when `$5` is NULL. Rows without a tenant are always shaped.
@@ -204,14 +205,50 @@ const READER_COLUMNS: &str = "e.id, e.tenant, \
          THEN COALESCE(e.event_type, citapulse.event_type(e.kind, e.op, e.row_data, e.old_data)) END, \
     CASE WHEN $5::text[] IS NULL OR e.tenant IS NULL OR e.tenant = ANY($5::text[]) \
          THEN citapulse.event_data(e)::text END, \
-    extract(epoch FROM e.created_at)::float8, e.op = 'TRUNCATE'";
+    extract(epoch FROM e.created_at)::float8, e.op = 'TRUNCATE', \
+    e.routes, e.op <> 'EMIT_TO'";
 /// How many columns [`EVENT_COLUMNS`] has.
-const EVENT_WIDTH: usize = 6;
+const EVENT_WIDTH: usize = 8;
 
-/// The rows of one tenant's channel: its own, and the TRUNCATEs that reach every tenant.
-/// The marker is out of band (a NULL tenant and the op only triggers write), never a
-/// tenant value an application row could hold.
-const CHANNEL_ROWS: &str = "(e.tenant = $1 OR (e.tenant IS NULL AND e.op = 'TRUNCATE'))";
+/// The rows of one channel, as a condition on `e` with the placeholders given: `tenant`
+/// its tenant, `route` its route (`u:<user>` or `r:<role>`, NULL for the tenant's own
+/// channel) and `all` the route that reaches every user channel of the tenant (`u:*`; the
+/// route itself again for a role channel). The tenant's channel has its rows but those
+/// emitted to one person or role, and the TRUNCATEs that reach every tenant; a person's
+/// channel has the rows routed to it. "Every tenant" is out of band (a NULL tenant and an
+/// op only triggers write), never a tenant value an application row could hold.
+fn channel_rows(channel: &ReplayChannel<'_>, tenant: &str, route: &str, all: &str) -> String {
+    // Two texts, not one CASE: the planner must see the tenant condition to use its index.
+    match channel.route {
+        None => format!(
+            "({route}::text IS NULL AND {all}::text IS NULL \
+              AND ((e.tenant = {tenant} AND e.op <> 'EMIT_TO') OR (e.tenant IS NULL AND e.op = 'TRUNCATE')))"
+        ),
+        Some(_) => format!(
+            "((e.tenant = {tenant} OR (e.tenant IS NULL AND e.op = 'TRUNCATE')) \
+              AND e.routes && ARRAY[{route}::text, {all}::text])"
+        ),
+    }
+}
+
+/// Which of a tenant's channels a replay reads.
+#[derive(Debug, Clone, Copy)]
+pub struct ReplayChannel<'a> {
+    /// The tenant.
+    pub tenant: &'a str,
+    /// `u:<user>` or `r:<role>`; `None` for `estadisticas:<tenant>`.
+    pub route: Option<&'a str>,
+}
+
+impl ReplayChannel<'_> {
+    /// The route that reaches every user channel too (a role channel has none).
+    fn every(&self) -> Option<&str> {
+        match self.route {
+            Some(r) if r.starts_with("u:") => Some("u:*"),
+            other => other,
+        }
+    }
+}
 
 fn event_from_row(row: &tokio_postgres::Row) -> LogEvent {
     let tenant: Option<String> = row.get(1);
@@ -226,6 +263,8 @@ fn event_from_row(row: &tokio_postgres::Row) -> LogEvent {
         event_type: row.get::<_, Option<String>>(2).unwrap_or_default(),
         data: row.get::<_, Option<String>>(3),
         created: row.get::<_, Option<f64>>(4).unwrap_or_default(),
+        routes: row.get::<_, Option<Vec<String>>>(6).unwrap_or_default(),
+        to_tenant: row.get::<_, Option<bool>>(7).unwrap_or(true),
     }
 }
 
@@ -284,7 +323,7 @@ pub fn reader_sql() -> String {
     format!(
         "WITH want AS MATERIALIZED ( \
              SELECT ARRAY(SELECT j.id FROM citapulse.inbox j ORDER BY j.id LIMIT $6) AS ids) \
-         SELECT NULL::bigint, NULL::text, NULL::text, NULL::text, NULL::float8, NULL::boolean, \
+         SELECT NULL::bigint, NULL::text, NULL::text, NULL::text, NULL::float8, NULL::boolean, NULL::text[], NULL::boolean, \
                 (SELECT coalesce(array_agg(x::text), '{{}}') FROM pg_snapshot_xip(pg_current_snapshot()) AS x), \
                 pg_snapshot_xmax(pg_current_snapshot())::text, \
                 (SELECT notify FROM citapulse.wakeup), \
@@ -451,17 +490,18 @@ pub struct ReplayCursor {
 /// depends on other tenants' events, so it reveals nothing about them).
 pub async fn replay_start(
     client: &Client,
-    tenant: &str,
+    channel: ReplayChannel<'_>,
     since: i64,
 ) -> Result<Option<ReplayCursor>, DbError> {
+    let rows = channel_rows(&channel, "$1", "$3", "$4");
     let bounds = client
         .query_one(
             &format!(
                 "SELECT (SELECT pruned_upto FROM citapulse.settings), \
-                        (SELECT coalesce(max(e.id), 0) FROM citapulse.events e WHERE {CHANNEL_ROWS}), \
+                        (SELECT coalesce(max(e.id), 0) FROM citapulse.events e WHERE {rows}), \
                         (SELECT horizon::text FROM citapulse.events WHERE id <= $2 ORDER BY id DESC LIMIT 1)"
             ),
-            &[&tenant, &since],
+            &[&channel.tenant, &since, &channel.route, &channel.every()],
         )
         .await?;
     let pruned_upto: i64 = bounds.get(0);
@@ -481,17 +521,19 @@ pub async fn replay_start(
 /// The next page (at most `page` events, in id order) of a resume; empty when done.
 pub async fn replay_page(
     client: &deadpool_postgres::Client,
-    tenant: &str,
+    channel: ReplayChannel<'_>,
     cursor: &mut ReplayCursor,
     page: i64,
 ) -> Result<Vec<LogEvent>, DbError> {
+    use tokio_postgres::types::Type;
+    let rows = channel_rows(&channel, "$1", "$6", "$7");
     let sql = format!(
         "SELECT * FROM ( \
            (SELECT {EVENT_COLUMNS} FROM citapulse.events e \
-             WHERE {CHANNEL_ROWS} AND e.id > greatest($2, $3) ORDER BY e.id LIMIT $5) \
+             WHERE {rows} AND e.id > greatest($2, $3) ORDER BY e.id LIMIT $5) \
            UNION ALL \
            (SELECT {EVENT_COLUMNS} FROM citapulse.events e \
-             WHERE e.xid >= $4::text::xid8 AND e.id < $2 AND e.id > $3 AND {CHANNEL_ROWS} \
+             WHERE e.xid >= $4::text::xid8 AND e.id < $2 AND e.id > $3 AND {rows} \
              ORDER BY e.id LIMIT $5) \
          ) r ORDER BY 1 LIMIT $5"
     );
@@ -499,11 +541,13 @@ pub async fn replay_page(
         .prepare_typed_cached(
             &sql,
             &[
-                tokio_postgres::types::Type::TEXT,
-                tokio_postgres::types::Type::INT8,
-                tokio_postgres::types::Type::INT8,
-                tokio_postgres::types::Type::TEXT,
-                tokio_postgres::types::Type::INT8,
+                Type::TEXT,
+                Type::INT8,
+                Type::INT8,
+                Type::TEXT,
+                Type::INT8,
+                Type::TEXT,
+                Type::TEXT,
             ],
         )
         .await?;
@@ -511,11 +555,13 @@ pub async fn replay_page(
         .query(
             &stmt,
             &[
-                &tenant,
+                &channel.tenant,
                 &cursor.since,
                 &cursor.after,
                 &cursor.horizon,
                 &page,
+                &channel.route,
+                &channel.every(),
             ],
         )
         .await?;
@@ -638,6 +684,11 @@ pub struct LogEvent {
     pub data: Option<String>,
     /// Unix seconds when the row was logged.
     pub created: f64,
+    /// The people it also goes to (`citapulse.events.routes`): `u:<user>`, `r:<role>`,
+    /// `u:*` (every user channel of its tenant).
+    pub routes: Vec<String>,
+    /// Whether it goes to the tenant's channel (not when emitted to one person or role).
+    pub to_tenant: bool,
 }
 
 /// How the database captures changes, and what stands in the way of WAL capture.
@@ -770,4 +821,112 @@ pub async fn revocations_since(client: &Client, version: i64) -> Result<Vec<Revo
             version: r.get(3),
         })
         .collect())
+}
+
+/// Writes this daemon's changed presence rows and its heartbeat
+/// (`citapulse.presence_write`).
+/// True if the daemon had been given up for dead and must write all its users again.
+pub async fn presence_write(
+    client: &Client,
+    instance: &str,
+    ttl_ms: i32,
+    rows: &[PresenceUpdate],
+    leaving_in_ms: Option<i32>,
+) -> Result<bool, DbError> {
+    let tenants: Vec<&str> = rows.iter().map(|r| &*r.tenant).collect();
+    let users: Vec<&str> = rows.iter().map(|r| &*r.user).collect();
+    let roles: Vec<Option<&str>> = rows.iter().map(|r| r.role.as_deref()).collect();
+    let connections: Vec<i32> = rows
+        .iter()
+        .map(|r| i32::try_from(r.connections).unwrap_or(i32::MAX))
+        .collect();
+    let sinces: Vec<f64> = rows.iter().map(|r| r.since).collect();
+    let row = client
+        .query_one(
+            "SELECT citapulse.presence_write($1, $2, $3, $4, $5, $6, $7, $8)",
+            &[
+                &instance,
+                &ttl_ms,
+                &tenants,
+                &users,
+                &roles,
+                &connections,
+                &sinces,
+                &leaving_in_ms,
+            ],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Presence rows written since `version` (in version order), the daemons alive now
+/// (heartbeat younger than `ttl_ms`) and the highest version read; one snapshot.
+pub async fn presence_since(
+    client: &Client,
+    version: i64,
+    ttl_ms: i32,
+) -> Result<(Vec<PresenceRow>, std::collections::HashSet<String>, i64), DbError> {
+    let rows = client
+        .query(
+            "SELECT NULL::text, NULL::text, NULL::text, NULL::text, NULL::int4, NULL::float8, NULL::int8, \
+                    ARRAY(SELECT i.instance FROM citapulse.presence_instances i \
+                           WHERE i.heartbeat > clock_timestamp() - make_interval(secs => $2::int4 / 1000.0)) \
+             UNION ALL \
+             (SELECT p.instance, p.tenant, p.user_id, p.role, p.connections, extract(epoch FROM p.since)::float8, \
+                     p.version, NULL FROM citapulse.presence p WHERE p.version > $1 ORDER BY p.version)",
+            &[&version, &ttl_ms],
+        )
+        .await?;
+    let mut live = std::collections::HashSet::new();
+    let mut changed = Vec::new();
+    let mut last = version;
+    for r in &rows {
+        match r.get::<_, Option<String>>(0) {
+            None => live = r.get::<_, Vec<String>>(7).into_iter().collect(),
+            Some(instance) => {
+                last = last.max(r.get::<_, i64>(6));
+                changed.push(PresenceRow {
+                    instance,
+                    tenant: r.get(1),
+                    user_id: r.get(2),
+                    role: r.get(3),
+                    connections: u32::try_from(r.get::<_, i32>(4)).unwrap_or(0),
+                    since: r.get::<_, f64>(5),
+                });
+            }
+        }
+    }
+    Ok((changed, live, last))
+}
+
+/// A row of `citapulse.presence`: one daemon's count of one user.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PresenceRow {
+    /// The writing daemon.
+    pub instance: String,
+    /// Tenant.
+    pub tenant: String,
+    /// User.
+    pub user_id: String,
+    /// Role.
+    pub role: Option<String>,
+    /// Connections on that daemon (0: gone).
+    pub connections: u32,
+    /// Unix seconds.
+    pub since: f64,
+}
+
+/// One user's count on this daemon, to write (`citapulse.presence_write`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PresenceUpdate {
+    /// Tenant.
+    pub tenant: std::sync::Arc<str>,
+    /// User.
+    pub user: std::sync::Arc<str>,
+    /// Role.
+    pub role: Option<String>,
+    /// Connections here (0: gone).
+    pub connections: u32,
+    /// Unix seconds of its first connection here.
+    pub since: f64,
 }

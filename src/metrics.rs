@@ -16,6 +16,13 @@ pub struct Reason {
     pub reason: String,
 }
 
+/// A label naming a channel kind (`tenant`, `user`, `role`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Kind {
+    /// The kind.
+    pub kind: &'static str,
+}
+
 /// Every metric the daemon exports.
 pub struct Metrics {
     registry: Registry,
@@ -25,6 +32,12 @@ pub struct Metrics {
     pub tenants_connected: Gauge,
     /// Active channel subscriptions.
     pub subscriptions: Gauge,
+    /// Active channel subscriptions by channel kind.
+    pub subscriptions_by_kind: Family<Kind, Gauge>,
+    /// Users present (DESIGN.md §8) in tenants, across every instance, as this one sees them.
+    pub presence_members: Gauge,
+    /// presence_join / presence_leave messages queued to channels (after coalescing).
+    pub presence_messages: Counter,
     /// Handshakes refused, by reason.
     pub handshakes_refused: Family<Reason, Counter>,
     /// Connections closed, by reason.
@@ -99,6 +112,9 @@ impl Metrics {
             connections: Gauge::default(),
             tenants_connected: Gauge::default(),
             subscriptions: Gauge::default(),
+            subscriptions_by_kind: Family::default(),
+            presence_members: Gauge::default(),
+            presence_messages: Counter::default(),
             handshakes_refused: Family::default(),
             connections_closed: Family::default(),
             events_read: Counter::default(),
@@ -143,6 +159,21 @@ impl Metrics {
             "subscriptions",
             "Active channel subscriptions",
             m.subscriptions.clone(),
+        );
+        r.register(
+            "channel_subscriptions",
+            "Active channel subscriptions by channel kind (tenant, user, role)",
+            m.subscriptions_by_kind.clone(),
+        );
+        r.register(
+            "presence_members",
+            "Users present in tenants across every instance, as this instance sees them",
+            m.presence_members.clone(),
+        );
+        r.register(
+            "presence_messages",
+            "presence_join and presence_leave messages sent to channels (coalesced)",
+            m.presence_messages.clone(),
         );
         r.register(
             "handshakes_refused",
@@ -291,6 +322,13 @@ impl Metrics {
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+
+    /// The subscription gauge of one channel kind.
+    pub fn subscriptions_of(&self, kind: &'static str) -> Gauge {
+        self.subscriptions_by_kind
+            .get_or_create(&Kind { kind })
+            .clone()
     }
 
     /// Increments a reason-labelled counter.

@@ -662,9 +662,17 @@ impl OldInstall {
         let url = url_with_db(&scratch.url, &name);
         let db = pg(&url).await;
         db.batch_execute(install_sql).await.unwrap();
-        db.batch_execute(citapulse::db::EXAMPLE_SCHEMA_SQL)
-            .await
-            .unwrap();
+        // The example schema as older versions knew it: watch() without route_columns.
+        let schema = citapulse::db::EXAMPLE_SCHEMA_SQL.replace(
+            ",\n                       route_columns => ARRAY['profesional_id', 'cliente_id']",
+            "",
+        );
+        assert_ne!(
+            schema,
+            citapulse::db::EXAMPLE_SCHEMA_SQL,
+            "route_columns stripped"
+        );
+        db.batch_execute(&schema).await.unwrap();
         Self { admin, name, url }
     }
 

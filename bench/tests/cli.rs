@@ -22,6 +22,7 @@ fn help_lists_every_scenario_and_flag() {
         "fanout",
         "trigger",
         "stats",
+        "people",
         "--quick",
         "--out",
         "--daemon-bin",

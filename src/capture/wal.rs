@@ -434,15 +434,16 @@ async fn describe(
     let insert = client
         .prepare_typed(
             &format!(
-                "INSERT INTO citapulse.events (tenant, kind, event_type, tbl, op, row_data, old_data, payload) \
-                 SELECT u.tenant, $1, u.et, $2, u.op, \
-                        CASE WHEN u.n IS NULL THEN NULL ELSE to_jsonb(jsonb_populate_record(NULL::{table}, u.n)) END, \
-                        CASE WHEN u.o IS NULL THEN NULL ELSE to_jsonb(jsonb_populate_record(NULL::{table}, u.o)) END, \
-                        u.payload \
-                   FROM unnest($3::text[], $4::text[], $5::jsonb[], $6::jsonb[], $7::text[], $8::jsonb[]) \
-                        WITH ORDINALITY AS u(tenant, op, n, o, et, payload, i) \
-                  WHERE u.tenant IS NULL OR octet_length(u.tenant) <= 255 \
-                  ORDER BY u.i"
+                "INSERT INTO citapulse.events (tenant, kind, event_type, tbl, op, row_data, old_data, payload, routes) \
+                 SELECT x.tenant, $1, x.et, $2, x.op, x.n, x.o, x.payload, citapulse.row_routes(r.cols, x.n, x.o) \
+                   FROM (SELECT u.tenant, u.op, u.et, u.payload, u.i, \
+                                CASE WHEN u.n IS NULL THEN NULL ELSE to_jsonb(jsonb_populate_record(NULL::{table}, u.n)) END AS n, \
+                                CASE WHEN u.o IS NULL THEN NULL ELSE to_jsonb(jsonb_populate_record(NULL::{table}, u.o)) END AS o \
+                           FROM unnest($3::text[], $4::text[], $5::jsonb[], $6::jsonb[], $7::text[], $8::jsonb[]) \
+                                WITH ORDINALITY AS u(tenant, op, n, o, et, payload, i) \
+                          WHERE u.tenant IS NULL OR octet_length(u.tenant) <= 255 OFFSET 0) x, \
+                        (SELECT (SELECT w.route_columns FROM citapulse.watches w WHERE w.tbl = to_regclass($2)) AS cols) r \
+                  ORDER BY x.i"
             ),
             &[
                 Type::TEXT,

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use hyper_tungstenite::tungstenite::Utf8Bytes;
 use tokio::sync::{Notify, mpsc};
 
+use crate::auth::{self, ChannelKind};
 use crate::delivery::close::CloseCode;
 use crate::delivery::protocol;
 use crate::metrics::Metrics;
@@ -193,15 +194,85 @@ impl<T> ReplayBuffer<T> {
 }
 
 struct Channel {
-    tenant: Arc<str>,
     name: Arc<str>,
     subscribers: HashMap<ClientId, Subscriber>,
     stats: Option<Utf8Bytes>,
 }
 
+impl Channel {
+    fn new(name: &str) -> Self {
+        Self {
+            name: Arc::from(name),
+            subscribers: HashMap::new(),
+            stats: None,
+        }
+    }
+}
+
+/// One tenant's channels: its own (`estadisticas:`), and those of its users and roles.
+struct TenantChannels {
+    key: Arc<str>,
+    tenant: Option<Channel>,
+    users: HashMap<String, Channel>,
+    roles: HashMap<String, Channel>,
+}
+
+impl TenantChannels {
+    fn new(key: Arc<str>) -> Self {
+        Self {
+            key,
+            tenant: None,
+            users: HashMap::new(),
+            roles: HashMap::new(),
+        }
+    }
+
+    fn get_mut(&mut self, kind: &ChannelKind) -> Option<&mut Channel> {
+        match kind {
+            ChannelKind::Tenant => self.tenant.as_mut(),
+            ChannelKind::User(u) => self.users.get_mut(u),
+            ChannelKind::Role(r) => self.roles.get_mut(r),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.tenant.is_none() && self.users.is_empty() && self.roles.is_empty()
+    }
+
+    /// The person channels a routed event reaches (each once).
+    fn routed<'a>(&'a mut self, routes: &'a [String]) -> Vec<&'a mut Channel> {
+        if routes.iter().any(|r| r == "u:*") {
+            let mut all: Vec<&mut Channel> = self.users.values_mut().collect();
+            let roles: Vec<&str> = routes.iter().filter_map(|r| r.strip_prefix("r:")).collect();
+            all.extend(
+                self.roles
+                    .iter_mut()
+                    .filter(|(r, _)| roles.contains(&r.as_str()))
+                    .map(|(_, c)| c),
+            );
+            return all;
+        }
+        let users: Vec<&str> = routes.iter().filter_map(|r| r.strip_prefix("u:")).collect();
+        let roles: Vec<&str> = routes.iter().filter_map(|r| r.strip_prefix("r:")).collect();
+        let mut found: Vec<&mut Channel> = self
+            .users
+            .iter_mut()
+            .filter(|(u, _)| users.contains(&u.as_str()))
+            .map(|(_, c)| c)
+            .collect();
+        found.extend(
+            self.roles
+                .iter_mut()
+                .filter(|(r, _)| roles.contains(&r.as_str()))
+                .map(|(_, c)| c),
+        );
+        found
+    }
+}
+
 /// What [`Hub::dispatch`] did.
 pub struct Dispatched {
-    /// (tenant, event id) for every tenant with subscribers that an event reached.
+    /// (tenant, event id) for every tenant whose own channel an event reached.
     pub touched: Vec<(Arc<str>, i64)>,
     /// Events to read whole and dispatch again.
     pub unshaped: Vec<i64>,
@@ -216,9 +287,9 @@ pub struct Subscribed {
 /// Connections per tenant and role, for `GET /stats`.
 pub type ConnectionCounts = HashMap<String, HashMap<String, usize>>;
 
-/// All channels of this daemon.
+/// All channels of this daemon, by tenant.
 pub struct Hub {
-    channels: Mutex<HashMap<Arc<str>, Channel>>,
+    channels: Mutex<HashMap<Arc<str>, TenantChannels>>,
     connections: Mutex<ConnectionCounts>,
     next_client: AtomicU64,
     metrics: Arc<Metrics>,
@@ -246,24 +317,29 @@ impl Hub {
     /// live events are held back until [`Hub::finish_replay`].
     pub fn subscribe(
         &self,
-        tenant: &str,
-        channel_name: &str,
+        target: &auth::Channel,
         client: &Arc<ClientHandle>,
         replaying: bool,
     ) -> Subscribed {
+        let name = target.to_string();
         let mut channels = lock(&self.channels);
-        let key: Arc<str> = Arc::from(tenant);
-        let channel = channels.entry(key.clone()).or_insert_with(|| Channel {
-            tenant: key,
-            name: Arc::from(channel_name),
-            subscribers: HashMap::new(),
-            stats: None,
-        });
+        let key: Arc<str> = Arc::from(target.tenant.as_str());
+        let tenant = channels
+            .entry(key.clone())
+            .or_insert_with(|| TenantChannels::new(key));
+        let channel = match &target.kind {
+            ChannelKind::Tenant => tenant.tenant.get_or_insert_with(|| Channel::new(&name)),
+            ChannelKind::User(u) => tenant
+                .users
+                .entry(u.clone())
+                .or_insert_with(|| Channel::new(&name)),
+            ChannelKind::Role(r) => tenant
+                .roles
+                .entry(r.clone())
+                .or_insert_with(|| Channel::new(&name)),
+        };
         let is_new = !channel.subscribers.contains_key(&client.id);
-        client.offer(
-            Utf8Bytes::from(protocol::subscribed(channel_name)),
-            &self.metrics,
-        );
+        client.offer(Utf8Bytes::from(protocol::subscribed(&name)), &self.metrics);
         channel.subscribers.insert(
             client.id,
             Subscriber {
@@ -273,6 +349,7 @@ impl Hub {
         );
         if is_new {
             self.metrics.subscriptions.inc();
+            self.metrics.subscriptions_of(target.kind_label()).inc();
         }
         let had_stats = match &channel.stats {
             Some(stats) => {
@@ -285,10 +362,11 @@ impl Hub {
     }
 
     /// Ends a replay: queues the held-back live events the replay did not already send.
-    pub fn finish_replay(&self, tenant: &str, client: &ClientHandle, replayed: &[i64]) {
+    pub fn finish_replay(&self, target: &auth::Channel, client: &ClientHandle, replayed: &[i64]) {
         let mut channels = lock(&self.channels);
         let Some(sub) = channels
-            .get_mut(tenant)
+            .get_mut(target.tenant.as_str())
+            .and_then(|t| t.get_mut(&target.kind))
             .and_then(|c| c.subscribers.get_mut(&client.id))
         else {
             return;
@@ -304,33 +382,59 @@ impl Hub {
     }
 
     /// Removes a subscriber; drops the channel with its last subscriber.
-    pub fn unsubscribe(&self, tenant: &str, client: ClientId) -> bool {
+    pub fn unsubscribe(&self, target: &auth::Channel, client: ClientId) -> bool {
         let mut channels = lock(&self.channels);
-        let Some(channel) = channels.get_mut(tenant) else {
+        let Some(tenant) = channels.get_mut(target.tenant.as_str()) else {
+            return false;
+        };
+        let Some(channel) = tenant.get_mut(&target.kind) else {
             return false;
         };
         let removed = channel.subscribers.remove(&client).is_some();
         if removed {
             self.metrics.subscriptions.dec();
+            self.metrics.subscriptions_of(target.kind_label()).dec();
         }
         if channel.subscribers.is_empty() {
-            channels.remove(tenant);
+            match &target.kind {
+                ChannelKind::Tenant => tenant.tenant = None,
+                ChannelKind::User(u) => {
+                    tenant.users.remove(u);
+                }
+                ChannelKind::Role(r) => {
+                    tenant.roles.remove(r);
+                }
+            }
+            if tenant.is_empty() {
+                channels.remove(target.tenant.as_str());
+            }
         }
         removed
     }
 
-    /// Whether anyone listens to a tenant.
+    /// Whether anyone listens to a tenant's own channel (its statistics).
     pub fn has_subscribers(&self, tenant: &str) -> bool {
-        lock(&self.channels).contains_key(tenant)
+        lock(&self.channels)
+            .get(tenant)
+            .is_some_and(|t| t.tenant.is_some())
     }
 
-    /// Tenants with subscribers.
+    /// Tenants with subscribers on any of their channels (whose events are shaped).
     pub fn tenants(&self) -> Vec<Arc<str>> {
         lock(&self.channels).keys().cloned().collect()
     }
 
+    /// Tenants with subscribers on their own channel (whose statistics are computed).
+    pub fn stats_tenants(&self) -> Vec<Arc<str>> {
+        lock(&self.channels)
+            .iter()
+            .filter(|(_, t)| t.tenant.is_some())
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
     /// Delivers events to their channels. Returns (tenant, event id) for every tenant
-    /// with subscribers that an event reached, and the ids of events that were read
+    /// whose own channel an event reached, and the ids of events that were read
     /// unshaped (no subscriber when the read started) but whose tenant has subscribers
     /// now: the caller reads them whole and dispatches them again. A tenant's events of
     /// one read are all shaped or all not, so its order is kept.
@@ -341,21 +445,37 @@ impl Hub {
         for ev in events {
             match &ev.audience {
                 Audience::AllTenants => {
-                    for (tenant, channel) in channels.iter_mut() {
-                        self.deliver(channel, ev);
-                        touched.push((tenant.clone(), ev.id));
+                    for (tenant, channels) in channels.iter_mut() {
+                        if let Some(channel) = &mut channels.tenant {
+                            self.deliver(channel, ev);
+                            touched.push((tenant.clone(), ev.id));
+                        }
+                        if !ev.routes.is_empty() {
+                            for channel in channels.routed(&ev.routes) {
+                                self.deliver(channel, ev);
+                            }
+                        }
                     }
                 }
                 Audience::Tenant(tenant) => {
-                    let Some(channel) = channels.get_mut(tenant.as_str()) else {
+                    let Some(channels) = channels.get_mut(tenant.as_str()) else {
                         continue;
                     };
                     if ev.data.is_none() {
                         unshaped.push(ev.id);
                         continue;
                     }
-                    self.deliver(channel, ev);
-                    touched.push((channel.tenant.clone(), ev.id));
+                    if ev.to_tenant
+                        && let Some(channel) = &mut channels.tenant
+                    {
+                        self.deliver(channel, ev);
+                        touched.push((channels.key.clone(), ev.id));
+                    }
+                    if !ev.routes.is_empty() {
+                        for channel in channels.routed(&ev.routes) {
+                            self.deliver(channel, ev);
+                        }
+                    }
                 }
                 Audience::Unresolved => continue,
             }
@@ -388,7 +508,7 @@ impl Hub {
     /// Publishes statistics to a channel (latest wins for each subscriber).
     pub fn publish_stats(&self, tenant: &str, msg: Utf8Bytes) {
         let mut channels = lock(&self.channels);
-        let Some(channel) = channels.get_mut(tenant) else {
+        let Some(channel) = channels.get_mut(tenant).and_then(|t| t.tenant.as_mut()) else {
             return;
         };
         channel.stats = Some(msg.clone());
@@ -400,10 +520,25 @@ impl Hub {
         }
     }
 
+    /// Sends a presence message to the subscribers of a tenant's own channel; false if
+    /// it has none here.
+    pub fn publish_presence(&self, tenant: &str, msg: Utf8Bytes) -> bool {
+        let channels = lock(&self.channels);
+        let Some(channel) = channels.get(tenant).and_then(|t| t.tenant.as_ref()) else {
+            return false;
+        };
+        for sub in channel.subscribers.values() {
+            sub.client.offer(msg.clone(), &self.metrics);
+        }
+        true
+    }
+
     /// Forgets cached statistics (e.g. after a database outage) so they are recomputed.
     pub fn clear_stats(&self) {
-        for channel in lock(&self.channels).values_mut() {
-            channel.stats = None;
+        for tenant in lock(&self.channels).values_mut() {
+            if let Some(channel) = &mut tenant.tenant {
+                channel.stats = None;
+            }
         }
     }
 
@@ -451,6 +586,8 @@ mod tests {
             event_type: "cita_created".into(),
             data: data.map(str::to_string),
             created: 0.0,
+            routes: Vec::new(),
+            to_tenant: true,
         }
     }
 
@@ -458,7 +595,7 @@ mod tests {
     fn an_unshaped_event_of_a_subscribed_tenant_is_handed_back_not_delivered_empty() {
         let hub = Hub::new(Arc::new(Metrics::new("test")), 16);
         let (client, mut queue) = ClientHandle::new(1, 16);
-        hub.subscribe("t1", "estadisticas:t1", &client, false);
+        hub.subscribe(&auth::Channel::tenant("t1"), &client, false);
         assert!(queue.try_recv().is_ok(), "subscribed");
         // Read before anyone subscribed to t1 (unshaped), dispatched after: handed back.
         let d = hub.dispatch(
@@ -542,7 +679,7 @@ mod tests {
     fn an_overflow_during_replay_closes_the_subscriber_as_slow() {
         let hub = Hub::new(Arc::new(Metrics::new("test")), 1);
         let (client, mut queue) = ClientHandle::new(1, 16);
-        hub.subscribe("t1", "estadisticas:t1", &client, true);
+        hub.subscribe(&auth::Channel::tenant("t1"), &client, true);
         assert!(queue.try_recv().is_ok(), "subscribed");
         hub.dispatch(&[event(7, "t1", Some("{}"))], 0.0);
         assert_eq!(client.pending_close(), None);
@@ -554,14 +691,14 @@ mod tests {
     fn finishing_a_replay_queues_only_what_it_did_not_send() {
         let hub = Hub::new(Arc::new(Metrics::new("test")), 16);
         let (client, mut queue) = ClientHandle::new(1, 16);
-        hub.subscribe("t1", "estadisticas:t1", &client, true);
+        hub.subscribe(&auth::Channel::tenant("t1"), &client, true);
         assert!(queue.try_recv().is_ok(), "subscribed");
         hub.dispatch(
             &[event(7, "t1", Some("{}")), event(8, "t1", Some("{}"))],
             0.0,
         );
         assert!(queue.try_recv().is_err(), "held back during the replay");
-        hub.finish_replay("t1", &client, &[6, 7]);
+        hub.finish_replay(&auth::Channel::tenant("t1"), &client, &[6, 7]);
         let next = queue.try_recv().expect("event 8");
         assert!(next.as_str().contains("\"id\":8"), "{}", next.as_str());
         assert!(queue.try_recv().is_err(), "7 is not sent twice");

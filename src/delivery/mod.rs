@@ -3,11 +3,13 @@
 //! [`hub`] maps channels to subscribers with bounded per-client queues (bytes
 //! serialized once and shared); [`ws`] runs one connection (receive loop, send task,
 //! resumes); [`replay`] budgets the connections resumes may use; [`frames`] meters
-//! frames under the codec; [`protocol`] is the wire format and [`close`] its close codes.
+//! frames under the codec; [`protocol`] is the wire format and [`close`] its close codes;
+//! [`presence`] tracks who is online across instances, [`revocation`] follows revoked users.
 
 pub mod close;
 pub mod frames;
 pub mod hub;
+pub mod presence;
 pub mod protocol;
 pub mod replay;
 pub mod revocation;

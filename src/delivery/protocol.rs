@@ -27,6 +27,11 @@ pub enum ClientMessage {
         /// The JWT.
         token: String,
     },
+    /// Who is online in a tenant (its `estadisticas:` channel).
+    Presence {
+        /// The channel name.
+        channel: String,
+    },
 }
 
 /// Why a client frame was refused; `message` is safe to echo.
@@ -101,13 +106,17 @@ pub fn parse_client_message(text: &str) -> Result<ClientMessage, BadRequest> {
             Ok(ClientMessage::Unsubscribe { channel: d.channel })
         }
         "ping" => Ok(ClientMessage::Ping),
+        "presence" => {
+            let d: ChannelData = data_as(env.data, "presence")?;
+            Ok(ClientMessage::Presence { channel: d.channel })
+        }
         "auth" => {
             let d: AuthData = data_as(env.data, "auth")?;
             Ok(ClientMessage::Auth { token: d.token })
         }
         // Truncate after escaping: `{:?}` turns one control character into up to ten.
         other => Err(BadRequest(format!(
-            "unknown type {} (expected subscribe, unsubscribe, ping or auth)",
+            "unknown type {} (expected subscribe, unsubscribe, presence, ping or auth)",
             short(&format!("{other:?}"))
         ))),
     }
@@ -172,6 +181,11 @@ pub fn subscribed(channel: &str) -> String {
 /// `{"type":"unsubscribed","channel":…}`.
 pub fn unsubscribed(channel: &str) -> String {
     json!({"type": "unsubscribed", "channel": channel}).to_string()
+}
+
+/// `{"type":"presence","channel":…,"data":{"users":[…]}}`.
+pub fn presence(channel: &str, users: Vec<Value>) -> String {
+    json!({"type": "presence", "channel": channel, "data": {"users": users}}).to_string()
 }
 
 /// `{"type":"pong","data":{"timestamp":…}}` (Unix milliseconds).
@@ -356,6 +370,7 @@ mod tests {
                     Just("unsubscribe".to_string()),
                     Just("ping".to_string()),
                     Just("auth".to_string()),
+                    Just("presence".to_string()),
                     any::<String>(),
                 ],
                 channel in any::<String>(),
@@ -375,6 +390,11 @@ mod tests {
                     }
                     Ok(ClientMessage::Unsubscribe { .. }) => {
                         prop_assert_eq!(kind.as_str(), "unsubscribe");
+                        prop_assert!(since.is_none(), "unknown field accepted");
+                    }
+                    Ok(ClientMessage::Presence { channel: c }) => {
+                        prop_assert_eq!(kind.as_str(), "presence");
+                        prop_assert_eq!(c, channel);
                         prop_assert!(since.is_none(), "unknown field accepted");
                     }
                     Ok(ClientMessage::Ping) => prop_assert_eq!(kind.as_str(), "ping"),

@@ -46,7 +46,12 @@ pub struct Context {
     pub stats: Arc<dyn super::SnapshotRequests>,
     /// Revoked users (`citapulse.revoke`): their sockets close with 4003.
     pub revocations: Arc<crate::auth::Revocations>,
+    /// Who is online: subscribers of a tenant's own channel are present in it.
+    pub presence: Arc<crate::delivery::presence::Presence>,
 }
+
+/// The answer to a malformed channel name.
+const BAD_CHANNEL: &str = "invalid channel: expected estadisticas:<tenant>, usuario:<tenant>:<user> or rol:<tenant>:<role> (tenant: 1-64 characters of [A-Za-z0-9_.-]; user, role: 1-128 of [A-Za-z0-9_.@-])";
 
 /// Events read per replay page: with the client's queue (`limits.queue_len`), what one
 /// resuming connection holds in memory at most.
@@ -152,7 +157,7 @@ struct Connection {
     shared: Arc<Context>,
     client: Arc<ClientHandle>,
     identity: Identity,
-    subscriptions: HashSet<String>,
+    subscriptions: HashSet<auth::Channel>,
     rate: RateLimit,
 }
 
@@ -214,8 +219,8 @@ pub async fn serve(
     .await;
     let exit = conn.receive_loop(&mut stream, &mut writer, shutdown).await;
 
-    for tenant in conn.subscriptions.drain() {
-        shared.hub.unsubscribe(&tenant, id);
+    for channel in std::mem::take(&mut conn.subscriptions) {
+        conn.forget(&channel);
     }
     let reason = match exit {
         Exit::Closed(reason) => {
@@ -521,32 +526,67 @@ impl Connection {
                 self.send(protocol::pong(clock::unix_millis())).await;
             }
             ClientMessage::Subscribe { channel, since } => self.subscribe(&channel, since).await,
-            ClientMessage::Unsubscribe { channel } => match auth::channel_tenant(&channel) {
-                Ok(tenant) => {
-                    if self.subscriptions.remove(tenant) {
-                        self.shared.hub.unsubscribe(tenant, self.client.id);
+            ClientMessage::Unsubscribe { channel } => match auth::Channel::parse(&channel) {
+                Ok(parsed) => {
+                    if self.subscriptions.remove(&parsed) {
+                        self.forget(&parsed);
                     }
                     self.send(protocol::unsubscribed(&channel)).await;
                 }
-                Err(_) => {
-                    self.reply_error(ErrorCode::BadRequest, "invalid channel name")
-                        .await
-                }
+                Err(_) => self.reply_error(ErrorCode::BadRequest, BAD_CHANNEL).await,
             },
             ClientMessage::Auth { token } => self.reauthenticate(&token).await,
+            ClientMessage::Presence { channel } => self.presence(&channel).await,
+        }
+    }
+
+    /// Leaves a channel this connection was subscribed to (removed from `subscriptions`).
+    fn forget(&self, channel: &auth::Channel) {
+        self.shared.hub.unsubscribe(channel, self.client.id);
+        if channel.kind == auth::ChannelKind::Tenant {
+            self.shared
+                .presence
+                .left(&channel.tenant, &self.identity.user_id);
+        }
+    }
+
+    /// Answers who is online in a tenant the token may read.
+    async fn presence(&self, channel: &str) {
+        match auth::authorize(&self.identity, channel) {
+            Ok(target) if target.kind == auth::ChannelKind::Tenant => {
+                if !self.shared.presence.enabled {
+                    return self
+                        .reply_error(
+                            ErrorCode::BadRequest,
+                            "presence is disabled on this server (presence.enabled)",
+                        )
+                        .await;
+                }
+                let users = self.shared.presence.users(&target.tenant);
+                self.send(protocol::presence(channel, users)).await;
+            }
+            Ok(_) => {
+                self.reply_error(
+                    ErrorCode::BadRequest,
+                    "presence is kept for estadisticas:<tenant> channels",
+                )
+                .await;
+            }
+            Err(ChannelError::BadName) => {
+                self.reply_error(ErrorCode::BadRequest, BAD_CHANNEL).await
+            }
+            Err(ChannelError::Forbidden) => {
+                self.reply_error(ErrorCode::Forbidden, "not allowed to read this channel")
+                    .await;
+            }
         }
     }
 
     async fn subscribe(&mut self, channel: &str, since: Option<i64>) {
-        let tenant = match auth::authorize(&self.identity, channel) {
-            Ok(t) => t.to_string(),
+        let target = match auth::authorize(&self.identity, channel) {
+            Ok(t) => t,
             Err(ChannelError::BadName) => {
-                return self
-                    .reply_error(
-                        ErrorCode::BadRequest,
-                        "invalid channel: expected estadisticas:<tenant> with 1-64 characters of [A-Za-z0-9_.-]",
-                    )
-                    .await;
+                return self.reply_error(ErrorCode::BadRequest, BAD_CHANNEL).await;
             }
             Err(ChannelError::Forbidden) => {
                 return self
@@ -557,7 +597,7 @@ impl Connection {
                     .await;
             }
         };
-        if !self.subscriptions.contains(&tenant)
+        if !self.subscriptions.contains(&target)
             && self.subscriptions.len() >= self.shared.config.limits.subscriptions_per_connection
         {
             return self
@@ -568,24 +608,36 @@ impl Connection {
                 .await;
         }
         let shared = self.shared.clone();
-        let subscribed = shared
-            .hub
-            .subscribe(&tenant, channel, &self.client, since.is_some());
-        self.subscriptions.insert(tenant.clone());
-        if !subscribed.had_stats {
-            shared.stats.want_snapshot(&[Arc::from(tenant.as_str())]);
+        let subscribed = shared.hub.subscribe(&target, &self.client, since.is_some());
+        if self.subscriptions.insert(target.clone()) && target.kind == auth::ChannelKind::Tenant {
+            shared.presence.joined(
+                &target.tenant,
+                &self.identity.user_id,
+                self.identity.role.as_deref(),
+            );
+        }
+        if target.kind == auth::ChannelKind::Tenant && !subscribed.had_stats {
+            shared
+                .stats
+                .want_snapshot(&[Arc::from(target.tenant.as_str())]);
         }
         let Some(since) = since else { return };
-        let replayed = self.replay(&tenant, channel, since).await;
-        shared.hub.finish_replay(&tenant, &self.client, &replayed);
+        let replayed = self.replay(&target, channel, since).await;
+        shared.hub.finish_replay(&target, &self.client, &replayed);
     }
 
     /// Sends the channel's events after `since`, page by page: a page is read only once
     /// the previous one is queued, so a client that stops reading stops its replay (its
     /// queue is full) and holds no database connection meanwhile. Returns the ids sent,
     /// sorted.
-    async fn replay(&self, tenant: &str, channel: &str, since: i64) -> Vec<i64> {
+    async fn replay(&self, target: &auth::Channel, channel: &str, since: i64) -> Vec<i64> {
         let shared = &self.shared;
+        let tenant = target.tenant.as_str();
+        let route = target.route();
+        let log_channel = db::ReplayChannel {
+            tenant,
+            route: route.as_deref(),
+        };
         let mut replayed: Vec<i64> = Vec::new();
         let mut cursor: Option<db::ReplayCursor> = None;
         loop {
@@ -594,12 +646,12 @@ impl Connection {
                 let client = shared.pool.get().await?;
                 let cursor = match &mut cursor {
                     Some(c) => c,
-                    None => match db::replay_start(&client, tenant, since).await? {
+                    None => match db::replay_start(&client, log_channel, since).await? {
                         Some(c) => cursor.insert(c),
                         None => return Ok(None),
                     },
                 };
-                db::replay_page(&client, tenant, cursor, REPLAY_PAGE)
+                db::replay_page(&client, log_channel, cursor, REPLAY_PAGE)
                     .await
                     .map(Some)
             }
@@ -666,16 +718,16 @@ impl Connection {
                 }
                 // A refreshed token may carry fewer rights (a super role revoked): drop
                 // the subscriptions it no longer grants.
-                let revoked: Vec<String> = self
+                let revoked: Vec<auth::Channel> = self
                     .subscriptions
                     .iter()
-                    .filter(|t| !(new.is_super || new.tenant.as_deref() == Some(t.as_str())))
+                    .filter(|c| !c.allows(&new))
                     .cloned()
                     .collect();
                 self.identity = new;
-                for tenant in revoked {
-                    self.subscriptions.remove(&tenant);
-                    self.shared.hub.unsubscribe(&tenant, self.client.id);
+                for channel in revoked {
+                    self.subscriptions.remove(&channel);
+                    self.forget(&channel);
                     Metrics::count(
                         &self.shared.metrics.client_errors,
                         ErrorCode::Forbidden.as_str(),
@@ -683,7 +735,7 @@ impl Connection {
                     self.send(protocol::channel_error(
                         ErrorCode::Forbidden,
                         "the refreshed token does not grant this channel; unsubscribed",
-                        &format!("{}{tenant}", auth::STATS_PREFIX),
+                        &channel.to_string(),
                     ))
                     .await;
                 }

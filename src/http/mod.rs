@@ -270,6 +270,7 @@ impl Shared {
             replay_budget: Arc::new(ReplayBudget::new(config.database.pool_size)),
             stats: stats.clone(),
             revocations,
+            presence: Arc::new(crate::delivery::presence::Presence::new(&config)),
         });
         Arc::new(Shared {
             config,
@@ -289,7 +290,7 @@ impl Shared {
 }
 
 /// Spawns the supervised background tasks (listener, stats, day rollover, retention,
-/// WAL capture, revocations),
+/// WAL capture, revocations, presence),
 /// all stopped by `stop`. A dead listener fails `/health`; the others restart.
 fn spawn_background(
     shared: &Shared,
@@ -343,6 +344,22 @@ fn spawn_background(
             crate::delivery::revocation::run(
                 sockets.config.clone(),
                 sockets.revocations.clone(),
+                sockets.metrics.clone(),
+                stop.clone(),
+            )
+        },
+    ));
+    let sockets = shared.sockets.clone();
+    let stop = stop_rx.clone();
+    background.spawn(supervise(
+        "presence",
+        restart(),
+        stop_rx.clone(),
+        move || {
+            crate::delivery::presence::run(
+                sockets.config.clone(),
+                sockets.presence.clone(),
+                sockets.hub.clone(),
                 sockets.metrics.clone(),
                 stop.clone(),
             )

@@ -146,7 +146,7 @@ impl StatsEngine {
 
     /// Marks every tenant with subscribers dirty (reconnect, day rollover).
     pub fn mark_dirty_all(&self, hub: &crate::delivery::hub::Hub) {
-        self.mark_dirty(&hub.tenants());
+        self.mark_dirty(&hub.stats_tenants());
     }
 }
 

@@ -404,6 +404,17 @@ impl WsClient {
         assert_eq!(m["type"], "subscribed", "{m}");
     }
 
+    /// Subscribes to any channel; returns the answer (`subscribed` or `error`).
+    pub async fn subscribe_channel(&mut self, channel: &str, since: Option<i64>) -> Value {
+        let mut data = json!({"channel": channel});
+        if let Some(s) = since {
+            data["since"] = json!(s);
+        }
+        self.send(json!({"type": "subscribe", "data": data})).await;
+        self.expect(|m| m["type"] == "subscribed" || m["type"] == "error")
+            .await
+    }
+
     /// Sends a JSON message.
     pub async fn send(&mut self, v: Value) {
         self.ws
