@@ -254,3 +254,119 @@ async fn a_user_channel_resumes_with_only_that_users_events() {
     assert_eq!(err["data"]["code"], "history_expired", "{err}");
     d.stop().await;
 }
+
+#[tokio::test]
+async fn emit_to_people_refuses_bad_arguments_and_needs_a_grant() {
+    let db = TestDb::new().await;
+    let huge = "x".repeat(10 * 1024);
+    for (sql, why) in [
+        (
+            "SELECT citapulse.emit_to_user(NULL, 'u1', 'note')",
+            "tenant must match",
+        ),
+        (
+            "SELECT citapulse.emit_to_user('t1:x', 'u1', 'note')",
+            "tenant must match",
+        ),
+        (
+            "SELECT citapulse.emit_to_user('t1', NULL, 'note')",
+            "user_id must match",
+        ),
+        (
+            "SELECT citapulse.emit_to_user('t1', 'a:b', 'note')",
+            "user_id must match",
+        ),
+        (
+            "SELECT citapulse.emit_to_user('t1', '*', 'note')",
+            "user_id must match",
+        ),
+        (
+            "SELECT citapulse.emit_to_user('t1', 'ü', 'note')",
+            "user_id must match",
+        ),
+        (
+            "SELECT citapulse.emit_to_role('t1', '', 'note')",
+            "role must match",
+        ),
+        (
+            "SELECT citapulse.emit_to_user('t1', 'u1', 'presence_join')",
+            "reserved",
+        ),
+        (
+            "SELECT citapulse.emit_to_role('t1', 'staff', 'Stats')",
+            "reserved",
+        ),
+        (
+            "SELECT citapulse.emit_to_role('t1', 'staff', '')",
+            "event_type must match",
+        ),
+    ] {
+        let err = db.client.execute(sql, &[]).await.unwrap_err();
+        let msg = err.as_db_error().unwrap().message().to_string();
+        assert!(msg.contains(why), "{sql}: {msg}");
+    }
+    let err = db
+        .client
+        .execute("SELECT citapulse.emit_to_user('t1', $1, 'note')", &[&huge])
+        .await
+        .unwrap_err();
+    assert!(
+        err.as_db_error()
+            .unwrap()
+            .message()
+            .contains("user_id must match")
+    );
+    // watch() checks route columns.
+    let err = db
+        .client
+        .execute(
+            "SELECT citapulse.watch('public.citas'::regclass, 'negocio_id', 'appointment', ARRAY['nope'])",
+            &[],
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        err.as_db_error()
+            .unwrap()
+            .message()
+            .contains("no column nope"),
+        "{err:?}"
+    );
+    db.move_inbox().await;
+    let logged: i64 = db
+        .client
+        .query_one(
+            "SELECT count(*) FROM citapulse.events WHERE op = 'EMIT_TO'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(logged, 0, "nothing was emitted");
+
+    // A login without a grant cannot emit to people, nor call the helper directly.
+    let role = format!("noemit_{}", std::process::id());
+    db.client
+        .batch_execute(&format!(
+            "DROP ROLE IF EXISTS {role}; CREATE ROLE {role} LOGIN; GRANT USAGE ON SCHEMA citapulse TO {role}"
+        ))
+        .await
+        .unwrap();
+    let weak = pg(&db.url.replacen("postgres@", &format!("{role}@"), 1)).await;
+    for sql in [
+        "SELECT citapulse.emit_to_user('t1', 'u1', 'note')",
+        "SELECT citapulse.emit_to_role('t1', 'staff', 'note')",
+        "SELECT citapulse.emit_to('t1', 'u:*', 'note', '{}')",
+        "SELECT citapulse.presence_write('x', 3000, ARRAY['t1'], ARRAY['ghost'], ARRAY[NULL]::text[], ARRAY[1], ARRAY[0]::float8[])",
+        "SELECT * FROM citapulse.presence",
+    ] {
+        let err = weak.execute(sql, &[]).await.unwrap_err();
+        assert!(
+            err.as_db_error()
+                .unwrap()
+                .message()
+                .contains("permission denied"),
+            "{sql}: {err:?}"
+        );
+    }
+}

@@ -61,7 +61,16 @@ async fn a_revoked_user_is_closed_everywhere_and_refused_until_unrevoked() {
     // by a daemon started after it.
     next_second().await;
     let fresh = user_token("u1");
-    WsClient::connect(b.addr, &fresh).await.close().await;
+    let mut signed_in = WsClient::connect(b.addr, &fresh).await;
+    // Refreshing with the revoked token is refused too; the socket stays.
+    signed_in
+        .send(json!({"type": "auth", "data": {"token": old}}))
+        .await;
+    let err = signed_in.expect_type("error").await;
+    assert_eq!(err["data"]["code"], "unauthorized", "{err}");
+    signed_in.send(json!({"type": "ping"})).await;
+    signed_in.expect_type("pong").await;
+    signed_in.close().await;
     b.stop().await;
     let c = Daemon::start(&db.url, |_| {}).await;
     assert_eq!(

@@ -170,8 +170,28 @@ async fn wal_mode_sends_what_trigger_mode_sends_without_a_trigger() {
     switch(&db.client, "wal", &slot).await;
     assert_eq!(app_triggers(&db.client).await, 0, "no trigger in WAL mode");
     assert_eq!(citas_identity(&db.client).await, "f");
+    // The professional's channel gets the same events, routed by the daemon's WAL write.
+    let mut p1 = WsClient::connect(d.addr, &token("p1", Some("t1"), Some("profesional"))).await;
+    assert_eq!(
+        p1.subscribe_channel("usuario:t1:p1", None).await["type"],
+        "subscribed"
+    );
     let from_wal = one_of_each(&db, &mut c).await;
     assert_eq!(from_wal, by_triggers);
+    let routed = p1.events(4).await;
+    assert_eq!(
+        routed.iter().map(|e| e["type"].clone()).collect::<Vec<_>>(),
+        by_triggers
+            .iter()
+            .map(|e| e["type"].clone())
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        routed
+            .iter()
+            .all(|e| e["channel"] == "usuario:t1:p1" && e["data"]["row"]["profesional_id"] == "p1"),
+        "{routed:?}"
+    );
     wait_until(|| async {
         http_get(d.addr, "/health", &[])
             .await

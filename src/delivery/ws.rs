@@ -703,6 +703,13 @@ impl Connection {
 
     async fn reauthenticate(&mut self, token: &str) {
         match self.shared.auth.verify(token) {
+            Ok(new) if self.shared.revocations.refuses(&new) => {
+                self.reply_error(
+                    ErrorCode::Unauthorized,
+                    "this user was revoked; a token issued after the revocation is needed",
+                )
+                .await;
+            }
             Ok(new)
                 if new.user_id == self.identity.user_id && new.tenant == self.identity.tenant =>
             {
