@@ -68,18 +68,19 @@ async fn watch_presence(
     }
 }
 
-/// Connects as `sub` of tenant `hot` and subscribes; returns the socket and when
+/// Connects as `sub` of `tenant` and subscribes to its channel; returns the socket and when
 /// `subscribed` arrived.
 async fn join(
     bench: &Bench,
     addr: SocketAddr,
     i: usize,
     sub: &str,
+    tenant: &str,
     base: Instant,
 ) -> Result<(Ws, u64)> {
-    let token = bench.tokens.user(sub, "hot", "staff")?;
+    let token = bench.tokens.user(sub, tenant, "staff")?;
     let mut ws = client::connect(addr, source_of(i), &token, 4096).await?;
-    client::subscribe(&mut ws, "hot").await?;
+    client::subscribe(&mut ws, tenant).await?;
     Ok((ws, ns_since(base)))
 }
 
@@ -100,36 +101,62 @@ async fn wait_seen(seen: &Mutex<Seen>, names: &[String], leaves: bool) -> bool {
     false
 }
 
-/// Presence across two instances.
-async fn presence(bench: &Bench, section: &mut Section) -> Result<Value> {
-    let users = if bench.quick { 200 } else { 10_000 };
-    let extra = [("CITAPULSE_PRESENCE__LEAVE_GRACE_MS", GRACE_MS.to_string())];
+/// Connects `users` users in tenants `t0..t{tenants}` (user i in tenant i % tenants, on
+/// instance (i / tenants) % 2, so each tenant has users on both), all at once; with
+/// presence on, a watcher per tenant and instance times each user on the *other*
+/// instance, join and leave. With presence off, the same storm: the floor of its cost.
+async fn presence_run(bench: &Bench, users: usize, tenants: usize, enabled: bool) -> Result<Value> {
+    let extra = [
+        ("CITAPULSE_PRESENCE__LEAVE_GRACE_MS", GRACE_MS.to_string()),
+        ("CITAPULSE_PRESENCE__ENABLED", enabled.to_string()),
+    ];
     let a = bench.daemon("notify", &extra).await?;
     let b = bench.daemon("notify", &extra).await?;
     let servers = [a.addr, b.addr];
     let base = Instant::now();
     let (stop_tx, stop_rx) = watch::channel(false);
-    let seen: [Arc<Mutex<Seen>>; 2] = Default::default();
-    for (k, addr) in servers.iter().enumerate() {
-        let (ws, _) = join(bench, *addr, 10_000_000 + k, &format!("watcher-{k}"), base).await?;
-        tokio::spawn(watch_presence(ws, base, seen[k].clone(), stop_rx.clone()));
-    }
-    // The watchers see each other: wait for that, then forget it.
-    let watchers = ["watcher-0".to_string(), "watcher-1".to_string()];
-    if !wait_seen(&seen[0], &watchers, false).await || !wait_seen(&seen[1], &watchers, false).await
-    {
-        return Err(failed("the watchers never saw each other join"));
-    }
-    for s in &seen {
-        *s.lock().unwrap_or_else(|p| p.into_inner()) = Seen::default();
+    let tenant_of = |i: usize| format!("t{}", i % tenants);
+    let instance_of = |i: usize| (i / tenants) % 2;
+    // seen[t * 2 + k]: the watcher of tenant t on instance k.
+    let seen: Vec<Arc<Mutex<Seen>>> = (0..tenants * 2).map(|_| Arc::default()).collect();
+    if enabled {
+        for t in 0..tenants {
+            for (k, addr) in servers.iter().enumerate() {
+                let (ws, _) = join(
+                    bench,
+                    *addr,
+                    10_000_000 + t * 2 + k,
+                    &format!("watcher-{k}"),
+                    &format!("t{t}"),
+                    base,
+                )
+                .await?;
+                tokio::spawn(watch_presence(
+                    ws,
+                    base,
+                    seen[t * 2 + k].clone(),
+                    stop_rx.clone(),
+                ));
+            }
+        }
+        // The watchers see each other: wait for that, then forget it.
+        let watchers = ["watcher-0".to_string(), "watcher-1".to_string()];
+        for s in &seen {
+            if !wait_seen(s, &watchers, false).await {
+                return Err(failed("the watchers never saw each other join"));
+            }
+        }
+        for s in &seen {
+            *s.lock().unwrap_or_else(|p| p.into_inner()) = Seen::default();
+        }
     }
     let cpu0 = a.cpu_seconds() + b.cpu_seconds();
     let t0 = Instant::now();
-    // User i joins instance i % 2; the watcher of the other instance times it.
     let joined: Vec<Result<(Ws, u64)>> = futures_util::stream::iter(0..users)
         .map(|i| {
-            let addr = servers[i % 2];
-            async move { join(bench, addr, i, &format!("u{i}"), base).await }
+            let addr = servers[instance_of(i)];
+            let tenant = tenant_of(i);
+            async move { join(bench, addr, i, &format!("u{i}"), &tenant, base).await }
         })
         .buffered(200)
         .collect()
@@ -142,21 +169,33 @@ async fn presence(bench: &Bench, section: &mut Section) -> Result<Value> {
         subscribed_at.push(at);
     }
     let storm_secs = t0.elapsed().as_secs_f64();
-    // Watcher k times the users of the other instance: i % 2 != k.
-    let names = |k: usize| -> Vec<String> {
-        (0..users)
-            .filter(|i| i % 2 != k)
-            .map(|i| format!("u{i}"))
-            .collect()
+    // The watcher that times user i, and what each watcher must see.
+    let watcher_of = |i: usize| (i % tenants) * 2 + (1 - instance_of(i));
+    let mut expected: Vec<Vec<String>> = vec![Vec::new(); tenants * 2];
+    for i in 0..users {
+        expected[watcher_of(i)].push(format!("u{i}"));
+    }
+    let wait_all = |leaves: bool| {
+        let seen = &seen;
+        let expected = &expected;
+        async move {
+            for (w, names) in expected.iter().enumerate() {
+                if !wait_seen(&seen[w], names, leaves).await {
+                    return false;
+                }
+            }
+            true
+        }
     };
-    let all_joined =
-        wait_seen(&seen[1], &names(1), false).await && wait_seen(&seen[0], &names(0), false).await;
+    let all_joined = !enabled || wait_all(false).await;
     let join_cpu = a.cpu_seconds() + b.cpu_seconds() - cpu0;
     let latency = |leaves: bool, start: &dyn Fn(usize) -> u64| -> (Summary, usize) {
         let mut samples = Vec::with_capacity(users);
         let mut missing = 0;
         for i in 0..users {
-            let s = seen[1 - i % 2].lock().unwrap_or_else(|p| p.into_inner());
+            let s = seen[watcher_of(i)]
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             let map = if leaves { &s.left } else { &s.joined };
             match map.get(&format!("u{i}")) {
                 Some(at) => samples.push(at.saturating_sub(start(i))),
@@ -165,11 +204,13 @@ async fn presence(bench: &Bench, section: &mut Section) -> Result<Value> {
         }
         (Summary::of_ns(samples), missing)
     };
+    let messages = || -> usize {
+        seen.iter()
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).messages)
+            .sum()
+    };
     let (joins, joins_missing) = latency(false, &|i| subscribed_at[i]);
-    let join_messages: usize = seen
-        .iter()
-        .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).messages)
-        .sum();
+    let join_messages = messages();
 
     // Everyone leaves at once.
     let cpu1 = a.cpu_seconds() + b.cpu_seconds();
@@ -178,70 +219,111 @@ async fn presence(bench: &Bench, section: &mut Section) -> Result<Value> {
         let _ = ws.close(None).await;
         closed_at.push(ns_since(base));
     }
-    let all_left =
-        wait_seen(&seen[1], &names(1), true).await && wait_seen(&seen[0], &names(0), true).await;
+    let all_left = !enabled || wait_all(true).await;
+    if !enabled {
+        // As long as a leave takes with presence on, so CPU is compared over the same work.
+        tokio::time::sleep(Duration::from_millis(GRACE_MS + 500)).await;
+    }
     let leave_cpu = a.cpu_seconds() + b.cpu_seconds() - cpu1;
     let grace_ns = GRACE_MS * 1_000_000;
     let (leaves, leaves_missing) = latency(true, &|i| closed_at[i] + grace_ns);
-    let all_messages: usize = seen
-        .iter()
-        .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).messages)
-        .sum();
-    let members_after = a
-        .metric("citapulse_presence_members")
-        .await
-        .unwrap_or(f64::NAN);
+    let all_messages = messages();
     let _ = stop_tx.send(true);
     a.stop().await;
     b.stop().await;
+    Ok(json!({
+        "users": users, "tenants": tenants, "presence": enabled,
+        "connect_storm_seconds": round(storm_secs, 2),
+        "join": joins.json(), "join_missing": if enabled { joins_missing } else { 0 },
+        "join_server_cpu_s": round(join_cpu, 3),
+        "leave": leaves.json(), "leave_missing": if enabled { leaves_missing } else { 0 },
+        "leave_server_cpu_s": round(leave_cpu, 3),
+        "presence_messages_per_watcher": all_messages as f64 / (tenants * 2) as f64,
+        "join_messages_per_watcher": join_messages as f64 / (tenants * 2) as f64,
+        "complete": all_joined && all_left,
+    }))
+}
 
+/// Presence of N users over two instances: one tenant (every user sees every other's
+/// join: the worst case), many tenants, and the storm without presence (the floor).
+async fn presence(bench: &Bench, section: &mut Section) -> Result<Value> {
+    let users = if bench.quick { 200 } else { 10_000 };
+    let spread = if bench.quick { 4 } else { 100 };
     let mut table = Table::new(
-        format!("Presence of {users} users over 2 instances (seen on the other instance)"),
+        format!(
+            "Presence of {users} users over 2 instances: change seen on the other instance (join from `subscribed`, leave from close + {GRACE_MS} ms grace)"
+        ),
         &[
-            "what",
-            "n",
+            "tenants",
+            "presence",
+            "connect storm s",
+            "join p50 ms",
+            "join p99 ms",
+            "leave p50 ms",
+            "leave p99 ms",
             "missing",
-            "p50 ms",
-            "p99 ms",
-            "max ms",
-            "server CPU s",
-            "presence messages per watcher",
+            "server CPU s (join + leave)",
+            "presence msgs per watcher",
         ],
     );
-    table.row(vec![
-        format!("join (from `subscribed`; {users} connected in {storm_secs:.1} s)"),
-        joins.n.to_string(),
-        joins_missing.to_string(),
-        num(joins.p50),
-        num(joins.p99),
-        num(joins.max),
-        num(join_cpu),
-        num(join_messages as f64 / 2.0),
-    ]);
-    table.row(vec![
-        format!("leave (from close + {GRACE_MS} ms grace; all closed at once)"),
-        leaves.n.to_string(),
-        leaves_missing.to_string(),
-        num(leaves.p50),
-        num(leaves.p99),
-        num(leaves.max),
-        num(leave_cpu),
-        num((all_messages - join_messages) as f64 / 2.0),
-    ]);
-    section.tables.push(table);
-    if !all_joined || !all_left {
-        section.notes.push(format!(
-            "not every presence change was seen within {SEEN_TIMEOUT:?} (joins complete: {all_joined}, leaves complete: {all_left})"
-        ));
+    let mut runs = Vec::new();
+    for (tenants, enabled) in [(1, true), (spread, true), (spread, false)] {
+        let r = presence_run(bench, users, tenants, enabled).await?;
+        let ms = |v: &Value, k: &str| v[k].as_f64().map_or("-".into(), num);
+        table.row(vec![
+            tenants.to_string(),
+            if enabled {
+                "on".into()
+            } else {
+                "off (floor)".into()
+            },
+            num(r["connect_storm_seconds"].as_f64().unwrap_or(f64::NAN)),
+            if enabled {
+                ms(&r["join"], "p50_ms")
+            } else {
+                "-".into()
+            },
+            if enabled {
+                ms(&r["join"], "p99_ms")
+            } else {
+                "-".into()
+            },
+            if enabled {
+                ms(&r["leave"], "p50_ms")
+            } else {
+                "-".into()
+            },
+            if enabled {
+                ms(&r["leave"], "p99_ms")
+            } else {
+                "-".into()
+            },
+            format!(
+                "{}",
+                r["join_missing"].as_u64().unwrap_or(0) + r["leave_missing"].as_u64().unwrap_or(0)
+            ),
+            format!(
+                "{} + {}",
+                num(r["join_server_cpu_s"].as_f64().unwrap_or(f64::NAN)),
+                num(r["leave_server_cpu_s"].as_f64().unwrap_or(f64::NAN))
+            ),
+            if enabled {
+                num(r["presence_messages_per_watcher"]
+                    .as_f64()
+                    .unwrap_or(f64::NAN))
+            } else {
+                "-".into()
+            },
+        ]);
+        if enabled && r["complete"] != true {
+            section.notes.push(format!(
+                "{tenants} tenant(s): not every presence change was seen within {SEEN_TIMEOUT:?}"
+            ));
+        }
+        runs.push(r);
     }
-    Ok(json!({
-        "users": users,
-        "connect_storm_seconds": round(storm_secs, 2),
-        "join": joins.json(), "join_missing": joins_missing, "join_server_cpu_s": round(join_cpu, 3),
-        "leave": leaves.json(), "leave_missing": leaves_missing, "leave_server_cpu_s": round(leave_cpu, 3),
-        "presence_messages_per_watcher": all_messages as f64 / 2.0,
-        "members_after_leave": members_after,
-    }))
+    section.tables.push(table);
+    Ok(Value::Array(runs))
 }
 
 /// One phase of the routed fan-out: `events` inserts, paced; per event the latency

@@ -141,6 +141,36 @@ async fn notify_cita_compat_endpoint_refreshes_stats() {
     .await;
     assert_eq!(status, 202);
     c.expect_type("stats").await;
+    // The event goes through the log: on the tenant's channel, with an id.
+    let ev = c.expect_type("cita_created").await;
+    assert_eq!(ev["channel"], "estadisticas:t1");
+    assert_eq!(ev["data"]["action"], "created");
+    assert!(ev["id"].as_i64().is_some(), "{ev}");
+    for (action, kind) in [
+        ("updated", "cita_updated"),
+        ("deleted", "cita_deleted"),
+        ("status_changed", "status_changed"),
+        ("rescheduled", "cita_rescheduled"),
+    ] {
+        let body = format!(r#"{{"negocio_id":"t1","action":"{action}","cita_id":7}}"#);
+        let secret = [("X-Citapulse-Secret", "rest-api-shared-secret")];
+        assert_eq!(
+            http(d.addr, "POST", "/notify/cita", &secret, &body).await.0,
+            202
+        );
+        let ev = c.expect_type(kind).await;
+        assert_eq!(ev["data"]["cita_id"], 7, "{ev}");
+    }
+    for bad in [
+        r#"{"negocio_id":"t1","action":"exploded"}"#,
+        r#"{"negocio_id":"t1"}"#,
+        r#"{"negocio_id":"t1","action":7}"#,
+    ] {
+        let secret = [("X-Citapulse-Secret", "rest-api-shared-secret")];
+        let (status, resp) = http(d.addr, "POST", "/notify/cita", &secret, bad).await;
+        assert_eq!(status, 400, "{bad}: {resp}");
+        assert!(resp.contains("action must be one of"), "{resp}");
+    }
     d.stop().await;
 }
 

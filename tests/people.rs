@@ -186,6 +186,14 @@ async fn routed_events_reach_old_and_new_people_and_emits_reach_only_theirs() {
         .unwrap()
         .get(0);
     assert_eq!(next_event(&mut tenant).await["id"], tenant_marker);
+    // A row whose route column holds "*" is not an address of every user.
+    db.client
+        .execute(
+            "INSERT INTO citas (negocio_id, cliente_id, profesional_id, estado) VALUES ('t1', '*', '*', 'pendiente')",
+            &[],
+        )
+        .await
+        .unwrap();
     for (c, user) in [(&mut p1, "p1"), (&mut p2, "p2"), (&mut c1, "c1")] {
         assert_nothing_before_marker(&db, c, "t1", user).await;
     }

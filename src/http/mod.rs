@@ -820,11 +820,58 @@ async fn notify_cita(req: Request<Incoming>, shared: &Shared) -> Response<Body> 
             "negocio_id has an invalid format",
         );
     }
+    let Some(event_type) = value
+        .get("action")
+        .and_then(serde_json::Value::as_str)
+        .and_then(notify_event_type)
+    else {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "action must be one of created, updated, deleted, status_changed, rescheduled",
+        );
+    };
+    // Through the log like any event, so it is replayable and reaches every instance.
+    let emitted = async {
+        let client = shared.sockets.pool.get().await?;
+        let row = client
+            .query_one(
+                "SELECT citapulse.emit($1, $2, $3::jsonb)",
+                &[&tenant, &event_type, &tokio_postgres::types::Json(&value)],
+            )
+            .await?;
+        Ok::<i64, db::DbError>(row.get(0))
+    }
+    .await;
+    let id = match emitted {
+        Ok(id) => id,
+        Err(err) => {
+            tracing::warn!(error = %err, "POST /notify/cita: emitting the event failed");
+            return error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "the database is unavailable; try again",
+            );
+        }
+    };
     shared.stats.mark_forced(&[Arc::from(tenant.as_str())]);
     json_response(
         StatusCode::ACCEPTED,
-        json!({"status": "accepted", "negocio_id": tenant}),
+        json!({"status": "accepted", "negocio_id": tenant, "type": event_type, "id": id}),
     )
+}
+
+/// The event `POST /notify/cita` emits for an action (DESIGN.md §9), as the triggers
+/// name the same change.
+fn notify_event_type(action: &str) -> Option<&'static str> {
+    Some(match action {
+        "created" => "cita_created",
+        "updated" => "cita_updated",
+        "deleted" => "cita_deleted",
+        "status_changed" => "status_changed",
+        "rescheduled" => "cita_rescheduled",
+        _ => return None,
+    })
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
