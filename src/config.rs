@@ -95,6 +95,8 @@ pub struct Config {
     pub capture: CaptureConfig,
     /// Who is online (DESIGN.md §8).
     pub presence: PresenceConfig,
+    /// Per-tenant settings read from the application's tables (DESIGN.md §9).
+    pub tenants: TenantsConfig,
     /// Per-client and per-address limits.
     pub limits: LimitsConfig,
     /// Logging.
@@ -340,6 +342,26 @@ impl Default for PresenceConfig {
     }
 }
 
+/// `[tenants]`: per-tenant settings from the application's own tables.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TenantsConfig {
+    /// One row, one text column: the tenant's IANA time zone (`$1` = tenant), e.g.
+    /// `SELECT zona_horaria FROM negocios WHERE id = $1`. None: `stats.timezone` for all.
+    pub timezone_query: Option<String>,
+    /// How long a tenant's zone is cached.
+    pub cache_ttl_secs: u64,
+}
+
+impl Default for TenantsConfig {
+    fn default() -> Self {
+        Self {
+            timezone_query: None,
+            cache_ttl_secs: 300,
+        }
+    }
+}
+
 /// `[outbox]`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -486,6 +508,7 @@ impl Default for Config {
             wakeup: WakeupConfig::default(),
             capture: CaptureConfig::default(),
             presence: PresenceConfig::default(),
+            tenants: TenantsConfig::default(),
             limits: LimitsConfig::default(),
             log: LogConfig::default(),
             resolvers: Vec::new(),
@@ -666,6 +689,17 @@ impl Config {
             return invalid(
                 "capture.slot",
                 "must be 1 to 63 lowercase letters, digits or underscores (a replication slot name)",
+            );
+        }
+        if self
+            .tenants
+            .timezone_query
+            .as_deref()
+            .is_some_and(|q| q.trim().is_empty())
+        {
+            return invalid(
+                "tenants.timezone_query",
+                "is empty; remove it or give a query returning one time zone for $1",
             );
         }
         if self.presence.leave_grace_ms > 600_000 {

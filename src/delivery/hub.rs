@@ -533,6 +533,16 @@ impl Hub {
         true
     }
 
+    /// Forgets the cached statistics of some tenants (their day rolled over).
+    pub fn clear_stats_of(&self, tenants: &[Arc<str>]) {
+        let mut channels = lock(&self.channels);
+        for t in tenants {
+            if let Some(channel) = channels.get_mut(&**t).and_then(|c| c.tenant.as_mut()) {
+                channel.stats = None;
+            }
+        }
+    }
+
     /// Forgets cached statistics (e.g. after a database outage) so they are recomputed.
     pub fn clear_stats(&self) {
         for tenant in lock(&self.channels).values_mut() {

@@ -148,12 +148,11 @@ pub async fn run(
     let pool = db::pool(&config)?;
     let revocations = Arc::new(crate::auth::Revocations::default());
     let today = check_database(&config, &revocations, &metrics).await?;
-    let (today_tx, today_rx) = watch::channel(String::new());
-    today_tx.send_replace(today);
-    let shared = Shared::build(config, auth, metrics, pool, today_rx, revocations);
+    let zones = Arc::new(crate::stats::Zones::new(&config, today));
+    let shared = Shared::build(config, auth, metrics, pool, zones, revocations);
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let background = spawn_background(&shared, today_tx, &stop_rx);
+    let background = spawn_background(&shared, &stop_rx);
     let sockets = accept_until(listener, &shared, &stop_rx, shutdown).await;
 
     tracing::info!("shutting down: closing sockets");
@@ -228,7 +227,7 @@ impl Shared {
         auth: Authenticator,
         metrics: Arc<Metrics>,
         pool: deadpool_postgres::Pool,
-        today: watch::Receiver<String>,
+        zones: Arc<crate::stats::Zones>,
         revocations: Arc<crate::auth::Revocations>,
     ) -> Arc<Self> {
         let config = Arc::new(config);
@@ -246,7 +245,7 @@ impl Shared {
             metrics: metrics.clone(),
             pool: pool.clone(),
             stats: stats.clone(),
-            today,
+            zones,
             reader_position: reader_position.clone(),
         });
         let capture = Arc::new(crate::capture::Context {
@@ -292,11 +291,7 @@ impl Shared {
 /// Spawns the supervised background tasks (listener, stats, day rollover, retention,
 /// WAL capture, revocations, presence),
 /// all stopped by `stop`. A dead listener fails `/health`; the others restart.
-fn spawn_background(
-    shared: &Shared,
-    today_tx: watch::Sender<String>,
-    stop_rx: &watch::Receiver<bool>,
-) -> TaskTracker {
+fn spawn_background(shared: &Shared, stop_rx: &watch::Receiver<bool>) -> TaskTracker {
     let background = TaskTracker::new();
     let restart = || OnDeath::Restart(Duration::from_secs(1));
     let capture = shared.capture.clone();
@@ -314,12 +309,11 @@ fn spawn_background(
     }));
     let stats_task = shared.stats_task.clone();
     let stop = stop_rx.clone();
-    let today_tx = Arc::new(today_tx);
     background.spawn(supervise(
         "rollover",
         restart(),
         stop_rx.clone(),
-        move || crate::stats::rollover(stats_task.clone(), today_tx.clone(), stop.clone()),
+        move || crate::stats::rollover(stats_task.clone(), stop.clone()),
     ));
     let capture = shared.capture.clone();
     let stop = stop_rx.clone();

@@ -3,8 +3,8 @@
 //! Owns which tenants are dirty and when each may be queried again: a dirty tenant
 //! with subscribers is recomputed at once (leading edge), then at most once per
 //! `stats.min_interval_ms` (trailing edge), so a burst of changes costs a handful of
-//! queries and the last numbers are always right. Also owns "today" in
-//! `stats.timezone`, and pushes fresh numbers when the day rolls over. Tenants without
+//! queries and the last numbers are always right. Also owns "today" in each tenant's
+//! zone ([`zones`]), and pushes fresh numbers when a zone's day rolls over. Tenants without
 //! subscribers are never queried.
 
 use std::sync::Arc;
@@ -22,6 +22,9 @@ use crate::delivery::hub::Hub;
 use crate::metrics::Metrics;
 
 pub mod engine;
+pub mod zones;
+
+pub use zones::{Zones, today_in_zone};
 
 /// What the statistics tasks (coalescer, day rollover) get from start-up.
 pub struct Context {
@@ -35,8 +38,8 @@ pub struct Context {
     pub pool: deadpool_postgres::Pool,
     /// The coalescer's state.
     pub stats: Arc<StatsEngine>,
-    /// Today's date in `stats.timezone`.
-    pub today: watch::Receiver<String>,
+    /// Tenants' time zones and their dates.
+    pub zones: Arc<Zones>,
     /// The highest event id the listener has read (`as_of` bound).
     pub reader_position: Arc<AtomicI64>,
 }
@@ -223,8 +226,8 @@ async fn run_job(
 async fn recompute(shared: &Context, sql: &str, job: &Job) -> Result<Outcome, DbError> {
     let tenant: &str = &job.tenant;
     let as_of_bound = shared.reader_position.load(Ordering::Acquire);
-    let today = shared.today.borrow().clone();
     let mut client = shared.pool.get().await?;
+    let today = shared.zones.today_of(&client, &job.tenant).await?;
     let claim = client
         .prepare_typed_cached(
             CLAIM_SQL,
@@ -357,13 +360,12 @@ pub async fn read_shared(
             &[&*seen],
         )
         .await?;
-    let today = shared.today.borrow().clone();
     for row in rows {
         let tenant: &str = row.get(0);
         *seen = (*seen).max(row.get::<_, i64>(2));
         let by: Option<&str> = row.get(4);
         if by == Some(shared.config.instance.as_str())
-            || row.get::<_, &str>(3) != today
+            || shared.zones.cached_today(tenant).as_deref() != Some(row.get::<_, &str>(3))
             || !shared.hub.has_subscribers(tenant)
         {
             continue;
@@ -376,55 +378,35 @@ pub async fn read_shared(
     Ok(())
 }
 
-/// Today's date in `stats.timezone` and the seconds until it changes, from the
-/// database clock (shifted by `stats.clock_offset_secs`).
-pub async fn today_in_zone(
-    client: &tokio_postgres::Client,
-    tz: &str,
-    offset_secs: i64,
-) -> Result<(String, f64), DbError> {
-    let row = client
-        .query_one(
-            "WITH n AS (SELECT (now() + make_interval(secs => $2::float8)) AT TIME ZONE $1 AS local) \
-             SELECT local::date::text, \
-                    extract(epoch FROM (date_trunc('day', local) + interval '1 day' - local))::float8 \
-               FROM n",
-            &[&tz, &(offset_secs as f64)],
-        )
-        .await?;
-    Ok((row.get(0), row.get(1)))
-}
-
-/// Keeps `shared.today` current; on a new day, every subscribed tenant is recomputed.
-pub async fn rollover(
-    shared: Arc<Context>,
-    today_tx: Arc<watch::Sender<String>>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let tz = shared.config.stats.timezone.clone();
-    let offset = shared.config.stats.clock_offset_secs;
+/// Keeps each zone's date current (the default zone and those of tenants with
+/// subscribers); when a zone's day changes, its tenants' numbers are recomputed.
+pub async fn rollover(shared: Arc<Context>, mut shutdown: watch::Receiver<bool>) {
+    let zones = &shared.zones;
     loop {
         let wait = match shared.pool.get().await {
-            Ok(client) => match today_in_zone(&client, &tz, offset).await {
-                Ok((today, secs_left)) => {
-                    let changed = *today_tx.borrow() != today;
-                    if changed {
-                        let first = today_tx.borrow().is_empty();
-                        today_tx.send_replace(today.clone());
-                        if !first {
-                            tracing::info!(today = %today, timezone = %tz, "day rolled over, refreshing stats");
-                            shared.hub.clear_stats();
-                            shared.stats.mark_dirty_all(&shared.hub);
+            Ok(client) => {
+                let mut wait = Duration::from_secs(60);
+                for (zone, tenants) in zones.group(&shared.hub.stats_tenants()) {
+                    match today_in_zone(&client, &zone, zones.offset_secs()).await {
+                        Ok((today, secs_left)) => {
+                            if zones.set_today(&zone, &today) && !tenants.is_empty() {
+                                tracing::info!(today = %today, timezone = %zone, tenants = tenants.len(), "day rolled over, refreshing stats");
+                                shared.hub.clear_stats_of(&tenants);
+                                shared.stats.mark_dirty(&tenants);
+                            }
+                            // Wake just after midnight; re-check at least every minute.
+                            wait = wait.min(Duration::from_secs_f64(
+                                (secs_left + 0.05).clamp(0.05, 60.0),
+                            ));
+                        }
+                        Err(err) => {
+                            tracing::warn!(error = %err, timezone = %zone, "cannot read today's date");
+                            wait = wait.min(Duration::from_secs(5));
                         }
                     }
-                    // Wake just after midnight; re-check at least every minute (DST, drift).
-                    Duration::from_secs_f64((secs_left + 0.05).clamp(0.05, 60.0))
                 }
-                Err(err) => {
-                    tracing::warn!(error = %err, "cannot read today's date");
-                    Duration::from_secs(5)
-                }
-            },
+                wait
+            }
             Err(err) => {
                 tracing::debug!(error = %err, "no connection for the day clock");
                 Duration::from_secs(2)
@@ -432,6 +414,7 @@ pub async fn rollover(
         };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
+            _ = zones.new_zone.notified() => {}
             _ = shutdown.changed() => return,
         }
     }
