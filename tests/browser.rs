@@ -1,6 +1,7 @@
 //! The reference dashboard in a real headless Chromium, driven over the DevTools protocol:
-//! numbers change when a row is inserted with SQL, and the page recovers by itself after
-//! the daemon restarts. Needs Debian's `chromium` (`.ci/run` installs it).
+//! numbers change when a row is inserted with SQL, the page recovers by itself after
+//! the daemon restarts, and it shows who is online in its tenant (presence). Needs
+//! Debian's `chromium` (`.ci/run` installs it).
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -11,6 +12,7 @@ mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -81,7 +83,36 @@ impl Page {
     }
 
     async fn text(&mut self, element_id: &str) -> String {
-        let expr = format!("(document.getElementById('{element_id}') || {{}}).textContent || ''");
+        self.query_text(&format!("#{element_id}")).await
+    }
+
+    async fn wait_text(&mut self, element_id: &str, want: &str) {
+        self.wait_text_where(element_id, &format!("{want:?}"), |got| got == want)
+            .await;
+    }
+
+    /// Waits until the text of `#element_id` satisfies `ok` (`what` describes it on failure).
+    async fn wait_text_where(&mut self, element_id: &str, what: &str, ok: impl Fn(&str) -> bool) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let got = self.text(element_id).await;
+            if ok(&got) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "#{element_id} is {got:?}, expected {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The text of the first element matching a CSS selector ("" if none).
+    async fn query_text(&mut self, selector: &str) -> String {
+        let expr = format!(
+            "(document.querySelector({}) || {{}}).textContent || ''",
+            json!(selector)
+        );
         let r = self
             .call(
                 "Runtime.evaluate",
@@ -94,25 +125,16 @@ impl Page {
             .trim()
             .to_string()
     }
-
-    async fn wait_text(&mut self, element_id: &str, want: &str) {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let got = self.text(element_id).await;
-            if got == want {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "#{element_id} is {got:?}, expected {want:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
 }
 
 async fn launch() -> (Browser, Page) {
-    let dir = std::env::temp_dir().join(format!("citapulse-chromium-{}", std::process::id()));
+    // One profile per browser: the tests of this binary run in parallel.
+    static BROWSERS: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "citapulse-chromium-{}-{}",
+        std::process::id(),
+        BROWSERS.fetch_add(1, Ordering::Relaxed)
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let child = Command::new(chromium_path())
@@ -220,6 +242,62 @@ async fn dashboard_shows_live_numbers_and_recovers_after_a_restart() {
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/browser");
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(out.join("dashboard.png"), png).unwrap();
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_shows_who_is_online() {
+    const GRACE_MS: u64 = 300;
+    let db = TestDb::new().await;
+    let daemon = Daemon::start(&db.url, |c| c.presence.leave_grace_ms = GRACE_MS).await;
+    let (_browser, mut page) = launch().await;
+    let url = format!(
+        "http://{}/?tenant=t1&token={}",
+        daemon.addr,
+        tenant_token("t1")
+    );
+    page.call("Page.navigate", json!({"url": url})).await;
+    page.wait_text("state", "open").await;
+    // The page's own user (tenant_token's "user-t1"), from its presence request.
+    page.wait_text_where("online", "to list user-t1", |t| t.contains("user-t1"))
+        .await;
+    page.wait_text("online-count", "1").await;
+
+    // Another user subscribes to the same tenant channel: a presence_join reaches the page.
+    let mut other =
+        WsClient::connect(daemon.addr, &token("u-online", Some("t1"), Some("staff"))).await;
+    other.subscribe("t1", None).await;
+    page.wait_text_where("online", "to list u-online", |t| t.contains("u-online"))
+        .await;
+    page.wait_text("online-count", "2").await;
+    let entry = page.query_text("#online li[data-user='u-online']").await;
+    assert!(
+        entry.contains("staff") && entry.contains("×1"),
+        "role and connection count shown: {entry:?}"
+    );
+
+    // A user of another tenant is never listed.
+    let mut stranger = WsClient::connect(daemon.addr, &token("u-other", Some("t2"), None)).await;
+    stranger.subscribe("t2", None).await;
+
+    // It goes: after the leave grace, a presence_leave removes it.
+    let gone_at = std::time::Instant::now();
+    other.close().await;
+    page.wait_text_where("online", "not to list u-online", |t| {
+        !t.contains("u-online")
+    })
+    .await;
+    assert!(
+        gone_at.elapsed() >= Duration::from_millis(GRACE_MS),
+        "left before the grace"
+    );
+    page.wait_text("online-count", "1").await;
+    let listed = page.text("online").await;
+    assert!(
+        listed.contains("user-t1") && !listed.contains("u-other"),
+        "{listed:?}"
+    );
+    stranger.close().await;
     daemon.stop().await;
 }
 

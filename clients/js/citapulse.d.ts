@@ -6,6 +6,39 @@ export declare const CloseCodes: Readonly<{
   NORMAL: 1000; GOING_AWAY: 1001; POLICY: 1008; TOO_BIG: 1009; TOKEN_EXPIRED: 4001; SLOW_CONSUMER: 4008;
 }>;
 
+/** `estadisticas:<tenant>`: the tenant's events, its `stats` and its presence. */
+export type TenantChannel = `estadisticas:${string}`;
+/** `usuario:<tenant>:<user>`: events routed to one user (route columns, `citapulse.emit_to_user`). */
+export type UserChannel = `usuario:${string}:${string}`;
+/** `rol:<tenant>:<role>`: events emitted to one role (`citapulse.emit_to_role`). */
+export type RoleChannel = `rol:${string}:${string}`;
+/** Any channel the daemon knows. Tenant: 1–64 of `[A-Za-z0-9_.-]`; user/role: 1–128 of `[A-Za-z0-9_.@-]`. */
+export type ChannelName = TenantChannel | UserChannel | RoleChannel;
+
+/** A channel name, parsed (see {@link parseChannel}). */
+export type ParsedChannel =
+  | { kind: "tenant"; tenant: string }
+  | { kind: "user"; tenant: string; user: string }
+  | { kind: "role"; tenant: string; role: string };
+
+/** Builds `estadisticas:<tenant>`; throws TypeError if the tenant is not a valid channel part. */
+export declare function tenantChannel(tenant: string): TenantChannel;
+/** Builds `usuario:<tenant>:<user>`; throws TypeError if a part is not valid. */
+export declare function userChannel(tenant: string, user: string): UserChannel;
+/** Builds `rol:<tenant>:<role>`; throws TypeError if a part is not valid. */
+export declare function roleChannel(tenant: string, role: string): RoleChannel;
+/** Parses a channel name; null if the daemon would refuse it as a bad name. */
+export declare function parseChannel(name: string): ParsedChannel | null;
+
+/** Why a request such as `presence()` failed: the server's error code, or "timeout" / "closed". */
+export declare class CitapulseError extends Error {
+  constructor(code: string, message?: string, channel?: string);
+  readonly name: "CitapulseError";
+  readonly code: "forbidden" | "bad_request" | "rate_limited" | "timeout" | "closed" | string;
+  /** The channel the request was about. */
+  readonly channel?: string;
+}
+
 export interface StatsData {
   negocio_id: string;
   citas_hoy: number;
@@ -36,8 +69,37 @@ export type RowEventType =
 /** An event delivered on a channel. Custom events (citapulse.emit) carry arbitrary `data`. */
 export interface EventMessage<D = unknown> { type: string; channel: string; id: number; data: D; }
 
+/** One user online in a tenant (every subscriber of `estadisticas:<tenant>`, across all daemon instances). */
+export interface PresenceUser {
+  user_id: string;
+  /** The `role` claim of the user's first connection. */
+  role: string | null;
+  /** Open connections of the user; 0 in `presence_leave`. */
+  connections: number;
+  /** When its earliest open connection arrived, Unix seconds (fractional). */
+  since: number;
+}
+
+/** Answer to a `presence` request: everyone online in the tenant now. */
+export interface PresenceMessage { type: "presence"; channel: TenantChannel; data: { users: PresenceUser[] }; }
+/**
+ * Users whose first connection arrived, pushed to subscribers of the tenant channel. Joins of one
+ * ~200 ms tick come as one message.
+ */
+export interface PresenceJoinMessage { type: "presence_join"; channel: TenantChannel; data: { users: PresenceUser[] }; }
+/**
+ * Users whose last connection has been gone for `presence.leave_grace_ms` (a reload is no leave), or
+ * whose daemon died; `connections` is 0. Leaves of one ~200 ms tick come as one message.
+ */
+export interface PresenceLeaveMessage { type: "presence_leave"; channel: TenantChannel; data: { users: PresenceUser[] }; }
+
+/** What "members" listeners receive: `members(channel)` changed (null: no longer known). */
+export interface MembersEvent { channel: string; users: PresenceUser[] | null; }
+
 export interface ConnectedMessage { type: "connected"; data: { user_id: string; tenant: string; role: string }; }
 export interface SubscribedMessage { type: "subscribed"; channel: string; }
+export interface UnsubscribedMessage { type: "unsubscribed"; channel: string; }
+export interface AuthenticatedMessage { type: "authenticated"; data: { expires_at: number }; }
 export interface PongMessage { type: "pong"; data: { timestamp: number }; }
 
 /** `data` of a server `error` message (connection stays open), or a client-side error. */
@@ -48,7 +110,9 @@ export interface ErrorData {
 }
 
 /** Any message that carries a channel (what "*" listeners receive). */
-export type ChannelMessage = StatsMessage | SubscribedMessage | EventMessage;
+export type ChannelMessage =
+  | StatsMessage | SubscribedMessage | UnsubscribedMessage | EventMessage
+  | PresenceMessage | PresenceJoinMessage | PresenceLeaveMessage;
 
 export interface CitapulseEventMap {
   state: ConnectionState;
@@ -57,7 +121,15 @@ export interface CitapulseEventMap {
   reload: string;
   connected: ConnectedMessage;
   subscribed: SubscribedMessage;
+  unsubscribed: UnsubscribedMessage;
+  authenticated: AuthenticatedMessage;
   pong: PongMessage;
+  /** Every presence answer (also those settling a `presence()` call). */
+  presence: PresenceMessage;
+  presence_join: PresenceJoinMessage;
+  presence_leave: PresenceLeaveMessage;
+  /** `members(channel)` changed. */
+  members: MembersEvent;
   stats: StatsMessage;
   cita_created: EventMessage<RowChangeData>;
   cita_updated: EventMessage<RowChangeData>;
@@ -94,12 +166,22 @@ export interface CitapulseClientOptions {
   stableMs?: number;
   /** Event ids remembered per channel for duplicate dropping. Default 2048. */
   dedupeSize?: number;
+  /** How long `presence()` waits for its answer before rejecting with code "timeout". Default 10000. */
+  requestTimeoutMs?: number;
   /** WebSocket constructor; default `globalThis.WebSocket`. */
   WebSocket?: new (url: string) => WebSocketLike;
 }
 
 export declare class CitapulseClient {
   constructor(opts?: CitapulseClientOptions);
+  /** Same as the module's {@link tenantChannel}. */
+  static tenantChannel(tenant: string): TenantChannel;
+  /** Same as the module's {@link userChannel}. */
+  static userChannel(tenant: string, user: string): UserChannel;
+  /** Same as the module's {@link roleChannel}. */
+  static roleChannel(tenant: string, role: string): RoleChannel;
+  /** Same as the module's {@link parseChannel}. */
+  static parseChannel(name: string): ParsedChannel | null;
   readonly url: string;
   token: string | null;
   /** Current connection state. */
@@ -108,10 +190,33 @@ export declare class CitapulseClient {
   on<K extends keyof CitapulseEventMap>(type: K, fn: (arg: CitapulseEventMap[K]) => void): () => void;
   /** Listener for a custom event type (from SQL `citapulse.emit`). */
   on(type: string, fn: (msg: EventMessage) => void): () => void;
-  /** Subscribe to a channel (e.g. "estadisticas:negocio_123"); `since` seeds the resume point. */
-  subscribe(channel: string, opts?: { since?: number }): void;
-  /** Unsubscribe and forget the channel's resume state. */
+  /**
+   * Subscribe to a channel ("estadisticas:T", "usuario:T:U" or "rol:T:R"; see the channel helpers);
+   * `since` seeds the resume point. Every channel is resumed with `since` after a reconnect.
+   */
+  subscribe(channel: ChannelName | string, opts?: { since?: number }): void;
+  /** Unsubscribe and forget the channel's resume state (and its members). */
   unsubscribe(channel: string): void;
+  /**
+   * Who is online in a tenant: resolves with the users of the `presence` answer. Rejects with a
+   * {@link CitapulseError}: the server's code ("forbidden", "bad_request", e.g. a channel that is not
+   * `estadisticas:<tenant>` or presence disabled; such errors do not reach "error" listeners),
+   * "timeout" after `timeoutMs` (default `requestTimeoutMs`), or "closed" on close(). Waits for the
+   * socket to open and is resent after a reconnect. For a subscribed channel the answer also starts
+   * {@link members}.
+   */
+  presence(channel: TenantChannel | string, opts?: { timeoutMs?: number }): Promise<PresenceUser[]>;
+  /**
+   * Users online in a subscribed tenant channel, sorted by `user_id`: the last presence answer kept
+   * current with every presence_join / presence_leave, refreshed automatically after a reconnect.
+   * Null until a `presence(channel)` answer arrived, or after unsubscribe or a refused request.
+   * Connection counts are those of the answer or join that listed the user.
+   */
+  members(channel: string): PresenceUser[] | null;
+  /** Calls `fn` for each presence_join; returns a function that removes the listener. */
+  onPresenceJoin(fn: (users: PresenceUser[], channel: TenantChannel, msg: PresenceJoinMessage) => void): () => void;
+  /** Calls `fn` for each presence_leave (`connections` 0); returns a function that removes the listener. */
+  onPresenceLeave(fn: (users: PresenceUser[], channel: TenantChannel, msg: PresenceLeaveMessage) => void): () => void;
   /** Id of the last event delivered on the channel, or null. */
   lastEventId(channel: string): number | null;
   /** Replace the token (sends an `auth` message if connected). */

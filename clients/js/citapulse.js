@@ -8,6 +8,75 @@ export const CloseCodes = Object.freeze({
 
 const OPEN = 1;
 
+// Channel names, as the daemon parses them (src/auth.rs `Channel::parse`).
+const TENANT_RE = /^[A-Za-z0-9_.-]{1,64}$/;
+const PERSON_RE = /^[A-Za-z0-9_.@-]{1,128}$/;
+const PREFIXES = { tenant: "estadisticas:", user: "usuario:", role: "rol:" };
+
+/** `estadisticas:<tenant>`: the tenant's events, stats and presence. Throws TypeError on a bad tenant. */
+export function tenantChannel(tenant) {
+  return PREFIXES.tenant + checkPart(tenant, TENANT_RE, "tenant", "1-64 characters of [A-Za-z0-9_.-]");
+}
+
+/** `usuario:<tenant>:<user>`: events routed to one user. Throws TypeError on a bad part. */
+export function userChannel(tenant, user) {
+  return personChannel("user", tenant, user);
+}
+
+/** `rol:<tenant>:<role>`: events emitted to one role. Throws TypeError on a bad part. */
+export function roleChannel(tenant, role) {
+  return personChannel("role", tenant, role);
+}
+
+/**
+ * Parse a channel name: `{kind: "tenant"|"user"|"role", tenant, user?, role?}`, or null if the
+ * daemon would refuse it as a bad name.
+ */
+export function parseChannel(name) {
+  if (typeof name !== "string") return null;
+  if (name.startsWith(PREFIXES.tenant)) {
+    const tenant = name.slice(PREFIXES.tenant.length);
+    return TENANT_RE.test(tenant) ? { kind: "tenant", tenant } : null;
+  }
+  for (const kind of ["user", "role"]) {
+    if (!name.startsWith(PREFIXES[kind])) continue;
+    const rest = name.slice(PREFIXES[kind].length);
+    const i = rest.indexOf(":");
+    if (i < 0) return null;
+    const tenant = rest.slice(0, i), who = rest.slice(i + 1);
+    return TENANT_RE.test(tenant) && PERSON_RE.test(who) ? { kind, tenant, [kind]: who } : null;
+  }
+  return null;
+}
+
+function personChannel(kind, tenant, who) {
+  checkPart(tenant, TENANT_RE, "tenant", "1-64 characters of [A-Za-z0-9_.-]");
+  checkPart(who, PERSON_RE, kind, "1-128 characters of [A-Za-z0-9_.@-]");
+  return `${PREFIXES[kind]}${tenant}:${who}`;
+}
+
+function checkPart(value, re, what, rule) {
+  if (typeof value !== "string" || !re.test(value)) {
+    throw new TypeError(`citapulse: invalid ${what} ${JSON.stringify(value)} (${rule})`);
+  }
+  return value;
+}
+
+/** A failed request (e.g. `presence()`): `code` is the server's error code, or "timeout" / "closed". */
+export class CitapulseError extends Error {
+  constructor(code, message, channel) {
+    super(message || code);
+    this.name = "CitapulseError";
+    this.code = code;
+    if (channel != null) this.channel = channel;
+  }
+}
+
+// Server messages that answer one client message. The server handles a connection's
+// messages in order and answers each with exactly one of these (or an error without a
+// channel), so replies are matched to requests by position.
+const REPLY_TYPES = new Set(["subscribed", "unsubscribed", "pong", "authenticated", "presence"]);
+
 /**
  * Live client for citapulse: reconnects with exponential backoff + full jitter,
  * re-subscribes with `since` to resume, drops duplicate event ids (at-least-once delivery).
@@ -16,8 +85,11 @@ const OPEN = 1;
  * const c = new CitapulseClient({ token });
  * c.on("stats", (m) => render(m.data));
  * c.on("state", (s) => console.log(s));
- * c.subscribe("estadisticas:negocio_123");
+ * c.subscribe(CitapulseClient.tenantChannel("negocio_123"));
+ * c.subscribe(CitapulseClient.userChannel("negocio_123", "prof-7")); // same resume rules
  * c.connect();
+ * c.onPresenceJoin((users) => console.log("online:", users.map((u) => u.user_id)));
+ * c.presence("estadisticas:negocio_123").then((users) => console.log(users));
  */
 export class CitapulseClient {
   /**
@@ -30,6 +102,7 @@ export class CitapulseClient {
    * @param {number} [opts.pingIntervalMs=25000] Keep-alive ping interval while open.
    * @param {number} [opts.stableMs=5000] Open this long before the backoff resets.
    * @param {number} [opts.dedupeSize=2048] Remembered event ids per channel.
+   * @param {number} [opts.requestTimeoutMs=10000] How long `presence()` waits for its answer.
    * @param {typeof WebSocket} [opts.WebSocket] WebSocket constructor (default globalThis.WebSocket).
    */
   constructor(opts = {}) {
@@ -40,10 +113,18 @@ export class CitapulseClient {
     this.pingIntervalMs = opts.pingIntervalMs ?? 25000;
     this.stableMs = opts.stableMs ?? 5000;
     this.dedupeSize = opts.dedupeSize ?? 2048;
+    this.requestTimeoutMs = opts.requestTimeoutMs ?? 10000;
     this.WebSocket = opts.WebSocket || globalThis.WebSocket;
     if (!this.WebSocket) throw new Error("citapulse: no WebSocket implementation; pass opts.WebSocket");
     /** @type {Map<string, Set<Function>>} */ this._listeners = new Map();
     /** @type {Map<string, {lastId: number|null, seen: Set<number>, order: number[]}>} */ this._channels = new Map();
+    // Who is online per subscribed tenant channel (user_id -> entry), once a presence answer arrived.
+    /** @type {Map<string, Map<string, object>>} */ this._members = new Map();
+    // presence() calls not settled yet.
+    /** @type {Set<{channel: string, resolve: Function, reject: Function, timer: any, done: boolean}>} */
+    this._presenceReqs = new Set();
+    // One entry per message sent on the current socket and not answered yet: its presence request, or null.
+    this._replies = [];
     this._ws = null;
     this._state = "closed";
     this._stopped = true;
@@ -53,12 +134,22 @@ export class CitapulseClient {
     this._timers = { reconnect: null, ping: null, stable: null, refresh: null };
   }
 
+  /** `estadisticas:<tenant>` (validated). */
+  static tenantChannel(tenant) { return tenantChannel(tenant); }
+  /** `usuario:<tenant>:<user>` (validated). */
+  static userChannel(tenant, user) { return userChannel(tenant, user); }
+  /** `rol:<tenant>:<role>` (validated). */
+  static roleChannel(tenant, role) { return roleChannel(tenant, role); }
+  /** Parsed channel name, or null if invalid. */
+  static parseChannel(name) { return parseChannel(name); }
+
   /** Current connection state. @returns {"connecting"|"open"|"reconnecting"|"closed"|"unauthorized"} */
   get state() { return this._state; }
 
   /**
-   * Register a listener. Types: any server message type ("stats", "cita_created", ...), "*" (every
-   * channel message), "state", "error", "reload", "connected", "subscribed", "pong".
+   * Register a listener. Types: any server message type ("stats", "cita_created", "presence",
+   * "presence_join", "presence_leave", ...), "*" (every channel message), "state", "error", "reload",
+   * "connected", "subscribed", "pong", and "members" ({channel, users}: `members(channel)` changed).
    * @returns {() => void} function that removes the listener
    */
   on(type, fn) {
@@ -67,7 +158,10 @@ export class CitapulseClient {
     return () => this._listeners.get(type)?.delete(fn);
   }
 
-  /** Subscribe to a channel; `since` seeds the resume point (e.g. from localStorage). */
+  /**
+   * Subscribe to a channel (`estadisticas:T`, `usuario:T:U` or `rol:T:R`; see the channel helpers);
+   * `since` seeds the resume point (e.g. from localStorage). Resumed after every reconnect.
+   */
   subscribe(channel, { since } = {}) {
     let ch = this._channels.get(channel);
     if (!ch) this._channels.set(channel, (ch = { lastId: null, seen: new Set(), order: [] }));
@@ -78,7 +172,55 @@ export class CitapulseClient {
   /** Stop receiving a channel and forget its resume state. */
   unsubscribe(channel) {
     if (!this._channels.delete(channel)) return;
+    this._dropMembers(channel);
     this._send({ type: "unsubscribe", data: { channel } });
+  }
+
+  /**
+   * Who is online in a tenant: resolves with the `users` of the server's `presence` answer for
+   * `channel` (an `estadisticas:<tenant>` name), rejects with a CitapulseError on an error answer
+   * (which then does not reach "error" listeners), on timeout (code "timeout") or on close()
+   * (code "closed"). Sent as soon as the socket is open; resent after a reconnect. For a subscribed
+   * channel, the answer also starts `members(channel)`.
+   * @param {string} channel
+   * @param {{timeoutMs?: number}} [opts]
+   * @returns {Promise<Array<{user_id: string, role: string|null, connections: number, since: number}>>}
+   */
+  presence(channel, { timeoutMs } = {}) {
+    if (parseChannel(channel)?.kind !== "tenant") {
+      return Promise.reject(new CitapulseError("bad_request",
+        `presence is kept for estadisticas:<tenant> channels, not ${JSON.stringify(channel)}`, channel));
+    }
+    return new Promise((resolve, reject) => {
+      const req = { channel, resolve, reject, timer: null, done: false };
+      const ms = timeoutMs ?? this.requestTimeoutMs;
+      req.timer = setTimeout(() => this._settle(req, new CitapulseError("timeout",
+        `no presence answer within ${ms} ms`, channel)), ms);
+      this._presenceReqs.add(req);
+      this._send({ type: "presence", data: { channel } }, req);
+    });
+  }
+
+  /**
+   * Users currently online in a subscribed tenant channel, sorted by user_id: the last presence
+   * answer updated with every presence_join / presence_leave since, refreshed automatically after
+   * a reconnect. Null until a `presence(channel)` answer arrived (or after unsubscribe). Connection
+   * counts are those of the answer or join that listed the user.
+   */
+  members(channel) {
+    const map = this._members.get(channel);
+    if (!map) return null;
+    return [...map.values()].sort((a, b) => (a.user_id < b.user_id ? -1 : a.user_id > b.user_id ? 1 : 0));
+  }
+
+  /** Call `fn(users, channel, msg)` for each presence_join (users whose first connection arrived). */
+  onPresenceJoin(fn) {
+    return this.on("presence_join", (m) => fn(m.data?.users || [], m.channel, m));
+  }
+
+  /** Call `fn(users, channel, msg)` for each presence_leave (users gone; `connections` is 0). */
+  onPresenceLeave(fn) {
+    return this.on("presence_leave", (m) => fn(m.data?.users || [], m.channel, m));
   }
 
   /** Id of the last event delivered on `channel` (for persistence / resume), or null. */
@@ -105,6 +247,8 @@ export class CitapulseClient {
     this._stopped = true;
     this._gen++;
     this._clearTimers();
+    this._replies = [];
+    for (const req of [...this._presenceReqs]) this._settle(req, new CitapulseError("closed", "client closed", req.channel));
     const ws = this._ws;
     this._ws = null;
     if (ws) try { ws.close(1000); } catch { /* ignore */ }
@@ -136,6 +280,15 @@ export class CitapulseClient {
       opened = true;
       this._setState("open");
       for (const channel of this._channels.keys()) this._sendSubscribe(channel);
+      // Presence answers lost with the old socket, and members() that may have missed changes.
+      const asked = new Set();
+      for (const req of this._presenceReqs) {
+        asked.add(req.channel);
+        this._send({ type: "presence", data: { channel: req.channel } }, req);
+      }
+      for (const channel of this._members.keys()) {
+        if (!asked.has(channel)) this.presence(channel).catch(() => { /* retried after the next reconnect */ });
+      }
       this._timers.ping = setInterval(() => this._send({ type: "ping" }), this.pingIntervalMs);
       this._timers.stable = setTimeout(() => { this._attempt = 0; }, this.stableMs);
       this._scheduleRefresh();
@@ -146,6 +299,7 @@ export class CitapulseClient {
       if (this._ws !== ws) return;
       this._ws = null;
       this._clearTimers();
+      this._replies = [];
       if (this._stopped) return this._setState("closed");
       const code = ev?.code;
       if (code === CloseCodes.TOKEN_EXPIRED || (!opened && this.getToken)) {
@@ -182,6 +336,9 @@ export class CitapulseClient {
     let msg;
     try { msg = JSON.parse(typeof raw === "string" ? raw : String(raw)); } catch { return; }
     if (!msg || typeof msg.type !== "string") return;
+    const isReply = REPLY_TYPES.has(msg.type)
+      || (msg.type === "error" && msg.channel == null && msg.data?.channel == null);
+    const answered = isReply ? this._replies.shift() : null; // a presence request, or null
     const ch = msg.channel != null ? this._channels.get(msg.channel) : undefined;
     if (typeof msg.id === "number" && ch) {
       if (ch.seen.has(msg.id)) return; // duplicate from at-least-once replay
@@ -191,6 +348,12 @@ export class CitapulseClient {
       ch.lastId = msg.id; // most recently delivered, not max: the server handles late commits
     }
     if (msg.type === "error") {
+      if (answered) {
+        // A presence request failed: its promise carries the error.
+        const d = msg.data || {};
+        if (d.code === "bad_request" || d.code === "forbidden") this._dropMembers(answered.channel);
+        return this._settle(answered, new CitapulseError(d.code || "error", d.message, answered.channel));
+      }
       this._emit("error", msg.data || {});
       if (msg.data?.code === "history_expired") {
         const target = msg.channel ?? msg.data?.channel;
@@ -203,8 +366,52 @@ export class CitapulseClient {
       }
       return;
     }
+    if (msg.type === "presence") this._presenceAnswer(msg, answered);
+    else if (msg.type === "presence_join" || msg.type === "presence_leave") this._presenceChange(msg);
     this._emit(msg.type, msg);
     if (msg.channel != null) this._emit("*", msg);
+  }
+
+  _presenceAnswer(msg, answered) {
+    const users = Array.isArray(msg.data?.users) ? msg.data.users : [];
+    let req = answered;
+    if (!req || req.channel !== msg.channel) {
+      // Out of step (should not happen): resynchronise on the first request for this channel.
+      const i = this._replies.findIndex((r) => r && r.channel === msg.channel);
+      req = i >= 0 ? this._replies[i] : null;
+      if (i >= 0) this._replies.splice(0, i + 1);
+    }
+    if (this._channels.has(msg.channel)) {
+      this._members.set(msg.channel, new Map(users.map((u) => [u.user_id, u])));
+      this._emitMembers(msg.channel);
+    }
+    if (req) this._settle(req, null, users);
+  }
+
+  _presenceChange(msg) {
+    const map = this._members.get(msg.channel);
+    if (!map) return; // not tracked: members() starts with a presence() answer
+    for (const u of Array.isArray(msg.data?.users) ? msg.data.users : []) {
+      if (msg.type === "presence_join") map.set(u.user_id, u);
+      else map.delete(u.user_id);
+    }
+    this._emitMembers(msg.channel);
+  }
+
+  _dropMembers(channel) {
+    if (this._members.delete(channel)) this._emitMembers(channel);
+  }
+
+  _emitMembers(channel) {
+    this._emit("members", { channel, users: this.members(channel) });
+  }
+
+  _settle(req, err, users) {
+    if (req.done) return;
+    req.done = true;
+    clearTimeout(req.timer);
+    this._presenceReqs.delete(req);
+    if (err) req.reject(err); else req.resolve(users);
   }
 
   _sendSubscribe(channel) {
@@ -212,10 +419,13 @@ export class CitapulseClient {
     this._send({ type: "subscribe", data: since != null ? { channel, since } : { channel } });
   }
 
-  _send(obj) {
+  /** Sends one message; `req` is the presence request its reply settles (null: none). */
+  _send(obj, req = null) {
     const ws = this._ws;
     if (!ws || ws.readyState !== OPEN) return false;
-    try { ws.send(JSON.stringify(obj)); return true; } catch { return false; }
+    try { ws.send(JSON.stringify(obj)); } catch { return false; }
+    this._replies.push(req); // every client message gets exactly one reply
+    return true;
   }
 
   _setState(s) {
