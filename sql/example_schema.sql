@@ -15,6 +15,8 @@ CREATE TABLE IF NOT EXISTS citas (
 );
 -- The default stats query filters by tenant, then counts by estado and fecha.
 CREATE INDEX IF NOT EXISTS citas_negocio_fecha_idx ON citas (negocio_id, fecha);
+-- Reminders scan the appointments of the days around now, every few seconds, by fecha.
+CREATE INDEX IF NOT EXISTS citas_fecha_idx ON citas (fecha);
 
 CREATE TABLE IF NOT EXISTS horarios (
     id             bigserial PRIMARY KEY,

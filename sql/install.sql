@@ -195,7 +195,7 @@ $$;
 CREATE OR REPLACE FUNCTION citapulse.event_data(e citapulse.events) RETURNS jsonb
 LANGUAGE sql STABLE AS $$
     SELECT CASE
-        WHEN e.op IN ('EMIT', 'EMIT_TO') THEN coalesce(e.payload, '{}'::jsonb)
+        WHEN e.op IN ('EMIT', 'EMIT_TO', 'REMINDER') THEN coalesce(e.payload, '{}'::jsonb)
         WHEN e.event_type = 'calendar_refresh' THEN
             e.payload || jsonb_build_object('table', e.tbl, 'timestamp', floor(extract(epoch FROM e.created_at))::bigint)
         ELSE jsonb_build_object(
@@ -966,6 +966,165 @@ BEGIN
      WHERE i.heartbeat < clock_timestamp() - make_interval(secs => 4 * ttl_ms / 1000.0);
     RETURN previous IS NULL OR previous < clock_timestamp() - make_interval(secs => ttl_ms / 1000.0);
 END
+$$;
+
+-- Reminders (DESIGN.md §9, version 8). Nothing is added to the write path: the daemon
+-- leading reminders asks each watched appointment table every few seconds for the
+-- reminders falling due within a short lookahead (due_reminders: an index range on
+-- fecha, a few days of appointments), keeps them in memory and fires each at its due
+-- time (fire_reminder), which re-reads the row, so a reschedule or a cancellation since
+-- the scan is seen. citapulse.reminders_sent makes each (row, minutes_before, start)
+-- go out once, whichever daemon fires it and however often it is found. Start =
+-- (fecha + hora_inicio) in the tenant's zone (citapulse.tenant_zones, which the daemon
+-- fills from tenants.timezone_query; the default zone otherwise).
+CREATE TABLE IF NOT EXISTS citapulse.tenant_zones (
+    tenant      text PRIMARY KEY,
+    zone        text NOT NULL,
+    checked_at  timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE IF NOT EXISTS citapulse.reminders_sent (
+    tbl             text        NOT NULL,
+    row_id          text        NOT NULL,
+    minutes_before  integer     NOT NULL,
+    starts_at       timestamptz NOT NULL,
+    sent_at         timestamptz NOT NULL DEFAULT now(),
+    late            boolean     NOT NULL DEFAULT false,   -- more than catch_up overdue: not sent, counted
+    PRIMARY KEY (tbl, row_id, minutes_before, starts_at)
+);
+
+-- The columns reminders need, or a message naming what is missing.
+CREATE OR REPLACE FUNCTION citapulse.reminder_table_problem(tbl regclass) RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT CASE WHEN missing = '{}' THEN NULL
+                ELSE format('%s has no column %s: no reminders for it', tbl, array_to_string(missing, ', ')) END
+      FROM (SELECT ARRAY(SELECT c FROM unnest(ARRAY['id', 'fecha', 'hora_inicio', 'estado']) c
+                          WHERE NOT EXISTS (SELECT 1 FROM pg_attribute a
+                                             WHERE a.attrelid = tbl AND a.attname = c AND a.attnum > 0 AND NOT a.attisdropped))
+                   AS missing) m
+$$;
+
+-- The reminders of one watched appointment table that fall due from `since` until
+-- `until` (those due before now() - catch_up are `late`), not sent yet. One query on the
+-- table, bounded by fecha (the window's UTC dates ± 1 day cover every zone, -12 to +14
+-- hours: an index on fecha keeps the scan to those days' appointments).
+CREATE OR REPLACE FUNCTION citapulse.due_reminders(tbl regclass, minutes integer[], states text[], default_zone text,
+                                                   since timestamptz, until timestamptz, catch_up_secs double precision)
+RETURNS TABLE (tenant text, row_id text, minutes_before integer, starts_at timestamptz, due_at timestamptz,
+               zone text, late boolean)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    w citapulse.watches;
+BEGIN
+    SELECT * INTO w FROM citapulse.watches x WHERE x.tbl = due_reminders.tbl AND x.kind = 'appointment' AND x.tenant_column <> '';
+    IF NOT FOUND OR citapulse.reminder_table_problem(tbl) IS NOT NULL THEN
+        RETURN;
+    END IF;
+    RETURN QUERY EXECUTE format(
+        'SELECT t.%1$I::text, t.id::text, m.m, s.start, s.start - make_interval(mins => m.m), z.zone, '
+        '       s.start - make_interval(mins => m.m) < now() - make_interval(secs => $7) '
+        '  FROM %2$s t '
+        '  CROSS JOIN unnest($1::integer[]) m(m) '
+        '  LEFT JOIN citapulse.tenant_zones tz ON tz.tenant = t.%1$I::text '
+        '  CROSS JOIN LATERAL (SELECT coalesce(tz.zone, $3) AS zone) z '
+        '  CROSS JOIN LATERAL (SELECT (t.fecha + t.hora_inicio) AT TIME ZONE z.zone AS start) s '
+        ' WHERE t.fecha BETWEEN ($4 AT TIME ZONE ''UTC'')::date - 1 '
+        '                   AND (($5 + make_interval(mins => (SELECT max(x) FROM unnest($1::integer[]) x))) AT TIME ZONE ''UTC'')::date + 1 '
+        '   AND t.hora_inicio IS NOT NULL AND t.estado::text = ANY ($2) '
+        '   AND s.start - make_interval(mins => m.m) > $4 AND s.start - make_interval(mins => m.m) <= $5 '
+        '   AND NOT EXISTS (SELECT 1 FROM citapulse.reminders_sent r WHERE r.tbl = $6 AND r.row_id = t.id::text '
+        '                    AND r.minutes_before = m.m AND r.starts_at = s.start)',
+        w.tenant_column, tbl)
+    USING minutes, states, default_zone, since, until, tbl::text, catch_up_secs;
+END
+$$;
+
+-- Tenants with appointments in the days around now whose zone is unknown or older than
+-- `max_age_secs`: the daemon resolves them before their reminders can fall due.
+CREATE OR REPLACE FUNCTION citapulse.unzoned_tenants(tbl regclass, max_age_secs double precision, lim integer DEFAULT 500)
+RETURNS SETOF text LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    w citapulse.watches;
+BEGIN
+    SELECT * INTO w FROM citapulse.watches x WHERE x.tbl = unzoned_tenants.tbl AND x.kind = 'appointment' AND x.tenant_column <> '';
+    IF NOT FOUND OR citapulse.reminder_table_problem(tbl) IS NOT NULL THEN
+        RETURN;
+    END IF;
+    RETURN QUERY EXECUTE format(
+        'SELECT DISTINCT t.%1$I::text FROM %2$s t '
+        ' WHERE t.fecha BETWEEN current_date - 2 AND current_date + 9 AND t.%1$I IS NOT NULL '
+        '   AND NOT EXISTS (SELECT 1 FROM citapulse.tenant_zones z WHERE z.tenant = t.%1$I::text '
+        '                    AND z.checked_at > now() - make_interval(secs => $1)) LIMIT $2',
+        w.tenant_column, tbl)
+    USING max_age_secs, lim;
+END
+$$;
+
+-- A tenant's zone as the daemon resolved it.
+CREATE OR REPLACE FUNCTION citapulse.set_tenant_zone(tenant text, zone text) RETURNS void
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    INSERT INTO citapulse.tenant_zones AS z (tenant, zone) VALUES (set_tenant_zone.tenant, set_tenant_zone.zone)
+    ON CONFLICT ON CONSTRAINT tenant_zones_pkey DO UPDATE SET zone = excluded.zone, checked_at = now()
+$$;
+
+-- An instant as RFC 3339 with the offset of a zone, e.g. 2026-12-03T09:30:00-05:00.
+CREATE OR REPLACE FUNCTION citapulse.rfc3339(t timestamptz, zone text) RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT to_char(t AT TIME ZONE zone, 'YYYY-MM-DD"T"HH24:MI:SS')
+        || CASE WHEN o < interval '0' THEN '-' ELSE '+' END
+        || to_char(abs(extract(epoch FROM o))::integer / 3600, 'FM00') || ':'
+        || to_char(abs(extract(epoch FROM o))::integer % 3600 / 60, 'FM00')
+      FROM (SELECT (t AT TIME ZONE zone) - (t AT TIME ZONE 'UTC') AS o) x
+$$;
+
+-- Fires one reminder found by due_reminders(): re-reads the row (still there, in a
+-- reminder state, starting when it did), records it in reminders_sent and, unless it is
+-- `late`, writes a cita_reminder event to the inbox (routed like the row). Answers
+-- 'sent', 'late' (recorded, not sent: too overdue) or 'stale' (the row changed, or
+-- another call already recorded it).
+CREATE OR REPLACE FUNCTION citapulse.fire_reminder(tbl regclass, row_id text, minutes_before integer,
+                                                   starts_at timestamptz, zone text, states text[], late boolean)
+RETURNS text LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    w   citapulse.watches;
+    r   jsonb;
+    ok  boolean;
+BEGIN
+    SELECT * INTO w FROM citapulse.watches x WHERE x.tbl = fire_reminder.tbl AND x.kind = 'appointment';
+    IF NOT FOUND THEN
+        RETURN 'stale';
+    END IF;
+    EXECUTE format('SELECT to_jsonb(t.*) FROM %s t WHERE t.id::text = $1', tbl) INTO r USING row_id;
+    IF r IS NULL OR NOT (r ->> 'estado' = ANY (states))
+       OR ((r ->> 'fecha')::date + (r ->> 'hora_inicio')::time) AT TIME ZONE zone IS DISTINCT FROM starts_at THEN
+        RETURN 'stale';
+    END IF;
+    INSERT INTO citapulse.reminders_sent AS s (tbl, row_id, minutes_before, starts_at, late)
+    VALUES (tbl::text, row_id, minutes_before, starts_at, late)
+    ON CONFLICT ON CONSTRAINT reminders_sent_pkey DO NOTHING
+    RETURNING true INTO ok;
+    IF ok IS NULL THEN
+        RETURN 'stale';
+    ELSIF late THEN
+        RETURN 'late';
+    END IF;
+    INSERT INTO citapulse.inbox (tenant, kind, event_type, tbl, op, row_data, payload)
+    SELECT r ->> w.tenant_column, 'appointment', 'cita_reminder', format('%I.%I', n.nspname, c.relname), 'REMINDER', r,
+           jsonb_build_object('minutes_before', minutes_before, 'starts_at', citapulse.rfc3339(starts_at, zone), 'row', r)
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.oid = tbl;
+    IF citapulse.notifying() THEN
+        PERFORM pg_notify('citapulse', '');
+    END IF;
+    RETURN 'sent';
+END
+$$;
+
+-- Forgets reminders of appointments that started long ago (called by the leader).
+CREATE OR REPLACE FUNCTION citapulse.prune_reminders_sent() RETURNS bigint
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    WITH gone AS (DELETE FROM citapulse.reminders_sent s WHERE s.starts_at < now() - interval '2 days' RETURNING 1)
+    SELECT count(*) FROM gone
 $$;
 
 -- Moves the inbox rows `ids` to citapulse.events with their ids, and returns the rows as

@@ -97,6 +97,8 @@ pub struct Config {
     pub presence: PresenceConfig,
     /// Per-tenant settings read from the application's tables (DESIGN.md §9).
     pub tenants: TenantsConfig,
+    /// Appointment reminders (DESIGN.md §9).
+    pub reminders: RemindersConfig,
     /// Per-client and per-address limits.
     pub limits: LimitsConfig,
     /// Logging.
@@ -353,6 +355,30 @@ pub struct TenantsConfig {
     pub cache_ttl_secs: u64,
 }
 
+/// `[reminders]`: `cita_reminder` events before each appointment starts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RemindersConfig {
+    /// Minutes before the start at which a reminder goes out (`[]` disables reminders).
+    pub minutes_before: Vec<u32>,
+    /// `estado` values that get reminders.
+    pub states: Vec<String>,
+    /// A reminder found overdue (no daemon ran at its time) is still sent if it is at
+    /// most this late; later ones are counted and skipped.
+    #[serde(with = "humantime")]
+    pub catch_up: Duration,
+}
+
+impl Default for RemindersConfig {
+    fn default() -> Self {
+        Self {
+            minutes_before: vec![60, 15],
+            states: vec!["pendiente".into(), "confirmada".into()],
+            catch_up: Duration::from_secs(600),
+        }
+    }
+}
+
 impl Default for TenantsConfig {
     fn default() -> Self {
         Self {
@@ -509,6 +535,7 @@ impl Default for Config {
             capture: CaptureConfig::default(),
             presence: PresenceConfig::default(),
             tenants: TenantsConfig::default(),
+            reminders: RemindersConfig::default(),
             limits: LimitsConfig::default(),
             log: LogConfig::default(),
             resolvers: Vec::new(),
@@ -701,6 +728,25 @@ impl Config {
                 "tenants.timezone_query",
                 "is empty; remove it or give a query returning one time zone for $1",
             );
+        }
+        let r = &self.reminders;
+        if r.minutes_before.len() > 8 || r.minutes_before.iter().any(|m| !(1..=10_080).contains(m))
+        {
+            return invalid(
+                "reminders.minutes_before",
+                "must list at most 8 values, each 1 to 10080 minutes (a week); [] disables reminders",
+            );
+        }
+        if !r.minutes_before.is_empty()
+            && (r.states.is_empty() || r.states.iter().any(|s| s.is_empty() || s.len() > 64))
+        {
+            return invalid(
+                "reminders.states",
+                "must list the estado values (1-64 characters each) that get reminders",
+            );
+        }
+        if r.catch_up > Duration::from_secs(86_400) {
+            return invalid("reminders.catch_up", "must be at most 24h");
         }
         if self.presence.leave_grace_ms > 600_000 {
             return invalid(

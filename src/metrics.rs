@@ -38,6 +38,10 @@ pub struct Metrics {
     pub presence_members: Gauge,
     /// presence_join / presence_leave messages queued to channels (after coalescing).
     pub presence_messages: Counter,
+    /// `cita_reminder` events this instance sent.
+    pub reminders_sent: Counter,
+    /// Reminders found more than `reminders.catch_up` overdue: recorded, not sent.
+    pub reminders_late: Counter,
     /// Handshakes refused, by reason.
     pub handshakes_refused: Family<Reason, Counter>,
     /// Connections closed, by reason.
@@ -115,6 +119,8 @@ impl Metrics {
             subscriptions_by_kind: Family::default(),
             presence_members: Gauge::default(),
             presence_messages: Counter::default(),
+            reminders_sent: Counter::default(),
+            reminders_late: Counter::default(),
             handshakes_refused: Family::default(),
             connections_closed: Family::default(),
             events_read: Counter::default(),
@@ -174,6 +180,16 @@ impl Metrics {
             "presence_messages",
             "presence_join and presence_leave messages sent to channels (coalesced)",
             m.presence_messages.clone(),
+        );
+        r.register(
+            "reminders_sent",
+            "cita_reminder events this instance sent",
+            m.reminders_sent.clone(),
+        );
+        r.register(
+            "reminders_late",
+            "Reminders more than reminders.catch_up overdue when found: not sent",
+            m.reminders_late.clone(),
         );
         r.register(
             "handshakes_refused",

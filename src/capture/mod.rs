@@ -8,6 +8,7 @@
 //! without a tenant column; [`retention`] prunes the log; [`health`] is what the
 //! listener reports. [`wal`] is the other way in (WAL mode, DESIGN.md §7): it streams
 //! the logical slot, [`pgoutput`] parses its messages, and it writes the log itself.
+//! [`reminders`] writes the one kind of event no write produces: `cita_reminder`.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicI64;
@@ -21,6 +22,7 @@ pub mod health;
 pub mod listener;
 pub mod mode;
 pub mod pgoutput;
+pub mod reminders;
 pub mod resolver;
 pub mod retention;
 pub mod wakeup;

@@ -289,7 +289,7 @@ impl Shared {
 }
 
 /// Spawns the supervised background tasks (listener, stats, day rollover, retention,
-/// WAL capture, revocations, presence),
+/// WAL capture, revocations, presence, reminders),
 /// all stopped by `stop`. A dead listener fails `/health`; the others restart.
 fn spawn_background(shared: &Shared, stop_rx: &watch::Receiver<bool>) -> TaskTracker {
     let background = TaskTracker::new();
@@ -342,6 +342,14 @@ fn spawn_background(shared: &Shared, stop_rx: &watch::Receiver<bool>) -> TaskTra
                 stop.clone(),
             )
         },
+    ));
+    let capture = shared.capture.clone();
+    let stop = stop_rx.clone();
+    background.spawn(supervise(
+        "reminders",
+        restart(),
+        stop_rx.clone(),
+        move || crate::capture::reminders::run(capture.clone(), stop.clone()),
     ));
     let sockets = shared.sockets.clone();
     let stop = stop_rx.clone();
