@@ -105,6 +105,35 @@ pub struct Config {
     pub log: LogConfig,
     /// Tenant lookups for watched tables without a tenant column.
     pub resolvers: Vec<ResolverConfig>,
+    /// Context lookups merged into events (DESIGN.md §9).
+    pub enrich: Vec<EnrichConfig>,
+}
+
+/// `[[enrich]]`: a lookup whose one row goes under `data.context` of a kind's events.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrichConfig {
+    /// The event family (`kind` of `citapulse.watch`), e.g. `appointment`.
+    pub kind: String,
+    /// The row field passed as `$1` (text), e.g. `profesional_id`.
+    pub column: String,
+    /// One row whose columns are merged into `data.context`, e.g.
+    /// `SELECT nombre AS profesional_nombre FROM profesionales WHERE id = $1`.
+    pub query: String,
+    /// How long a result (or a failure) is cached.
+    #[serde(default = "default_enrich_ttl")]
+    pub cache_ttl_ms: u64,
+    /// A slower lookup is abandoned: the event goes out without it.
+    #[serde(default = "default_enrich_timeout")]
+    pub timeout_ms: u64,
+}
+
+fn default_enrich_ttl() -> u64 {
+    5_000
+}
+
+fn default_enrich_timeout() -> u64 {
+    200
 }
 
 /// `[[resolvers]]`: how to find the tenant of a row of a table watched with
@@ -539,6 +568,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             log: LogConfig::default(),
             resolvers: Vec::new(),
+            enrich: Vec::new(),
         }
     }
 }
@@ -849,6 +879,20 @@ impl Config {
                 "limits.idle_timeout_secs",
                 "must be greater than limits.ping_interval_secs",
             );
+        }
+        for e in &self.enrich {
+            if e.kind.trim().is_empty() || e.column.trim().is_empty() || e.query.trim().is_empty() {
+                return invalid("enrich", "each [[enrich]] needs kind, column and query");
+            }
+            if e.timeout_ms == 0 || e.timeout_ms > 10_000 {
+                return invalid("enrich.timeout_ms", "must be between 1 and 10000");
+            }
+            if e.cache_ttl_ms > 86_400_000 {
+                return invalid("enrich.cache_ttl_ms", "must be at most 86400000 (a day)");
+            }
+        }
+        if self.enrich.len() > 16 {
+            return invalid("enrich", "at most 16 [[enrich]] entries");
         }
         for r in &self.resolvers {
             if r.table.trim().is_empty() || r.key.trim().is_empty() || r.query.trim().is_empty() {

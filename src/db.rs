@@ -196,7 +196,7 @@ const EVENT_COLUMNS: &str = "e.id, e.tenant, \
                              COALESCE(e.event_type, citapulse.event_type(e.kind, e.op, e.row_data, e.old_data)), \
                              citapulse.event_data(e)::text, \
                              extract(epoch FROM e.created_at)::float8, e.op = 'TRUNCATE', \
-                             e.routes, e.op <> 'EMIT_TO'";
+                             e.routes, e.op <> 'EMIT_TO', e.kind";
 /// The reader's columns: like [`EVENT_COLUMNS`], but type and data (the costly part:
 /// classification and JSON) only for tenants in `$5` (those with subscribers here), or
 /// for every row when `$5` is NULL. Rows without a tenant are always shaped.
@@ -206,9 +206,9 @@ const READER_COLUMNS: &str = "e.id, e.tenant, \
     CASE WHEN $5::text[] IS NULL OR e.tenant IS NULL OR e.tenant = ANY($5::text[]) \
          THEN citapulse.event_data(e)::text END, \
     extract(epoch FROM e.created_at)::float8, e.op = 'TRUNCATE', \
-    e.routes, e.op <> 'EMIT_TO'";
+    e.routes, e.op <> 'EMIT_TO', e.kind";
 /// How many columns [`EVENT_COLUMNS`] has.
-const EVENT_WIDTH: usize = 8;
+const EVENT_WIDTH: usize = 9;
 
 /// The rows of one channel, as a condition on `e` with the placeholders given: `tenant`
 /// its tenant, `route` its route (`u:<user>` or `r:<role>`, NULL for the tenant's own
@@ -265,6 +265,7 @@ fn event_from_row(row: &tokio_postgres::Row) -> LogEvent {
         created: row.get::<_, Option<f64>>(4).unwrap_or_default(),
         routes: row.get::<_, Option<Vec<String>>>(6).unwrap_or_default(),
         to_tenant: row.get::<_, Option<bool>>(7).unwrap_or(true),
+        kind: row.get::<_, Option<String>>(8).unwrap_or_default(),
     }
 }
 
@@ -323,7 +324,7 @@ pub fn reader_sql() -> String {
     format!(
         "WITH want AS MATERIALIZED ( \
              SELECT ARRAY(SELECT j.id FROM citapulse.inbox j ORDER BY j.id LIMIT $6) AS ids) \
-         SELECT NULL::bigint, NULL::text, NULL::text, NULL::text, NULL::float8, NULL::boolean, NULL::text[], NULL::boolean, \
+         SELECT NULL::bigint, NULL::text, NULL::text, NULL::text, NULL::float8, NULL::boolean, NULL::text[], NULL::boolean, NULL::text, \
                 (SELECT coalesce(array_agg(x::text), '{{}}') FROM pg_snapshot_xip(pg_current_snapshot()) AS x), \
                 pg_snapshot_xmax(pg_current_snapshot())::text, \
                 (SELECT notify FROM citapulse.wakeup), \
@@ -689,6 +690,8 @@ pub struct LogEvent {
     pub routes: Vec<String>,
     /// Whether it goes to the tenant's channel (not when emitted to one person or role).
     pub to_tenant: bool,
+    /// Its family (`kind` of `citapulse.watch`; `custom` for emits).
+    pub kind: String,
 }
 
 /// How the database captures changes, and what stands in the way of WAL capture.

@@ -38,6 +38,8 @@ pub struct Metrics {
     pub presence_members: Gauge,
     /// presence_join / presence_leave messages queued to channels (after coalescing).
     pub presence_messages: Counter,
+    /// `[[enrich]]` lookups, by outcome (hit, fetched, no_row, failed, timeout).
+    pub enrich_lookups: Family<Reason, Counter>,
     /// `cita_reminder` events this instance sent.
     pub reminders_sent: Counter,
     /// Reminders found more than `reminders.catch_up` overdue: recorded, not sent.
@@ -119,6 +121,7 @@ impl Metrics {
             subscriptions_by_kind: Family::default(),
             presence_members: Gauge::default(),
             presence_messages: Counter::default(),
+            enrich_lookups: Family::default(),
             reminders_sent: Counter::default(),
             reminders_late: Counter::default(),
             handshakes_refused: Family::default(),
@@ -180,6 +183,11 @@ impl Metrics {
             "presence_messages",
             "presence_join and presence_leave messages sent to channels (coalesced)",
             m.presence_messages.clone(),
+        );
+        r.register(
+            "enrich_lookups",
+            "Context lookups of [[enrich]], by outcome (hit = cached)",
+            m.enrich_lookups.clone(),
         );
         r.register(
             "reminders_sent",

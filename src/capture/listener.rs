@@ -299,6 +299,19 @@ struct Reader<'a> {
     vacuum: Option<tokio::task::JoinHandle<()>>,
 }
 
+/// Hands events to the hub, through the `[[enrich]]` lookups when there are any.
+fn deliver(
+    shared: &Context,
+    events: Vec<crate::db::LogEvent>,
+    now: f64,
+) -> crate::delivery::hub::Dispatched {
+    if shared.enrich.is_active() {
+        shared.enrich.dispatch(events, now)
+    } else {
+        shared.hub.dispatch(&events, now)
+    }
+}
+
 impl Reader<'_> {
     /// Vacuums the inbox after every [`VACUUM_INBOX_AFTER`] moved rows. Autovacuum looks
     /// at a database once a minute; at thousands of writes a second the dead rows the
@@ -370,12 +383,12 @@ impl Reader<'_> {
                     .reader_position
                     .store(self.cursor.last_id, Ordering::Release);
                 let now = crate::stats::unix_time_f64();
-                let dispatched = shared.hub.dispatch(&batch.events, now);
+                let dispatched = deliver(shared, batch.events, now);
                 shared.stats.mark_events(&dispatched.touched);
                 if !dispatched.unshaped.is_empty() {
                     // Subscribed while the read ran: read those whole, deliver them now.
                     let whole = db::events_by_id(client, &dispatched.unshaped).await?;
-                    let again = shared.hub.dispatch(&whole, now);
+                    let again = deliver(shared, whole, now);
                     shared.stats.mark_events(&again.touched);
                 }
             }

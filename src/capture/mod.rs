@@ -8,7 +8,8 @@
 //! without a tenant column; [`retention`] prunes the log; [`health`] is what the
 //! listener reports. [`wal`] is the other way in (WAL mode, DESIGN.md §7): it streams
 //! the logical slot, [`pgoutput`] parses its messages, and it writes the log itself.
-//! [`reminders`] writes the one kind of event no write produces: `cita_reminder`.
+//! [`reminders`] writes the one kind of event no write produces: `cita_reminder`;
+//! [`enrich`] adds `[[enrich]]` context to events on their way to the hub.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicI64;
@@ -18,6 +19,7 @@ use crate::delivery::hub::Hub;
 use crate::metrics::Metrics;
 use crate::stats::engine::StatsEngine;
 
+pub mod enrich;
 pub mod health;
 pub mod listener;
 pub mod mode;
@@ -48,4 +50,6 @@ pub struct Context {
     pub reader_position: Arc<AtomicI64>,
     /// For handing on numbers other daemons computed (`citapulse_stats`).
     pub shared_stats: Arc<crate::stats::Context>,
+    /// `[[enrich]]` lookups between the reader and the hub.
+    pub enrich: Arc<enrich::Enricher>,
 }

@@ -598,6 +598,7 @@ mod tests {
             created: 0.0,
             routes: Vec::new(),
             to_tenant: true,
+            kind: "appointment".into(),
         }
     }
 

@@ -258,6 +258,12 @@ impl Shared {
             wakeup: wakeup.clone(),
             reader_position: reader_position.clone(),
             shared_stats: stats_task.clone(),
+            enrich: Arc::new(crate::capture::enrich::Enricher::new(
+                &config,
+                hub.clone(),
+                stats.clone(),
+                metrics.clone(),
+            )),
         });
         let auth = Arc::new(auth);
         let sockets = Arc::new(crate::delivery::ws::Context {
