@@ -28,11 +28,13 @@ const POOL_SIZE: usize = 2;
 const CACHE_MAX: usize = 50_000;
 
 type Key = (usize, String);
+/// A lookup's result (`None`: it failed) and when it expires.
+type Cached = (Option<Map<String, Value>>, Instant);
 
 /// Cached lookups and the tenants waiting for theirs.
 pub struct Enricher {
     entries: Vec<EnrichConfig>,
-    cache: Mutex<HashMap<Key, (Option<Map<String, Value>>, Instant)>>,
+    cache: Mutex<HashMap<Key, Cached>>,
     held: Mutex<HashMap<Arc<str>, VecDeque<LogEvent>>>,
     pool: Option<deadpool_postgres::Pool>,
     hub: Arc<Hub>,
