@@ -6,7 +6,7 @@
 //!   `/proc` readers (CPU seconds, RSS) and `RLIMIT_NOFILE`.
 //! - [`client`]: cheap WebSocket clients spread over 127.0.0.x source addresses.
 //! - [`writer`]: paced writers that timestamp COMMIT sent and acknowledged.
-//! - [`latency`], [`fanout`], [`trigger`], [`stats`], [`people`]: one module per scenario.
+//! - [`latency`], [`fanout`], [`trigger`], [`stats`], [`people`], [`time`]: one module per scenario.
 //! - [`report`]: percentiles, medians over rounds, Markdown tables.
 //!
 //! Every load targets 127.0.0.0/8, is bounded in count and time, and stops by itself;
@@ -20,6 +20,7 @@ mod latency;
 mod people;
 mod report;
 mod stats;
+mod time;
 mod trigger;
 mod writer;
 
@@ -110,6 +111,8 @@ enum Scenario {
     Stats,
     /// Issue 20: presence across two instances, routed vs tenant-only fan-out.
     People,
+    /// Issue 21: reminder cost at idle and lateness, enrichment on a cache hit.
+    Time,
 }
 
 /// No scenario runs longer than this (a full one takes a few minutes).
@@ -117,13 +120,14 @@ const SCENARIO_LIMIT: Duration = Duration::from_secs(20 * 60);
 /// Nor, in quick mode, longer than this.
 const QUICK_SCENARIO_LIMIT: Duration = Duration::from_secs(60);
 
-const ORDER: [Scenario; 6] = [
+const ORDER: [Scenario; 7] = [
     Scenario::Latency,
     Scenario::Modes,
     Scenario::Fanout,
     Scenario::Trigger,
     Scenario::Stats,
     Scenario::People,
+    Scenario::Time,
 ];
 
 /// What every scenario needs.
@@ -310,6 +314,7 @@ async fn run(args: Args) -> Result<()> {
                 Scenario::Trigger => trigger::scenario(&bench).await,
                 Scenario::Stats => stats::scenario(&bench).await,
                 Scenario::People => people::scenario(&bench).await,
+                Scenario::Time => time::scenario(&bench).await,
                 Scenario::All => Err(failed("`all` is expanded before this point")),
             }
         };

@@ -23,6 +23,7 @@ fn help_lists_every_scenario_and_flag() {
         "trigger",
         "stats",
         "people",
+        "time",
         "--quick",
         "--out",
         "--daemon-bin",
