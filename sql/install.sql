@@ -1086,15 +1086,19 @@ CREATE OR REPLACE FUNCTION citapulse.fire_reminder(tbl regclass, row_id text, mi
                                                    starts_at timestamptz, zone text, states text[], late boolean)
 RETURNS text LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    w   citapulse.watches;
-    r   jsonb;
-    ok  boolean;
+    w       citapulse.watches;
+    r       jsonb;
+    ok      boolean;
+    idtype  text;
 BEGIN
     SELECT * INTO w FROM citapulse.watches x WHERE x.tbl = fire_reminder.tbl AND x.kind = 'appointment';
     IF NOT FOUND THEN
         RETURN 'stale';
     END IF;
-    EXECUTE format('SELECT to_jsonb(t.*) FROM %s t WHERE t.id::text = $1', tbl) INTO r USING row_id;
+    -- Compared in the id column's own type, so its index finds the row.
+    SELECT format_type(a.atttypid, a.atttypmod) INTO idtype
+      FROM pg_attribute a WHERE a.attrelid = tbl AND a.attname = 'id' AND NOT a.attisdropped;
+    EXECUTE format('SELECT to_jsonb(t.*) FROM %s t WHERE t.id = $1::%s', tbl, idtype) INTO r USING row_id;
     IF r IS NULL OR NOT (r ->> 'estado' = ANY (states))
        OR ((r ->> 'fecha')::date + (r ->> 'hora_inicio')::time) AT TIME ZONE zone IS DISTINCT FROM starts_at THEN
         RETURN 'stale';
