@@ -1,7 +1,8 @@
 //! The reference dashboard in a real headless Chromium, driven over the DevTools protocol:
 //! numbers change when a row is inserted with SQL, the page recovers by itself after
-//! the daemon restarts, and it shows who is online in its tenant (presence). Needs
-//! Debian's `chromium` (`.ci/run` installs it).
+//! the daemon restarts, it shows who is online in its tenant (presence), and it lists
+//! reminders with the names `[[enrich]]` looked up. Needs Debian's `chromium` (`.ci/run`
+//! installs it).
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -176,8 +177,7 @@ async fn launch() -> (Browser, Page) {
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
     let deadline = tokio::time::Instant::now() + WAIT;
     let page_ws = loop {
-        let (_, body) = http_get(addr, "/json/list", &[]).await;
-        let targets: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+        let targets = devtools_get(addr, "/json/list").await;
         let found = targets
             .as_array()
             .and_then(|t| t.iter().find(|t| t["type"] == "page"))
@@ -195,6 +195,40 @@ async fn launch() -> (Browser, Page) {
         .await
         .expect("devtools socket");
     (browser, Page { ws, next_id: 0 })
+}
+
+/// A JSON GET to Chromium's DevTools HTTP server. It keeps the connection open whatever
+/// `Connection: close` says, so the body is read by its `Content-Length`, not to the end
+/// (support's `http_get` would wait `WAIT` each time).
+async fn devtools_get(addr: std::net::SocketAddr, path: &str) -> Value {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len = head.lines().find_map(|l| {
+                l.strip_prefix("content-length:")
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+            });
+            let body = &buf[end + 4..];
+            if len.is_some_and(|n| body.len() >= n) {
+                return serde_json::from_slice(body).unwrap_or(Value::Null);
+            }
+        }
+        let n = tokio::time::timeout(WAIT, s.read(&mut chunk))
+            .await
+            .expect("devtools answer")
+            .unwrap();
+        if n == 0 {
+            return Value::Null;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -298,6 +332,93 @@ async fn dashboard_shows_who_is_online() {
         "{listed:?}"
     );
     stranger.close().await;
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_lists_reminders_with_enriched_names() {
+    let db = TestDb::new().await;
+    db.client
+        .batch_execute(
+            "CREATE TABLE profesionales (id text PRIMARY KEY, nombre text); \
+             INSERT INTO profesionales VALUES ('p1', 'Ana')",
+        )
+        .await
+        .unwrap();
+    let daemon = Daemon::start(&db.url, |c| {
+        c.reminders.minutes_before = vec![15];
+        c.enrich = vec![citapulse::config::EnrichConfig {
+            kind: "appointment".into(),
+            column: "profesional_id".into(),
+            query: "SELECT nombre AS profesional_nombre FROM profesionales WHERE id = $1".into(),
+            cache_ttl_ms: 5_000,
+            timeout_ms: 500,
+        }];
+    })
+    .await;
+    let (_browser, mut page) = launch().await;
+    let url = format!(
+        "http://{}/?tenant=t1&token={}",
+        daemon.addr,
+        tenant_token("t1")
+    );
+    page.call("Page.navigate", json!({"url": url})).await;
+    page.wait_text("state", "open").await;
+    assert_eq!(page.text("reminders").await, "", "no reminder yet");
+
+    // Starts in 15 minutes and 2 seconds (UTC, the default zone): its reminder is due in 2 s.
+    let id: i64 = db
+        .client
+        .query_one(
+            "INSERT INTO citas (negocio_id, cliente_id, profesional_id, fecha, hora_inicio, estado) \
+             SELECT 't1', 'c1', 'p1', x::date, x::time, 'pendiente' \
+               FROM (SELECT (now() AT TIME ZONE 'UTC') + make_interval(mins => 15, secs => 2) AS x) s \
+             RETURNING id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    // The cita_created event carries the looked-up name: the feed shows it, not the id.
+    page.wait_text_where("feed", "to name the professional", |t| {
+        t.contains("prof. Ana")
+    })
+    .await;
+
+    page.wait_text_where("reminders", "to list the 15-minute reminder", |t| {
+        t.contains("15 min")
+    })
+    .await;
+    let entry = page
+        .query_text(&format!("#reminders li[data-row='{id}']"))
+        .await;
+    assert!(
+        entry.contains("15 min") && entry.contains("prof. Ana") && entry.contains("cliente c1"),
+        "minutes, enriched professional and client id: {entry:?}"
+    );
+    let starts = page
+        .query_text(&format!("#reminders li[data-row='{id}'] .starts"))
+        .await;
+    assert!(
+        !starts.is_empty() && starts != "?" && !starts.contains("+00:00"),
+        "starts_at formatted in local time: {starts:?}"
+    );
+    assert_eq!(
+        page.query_text("#feed .badge.reminder").await,
+        "cita_reminder",
+        "the reminder is in the feed too"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await; // the entries' slide-in
+    let shot = page
+        .call("Page.captureScreenshot", json!({"format": "png"}))
+        .await;
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/browser");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(
+        out.join("reminders.png"),
+        base64_decode(shot["data"].as_str().unwrap()),
+    )
+    .unwrap();
     daemon.stop().await;
 }
 

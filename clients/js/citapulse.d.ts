@@ -52,6 +52,12 @@ export interface StatsData {
 
 export interface StatsMessage { type: "stats"; channel: string; data: StatsData; }
 
+/**
+ * Fields looked up by the operator's `[[enrich]]` queries (e.g. `profesional_nombre`); keys depend
+ * on the configuration. Missing or `{}` when nothing is configured or a lookup failed.
+ */
+export type EventContext = Record<string, unknown>;
+
 /** Row-change payload of cita_* / status_changed / schedule_updated events. */
 export interface RowChangeData {
   action: string;
@@ -59,6 +65,32 @@ export interface RowChangeData {
   row: Record<string, unknown>;
   old: Record<string, unknown> | null;
   timestamp: number;
+  /** `[[enrich]]` lookups, on events of a kind that has entries (e.g. appointments). */
+  context?: EventContext;
+}
+
+/**
+ * The appointment row of a `cita_reminder`: every column of the table (the reference schema also
+ * has negocio_id, cliente_id, profesional_id, hora_fin).
+ */
+export interface ReminderRow {
+  id: number | string;
+  /** `YYYY-MM-DD`. */
+  fecha: string;
+  /** `HH:MM:SS`, local time of the tenant. */
+  hora_inicio: string;
+  estado: string;
+  [column: string]: unknown;
+}
+
+/** Payload of `cita_reminder`, sent `minutes_before` minutes before the appointment starts. */
+export interface CitaReminderData {
+  minutes_before: number;
+  /** Start time, RFC 3339 with the tenant's offset, e.g. `2026-12-03T10:30:00-05:00`. */
+  starts_at: string;
+  row: ReminderRow;
+  /** `[[enrich]]` lookups, as on the other appointment events. */
+  context?: EventContext;
 }
 
 export interface CalendarRefreshData { reason: "bulk" | "truncate" | string; rows: number; }
@@ -68,6 +100,9 @@ export type RowEventType =
 
 /** An event delivered on a channel. Custom events (citapulse.emit) carry arbitrary `data`. */
 export interface EventMessage<D = unknown> { type: string; channel: string; id: number; data: D; }
+
+/** Appointment reminder, on `estadisticas:<tenant>` and the `usuario:` channels of the row's people. */
+export interface CitaReminderMessage extends EventMessage<CitaReminderData> { type: "cita_reminder"; }
 
 /** One user online in a tenant (every subscriber of `estadisticas:<tenant>`, across all daemon instances). */
 export interface PresenceUser {
@@ -138,6 +173,7 @@ export interface CitapulseEventMap {
   cita_rescheduled: EventMessage<RowChangeData>;
   schedule_updated: EventMessage<RowChangeData>;
   calendar_refresh: EventMessage<CalendarRefreshData>;
+  cita_reminder: CitaReminderMessage;
   "*": ChannelMessage;
 }
 
