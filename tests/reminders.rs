@@ -129,7 +129,9 @@ async fn a_daemon_that_was_down_sends_what_is_within_catch_up_and_counts_the_res
     let recent = appointment(&db, "t1", "UTC", -300.0).await;
     let old = appointment(&db, "t1", "UTC", -1200.0).await;
     let d = Daemon::start(&db.url, fifteen).await;
-    let mut c = WsClient::subscribed(d.addr, "t1").await;
+    // The leader may fire before this client subscribes: resume from the start.
+    let mut c = WsClient::connect(d.addr, &tenant_token("t1")).await;
+    c.subscribe("t1", Some(0)).await;
     let m = next_reminder(&mut c).await;
     assert_eq!(m["data"]["row"]["id"], recent, "{m}");
     wait_until(|| async { d.metric("citapulse_reminders_late_total").await >= 1.0 }).await;

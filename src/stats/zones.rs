@@ -81,7 +81,6 @@ impl Zones {
             match today_in_zone(client, &zone, self.offset_secs).await {
                 Ok((today, _)) => {
                     lock(&self.days).insert(zone.clone(), today);
-                    self.new_zone.notify_one();
                     zone
                 }
                 Err(_) => {
@@ -92,7 +91,11 @@ impl Zones {
                 }
             }
         };
-        lock(&self.by_tenant).insert(tenant.clone(), (zone.clone(), Instant::now()));
+        let before = lock(&self.by_tenant).insert(tenant.clone(), (zone.clone(), Instant::now()));
+        // The rollover task times the midnights of the zones it knows tenants of.
+        if before.is_none_or(|(z, _)| z != zone) {
+            self.new_zone.notify_one();
+        }
         zone
     }
 
@@ -110,7 +113,6 @@ impl Zones {
         }
         let (today, _) = today_in_zone(client, &zone, self.offset_secs).await?;
         lock(&self.days).insert(zone, today.clone());
-        self.new_zone.notify_one();
         Ok(today)
     }
 
@@ -124,10 +126,14 @@ impl Zones {
         lock(&self.days).get(&zone).cloned()
     }
 
-    /// The zones of these tenants (as cached), each with its tenants.
+    /// Every zone known (each has a date to keep current), with those of these tenants
+    /// that live in it (as cached).
     pub fn group(&self, tenants: &[Arc<str>]) -> HashMap<String, Vec<Arc<str>>> {
+        let mut out: HashMap<String, Vec<Arc<str>>> = lock(&self.days)
+            .keys()
+            .map(|z| (z.clone(), Vec::new()))
+            .collect();
         let by_tenant = lock(&self.by_tenant);
-        let mut out: HashMap<String, Vec<Arc<str>>> = HashMap::new();
         out.entry(self.default.clone()).or_default();
         for t in tenants {
             let zone = by_tenant
