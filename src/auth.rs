@@ -25,6 +25,9 @@ pub enum AuthError {
     /// The token is past `exp`.
     #[error("token expired")]
     Expired,
+    /// Its `kid` names no key of the configured JWKS.
+    #[error("invalid token: unknown key id")]
+    UnknownKey,
     /// Anything else: bad signature, algorithm, claims or encoding.
     #[error("invalid token: {0}")]
     Invalid(&'static str),
@@ -54,7 +57,14 @@ pub struct Authenticator {
     /// algorithm alone: jsonwebtoken refuses a `Validation` whose list mixes key
     /// families (RS256 with HS256), and a single-algorithm list also guarantees a
     /// token is checked only with the key configured for its own `alg`.
-    keys: Vec<(Algorithm, DecodingKey, Validation)>,
+    keys: std::sync::RwLock<Vec<(Algorithm, DecodingKey, Validation)>>,
+    /// Keys of the JWKS (`auth.jwks_url`, `auth.jwks_file`) by `kid`, each pinned to
+    /// its algorithm, which must be one of `auth.algorithms`.
+    by_kid: std::sync::RwLock<HashMap<String, (Algorithm, DecodingKey, Validation)>>,
+    /// Whether a JWKS is configured: a token with a `kid` is then checked against it.
+    uses_jwks: bool,
+    allowed: Vec<Algorithm>,
+    template: Validation,
     tenant_claim: String,
     super_roles: HashSet<String>,
     signing: Option<EncodingKey>,
@@ -89,7 +99,16 @@ impl Authenticator {
             })?),
             None => None,
         };
+        let uses_jwks = cfg.jwks_url.is_some() || cfg.jwks_file.is_some();
         for configured in cfg.algorithms()? {
+            // With a JWKS, static key material is optional: the JWKS may hold it all.
+            let has_material = match configured.family() {
+                KeyFamily::Hmac => cfg.jwt_secret.is_some(),
+                _ => pem.is_some(),
+            };
+            if uses_jwks && !has_material {
+                continue;
+            }
             let bad_key = |e: jsonwebtoken::errors::Error| ConfigError::Invalid {
                 key: "auth.public_key_file",
                 reason: format!("not a usable {configured} public key: {e}"),
@@ -141,8 +160,13 @@ impl Authenticator {
             .jwt_secret
             .as_ref()
             .map(|s| EncodingKey::from_secret(s.expose().as_bytes()));
+        let allowed = cfg.algorithms()?.into_iter().map(library_alg).collect();
         Ok(Self {
-            keys,
+            keys: std::sync::RwLock::new(keys),
+            by_kid: std::sync::RwLock::new(HashMap::new()),
+            uses_jwks,
+            allowed,
+            template: validation,
             tenant_claim: cfg.tenant_claim.clone(),
             super_roles: cfg.super_roles.iter().cloned().collect(),
             signing,
@@ -160,11 +184,21 @@ impl Authenticator {
         }
         let header =
             jsonwebtoken::decode_header(token).map_err(|_| AuthError::Invalid("malformed"))?;
-        let (_, key, validation) = self
-            .keys
-            .iter()
-            .find(|(alg, _, _)| *alg == header.alg)
-            .ok_or(AuthError::Invalid("algorithm not accepted"))?;
+        let by_kid = crate::sync::read(&self.by_kid);
+        let keys = crate::sync::read(&self.keys);
+        let (_, key, validation) = match header.kid.as_deref() {
+            Some(kid) if self.uses_jwks => {
+                let found = by_kid.get(kid).ok_or(AuthError::UnknownKey)?;
+                if found.0 != header.alg {
+                    return Err(AuthError::Invalid("algorithm not accepted"));
+                }
+                found
+            }
+            _ => keys
+                .iter()
+                .find(|(alg, _, _)| *alg == header.alg)
+                .ok_or(AuthError::Invalid("algorithm not accepted"))?,
+        };
         let data = jsonwebtoken::decode::<Map<String, Value>>(token, key, validation).map_err(
             |e| match e.kind() {
                 ErrorKind::ExpiredSignature => AuthError::Expired,
@@ -203,6 +237,68 @@ impl Authenticator {
             issued_at,
             is_super,
         })
+    }
+
+    /// Replaces the JWKS keys with those of `set` whose algorithm is accepted (the JWK's
+    /// `alg`, or the one accepted algorithm of its key type when it names none); returns
+    /// how many were kept and why others were not.
+    pub fn set_jwks(&self, set: &jsonwebtoken::jwk::JwkSet) -> (usize, Vec<String>) {
+        use jsonwebtoken::jwk::AlgorithmParameters;
+        let mut keys = HashMap::new();
+        let mut skipped = Vec::new();
+        for jwk in &set.keys {
+            let Some(kid) = jwk.common.key_id.clone() else {
+                skipped.push("a key without kid".to_string());
+                continue;
+            };
+            let family_ok = |alg: &Algorithm| {
+                let name = format!("{alg:?}");
+                match &jwk.algorithm {
+                    AlgorithmParameters::RSA(_) => name.starts_with("RS") || name.starts_with("PS"),
+                    AlgorithmParameters::EllipticCurve(_) => name.starts_with("ES"),
+                    AlgorithmParameters::OctetKeyPair(_) => name == "EdDSA",
+                    AlgorithmParameters::OctetKey(_) => name.starts_with("HS"),
+                    _ => false,
+                }
+            };
+            let alg = match jwk.common.key_algorithm {
+                Some(named) => {
+                    let parsed: Option<Algorithm> = format!("{named:?}").parse().ok();
+                    parsed.filter(|a| self.allowed.contains(a) && family_ok(a))
+                }
+                None => {
+                    let fitting: Vec<&Algorithm> =
+                        self.allowed.iter().filter(|a| family_ok(a)).collect();
+                    (fitting.len() == 1).then(|| *fitting[0])
+                }
+            };
+            let Some(alg) = alg else {
+                skipped.push(format!(
+                    "{kid}: its algorithm is not one of auth.algorithms"
+                ));
+                continue;
+            };
+            match DecodingKey::from_jwk(jwk) {
+                Ok(key) => {
+                    let mut pinned = self.template.clone();
+                    pinned.algorithms = vec![alg];
+                    keys.insert(kid, (alg, key, pinned));
+                }
+                Err(e) => skipped.push(format!("{kid}: {e}")),
+            }
+        }
+        let kept = keys.len();
+        *crate::sync::write(&self.by_kid) = keys;
+        (kept, skipped)
+    }
+
+    /// Re-reads the static key material (`auth.jwt_secret`, `auth.public_key_file`) from
+    /// a freshly loaded configuration (SIGHUP); open sockets are untouched.
+    pub fn reload_static(&self, cfg: &AuthConfig) -> Result<(), ConfigError> {
+        let fresh = Self::new(cfg)?;
+        let keys = std::mem::take(&mut *crate::sync::write(&fresh.keys));
+        *crate::sync::write(&self.keys) = keys;
+        Ok(())
     }
 
     /// Mints a development token with the HMAC secret (`citapulse token`, demo).

@@ -107,6 +107,9 @@ pub struct Config {
     pub resolvers: Vec<ResolverConfig>,
     /// Context lookups merged into events (DESIGN.md §9).
     pub enrich: Vec<EnrichConfig>,
+    /// The file this configuration was read from (SIGHUP reads it again).
+    #[serde(skip)]
+    pub loaded_from: Option<PathBuf>,
 }
 
 /// `[[enrich]]`: a lookup whose one row goes under `data.context` of a kind's events.
@@ -289,6 +292,13 @@ pub struct AuthConfig {
     pub audience: Option<String>,
     /// Shared secret accepted in `X-Citapulse-Secret` by `POST /notify/cita`.
     pub notify_secret: Option<Secret>,
+    /// A JWKS document served over plain HTTP (e.g. by a sidecar or an internal IdP):
+    /// fetched at start, every `jwks_refresh_secs` and on an unknown `kid`.
+    pub jwks_url: Option<String>,
+    /// A JWKS document on disk (re-read on SIGHUP and every `jwks_refresh_secs`).
+    pub jwks_file: Option<PathBuf>,
+    /// How often the JWKS is read again.
+    pub jwks_refresh_secs: u64,
 }
 
 impl AuthConfig {
@@ -569,6 +579,7 @@ impl Default for Config {
             log: LogConfig::default(),
             resolvers: Vec::new(),
             enrich: Vec::new(),
+            loaded_from: None,
         }
     }
 }
@@ -603,6 +614,9 @@ impl Default for AuthConfig {
             issuer: None,
             audience: None,
             notify_secret: None,
+            jwks_url: None,
+            jwks_file: None,
+            jwks_refresh_secs: 300,
         }
     }
 }
@@ -698,7 +712,8 @@ impl Config {
     /// as `sql` and `token` that need only part of the configuration).
     pub fn load_unvalidated(file: Option<&Path>) -> Result<Self, ConfigError> {
         let mut fig = Figment::from(Serialized::defaults(Config::default()));
-        if let Some(path) = config_path(file) {
+        let source = config_path(file);
+        if let Some(path) = &source {
             if !path.exists() {
                 return Err(ConfigError::Invalid {
                     key: "--config",
@@ -719,7 +734,9 @@ impl Config {
                     .map(|_| "auth.jwt_secret".into()),
             )
             .merge(Env::prefixed("CITAPULSE_").ignore(&["CONFIG"]).split("__"));
-        Ok(fig.extract().map_err(Box::new)?)
+        let mut config: Config = fig.extract().map_err(Box::new)?;
+        config.loaded_from = source;
+        Ok(config)
     }
 
     /// Checks values that parse but cannot work; names the key at fault.
@@ -796,7 +813,22 @@ impl Config {
                 "must list at least one algorithm, e.g. [\"HS256\"]",
             );
         }
+        let jwks = self.auth.jwks_url.is_some() || self.auth.jwks_file.is_some();
+        if let Some(url) = &self.auth.jwks_url
+            && !url.starts_with("http://")
+        {
+            return invalid(
+                "auth.jwks_url",
+                "must be an http:// URL (this build has no TLS client: fetch an https JWKS into auth.jwks_file, e.g. with a sidecar, and send SIGHUP)",
+            );
+        }
+        if !(1..=86_400).contains(&self.auth.jwks_refresh_secs) {
+            return invalid("auth.jwks_refresh_secs", "must be between 1 and 86400");
+        }
         for alg in self.auth.algorithms()? {
+            if jwks {
+                break;
+            }
             match alg.family() {
                 KeyFamily::Hmac => match &self.auth.jwt_secret {
                     None => {

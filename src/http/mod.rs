@@ -35,6 +35,8 @@ use crate::metrics::Metrics;
 use crate::stats::engine::StatsEngine;
 use crate::tasks::{OnDeath, supervise};
 
+pub mod keys;
+
 /// The dashboard page and its client, embedded so the binary serves them alone.
 const INDEX_HTML: &str = include_str!("../../static/index.html");
 const CLIENT_JS: &str = include_str!("../../clients/js/citapulse.js");
@@ -52,6 +54,9 @@ pub enum ServerError {
     /// The database is unusable.
     #[error(transparent)]
     Database(#[from] DbError),
+    /// The JWKS could not be read at start.
+    #[error("{0}")]
+    Keys(String),
 }
 
 /// The daemon's state, built once at start-up in [`run`]. Each task gets its own
@@ -80,6 +85,8 @@ pub struct Shared {
     pub stats_task: Arc<crate::stats::Context>,
     /// The sockets' context.
     pub sockets: Arc<crate::delivery::ws::Context>,
+    /// The JWKS and the key files SIGHUP reads again.
+    pub keys: Arc<keys::Keys>,
     /// Open sockets per client address.
     per_ip: Mutex<HashMap<IpAddr, usize>>,
 }
@@ -151,6 +158,7 @@ pub async fn run(
     let zones = Arc::new(crate::stats::Zones::new(&config, today));
     let shared = Shared::build(config, auth, metrics, pool, zones, revocations);
 
+    shared.keys.load().await.map_err(ServerError::Keys)?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let background = spawn_background(&shared, &stop_rx);
     let sockets = accept_until(listener, &shared, &stop_rx, shutdown).await;
@@ -266,6 +274,7 @@ impl Shared {
             )),
         });
         let auth = Arc::new(auth);
+        let keys = Arc::new(keys::Keys::new(auth.clone(), &config));
         let sockets = Arc::new(crate::delivery::ws::Context {
             config: config.clone(),
             auth: auth.clone(),
@@ -289,6 +298,7 @@ impl Shared {
             capture,
             stats_task,
             sockets,
+            keys,
             per_ip: Mutex::new(HashMap::new()),
         })
     }
@@ -357,6 +367,11 @@ fn spawn_background(shared: &Shared, stop_rx: &watch::Receiver<bool>) -> TaskTra
         stop_rx.clone(),
         move || crate::capture::reminders::run(capture.clone(), stop.clone()),
     ));
+    let keys = shared.keys.clone();
+    let stop = stop_rx.clone();
+    background.spawn(supervise("keys", restart(), stop_rx.clone(), move || {
+        keys.clone().run(stop.clone())
+    }));
     let sockets = shared.sockets.clone();
     let stop = stop_rx.clone();
     background.spawn(supervise(
@@ -637,6 +652,11 @@ fn upgrade(
             let reason = match err {
                 AuthError::Expired => "token_expired",
                 AuthError::Missing => "token_missing",
+                AuthError::UnknownKey => {
+                    // A rotation this daemon has not seen yet: read the JWKS again soon.
+                    shared.keys.unknown_kid();
+                    "token_unknown_key"
+                }
                 AuthError::Invalid(_) => "token_invalid",
             };
             tracing::info!(peer = %peer, reason, detail = %err, "handshake refused");

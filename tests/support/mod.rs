@@ -583,6 +583,15 @@ impl ProcDaemon {
         d
     }
 
+    /// Sends a signal by name (`HUP`, `USR1`, …).
+    pub fn signal(&self, name: &str) {
+        let status = std::process::Command::new("kill")
+            .args([format!("-{name}"), self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{name}");
+    }
+
     /// SIGKILL: no goodbye, no cleanup.
     pub fn kill9(&mut self) {
         let _ = self.child.kill();

@@ -1,0 +1,180 @@
+//! JWT keys that change while the daemon runs (DESIGN.md §10): the JWKS of
+//! `auth.jwks_url` / `auth.jwks_file`, read at start, every `auth.jwks_refresh_secs`,
+//! soon after a token names an unknown `kid` (at most once per [`UNKNOWN_KID_EVERY`]),
+//! and on SIGHUP, which also re-reads the configuration file's secrets and
+//! `auth.public_key_file`. Sockets stay open: a removed key refuses new handshakes and
+//! `auth` refreshes signed with it, and tokens of a key still listed keep working.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use tokio::sync::{Notify, watch};
+
+use crate::auth::Authenticator;
+use crate::config::{AuthConfig, Config};
+
+/// An unknown `kid` refreshes the JWKS at most this often.
+pub const UNKNOWN_KID_EVERY: Duration = Duration::from_secs(10);
+/// A JWKS document larger than this is refused.
+const MAX_JWKS_BYTES: usize = 1 << 20;
+/// How long a fetch may take.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where the keys come from, and when they were last read.
+pub struct Keys {
+    auth: Arc<Authenticator>,
+    config: Mutex<AuthConfig>,
+    source: Option<std::path::PathBuf>,
+    unknown_kid: Notify,
+    last_read: Mutex<Option<Instant>>,
+}
+
+impl Keys {
+    /// For the configured sources.
+    pub fn new(auth: Arc<Authenticator>, config: &Config) -> Self {
+        Self {
+            auth,
+            config: Mutex::new(config.auth.clone()),
+            source: config.loaded_from.clone(),
+            unknown_kid: Notify::new(),
+            last_read: Mutex::new(None),
+        }
+    }
+
+    fn uses_jwks(cfg: &AuthConfig) -> bool {
+        cfg.jwks_url.is_some() || cfg.jwks_file.is_some()
+    }
+
+    /// Reads the JWKS now; an error names the key at fault.
+    pub async fn load(&self) -> Result<usize, String> {
+        let cfg = crate::sync::lock(&self.config).clone();
+        *crate::sync::lock(&self.last_read) = Some(Instant::now());
+        let text = if let Some(path) = &cfg.jwks_file {
+            // A small local file: read in place.
+            std::fs::read_to_string(path)
+                .map_err(|e| format!("auth.jwks_file: cannot read {}: {e}", path.display()))?
+        } else if let Some(url) = &cfg.jwks_url {
+            fetch(url)
+                .await
+                .map_err(|e| format!("auth.jwks_url: {e}"))?
+        } else {
+            return Ok(0);
+        };
+        let set: jsonwebtoken::jwk::JwkSet = serde_json::from_str(&text)
+            .map_err(|e| format!("the JWKS is not a valid key set: {e}"))?;
+        let (kept, skipped) = self.auth.set_jwks(&set);
+        for why in skipped {
+            tracing::warn!(key = %why, "JWKS key ignored");
+        }
+        tracing::info!(keys = kept, "JWKS loaded");
+        Ok(kept)
+    }
+
+    /// A token named a `kid` no key has: read the JWKS again soon (rate-limited).
+    pub fn unknown_kid(&self) {
+        self.unknown_kid.notify_one();
+    }
+
+    /// SIGHUP: the configuration file again (secrets, key files), then the JWKS.
+    async fn reload(&self) {
+        match Config::load(self.source.as_deref()) {
+            Ok(fresh) => match self.auth.reload_static(&fresh.auth) {
+                Ok(()) => {
+                    *crate::sync::lock(&self.config) = fresh.auth;
+                    tracing::info!("SIGHUP: keys and secrets read again");
+                }
+                Err(err) => tracing::warn!(error = %err, "SIGHUP: keys not reloaded"),
+            },
+            Err(err) => tracing::warn!(error = %err, "SIGHUP: configuration not reloaded"),
+        }
+        if let Err(err) = self.load().await {
+            tracing::warn!(error = %err, "SIGHUP: JWKS not reloaded");
+        }
+    }
+
+    /// Keeps the keys current until shutdown.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        #[cfg(unix)]
+        let mut hangup =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        loop {
+            let every =
+                Duration::from_secs(crate::sync::lock(&self.config).jwks_refresh_secs.max(1));
+            #[cfg(unix)]
+            let hup = async {
+                match hangup.as_mut() {
+                    Some(h) => {
+                        h.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            #[cfg(not(unix))]
+            let hup = std::future::pending::<()>();
+            tokio::select! {
+                _ = hup => {
+                    self.reload().await;
+                    continue;
+                }
+                _ = tokio::time::sleep(every) => {}
+                _ = self.unknown_kid.notified() => {
+                    let last = *crate::sync::lock(&self.last_read);
+                    if let Some(at) = last
+                        && at.elapsed() < UNKNOWN_KID_EVERY
+                    {
+                        continue;
+                    }
+                }
+                _ = shutdown.changed() => return,
+            }
+            if Self::uses_jwks(&crate::sync::lock(&self.config).clone())
+                && let Err(err) = self.load().await
+            {
+                tracing::warn!(error = %err, "JWKS refresh failed; keeping the keys read before");
+            }
+        }
+    }
+}
+
+/// GETs an `http://` URL (the body, at most [`MAX_JWKS_BYTES`]).
+async fn fetch(url: &str) -> Result<String, String> {
+    let uri: hyper::Uri = url.parse().map_err(|e| format!("bad URL: {e}"))?;
+    let host = uri.host().ok_or("the URL has no host")?.to_string();
+    let port = uri.port_u16().unwrap_or(80);
+    let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+    let work = async {
+        let stream = tokio::net::TcpStream::connect((host.as_str(), port))
+            .await
+            .map_err(|e| format!("cannot connect to {host}:{port}: {e}"))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("HTTP handshake: {e}"))?;
+        let driver = tokio::spawn(conn);
+        let req = hyper::Request::get(path)
+            .header(hyper::header::HOST, host.as_str())
+            .header(hyper::header::ACCEPT, "application/json")
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| format!("request: {e}"))?;
+        let res = sender
+            .send_request(req)
+            .await
+            .map_err(|e| format!("request failed: {e}"))?;
+        if !res.status().is_success() {
+            driver.abort();
+            return Err(format!("answered {}", res.status()));
+        }
+        let body = Limited::new(res.into_body(), MAX_JWKS_BYTES)
+            .collect()
+            .await
+            .map_err(|e| format!("reading the body: {e}"))?
+            .to_bytes();
+        driver.abort();
+        String::from_utf8(body.to_vec()).map_err(|_| "the body is not UTF-8".to_string())
+    };
+    tokio::time::timeout(FETCH_TIMEOUT, work)
+        .await
+        .map_err(|_| format!("no answer within {FETCH_TIMEOUT:?}"))?
+}
