@@ -37,7 +37,12 @@ fn chromium_path() -> PathBuf {
 struct Browser {
     child: Child,
     dir: PathBuf,
+    /// One browser at a time: three Chromium start-ups at once on two busy cores can
+    /// take longer than any sensible wait.
+    _turn: tokio::sync::MutexGuard<'static, ()>,
 }
+
+static ONE_BROWSER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 impl Drop for Browser {
     fn drop(&mut self) {
@@ -129,6 +134,7 @@ impl Page {
 }
 
 async fn launch() -> (Browser, Page) {
+    let turn = ONE_BROWSER.lock().await;
     // One profile per browser: the tests of this binary run in parallel.
     static BROWSERS: AtomicUsize = AtomicUsize::new(0);
     let dir = std::env::temp_dir().join(format!(
@@ -161,12 +167,18 @@ async fn launch() -> (Browser, Page) {
     let browser = Browser {
         child,
         dir: dir.clone(),
+        _turn: turn,
     };
     let port_file = dir.join("DevToolsActivePort");
-    wait_until(|| async {
-        std::fs::read_to_string(&port_file).is_ok_and(|s| s.lines().count() >= 2)
-    })
-    .await;
+    // Chromium's first start with a fresh profile is slow on a loaded machine.
+    let started = tokio::time::Instant::now();
+    while !std::fs::read_to_string(&port_file).is_ok_and(|s| s.lines().count() >= 2) {
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "Chromium did not start within 90 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let port: u16 = std::fs::read_to_string(&port_file)
         .unwrap()
         .lines()
