@@ -1004,6 +1004,15 @@ LANGUAGE sql STABLE AS $$
                    AS missing) m
 $$;
 
+-- How a table is watched, if it is an appointment table reminders can read (NULL fields
+-- otherwise).
+CREATE OR REPLACE FUNCTION citapulse.reminder_watch(tbl regclass) RETURNS citapulse.watches
+LANGUAGE sql STABLE AS $$
+    SELECT x.* FROM citapulse.watches x
+     WHERE x.tbl = reminder_watch.tbl AND x.kind = 'appointment' AND x.tenant_column <> ''
+       AND citapulse.reminder_table_problem(reminder_watch.tbl) IS NULL
+$$;
+
 -- The reminders of one watched appointment table that fall due from `since` until
 -- `until` (those due before now() - catch_up are `late`), not sent yet. One query on the
 -- table, bounded by fecha (the window's UTC dates ± 1 day cover every zone, -12 to +14
@@ -1016,8 +1025,8 @@ LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp A
 DECLARE
     w citapulse.watches;
 BEGIN
-    SELECT * INTO w FROM citapulse.watches x WHERE x.tbl = due_reminders.tbl AND x.kind = 'appointment' AND x.tenant_column <> '';
-    IF NOT FOUND OR citapulse.reminder_table_problem(tbl) IS NOT NULL THEN
+    w := citapulse.reminder_watch(tbl);
+    IF w.tbl IS NULL THEN
         RETURN;
     END IF;
     RETURN QUERY EXECUTE format(
@@ -1046,8 +1055,8 @@ RETURNS SETOF text LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg
 DECLARE
     w citapulse.watches;
 BEGIN
-    SELECT * INTO w FROM citapulse.watches x WHERE x.tbl = unzoned_tenants.tbl AND x.kind = 'appointment' AND x.tenant_column <> '';
-    IF NOT FOUND OR citapulse.reminder_table_problem(tbl) IS NOT NULL THEN
+    w := citapulse.reminder_watch(tbl);
+    IF w.tbl IS NULL THEN
         RETURN;
     END IF;
     RETURN QUERY EXECUTE format(

@@ -353,28 +353,16 @@ async fn emit_to_people_refuses_bad_arguments_and_needs_a_grant() {
     assert_eq!(logged, 0, "nothing was emitted");
 
     // A login without a grant cannot emit to people, nor call the helper directly.
-    let role = format!("noemit_{}", std::process::id());
-    db.client
-        .batch_execute(&format!(
-            "DROP ROLE IF EXISTS {role}; CREATE ROLE {role} LOGIN; GRANT USAGE ON SCHEMA citapulse TO {role}"
-        ))
-        .await
-        .unwrap();
-    let weak = pg(&db.url.replacen("postgres@", &format!("{role}@"), 1)).await;
-    for sql in [
-        "SELECT citapulse.emit_to_user('t1', 'u1', 'note')",
-        "SELECT citapulse.emit_to_role('t1', 'staff', 'note')",
-        "SELECT citapulse.emit_to('t1', 'u:*', 'note', '{}')",
-        "SELECT citapulse.presence_write('x', 3000, ARRAY['t1'], ARRAY['ghost'], ARRAY[NULL]::text[], ARRAY[1], ARRAY[0]::float8[])",
-        "SELECT * FROM citapulse.presence",
-    ] {
-        let err = weak.execute(sql, &[]).await.unwrap_err();
-        assert!(
-            err.as_db_error()
-                .unwrap()
-                .message()
-                .contains("permission denied"),
-            "{sql}: {err:?}"
-        );
-    }
+    let weak = login_without_grants(&db, &format!("noemit_{}", std::process::id())).await;
+    assert_permission_denied(
+        &weak,
+        &[
+            "SELECT citapulse.emit_to_user('t1', 'u1', 'note')",
+            "SELECT citapulse.emit_to_role('t1', 'staff', 'note')",
+            "SELECT citapulse.emit_to('t1', 'u:*', 'note', '{}')",
+            "SELECT citapulse.presence_write('x', 3000, ARRAY['t1'], ARRAY['ghost'], ARRAY[NULL]::text[], ARRAY[1], ARRAY[0]::float8[])",
+            "SELECT * FROM citapulse.presence",
+        ],
+    )
+    .await;
 }

@@ -124,26 +124,13 @@ async fn revoke_refuses_bad_arguments_and_needs_a_grant() {
     assert_eq!(count, 0);
 
     // A login without a grant can neither revoke nor lift a revocation.
-    let role = format!("norevoke_{}", std::process::id());
-    db.client
-        .batch_execute(&format!(
-            "DROP ROLE IF EXISTS {role}; CREATE ROLE {role} LOGIN; GRANT USAGE ON SCHEMA citapulse TO {role}"
-        ))
-        .await
-        .unwrap();
-    let url = db.url.replacen("postgres@", &format!("{role}@"), 1);
-    let weak = pg(&url).await;
-    for sql in [
-        "SELECT citapulse.revoke('t1', 'admin')",
-        "SELECT citapulse.unrevoke('t1', 'u1')",
-    ] {
-        let err = weak.execute(sql, &[]).await.unwrap_err();
-        assert!(
-            err.as_db_error()
-                .unwrap()
-                .message()
-                .contains("permission denied"),
-            "{sql}: {err:?}"
-        );
-    }
+    let weak = login_without_grants(&db, &format!("norevoke_{}", std::process::id())).await;
+    assert_permission_denied(
+        &weak,
+        &[
+            "SELECT citapulse.revoke('t1', 'admin')",
+            "SELECT citapulse.unrevoke('t1', 'u1')",
+        ],
+    )
+    .await;
 }

@@ -708,3 +708,26 @@ pub async fn assert_all_delivered(db: &TestDb, c: &mut WsClient) {
     }
     assert_eq!(got, want);
 }
+
+/// A login with `USAGE` on schema citapulse and no other grant (dropped and made again).
+pub async fn login_without_grants(db: &TestDb, role: &str) -> Client {
+    db.client
+        .batch_execute(&format!(
+            "DROP ROLE IF EXISTS {role}; CREATE ROLE {role} LOGIN; GRANT USAGE ON SCHEMA citapulse TO {role}"
+        ))
+        .await
+        .expect("create the role");
+    pg(&db.url.replacen("postgres@", &format!("{role}@"), 1)).await
+}
+
+/// Each statement fails with "permission denied" for `client`.
+pub async fn assert_permission_denied(client: &Client, statements: &[&str]) {
+    for sql in statements {
+        let err = client.execute(*sql, &[]).await.unwrap_err();
+        assert!(
+            err.as_db_error()
+                .is_some_and(|e| e.message().contains("permission denied")),
+            "{sql}: {err:?}"
+        );
+    }
+}
