@@ -120,8 +120,9 @@ pub struct EnrichConfig {
     pub kind: String,
     /// The row field passed as `$1` (text), e.g. `profesional_id`.
     pub column: String,
-    /// One row whose columns are merged into `data.context`, e.g.
-    /// `SELECT nombre AS profesional_nombre FROM profesionales WHERE id = $1`.
+    /// One row whose columns are merged into `data.context`; `$1` the row's value, `$2`
+    /// the event's tenant (both text), e.g.
+    /// `SELECT nombre AS profesional_nombre FROM profesionales WHERE id = $1 AND negocio_id = $2`.
     pub query: String,
     /// How long a result (or a failure) is cached.
     #[serde(default = "default_enrich_ttl")]

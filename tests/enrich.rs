@@ -11,8 +11,8 @@ use support::*;
 async fn setup(db: &TestDb) -> Daemon {
     db.client
         .batch_execute(
-            "CREATE TABLE profesionales (id text PRIMARY KEY, nombre text); \
-             INSERT INTO profesionales VALUES ('p1', 'Ana'); \
+            "CREATE TABLE profesionales (id text, negocio_id text, nombre text, PRIMARY KEY (id, negocio_id)); \
+             INSERT INTO profesionales VALUES ('p1', 't1', 'Ana'), ('p1', 't2', 'Zoe'); \
              CREATE FUNCTION cliente_nombre(id text) RETURNS text LANGUAGE sql AS $$ \
                SELECT CASE WHEN id = 'slow' THEN (SELECT 'Lento' FROM pg_sleep(3)) \
                            WHEN id = 'boom' THEN (1 / (length(id) - 4))::text \
@@ -25,7 +25,8 @@ async fn setup(db: &TestDb) -> Daemon {
             citapulse::config::EnrichConfig {
                 kind: "appointment".into(),
                 column: "profesional_id".into(),
-                query: "SELECT nombre AS profesional_nombre FROM profesionales WHERE id = $1"
+                // Ids are per tenant here: $2 (the tenant) keeps t2's "p1" apart from t1's.
+                query: "SELECT nombre AS profesional_nombre FROM profesionales WHERE id = $1 AND negocio_id = $2"
                     .into(),
                 cache_ttl_ms: 60_000,
                 timeout_ms: 2_000,
@@ -109,6 +110,11 @@ async fn a_slow_or_failing_lookup_sends_without_it_and_holds_no_other_tenant() {
     let quick = cita(&db, "t2", "c2").await;
     let first = both.expect(|m| m["type"] == "cita_created").await;
     assert_eq!(first["data"]["row"]["id"], quick, "{first}");
+    assert_eq!(
+        first["data"]["context"],
+        json!({"profesional_nombre": "Zoe", "cliente_nombre": "Cliente c2"}),
+        "t2's own p1, never t1's cached one: {first}"
+    );
     let held = created(&mut both, slow).await;
     assert_eq!(
         held["data"]["context"],
@@ -119,8 +125,8 @@ async fn a_slow_or_failing_lookup_sends_without_it_and_holds_no_other_tenant() {
     let m = created(&mut both, failing).await;
     assert_eq!(
         m["data"]["context"],
-        json!({"profesional_nombre": "Ana"}),
-        "{m}"
+        json!({"profesional_nombre": "Zoe"}),
+        "the failing part is left out: {m}"
     );
     let metrics = http_get(d.addr, "/metrics", &[]).await.1;
     for reason in ["timeout", "failed"] {

@@ -1,5 +1,6 @@
 //! Enrichment (DESIGN.md §9): `[[enrich]]` lookups whose one row goes under
 //! `data.context` of a kind's events, e.g. the professional's name for an appointment.
+//! A query gets the row's value as `$1` and the event's tenant as `$2`.
 //!
 //! Between the reader and the hub. Results (and failures) are cached for the entry's
 //! `cache_ttl_ms`. An event whose lookups are all cached goes out at once with its
@@ -27,7 +28,9 @@ const POOL_SIZE: usize = 2;
 /// Cached lookups kept at most.
 const CACHE_MAX: usize = 50_000;
 
-type Key = (usize, String);
+/// (entry, tenant, value): the tenant is part of the key because a lookup may use it
+/// (`$2`); one tenant's result is never another's.
+type Key = (usize, Arc<str>, String);
 /// A lookup's result (`None`: it failed) and when it expires.
 type Cached = (Option<Map<String, Value>>, Instant);
 
@@ -75,7 +78,7 @@ impl Enricher {
 
     /// The (entry, value) pairs an event looks up: entries of its kind whose column the
     /// row has.
-    fn keys_of(&self, ev: &LogEvent, data: &Value) -> Vec<Key> {
+    fn keys_of(&self, tenant: &Arc<str>, ev: &LogEvent, data: &Value) -> Vec<Key> {
         let row = &data["row"];
         self.entries
             .iter()
@@ -87,7 +90,7 @@ impl Enricher {
                     Value::Number(n) => n.to_string(),
                     _ => return None,
                 };
-                Some((i, value))
+                Some((i, tenant.clone(), value))
             })
             .collect()
     }
@@ -147,7 +150,7 @@ impl Enricher {
                     ready.push(ev);
                     continue;
                 };
-                let keys = self.keys_of(&ev, &data);
+                let keys = self.keys_of(&tenant, &ev, &data);
                 if keys.is_empty() || self.merge(&mut ev, data, &keys) {
                     if !keys.is_empty() {
                         Metrics::count(&self.metrics.enrich_lookups, "hit");
@@ -188,7 +191,7 @@ impl Enricher {
                 .as_deref()
                 .and_then(|d| serde_json::from_str::<Value>(d).ok());
             if let Some(data) = parsed {
-                let keys = self.keys_of(&ev, &data);
+                let keys = self.keys_of(&tenant, &ev, &data);
                 let missing: Vec<Key> = keys
                     .iter()
                     .filter(|k| self.cached(k).is_none())
@@ -221,9 +224,15 @@ impl Enricher {
         let looked_up = tokio::time::timeout(Duration::from_millis(entry.timeout_ms), async {
             let client = pool.get().await?;
             let stmt = client
-                .prepare_typed_cached(&sql, &[tokio_postgres::types::Type::TEXT])
+                .prepare_typed_cached(
+                    &sql,
+                    &[
+                        tokio_postgres::types::Type::TEXT,
+                        tokio_postgres::types::Type::TEXT,
+                    ],
+                )
                 .await?;
-            let row = client.query_opt(&stmt, &[&key.1]).await?;
+            let row = client.query_opt(&stmt, &[&key.2, &&*key.1]).await?;
             Ok::<_, db::DbError>(row.and_then(|r| r.get::<_, Option<Value>>(0)))
         })
         .await;
