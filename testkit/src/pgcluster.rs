@@ -251,6 +251,26 @@ impl PgCluster {
         )
     }
 
+    /// Keeps the cluster for the rest of the process (one shared by a test binary's tests),
+    /// then shuts it down and removes its directory when the process exits normally. A
+    /// cluster held in a `static` is never dropped: its postmaster dies with the process, but
+    /// its directory (~300 MB after a test binary's databases) would stay in `$TMPDIR`.
+    #[allow(unsafe_code)]
+    pub fn drop_at_exit(self) {
+        static REGISTER: std::sync::Once = std::sync::Once::new();
+        AT_EXIT
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(self);
+        REGISTER.call_once(|| {
+            // SAFETY: registers a plain `extern "C"` function with no preconditions; it runs
+            // once, from `exit`, after `main` has returned.
+            if unsafe { libc::atexit(drop_clusters_at_exit) } != 0 {
+                warn!("pgcluster: could not register the at-exit cleanup");
+            }
+        });
+    }
+
     /// The cluster's data directory (inside the temporary directory).
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
@@ -486,6 +506,14 @@ impl PgCluster {
             tokio::time::sleep(POLL_INTERVAL).await;
         }
     }
+}
+
+/// Clusters handed to [`PgCluster::drop_at_exit`].
+static AT_EXIT: Mutex<Vec<PgCluster>> = Mutex::new(Vec::new());
+
+extern "C" fn drop_clusters_at_exit() {
+    let clusters = std::mem::take(&mut *AT_EXIT.lock().unwrap_or_else(PoisonError::into_inner));
+    drop(clusters);
 }
 
 impl Drop for PgCluster {

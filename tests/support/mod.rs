@@ -36,7 +36,6 @@ pub const WAIT: Duration = Duration::from_secs(20);
 struct Server {
     /// URL template with `__DB__` for the database name.
     template: String,
-    _cluster: Option<PgCluster>,
 }
 
 static SERVER: OnceLock<Server> = OnceLock::new();
@@ -57,7 +56,6 @@ fn server() -> &'static Server {
             };
             return Server {
                 template: format!("{prefix}/__DB__{query}"),
-                _cluster: None,
             };
         }
         // Start on a runtime of its own: test runtimes come and go.
@@ -71,10 +69,9 @@ fn server() -> &'static Server {
         .join()
         .unwrap()
         .unwrap_or_else(|e| panic!("cannot start a throwaway PostgreSQL: {e}"));
-        Server {
-            template: cluster.url("__DB__"),
-            _cluster: Some(cluster),
-        }
+        let template = cluster.url("__DB__");
+        cluster.drop_at_exit();
+        Server { template }
     })
 }
 
