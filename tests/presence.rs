@@ -183,3 +183,78 @@ async fn presence_is_authorized_like_a_subscription() {
     assert_eq!(m["data"]["users"], json!([]), "{m}");
     a.stop().await;
 }
+
+#[tokio::test]
+async fn a_join_during_a_resume_follows_the_replay_instead_of_closing_it() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let db = TestDb::new().await;
+    // A history far bigger than a queue of 8 and the socket buffers.
+    const EVENTS: i64 = 1500;
+    for _ in 0..EVENTS / 100 {
+        db.client
+            .batch_execute(
+                "INSERT INTO citas (negocio_id, cliente_id) \
+                 SELECT 't1', repeat(md5(g::text), 200) FROM generate_series(1, 100) g",
+            )
+            .await
+            .unwrap();
+    }
+    db.client.execute(MOVE_INBOX, &[]).await.unwrap();
+    let d = Daemon::start(&db.url, |c| {
+        tweak(c);
+        c.limits.queue_len = 8;
+    })
+    .await;
+
+    // Ana resumes from the start and reads nothing yet: her replay fills her queue.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(d.addr).await.unwrap();
+    let ana_token = token("ana", Some("t1"), Some("staff"));
+    let (mut ana, _) =
+        tokio_tungstenite::client_async(format!("ws://{}/ws?token={ana_token}", d.addr), stream)
+            .await
+            .unwrap();
+    ana.send(Message::Text(
+        json!({"type": "subscribe", "data": {"channel": "estadisticas:t1", "since": 0}})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .unwrap();
+    wait_until(|| async { d.metric("citapulse_replay_rows_read_total").await > 0.0 }).await;
+
+    // Beto comes online meanwhile; his join (and Ana's own) is published during her replay.
+    let mut beto = present(d.addr, "beto").await;
+    next_change_of(&mut beto, "presence_join", "beto").await;
+
+    // Ana reads again: every event in order, then the joins; she is not cut off.
+    let (mut last, mut events, mut joined) = (0, 0, Vec::new());
+    while events < EVENTS || !joined.contains(&"beto".to_string()) {
+        let msg = tokio::time::timeout(WAIT, ana.next())
+            .await
+            .expect("Ana keeps receiving")
+            .expect("Ana's socket stays open")
+            .unwrap();
+        let Message::Text(text) = msg else {
+            panic!("Ana got {msg:?} after {events} events");
+        };
+        let m: Value = serde_json::from_str(&text).unwrap();
+        match m["type"].as_str().unwrap() {
+            "cita_created" => {
+                let id = m["id"].as_i64().unwrap();
+                assert!(id > last, "in id order");
+                last = id;
+                events += 1;
+            }
+            "presence_join" => {
+                assert_eq!(events, EVENTS, "a join follows the replayed events");
+                joined.extend(users_of(&m));
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(d.metric("citapulse_slow_consumer_closes_total").await, 0.0);
+    d.stop().await;
+}

@@ -142,6 +142,29 @@ struct Subscriber {
     pending: Option<ReplayBuffer<Utf8Bytes>>,
 }
 
+/// The id under which a live message that is not a log event (presence) waits in a
+/// [`ReplayBuffer`]: log ids start at 1, so the replay never counts it as sent.
+const NOT_IN_LOG: i64 = 0;
+
+impl Subscriber {
+    /// A live message: queued at once, or held while this subscriber's replay runs. Either
+    /// overflowing closes the socket with 4008; the client resumes from its last id.
+    fn push_live(&mut self, id: i64, msg: Utf8Bytes, metrics: &Metrics) {
+        match &mut self.pending {
+            Some(pending) => {
+                if pending.hold(id, msg) == Held::Overflow
+                    && self.client.request_close(CloseCode::SlowConsumer)
+                {
+                    metrics.slow_consumer_closes.inc();
+                }
+            }
+            None => {
+                self.client.offer(msg, metrics);
+            }
+        }
+    }
+}
+
 /// What became of a live event offered to a [`ReplayBuffer`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Held {
@@ -490,18 +513,7 @@ impl Hub {
     fn deliver(&self, channel: &mut Channel, ev: &LogEvent) {
         let msg = ev.message(&channel.name);
         for sub in channel.subscribers.values_mut() {
-            match &mut sub.pending {
-                Some(pending) => {
-                    if pending.hold(ev.id, msg.clone()) == Held::Overflow
-                        && sub.client.request_close(CloseCode::SlowConsumer)
-                    {
-                        self.metrics.slow_consumer_closes.inc();
-                    }
-                }
-                None => {
-                    sub.client.offer(msg.clone(), &self.metrics);
-                }
-            }
+            sub.push_live(ev.id, msg.clone(), &self.metrics);
         }
     }
 
@@ -523,12 +535,14 @@ impl Hub {
     /// Sends a presence message to the subscribers of a tenant's own channel; false if
     /// it has none here.
     pub fn publish_presence(&self, tenant: &str, msg: Utf8Bytes) -> bool {
-        let channels = lock(&self.channels);
-        let Some(channel) = channels.get(tenant).and_then(|t| t.tenant.as_ref()) else {
+        let mut channels = lock(&self.channels);
+        let Some(channel) = channels.get_mut(tenant).and_then(|t| t.tenant.as_mut()) else {
             return false;
         };
-        for sub in channel.subscribers.values() {
-            sub.client.offer(msg.clone(), &self.metrics);
+        // A resuming subscriber's queue is full of its replay by design: offered there, a
+        // join would close it as a slow consumer. It waits with the live events instead.
+        for sub in channel.subscribers.values_mut() {
+            sub.push_live(NOT_IN_LOG, msg.clone(), &self.metrics);
         }
         true
     }
