@@ -293,9 +293,12 @@ pub struct AuthConfig {
     pub audience: Option<String>,
     /// Shared secret accepted in `X-Citapulse-Secret` by `POST /notify/cita`.
     pub notify_secret: Option<Secret>,
-    /// A JWKS document served over plain HTTP (e.g. by a sidecar or an internal IdP):
+    /// A JWKS document served over `https://` (or plain `http://`, e.g. by a sidecar):
     /// fetched at start, every `jwks_refresh_secs` and on an unknown `kid`.
     pub jwks_url: Option<String>,
+    /// PEM certificates trusted for an `https` `jwks_url` besides the built-in Mozilla
+    /// roots (a private CA's).
+    pub jwks_ca_file: Option<PathBuf>,
     /// A JWKS document on disk (re-read on SIGHUP and every `jwks_refresh_secs`).
     pub jwks_file: Option<PathBuf>,
     /// How often the JWKS is read again.
@@ -616,6 +619,7 @@ impl Default for AuthConfig {
             audience: None,
             notify_secret: None,
             jwks_url: None,
+            jwks_ca_file: None,
             jwks_file: None,
             jwks_refresh_secs: 300,
         }
@@ -816,11 +820,20 @@ impl Config {
         }
         let jwks = self.auth.jwks_url.is_some() || self.auth.jwks_file.is_some();
         if let Some(url) = &self.auth.jwks_url
-            && !url.starts_with("http://")
+            && !(url.starts_with("https://") || url.starts_with("http://"))
+        {
+            return invalid("auth.jwks_url", "must be an https:// or http:// URL");
+        }
+        if self.auth.jwks_ca_file.is_some()
+            && !self
+                .auth
+                .jwks_url
+                .as_deref()
+                .is_some_and(|u| u.starts_with("https://"))
         {
             return invalid(
-                "auth.jwks_url",
-                "must be an http:// URL (this build has no TLS client: fetch an https JWKS into auth.jwks_file, e.g. with a sidecar, and send SIGHUP)",
+                "auth.jwks_ca_file",
+                "is only used with an https:// auth.jwks_url",
             );
         }
         if !(1..=86_400).contains(&self.auth.jwks_refresh_secs) {
@@ -1003,6 +1016,37 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(err.contains("auth.jwt_secret"), "{err}");
+    }
+
+    #[test]
+    fn jwks_sources_name_the_key() {
+        let error = |c: &Config| {
+            c.validate()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        let mut c = Config::default();
+        for bad in [
+            "ftp://idp/jwks",
+            "idp.internal/jwks",
+            "file:///etc/jwks.json",
+            "",
+        ] {
+            c.auth.jwks_url = Some(bad.into());
+            assert!(
+                error(&c).contains("auth.jwks_url"),
+                "{bad:?}: {}",
+                error(&c)
+            );
+        }
+        c.auth.jwks_url = Some("http://idp.internal/jwks".into());
+        c.auth.jwks_ca_file = Some("/etc/ca.pem".into());
+        assert!(error(&c).contains("auth.jwks_ca_file"), "{}", error(&c));
+        c.auth.jwks_url = Some("https://idp.internal/jwks".into());
+        assert!(c.validate().is_ok(), "{}", error(&c));
+        c.auth.jwks_ca_file = None;
+        assert!(c.validate().is_ok(), "{}", error(&c));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! `auth.public_key_file`. Sockets stay open: a removed key refuses new handshakes and
 //! `auth` refreshes signed with it, and tokens of a key still listed keep working.
 
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -12,6 +13,10 @@ use http_body_util::{BodyExt, Empty, Limited};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use tokio::sync::{Notify, watch};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 
 use crate::auth::Authenticator;
 use crate::config::{AuthConfig, Config};
@@ -57,7 +62,7 @@ impl Keys {
             std::fs::read_to_string(path)
                 .map_err(|e| format!("auth.jwks_file: cannot read {}: {e}", path.display()))?
         } else if let Some(url) = &cfg.jwks_url {
-            fetch(url)
+            fetch(url, cfg.jwks_ca_file.as_deref())
                 .await
                 .map_err(|e| format!("auth.jwks_url: {e}"))?
         } else {
@@ -139,42 +144,95 @@ impl Keys {
     }
 }
 
-/// GETs an `http://` URL (the body, at most [`MAX_JWKS_BYTES`]).
-async fn fetch(url: &str) -> Result<String, String> {
+/// GETs an `http://` or `https://` URL (the body, at most [`MAX_JWKS_BYTES`]). `https`
+/// trusts the Mozilla roots built into the binary (the image has no CA bundle) and the
+/// certificates of `ca_file`, re-read on each fetch so SIGHUP or a refresh picks up a new one.
+async fn fetch(url: &str, ca_file: Option<&Path>) -> Result<String, String> {
     let uri: hyper::Uri = url.parse().map_err(|e| format!("bad URL: {e}"))?;
+    let https = match uri.scheme_str() {
+        Some("https") => true,
+        Some("http") => false,
+        _ => return Err("the URL must start with http:// or https://".into()),
+    };
     let host = uri.host().ok_or("the URL has no host")?.to_string();
-    let port = uri.port_u16().unwrap_or(80);
+    let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
     let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
     let work = async {
-        let stream = tokio::net::TcpStream::connect((host.as_str(), port))
+        let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
             .await
             .map_err(|e| format!("cannot connect to {host}:{port}: {e}"))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| format!("HTTP handshake: {e}"))?;
-        let driver = tokio::spawn(conn);
-        let req = hyper::Request::get(path)
-            .header(hyper::header::HOST, host.as_str())
-            .header(hyper::header::ACCEPT, "application/json")
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| format!("request: {e}"))?;
-        let res = sender
-            .send_request(req)
-            .await
-            .map_err(|e| format!("request failed: {e}"))?;
-        if !res.status().is_success() {
-            driver.abort();
-            return Err(format!("answered {}", res.status()));
+        if !https {
+            return get(tcp, &host, &path).await;
         }
-        let body = Limited::new(res.into_body(), MAX_JWKS_BYTES)
-            .collect()
+        // `[::1]` in a URL is the name `::1` to TLS.
+        let name = ServerName::try_from(host.trim_start_matches('[').trim_end_matches(']'))
+            .map_err(|e| format!("{host} is not a valid TLS server name: {e}"))?
+            .to_owned();
+        let tls = tls_connector(ca_file)?
+            .connect(name, tcp)
             .await
-            .map_err(|e| format!("reading the body: {e}"))?
-            .to_bytes();
-        driver.abort();
-        String::from_utf8(body.to_vec()).map_err(|_| "the body is not UTF-8".to_string())
+            .map_err(|e| format!("TLS with {host}:{port}: {e}"))?;
+        get(tls, &host, &path).await
     };
     tokio::time::timeout(FETCH_TIMEOUT, work)
         .await
         .map_err(|_| format!("no answer within {FETCH_TIMEOUT:?}"))?
+}
+
+/// One GET over an open connection.
+async fn get<S>(stream: S, host: &str, path: &str) -> Result<String, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("HTTP handshake: {e}"))?;
+    let driver = tokio::spawn(conn);
+    let req = hyper::Request::get(path)
+        .header(hyper::header::HOST, host)
+        .header(hyper::header::ACCEPT, "application/json")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| format!("request: {e}"))?;
+    let res = sender
+        .send_request(req)
+        .await
+        .map_err(|e| format!("request failed: {e}"));
+    let body = match res {
+        Ok(res) if res.status().is_success() => Limited::new(res.into_body(), MAX_JWKS_BYTES)
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .map_err(|e| format!("reading the body: {e}")),
+        Ok(res) => Err(format!("answered {}", res.status())),
+        Err(e) => Err(e),
+    };
+    driver.abort();
+    String::from_utf8(body?.to_vec()).map_err(|_| "the body is not UTF-8".to_string())
+}
+
+/// TLS client settings: the built-in Mozilla roots plus `ca_file`'s certificates.
+fn tls_connector(ca_file: Option<&Path>) -> Result<TlsConnector, String> {
+    let mut roots = RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = ca_file {
+        let shown = path.display();
+        let certs = CertificateDer::pem_file_iter(path)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| format!("auth.jwks_ca_file: cannot read {shown}: {e}"))?;
+        if certs.is_empty() {
+            return Err(format!("auth.jwks_ca_file: no certificate in {shown}"));
+        }
+        for cert in certs {
+            roots
+                .add(cert)
+                .map_err(|e| format!("auth.jwks_ca_file: a certificate in {shown}: {e}"))?;
+        }
+    }
+    let config = ClientConfig::builder_with_provider(Arc::new(
+        tokio_rustls::rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| format!("TLS settings: {e}"))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(TlsConnector::from(Arc::new(config)))
 }
