@@ -157,15 +157,16 @@ async fn fetch(url: &str, ca_file: Option<&Path>) -> Result<String, String> {
     let host = uri.host().ok_or("the URL has no host")?.to_string();
     let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
     let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+    // `[::1]` in a URL is the address (and TLS name) `::1`.
+    let bare_host = host.trim_start_matches('[').trim_end_matches(']');
     let work = async {
-        let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+        let tcp = tokio::net::TcpStream::connect((bare_host, port))
             .await
             .map_err(|e| format!("cannot connect to {host}:{port}: {e}"))?;
         if !https {
             return get(tcp, &host, &path).await;
         }
-        // `[::1]` in a URL is the name `::1` to TLS.
-        let name = ServerName::try_from(host.trim_start_matches('[').trim_end_matches(']'))
+        let name = ServerName::try_from(bare_host)
             .map_err(|e| format!("{host} is not a valid TLS server name: {e}"))?
             .to_owned();
         let tls = tls_connector(ca_file)?
