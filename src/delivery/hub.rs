@@ -68,6 +68,16 @@ impl ClientHandle {
         self.queue.send(msg).await.is_ok()
     }
 
+    /// Free places in the queue now.
+    fn room(&self) -> usize {
+        self.queue.capacity()
+    }
+
+    /// Waits until the queue has a free place; false once the connection is gone.
+    async fn wait_for_room(&self) -> bool {
+        self.queue.reserve().await.is_ok()
+    }
+
     /// Queues a message without waiting; on overflow asks the writer to close the socket.
     pub fn offer(&self, msg: Utf8Bytes, metrics: &Metrics) -> bool {
         // After an overflow nothing more is queued: the client resumes from its last id.
@@ -205,14 +215,33 @@ impl<T> ReplayBuffer<T> {
         }
     }
 
-    /// Ends the replay: the held events the replay did not already send, in the order
-    /// they arrived (the live order, which is id order except for late commits; see the
-    /// README's delivery semantics). `replayed` holds the ids the replay sent, sorted.
-    pub(crate) fn release(self, replayed: &[i64]) -> impl Iterator<Item = (i64, T)> {
+    /// Takes the oldest held events the replay did not already send, at most `room` of
+    /// them, in the order they arrived (the live order, which is id order except for late
+    /// commits; see the README's delivery semantics); held events the replay sent are
+    /// dropped on the way. `replayed` holds the ids the replay sent, sorted.
+    pub(crate) fn release_front(&mut self, room: usize, replayed: &[i64]) -> Vec<(i64, T)> {
         debug_assert!(replayed.is_sorted(), "replayed ids must be sorted");
+        let unsent = |id: &i64| replayed.binary_search(id).is_err();
+        let mut taken = 0;
+        let mut kept = 0;
+        for (id, _) in &self.held {
+            if unsent(id) {
+                if kept == room {
+                    break;
+                }
+                kept += 1;
+            }
+            taken += 1;
+        }
         self.held
-            .into_iter()
-            .filter(move |(id, _)| replayed.binary_search(id).is_err())
+            .drain(..taken)
+            .filter(|(id, _)| unsent(id))
+            .collect()
+    }
+
+    /// Nothing held any more.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.held.is_empty()
     }
 }
 
@@ -385,21 +414,39 @@ impl Hub {
     }
 
     /// Ends a replay: queues the held-back live events the replay did not already send.
-    pub fn finish_replay(&self, target: &auth::Channel, client: &ClientHandle, replayed: &[i64]) {
-        let mut channels = lock(&self.channels);
-        let Some(sub) = channels
-            .get_mut(target.tenant.as_str())
-            .and_then(|t| t.get_mut(&target.kind))
-            .and_then(|c| c.subscribers.get_mut(&client.id))
-        else {
-            return;
-        };
-        let Some(pending) = sub.pending.take() else {
-            return;
-        };
-        for (_, msg) in pending.release(replayed) {
-            if !client.offer(msg, &self.metrics) {
-                break;
+    /// The queue is usually full of the replay's last page then, so they go in as the
+    /// client makes room (meanwhile new live events are still held, behind them); only
+    /// an overflow of the hold buffer or a closed socket ends it early.
+    pub async fn finish_replay(
+        &self,
+        target: &auth::Channel,
+        client: &ClientHandle,
+        replayed: &[i64],
+    ) {
+        loop {
+            {
+                let mut channels = lock(&self.channels);
+                let Some(sub) = channels
+                    .get_mut(target.tenant.as_str())
+                    .and_then(|t| t.get_mut(&target.kind))
+                    .and_then(|c| c.subscribers.get_mut(&client.id))
+                else {
+                    return;
+                };
+                let Some(pending) = sub.pending.as_mut() else {
+                    return;
+                };
+                // Every other producer of this queue takes this lock too: the room stays.
+                for (_, msg) in pending.release_front(client.room(), replayed) {
+                    client.offer(msg, &self.metrics);
+                }
+                if pending.is_empty() {
+                    sub.pending = None;
+                    return;
+                }
+            }
+            if !client.wait_for_room().await {
+                return;
             }
         }
     }
@@ -648,8 +695,11 @@ mod tests {
         assert!(first.as_str().contains("\"id\":7"), "{}", first.as_str());
     }
 
-    fn released(buffer: ReplayBuffer<&'static str>, replayed: &[i64]) -> Vec<(i64, &'static str)> {
-        buffer.release(replayed).collect()
+    fn released(
+        mut buffer: ReplayBuffer<&'static str>,
+        replayed: &[i64],
+    ) -> Vec<(i64, &'static str)> {
+        buffer.release_front(usize::MAX, replayed)
     }
 
     #[test]
@@ -712,8 +762,45 @@ mod tests {
         assert_eq!(client.pending_close(), Some(CloseCode::SlowConsumer));
     }
 
-    #[test]
-    fn finishing_a_replay_queues_only_what_it_did_not_send() {
+    #[tokio::test]
+    async fn finishing_a_replay_waits_for_room_instead_of_closing_the_client() {
+        let hub = Hub::new(Arc::new(Metrics::new("test")), 16);
+        let (client, mut queue) = ClientHandle::new(1, 2);
+        let t1 = auth::Channel::tenant("t1");
+        hub.subscribe(&t1, &client, true);
+        assert!(queue.try_recv().is_ok(), "subscribed");
+        // The replay's last page fills the queue; five live events arrive meanwhile.
+        assert!(client.send(Utf8Bytes::from_static("replayed 1")).await);
+        assert!(client.send(Utf8Bytes::from_static("replayed 2")).await);
+        let live: Vec<_> = (3..=7).map(|id| event(id, "t1", Some("{}"))).collect();
+        hub.dispatch(&live, 0.0);
+        let read = async {
+            let mut got = Vec::new();
+            while got.len() < 7 {
+                got.push(queue.recv().await.expect("queue open").to_string());
+            }
+            got
+        };
+        // Bounded only so a regression fails instead of hanging (offered into the full
+        // queue, the live events would be dropped and the client closed).
+        let ((), got) = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            tokio::join!(hub.finish_replay(&t1, &client, &[1, 2]), read)
+        })
+        .await
+        .expect("every message arrives");
+        assert_eq!(
+            client.pending_close(),
+            None,
+            "not closed as a slow consumer"
+        );
+        assert_eq!(got[..2], ["replayed 1", "replayed 2"]);
+        for (i, msg) in got[2..].iter().enumerate() {
+            assert!(msg.contains(&format!("\"id\":{}", i + 3)), "{msg}");
+        }
+    }
+
+    #[tokio::test]
+    async fn finishing_a_replay_queues_only_what_it_did_not_send() {
         let hub = Hub::new(Arc::new(Metrics::new("test")), 16);
         let (client, mut queue) = ClientHandle::new(1, 16);
         hub.subscribe(&auth::Channel::tenant("t1"), &client, true);
@@ -723,7 +810,8 @@ mod tests {
             0.0,
         );
         assert!(queue.try_recv().is_err(), "held back during the replay");
-        hub.finish_replay(&auth::Channel::tenant("t1"), &client, &[6, 7]);
+        hub.finish_replay(&auth::Channel::tenant("t1"), &client, &[6, 7])
+            .await;
         let next = queue.try_recv().expect("event 8");
         assert!(next.as_str().contains("\"id\":8"), "{}", next.as_str());
         assert!(queue.try_recv().is_err(), "7 is not sent twice");

@@ -623,7 +623,10 @@ impl Connection {
         }
         let Some(since) = since else { return };
         let replayed = self.replay(&target, channel, since).await;
-        shared.hub.finish_replay(&target, &self.client, &replayed);
+        shared
+            .hub
+            .finish_replay(&target, &self.client, &replayed)
+            .await;
     }
 
     /// Sends the channel's events after `since`, page by page: a page is read only once
