@@ -22,7 +22,10 @@ CREATE SCHEMA IF NOT EXISTS citapulse;
 
 -- The version the daemon checks at start-up; bump on any incompatible change.
 CREATE OR REPLACE FUNCTION citapulse.version() RETURNS integer
-LANGUAGE sql IMMUTABLE AS $$ SELECT 8 $$;
+LANGUAGE sql IMMUTABLE AS $$ SELECT 9 $$;
+-- Version 9: bulk statements are linear in their rows (capture()), reminders are read in
+-- pages and fired in batches (due_reminders' limit, record_late_reminders,
+-- fire_reminders, which replaces fire_reminder).
 
 -- One row per changed row (or one calendar_refresh per tenant for a bulk statement).
 -- Since version 4 the triggers write citapulse.inbox and a daemon moves committed inbox
@@ -244,8 +247,7 @@ DECLARE
     threshold  pg_catalog.int4 := COALESCE(TG_ARGV[2], '100');
     total      pg_catalog.int8;
     logged     pg_catalog.int8;
-    news       pg_catalog.jsonb[];
-    olds       pg_catalog.jsonb[];
+    oversized  pg_catalog.int8;
 BEGIN
     -- The usual statement: every row is its own event, unless the statement is bigger
     -- than the threshold (the InitPlan count then lets nothing through). OFFSET 0 keeps
@@ -297,39 +299,55 @@ BEGIN
     IF total OPERATOR(pg_catalog.<=) threshold THEN
         RETURN NULL;
     END IF;
-    IF TG_OP OPERATOR(pg_catalog.<>) 'DELETE' THEN
-        SELECT pg_catalog.array_agg(pg_catalog.to_jsonb(t.*)) INTO news FROM citapulse_new t;
-    END IF;
-    IF TG_OP OPERATOR(pg_catalog.<>) 'INSERT' THEN
-        SELECT pg_catalog.array_agg(pg_catalog.to_jsonb(t.*)) INTO olds FROM citapulse_old t;
-    END IF;
-    WITH changed AS (
-        SELECT news[i] AS r, olds[i] AS o
-          FROM pg_catalog.generate_subscripts(COALESCE(news, olds), 1) AS i
-    ), kept AS MATERIALIZED (
-        SELECT c.r, c.o, c.tenant
-          FROM (SELECT r, o, CASE WHEN tenant_col OPERATOR(pg_catalog.=) '' THEN NULL
-                                  ELSE COALESCE(r, o) OPERATOR(pg_catalog.->>) tenant_col END AS tenant
-                  FROM changed) c
-         WHERE CASE WHEN tenant_col OPERATOR(pg_catalog.=) '' THEN true WHEN c.tenant IS NULL THEN false
-                    WHEN pg_catalog.octet_length(c.tenant) OPERATOR(pg_catalog.<=) 255 THEN true
-                    ELSE citapulse.count_oversized_tenant() END
-    ), per_tenant AS (
-        -- Rows whose tenant the daemon resolves are never folded: their tenant is unknown.
-        SELECT k.tenant, pg_catalog.count(*) AS n FROM kept k WHERE k.tenant IS NOT NULL GROUP BY k.tenant
-    ), written AS (
-        INSERT INTO citapulse.inbox (tenant, kind, event_type, tbl, op, row_data, old_data, payload)
-        SELECT k.tenant, fam, NULL, pg_catalog.format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME), TG_OP, k.r, k.o, NULL
-          FROM kept k LEFT JOIN per_tenant p ON p.tenant OPERATOR(pg_catalog.=) k.tenant
-         WHERE k.tenant IS NULL OR p.n OPERATOR(pg_catalog.<=) threshold
-        UNION ALL
-        SELECT p.tenant, fam, 'calendar_refresh', pg_catalog.format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME), TG_OP, NULL, NULL,
-               pg_catalog.jsonb_build_object('reason', 'bulk', 'rows', p.n, 'action', pg_catalog.lower(TG_OP))
-          FROM per_tenant p
-         WHERE p.n OPERATOR(pg_catalog.>) threshold
-        RETURNING 1
-    )
-    SELECT pg_catalog.count(*) INTO logged FROM written;
+    -- A bulk statement, linear in its rows: one pass counts each tenant's rows from its
+    -- column alone (no row copies), a second turns into JSON only the rows of tenants at
+    -- most at the threshold (hash joins, no array subscripts: reading element i of a
+    -- jsonb[] walks the array from its start, which made 100 000 rows take minutes).
+    -- An UPDATE's i-th new row pairs with its i-th old row, numbered in the same pass.
+    -- Dynamic only to name the tenant column; still every name is schema-qualified (the
+    -- caller's search_path applies to EXECUTE too). The transition tables are the
+    -- trigger's own (ephemeral relations come before any schema).
+    EXECUTE pg_catalog.format($q$
+        WITH src AS (
+            SELECT pg_catalog.row_number() OVER () AS i, %1$s AS tenant, x AS rec FROM %2$s x
+        ), counts AS MATERIALIZED (
+            SELECT s.tenant, pg_catalog.count(*) AS n FROM src s WHERE s.tenant IS NOT NULL GROUP BY s.tenant
+        ), kept AS (
+            SELECT k.i, k.tenant, k.rec FROM src k
+              JOIN counts c ON c.tenant OPERATOR(pg_catalog.=) k.tenant
+             WHERE c.n OPERATOR(pg_catalog.<=) $1 AND pg_catalog.octet_length(c.tenant) OPERATOR(pg_catalog.<=) 255
+            UNION ALL
+            -- Rows whose tenant the daemon resolves are never folded: their tenant is unknown.
+            SELECT k.i, k.tenant, k.rec FROM src k WHERE %3$s
+        ), changed AS (
+            %4$s
+        ), written AS (
+            INSERT INTO citapulse.inbox (tenant, kind, event_type, tbl, op, row_data, old_data, payload)
+            SELECT c.tenant, $2, NULL, $3, $4, c.r, c.o, NULL FROM changed c
+            UNION ALL
+            SELECT c.tenant, $2, 'calendar_refresh', $3, $4, NULL, NULL,
+                   pg_catalog.jsonb_build_object('reason', 'bulk', 'rows', c.n, 'action', pg_catalog.lower($4))
+              FROM counts c
+             WHERE c.n OPERATOR(pg_catalog.>) $1 AND pg_catalog.octet_length(c.tenant) OPERATOR(pg_catalog.<=) 255
+            RETURNING 1
+        )
+        SELECT (SELECT pg_catalog.count(*) FROM written),
+               (SELECT pg_catalog.count(citapulse.count_oversized_tenant())
+                  FROM counts c CROSS JOIN LATERAL pg_catalog.generate_series(1::pg_catalog.int8, c.n) g
+                 WHERE pg_catalog.octet_length(c.tenant) OPERATOR(pg_catalog.>) 255)
+        $q$,
+        CASE WHEN tenant_col OPERATOR(pg_catalog.=) '' THEN 'NULL::pg_catalog.text'
+             ELSE pg_catalog.format('pg_catalog.to_jsonb(x.%I) OPERATOR(pg_catalog.#>>) ''{}''::pg_catalog.text[]', tenant_col) END,
+        CASE WHEN TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN 'citapulse_old' ELSE 'citapulse_new' END,
+        CASE WHEN tenant_col OPERATOR(pg_catalog.=) '' THEN 'true' ELSE 'false' END,
+        CASE TG_OP
+            WHEN 'INSERT' THEN 'SELECT k.tenant, pg_catalog.to_jsonb(k.rec) AS r, NULL::pg_catalog.jsonb AS o FROM kept k ORDER BY k.i'
+            WHEN 'DELETE' THEN 'SELECT k.tenant, NULL::pg_catalog.jsonb AS r, pg_catalog.to_jsonb(k.rec) AS o FROM kept k ORDER BY k.i'
+            ELSE 'SELECT k.tenant, pg_catalog.to_jsonb(k.rec) AS r, pg_catalog.to_jsonb(d.rec) AS o FROM kept k '
+                 'JOIN (SELECT pg_catalog.row_number() OVER () AS i, x AS rec FROM citapulse_old x) d '
+                 'ON d.i OPERATOR(pg_catalog.=) k.i ORDER BY k.i' END)
+    INTO logged, oversized
+    USING threshold, fam, pg_catalog.format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME), TG_OP;
     IF logged OPERATOR(pg_catalog.>) 0 AND citapulse.notifying() THEN
         PERFORM pg_catalog.pg_notify('citapulse', '');
     END IF;
@@ -1014,11 +1032,14 @@ LANGUAGE sql STABLE AS $$
 $$;
 
 -- The reminders of one watched appointment table that fall due from `since` until
--- `until` (those due before now() - catch_up are `late`), not sent yet. One query on the
+-- `until` (those due before now() - catch_up are `late`), not sent yet, earliest first,
+-- at most `lim` (version 9: a busy day is read in pages, never whole). One query on the
 -- table, bounded by fecha (the window's UTC dates ± 1 day cover every zone, -12 to +14
 -- hours: an index on fecha keeps the scan to those days' appointments).
+DROP FUNCTION IF EXISTS citapulse.due_reminders(regclass, integer[], text[], text, timestamptz, timestamptz, double precision);
 CREATE OR REPLACE FUNCTION citapulse.due_reminders(tbl regclass, minutes integer[], states text[], default_zone text,
-                                                   since timestamptz, until timestamptz, catch_up_secs double precision)
+                                                   since timestamptz, until timestamptz, catch_up_secs double precision,
+                                                   lim integer DEFAULT NULL)
 RETURNS TABLE (tenant text, row_id text, minutes_before integer, starts_at timestamptz, due_at timestamptz,
                zone text, late boolean)
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -1042,10 +1063,31 @@ BEGIN
         '   AND t.hora_inicio IS NOT NULL AND t.estado::text = ANY ($2) '
         '   AND s.start - make_interval(mins => m.m) > $4 AND s.start - make_interval(mins => m.m) <= $5 '
         '   AND NOT EXISTS (SELECT 1 FROM citapulse.reminders_sent r WHERE r.tbl = $6 AND r.row_id = t.id::text '
-        '                    AND r.minutes_before = m.m AND r.starts_at = s.start)',
+        '                    AND r.minutes_before = m.m AND r.starts_at = s.start) '
+        -- Earliest first; reminders due at the same instant alternate between tenants, so
+        -- a page boundary never puts one tenant's thousands before another's one.
+        ' ORDER BY 5, row_number() OVER (PARTITION BY t.%1$I, s.start - make_interval(mins => m.m) ORDER BY t.id), 1 '
+        ' LIMIT $8',
         w.tenant_column, tbl)
-    USING minutes, states, default_zone, since, until, tbl::text, catch_up_secs;
+    USING minutes, states, default_zone, since, until, tbl::text, catch_up_secs, lim;
 END
+$$;
+
+-- Records as late, without sending them, up to `lim` reminders that fell due from
+-- `since` until catch_up before now and were never sent (no daemon ran then); answers
+-- how many. In the database, in pages: a start over a busy day holds none in memory.
+CREATE OR REPLACE FUNCTION citapulse.record_late_reminders(tbl regclass, minutes integer[], states text[], default_zone text,
+                                                           since timestamptz, catch_up_secs double precision, lim integer)
+RETURNS bigint LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    WITH late AS (
+        INSERT INTO citapulse.reminders_sent AS s (tbl, row_id, minutes_before, starts_at, late)
+        SELECT record_late_reminders.tbl::text, d.row_id, d.minutes_before, d.starts_at, true
+          FROM citapulse.due_reminders(record_late_reminders.tbl, minutes, states, default_zone, since,
+                                       now() - make_interval(secs => catch_up_secs), catch_up_secs, lim) d
+        ON CONFLICT ON CONSTRAINT reminders_sent_pkey DO NOTHING
+        RETURNING 1
+    )
+    SELECT count(*) FROM late
 $$;
 
 -- Tenants with appointments in the days around now whose zone is unknown or older than
@@ -1086,50 +1128,66 @@ LANGUAGE sql STABLE AS $$
       FROM (SELECT (t AT TIME ZONE zone) - (t AT TIME ZONE 'UTC') AS o) x
 $$;
 
--- Fires one reminder found by due_reminders(): re-reads the row (still there, in a
--- reminder state, starting when it did), records it in reminders_sent and, unless it is
--- `late`, writes a cita_reminder event to the inbox (routed like the row). Answers
--- 'sent', 'late' (recorded, not sent: too overdue) or 'stale' (the row changed, or
--- another call already recorded it).
-CREATE OR REPLACE FUNCTION citapulse.fire_reminder(tbl regclass, row_id text, minutes_before integer,
-                                                   starts_at timestamptz, zone text, states text[], late boolean)
-RETURNS text LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+-- Fires a batch of reminders found by due_reminders(), in one statement (version 9; a
+-- round trip each held 20 000 due together for seconds): re-reads each row (still
+-- there, in a reminder state, starting when it did), records it in reminders_sent and,
+-- unless it is `late`, writes a cita_reminder event to the inbox (routed like the row),
+-- in the batch's order. Answers how many were sent, recorded late (too overdue: not
+-- sent), and stale (the row changed, or another call already recorded it).
+DROP FUNCTION IF EXISTS citapulse.fire_reminder(regclass, text, integer, timestamptz, text, text[], boolean);
+CREATE OR REPLACE FUNCTION citapulse.fire_reminders(tbl regclass, row_ids text[], minutes integer[], starts timestamptz[],
+                                                    zones text[], states text[], late boolean[],
+                                                    OUT sent bigint, OUT recorded_late bigint, OUT stale bigint)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    w       citapulse.watches;
-    r       jsonb;
-    ok      boolean;
-    idtype  text;
+    w          citapulse.watches;
+    idtype     text;
+    qualified  text;
 BEGIN
-    SELECT * INTO w FROM citapulse.watches x WHERE x.tbl = fire_reminder.tbl AND x.kind = 'appointment';
-    IF NOT FOUND THEN
-        RETURN 'stale';
+    sent := 0;
+    recorded_late := 0;
+    stale := coalesce(cardinality(row_ids), 0);
+    SELECT * INTO w FROM citapulse.watches x WHERE x.tbl = fire_reminders.tbl AND x.kind = 'appointment';
+    IF NOT FOUND OR stale = 0 THEN
+        RETURN;
     END IF;
     -- Compared in the id column's own type, so its index finds the row.
     SELECT format_type(a.atttypid, a.atttypmod) INTO idtype
       FROM pg_attribute a WHERE a.attrelid = tbl AND a.attname = 'id' AND NOT a.attisdropped;
-    EXECUTE format('SELECT to_jsonb(t.*) FROM %s t WHERE t.id = $1::%s', tbl, idtype) INTO r USING row_id;
-    IF r IS NULL OR NOT (r ->> 'estado' = ANY (states))
-       OR ((r ->> 'fecha')::date + (r ->> 'hora_inicio')::time) AT TIME ZONE zone IS DISTINCT FROM starts_at THEN
-        RETURN 'stale';
-    END IF;
-    INSERT INTO citapulse.reminders_sent AS s (tbl, row_id, minutes_before, starts_at, late)
-    VALUES (tbl::text, row_id, minutes_before, starts_at, late)
-    ON CONFLICT ON CONSTRAINT reminders_sent_pkey DO NOTHING
-    RETURNING true INTO ok;
-    IF ok IS NULL THEN
-        RETURN 'stale';
-    ELSIF late THEN
-        RETURN 'late';
-    END IF;
-    INSERT INTO citapulse.inbox (tenant, kind, event_type, tbl, op, row_data, payload)
-    SELECT r ->> w.tenant_column, 'appointment', 'cita_reminder', format('%I.%I', n.nspname, c.relname), 'REMINDER', r,
-           jsonb_build_object('minutes_before', minutes_before, 'starts_at', citapulse.rfc3339(starts_at, zone), 'row', r)
-      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-     WHERE c.oid = tbl;
-    IF citapulse.notifying() THEN
+    SELECT format('%I.%I', n.nspname, c.relname) INTO qualified
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = tbl;
+    EXECUTE format($q$
+        WITH current AS MATERIALIZED (
+            SELECT u.i, u.row_id, u.m, u.start, u.zone, u.late, to_jsonb(t.*) AS r
+              FROM unnest($1::text[], $2::integer[], $3::timestamptz[], $4::text[], $5::boolean[])
+                   WITH ORDINALITY AS u(row_id, m, start, zone, late, i)
+              JOIN %1$s t ON t.id = u.row_id::%2$s
+             WHERE t.estado::text = ANY ($6)
+               AND (t.fecha + t.hora_inicio) AT TIME ZONE u.zone = u.start
+        ), recorded AS (
+            INSERT INTO citapulse.reminders_sent AS s (tbl, row_id, minutes_before, starts_at, late)
+            SELECT $7, c.row_id, c.m, c.start, c.late FROM current c ORDER BY c.i
+            ON CONFLICT ON CONSTRAINT reminders_sent_pkey DO NOTHING
+            RETURNING s.row_id, s.minutes_before, s.starts_at, s.late
+        ), written AS (
+            INSERT INTO citapulse.inbox (tenant, kind, event_type, tbl, op, row_data, payload)
+            SELECT c.r ->> $8, 'appointment', 'cita_reminder', $9, 'REMINDER', c.r,
+                   jsonb_build_object('minutes_before', c.m, 'starts_at', citapulse.rfc3339(c.start, c.zone), 'row', c.r)
+              FROM current c
+              JOIN recorded d ON d.row_id = c.row_id AND d.minutes_before = c.m AND d.starts_at = c.start
+             WHERE NOT c.late
+             ORDER BY c.i
+            RETURNING 1
+        )
+        SELECT (SELECT count(*) FROM written), (SELECT count(*) FROM recorded d WHERE d.late),
+               (SELECT count(*) FROM recorded)
+    $q$, qualified, idtype)
+    INTO sent, recorded_late, stale
+    USING row_ids, minutes, starts, zones, late, states, tbl::text, w.tenant_column, qualified;
+    stale := cardinality(row_ids) - stale;
+    IF sent > 0 AND citapulse.notifying() THEN
         PERFORM pg_notify('citapulse', '');
     END IF;
-    RETURN 'sent';
 END
 $$;
 

@@ -24,6 +24,22 @@ pub enum OnDeath {
     FailHealth(Arc<Health>, Arc<Metrics>),
 }
 
+/// How a task ended on its own. A task returning `()` ended early (a death); one whose
+/// feature is configured off says [`Exit::Off`] and is left ended, quietly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Returned before shutdown: restarted (or fails health) like a panic.
+    Returned,
+    /// Its feature is off: nothing to run, nothing to restart.
+    Off,
+}
+
+impl From<()> for Exit {
+    fn from((): ()) -> Self {
+        Self::Returned
+    }
+}
+
 /// Runs `start()` as a task until shutdown, applying `on_death` when it dies.
 pub async fn supervise<F, Fut>(
     name: &'static str,
@@ -32,15 +48,20 @@ pub async fn supervise<F, Fut>(
     mut start: F,
 ) where
     F: FnMut() -> Fut,
-    Fut: Future<Output = ()> + Send + 'static,
+    Fut: Future + Send + 'static,
+    Fut::Output: Into<Exit> + Send,
 {
     loop {
-        let ended = tokio::spawn(start()).await;
+        let ended = tokio::spawn(start()).await.map(Into::into);
         if *stop.borrow() {
             return;
         }
         let why = match ended {
-            Ok(()) => "returned before shutdown".to_string(),
+            Ok(Exit::Off) => {
+                tracing::debug!(task = name, "off in the configuration: not running");
+                return;
+            }
+            Ok(Exit::Returned) => "returned before shutdown".to_string(),
             Err(err) if err.is_panic() => "panicked".to_string(),
             Err(err) => format!("was cancelled: {err}"),
         };
@@ -65,6 +86,45 @@ pub async fn supervise<F, Fut>(
                 );
                 return;
             }
+        }
+    }
+}
+
+/// How often the stall watchdog's timer is due.
+pub const STALL_TICK: Duration = Duration::from_millis(100);
+/// A timer later than this is logged as a stall.
+pub const STALL_WARN: Duration = Duration::from_millis(250);
+/// The stall gauge shows the worst delay of this window.
+const STALL_WINDOW: Duration = Duration::from_secs(5);
+
+/// Measures the runtime's own scheduling delay: a timer due every [`STALL_TICK`] that
+/// fires late means some task held a worker without an await point (or the machine is
+/// starved). Exported as `citapulse_runtime_stall_seconds` (worst of the window) and on
+/// `/health`; a delay past [`STALL_WARN`] is logged and counted.
+pub async fn watch_stalls(metrics: Arc<Metrics>, mut stop: watch::Receiver<bool>) {
+    let mut window_start = tokio::time::Instant::now();
+    let mut worst = Duration::ZERO;
+    loop {
+        let due = tokio::time::Instant::now() + STALL_TICK;
+        tokio::select! {
+            _ = tokio::time::sleep_until(due) => {}
+            _ = stop.changed() => return,
+        }
+        let late = tokio::time::Instant::now().saturating_duration_since(due);
+        if late > STALL_WARN {
+            metrics.runtime_stalls.inc();
+            tracing::warn!(
+                late_ms = late.as_millis() as u64,
+                "the runtime was stalled: a 100 ms timer fired late"
+            );
+        }
+        worst = worst.max(late);
+        if window_start.elapsed() >= STALL_WINDOW {
+            metrics.runtime_stall_seconds.set(worst.as_secs_f64());
+            window_start = tokio::time::Instant::now();
+            worst = late;
+        } else if worst.as_secs_f64() > metrics.runtime_stall_seconds.get() {
+            metrics.runtime_stall_seconds.set(worst.as_secs_f64());
         }
     }
 }
@@ -99,6 +159,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_task_whose_feature_is_off_runs_once_and_is_not_restarted() {
+        let (_stop_tx, stop) = watch::channel(false);
+        let starts = Arc::new(AtomicUsize::new(0));
+        let counted = starts.clone();
+        // Returns while shutdown was never asked for: with a restart policy, only the
+        // task's own "off" keeps supervision from looping.
+        supervise("off", OnDeath::Restart(Duration::ZERO), stop, move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async { Exit::Off }
+        })
+        .await;
+        assert_eq!(starts.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_worker_held_without_an_await_point_shows_as_a_stall() {
+        let metrics = Arc::new(Metrics::new("test"));
+        let (stop_tx, stop) = watch::channel(false);
+        let watchdog = tokio::spawn(watch_stalls(metrics.clone(), stop));
+        tokio::time::sleep(STALL_TICK * 2).await;
+        // Holds the only worker for 400 ms, as a loop without an await point would.
+        std::thread::sleep(Duration::from_millis(400));
+        tokio::time::sleep(STALL_TICK * 2).await;
+        let _ = stop_tx.send(true);
+        watchdog.await.unwrap();
+        assert_eq!(metrics.runtime_stalls.get(), 1);
+        assert!(metrics.runtime_stall_seconds.get() >= 0.25);
+    }
+
+    #[tokio::test]
     async fn a_dead_listener_takes_health_down() {
         let (_stop_tx, stop) = watch::channel(false);
         let health = Arc::new(Health::default());
@@ -108,7 +198,10 @@ mod tests {
             "listener",
             OnDeath::FailHealth(health.clone(), metrics),
             stop,
-            || async { panic!("dies") },
+            || async {
+                let dies = true;
+                assert!(!dies, "dies");
+            },
         )
         .await;
         let reason = health.status().expect_err("down");

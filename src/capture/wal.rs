@@ -11,7 +11,7 @@
 //! from here. After a switch back to trigger mode the leader drops the drained slot.
 //! The readers (`listener`) then deliver the rows like any other log rows.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -173,6 +173,8 @@ struct Txn {
     /// Rows per (relation, op, tenant); above the bulk threshold their rows are dropped
     /// and one calendar_refresh goes out at commit.
     counts: HashMap<(u32, &'static str, String), usize>,
+    /// Buffered rows at which `spill_due` looks again.
+    check_at: usize,
 }
 
 /// Where this stream stands.
@@ -291,6 +293,7 @@ async fn stream(
                     skip: final_lsn.as_u64() < pos.lsn,
                     rows: Vec::new(),
                     counts: HashMap::new(),
+                    check_at: SPILL_ROWS,
                 });
             }
             ReplicationEvent::XLogData { data, .. } => {
@@ -311,7 +314,7 @@ async fn stream(
                     continue;
                 }
                 collect(&relations, t, message, threshold);
-                if t.rows.len() >= SPILL_ROWS {
+                if spill_due(t, threshold) {
                     batch.rows.append(&mut t.rows);
                     spill(client, &relations, &mut batch).await?;
                 }
@@ -513,11 +516,9 @@ fn collect(relations: &HashMap<u32, Relation>, t: &mut Txn, message: Message, th
         let key = (rel, op, tenant.clone());
         let n = t.counts.entry(key).or_default();
         *n += 1;
+        // Its earlier rows are dropped in one pass later (`drop_folded`): dropping them
+        // here would walk the buffer once per folded tenant.
         if *n > threshold {
-            if *n == threshold + 1 {
-                t.rows
-                    .retain(|r| !(r.rel == rel && r.op == op && r.tenant.as_ref() == Some(tenant)));
-            }
             return;
         }
     }
@@ -536,8 +537,45 @@ fn collect(relations: &HashMap<u32, Relation>, t: &mut Txn, message: Message, th
     });
 }
 
+/// Drops the buffered rows of every (relation, op, tenant) above the threshold: one pass.
+fn drop_folded(t: &mut Txn, threshold: usize) {
+    let Txn { rows, counts, .. } = t;
+    let folded: HashSet<(u32, &str, &str)> = counts
+        .iter()
+        .filter(|(_, n)| **n > threshold)
+        .map(|((rel, op, tenant), _)| (*rel, *op, tenant.as_str()))
+        .collect();
+    if folded.is_empty() {
+        return;
+    }
+    rows.retain(|r| {
+        r.event_type.is_some()
+            || r.tenant
+                .as_deref()
+                .is_none_or(|tenant| !folded.contains(&(r.rel, r.op, tenant)))
+    });
+}
+
+/// Whether the buffered rows of a transaction go to the database now: when, with folded
+/// tenants' rows dropped, [`SPILL_ROWS`] remain. A pass that keeps them buffered waits for
+/// another half of that before the next, so passes cost a few steps per row (linear) and
+/// the buffer stays under one and a half times [`SPILL_ROWS`].
+fn spill_due(t: &mut Txn, threshold: usize) -> bool {
+    if t.rows.len() < t.check_at {
+        return false;
+    }
+    drop_folded(t, threshold);
+    if t.rows.len() >= SPILL_ROWS {
+        t.check_at = SPILL_ROWS;
+        return true;
+    }
+    t.check_at = t.rows.len() + SPILL_ROWS / 2;
+    false
+}
+
 /// Appends one calendar_refresh per (relation, op, tenant) above the threshold.
 fn finish(t: &mut Txn, threshold: usize) {
+    drop_folded(t, threshold);
     let mut bulk: Vec<_> = t.counts.drain().filter(|(_, n)| *n > threshold).collect();
     bulk.sort();
     for ((rel, op, tenant), n) in bulk {
@@ -827,6 +865,7 @@ mod tests {
             skip: false,
             rows: Vec::new(),
             counts: HashMap::new(),
+            check_at: SPILL_ROWS,
         }
     }
 
@@ -865,6 +904,32 @@ mod tests {
             ]
         );
         assert_eq!(t.rows[1].payload.as_ref().unwrap()["rows"], 5);
+    }
+
+    #[test]
+    fn many_folded_tenants_are_dropped_in_passes_over_the_buffer_not_one_per_tenant() {
+        let rels = rel(Some(1));
+        let mut t = txn();
+        let mut spills = 0;
+        // 30 000 tenants of 3 rows (folded at 2) and one tenant of 2 rows.
+        for i in 0..30_000 {
+            for _ in 0..3 {
+                collect(&rels, &mut t, insert(&i.to_string(), &format!("t{i}")), 2);
+                if spill_due(&mut t, 2) {
+                    spills += 1;
+                    t.rows.clear();
+                }
+            }
+        }
+        collect(&rels, &mut t, insert("a", "small"), 2);
+        collect(&rels, &mut t, insert("b", "small"), 2);
+        finish(&mut t, 2);
+        // Every buffered row belonged to a folded tenant: nothing was written early.
+        assert_eq!(spills, 0);
+        let rows: Vec<_> = t.rows.iter().filter(|r| r.event_type.is_none()).collect();
+        assert_eq!(rows.len(), 2);
+        assert!(rows.iter().all(|r| r.tenant.as_deref() == Some("small")));
+        assert_eq!(t.rows.len(), 30_002);
     }
 
     #[test]

@@ -25,6 +25,7 @@ use crate::db::{self, DbError};
 use crate::delivery::hub::Hub;
 use crate::metrics::Metrics;
 use crate::sync::lock;
+use crate::tasks::Exit;
 
 /// How often changes are written and read.
 pub const TICK: Duration = Duration::from_millis(200);
@@ -334,9 +335,9 @@ pub async fn run(
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
-) {
+) -> Exit {
     if !presence.enabled {
-        return;
+        return Exit::Off;
     }
     let heartbeat_every = presence.ttl / 3;
     loop {
@@ -379,7 +380,7 @@ pub async fn run(
                                 tracing::warn!(error = %err, "presence: final heartbeat failed");
                             }
                             driver.abort();
-                            return;
+                            return Exit::Returned;
                         }
                     }
                 }
@@ -389,7 +390,7 @@ pub async fn run(
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = shutdown.changed() => return,
+            _ = shutdown.changed() => return Exit::Returned,
         }
     }
 }

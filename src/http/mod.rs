@@ -367,6 +367,14 @@ fn spawn_background(shared: &Shared, stop_rx: &watch::Receiver<bool>) -> TaskTra
         stop_rx.clone(),
         move || crate::capture::reminders::run(capture.clone(), stop.clone()),
     ));
+    let metrics = shared.metrics.clone();
+    let stop = stop_rx.clone();
+    background.spawn(supervise(
+        "stall watchdog",
+        restart(),
+        stop_rx.clone(),
+        move || crate::tasks::watch_stalls(metrics.clone(), stop.clone()),
+    ));
     let keys = shared.keys.clone();
     let stop = stop_rx.clone();
     background.spawn(supervise("keys", restart(), stop_rx.clone(), move || {
@@ -539,6 +547,7 @@ fn health(shared: &Shared) -> Response<Body> {
                 "instance": shared.config.instance,
                 "connections": connections,
                 "last_event_id": shared.reader_position.load(std::sync::atomic::Ordering::Relaxed),
+                "runtime_stall_ms": stall_ms(shared),
             }),
         ),
         Err(reason) => json_response(
@@ -550,9 +559,15 @@ fn health(shared: &Shared) -> Response<Body> {
                 "reason": reason,
                 "instance": shared.config.instance,
                 "connections": connections,
+                "runtime_stall_ms": stall_ms(shared),
             }),
         ),
     }
+}
+
+/// The watchdog's worst scheduling delay of its window, in whole milliseconds.
+fn stall_ms(shared: &Shared) -> u64 {
+    (shared.metrics.runtime_stall_seconds.get() * 1000.0).round() as u64
 }
 
 /// Where a token may travel: `?token=`, `Authorization: Bearer`, or the subprotocol
