@@ -6,7 +6,8 @@
 //!   `/proc` readers (CPU seconds, RSS) and `RLIMIT_NOFILE`.
 //! - [`client`]: cheap WebSocket clients spread over 127.0.0.x source addresses.
 //! - [`writer`]: paced writers that timestamp COMMIT sent and acknowledged.
-//! - [`latency`], [`fanout`], [`trigger`], [`stats`], [`people`], [`time`]: one module per scenario.
+//! - [`latency`], [`fanout`], [`trigger`], [`stats`], [`people`], [`time`], [`scale`]: one
+//!   module per scenario.
 //! - [`report`]: percentiles, medians over rounds, Markdown tables.
 //!
 //! Every load targets 127.0.0.0/8, is bounded in count and time, and stops by itself;
@@ -19,6 +20,7 @@ mod fanout;
 mod latency;
 mod people;
 mod report;
+mod scale;
 mod stats;
 mod time;
 mod trigger;
@@ -113,6 +115,8 @@ enum Scenario {
     People,
     /// Issue 21: reminder cost at idle and lateness, enrichment on a cache hit.
     Time,
+    /// Issue 30: bulk statements, a start over a busy day, 20 000 reminders due together.
+    Scale,
 }
 
 /// No scenario runs longer than this (a full one takes a few minutes).
@@ -120,7 +124,7 @@ const SCENARIO_LIMIT: Duration = Duration::from_secs(20 * 60);
 /// Nor, in quick mode, longer than this.
 const QUICK_SCENARIO_LIMIT: Duration = Duration::from_secs(60);
 
-const ORDER: [Scenario; 7] = [
+const ORDER: [Scenario; 8] = [
     Scenario::Latency,
     Scenario::Modes,
     Scenario::Fanout,
@@ -128,6 +132,7 @@ const ORDER: [Scenario; 7] = [
     Scenario::Stats,
     Scenario::People,
     Scenario::Time,
+    Scenario::Scale,
 ];
 
 /// What every scenario needs.
@@ -315,6 +320,7 @@ async fn run(args: Args) -> Result<()> {
                 Scenario::Stats => stats::scenario(&bench).await,
                 Scenario::People => people::scenario(&bench).await,
                 Scenario::Time => time::scenario(&bench).await,
+                Scenario::Scale => scale::scenario(&bench).await,
                 Scenario::All => Err(failed("`all` is expanded before this point")),
             }
         };
