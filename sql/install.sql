@@ -340,9 +340,9 @@ BEGIN
              ELSE pg_catalog.format('pg_catalog.to_jsonb(x.%I) OPERATOR(pg_catalog.#>>) ''{}''::pg_catalog.text[]', tenant_col) END,
         CASE WHEN TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN 'citapulse_old' ELSE 'citapulse_new' END,
         CASE WHEN tenant_col OPERATOR(pg_catalog.=) '' THEN 'true' ELSE 'false' END,
-        CASE TG_OP
-            WHEN 'INSERT' THEN 'SELECT k.tenant, pg_catalog.to_jsonb(k.rec) AS r, NULL::pg_catalog.jsonb AS o FROM kept k ORDER BY k.i'
-            WHEN 'DELETE' THEN 'SELECT k.tenant, NULL::pg_catalog.jsonb AS r, pg_catalog.to_jsonb(k.rec) AS o FROM kept k ORDER BY k.i'
+        CASE
+            WHEN TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN 'SELECT k.tenant, pg_catalog.to_jsonb(k.rec) AS r, NULL::pg_catalog.jsonb AS o FROM kept k ORDER BY k.i'
+            WHEN TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN 'SELECT k.tenant, NULL::pg_catalog.jsonb AS r, pg_catalog.to_jsonb(k.rec) AS o FROM kept k ORDER BY k.i'
             ELSE 'SELECT k.tenant, pg_catalog.to_jsonb(k.rec) AS r, pg_catalog.to_jsonb(d.rec) AS o FROM kept k '
                  'JOIN (SELECT pg_catalog.row_number() OVER () AS i, x AS rec FROM citapulse_old x) d '
                  'ON d.i OPERATOR(pg_catalog.=) k.i ORDER BY k.i' END)

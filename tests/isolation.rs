@@ -762,6 +762,11 @@ async fn a_hostile_search_path_cannot_hijack_the_capture_trigger() {
             "oversized tenant",
             format!("INSERT INTO public.citas (negocio_id, cliente_id) VALUES ('{long}', 'x')"),
         ),
+        (
+            "bulk update",
+            "UPDATE public.citas SET estado = 'confirmada' WHERE id > 0".to_string(),
+        ),
+        ("bulk delete", "DELETE FROM public.citas WHERE id > 0".to_string()),
     ] {
         app.batch_execute(&sql)
             .await
@@ -780,8 +785,17 @@ async fn a_hostile_search_path_cannot_hijack_the_capture_trigger() {
         .map(|r| (r.get(0), r.get(1)))
         .collect();
     let ops: Vec<&str> = logged.iter().map(|(op, _)| op.as_str()).collect();
-    assert_eq!(ops, ["INSERT", "INSERT", "UPDATE", "DELETE", "INSERT"]);
-    assert_eq!(logged[4].1.as_deref(), Some("calendar_refresh"));
+    assert_eq!(
+        ops,
+        [
+            "INSERT", "INSERT", "UPDATE", "DELETE", "INSERT", "UPDATE", "DELETE"
+        ]
+    );
+    assert!(
+        logged[4..]
+            .iter()
+            .all(|(_, t)| t.as_deref() == Some("calendar_refresh"))
+    );
     db.client
         .batch_execute(&format!(
             "DROP SCHEMA evil CASCADE; DROP OWNED BY {role}; DROP ROLE IF EXISTS {role}"
