@@ -56,16 +56,40 @@ async fn statements(
     Ok([insert, update, delete])
 }
 
+/// An unwatched copy of `citas`, and a floor: a copy whose bare statement triggers write
+/// every row's JSON (and an UPDATE's old row, paired by position) to a plain table, with
+/// none of citapulse's checks, folding or wake-up.
+const FLOOR_SQL: &str = "
+    TRUNCATE citas;
+    DROP TABLE IF EXISTS citas_plain, citas_floor, floor_log;
+    CREATE TABLE citas_plain (LIKE citas INCLUDING ALL);
+    CREATE TABLE citas_floor (LIKE citas INCLUDING ALL);
+    CREATE TABLE floor_log (id bigserial PRIMARY KEY, r jsonb, o jsonb);
+    CREATE OR REPLACE FUNCTION floor_ins() RETURNS trigger LANGUAGE plpgsql AS
+      $$ BEGIN INSERT INTO floor_log (r) SELECT to_jsonb(n) FROM new_rows n; RETURN NULL; END $$;
+    CREATE OR REPLACE FUNCTION floor_del() RETURNS trigger LANGUAGE plpgsql AS
+      $$ BEGIN INSERT INTO floor_log (o) SELECT to_jsonb(o) FROM old_rows o; RETURN NULL; END $$;
+    CREATE OR REPLACE FUNCTION floor_upd() RETURNS trigger LANGUAGE plpgsql AS
+      $$ BEGIN INSERT INTO floor_log (r, o)
+           SELECT to_jsonb(n.x), to_jsonb(o.x)
+             FROM (SELECT x, row_number() OVER () AS i FROM new_rows x) n
+             JOIN (SELECT x, row_number() OVER () AS i FROM old_rows x) o ON o.i = n.i;
+         RETURN NULL; END $$;
+    CREATE TRIGGER floor_ins AFTER INSERT ON citas_floor REFERENCING NEW TABLE AS new_rows
+      FOR EACH STATEMENT EXECUTE FUNCTION floor_ins();
+    CREATE TRIGGER floor_del AFTER DELETE ON citas_floor REFERENCING OLD TABLE AS old_rows
+      FOR EACH STATEMENT EXECUTE FUNCTION floor_del();
+    CREATE TRIGGER floor_upd AFTER UPDATE ON citas_floor REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+      FOR EACH STATEMENT EXECUTE FUNCTION floor_upd();
+    SET statement_timeout = '10min';
+";
+
 /// Bulk statements, watched vs unwatched.
 async fn bulk(bench: &Bench, section: &mut Section) -> Result<Value> {
     let db = bench.db.connect().await?;
-    db.batch_execute(
-        "TRUNCATE citas; DROP TABLE IF EXISTS citas_plain; \
-         CREATE TABLE citas_plain (LIKE citas INCLUDING ALL); \
-         SET statement_timeout = '10min'",
-    )
-    .await
-    .ctx("the unwatched copy")?;
+    db.batch_execute(FLOOR_SQL)
+        .await
+        .ctx("the unwatched and floor copies")?;
     let rounds = if bench.quick { 1 } else { 3 };
     let mut cases: Vec<(String, usize, &str)> = vec![
         (
@@ -88,36 +112,55 @@ async fn bulk(bench: &Bench, section: &mut Section) -> Result<Value> {
     }
     let mut table = Table::new(
         format!(
-            "Bulk statements in trigger mode: seconds, median of {rounds} (watched ÷ unwatched)"
+            "Bulk statements in trigger mode: seconds, median of {rounds}: watched vs unwatched (ratio); floor: a bare statement trigger logging every row's JSON"
         ),
-        &["rows", "tenants", "INSERT", "UPDATE", "DELETE"],
+        &[
+            "rows",
+            "tenants",
+            "INSERT",
+            "UPDATE",
+            "DELETE",
+            "floor I/U/D",
+        ],
     );
     let mut out = serde_json::Map::new();
     for (label, n, tenant) in &cases {
         let mut plain = Vec::new();
         let mut watched = Vec::new();
+        let mut floor = Vec::new();
         for _ in 0..rounds {
             plain.push(statements(&db, "citas_plain", *n, tenant).await?);
             watched.push(statements(&db, "citas", *n, tenant).await?);
+            floor.push(statements(&db, "citas_floor", *n, tenant).await?);
+            db.batch_execute("TRUNCATE floor_log")
+                .await
+                .ctx("floor log")?;
         }
         let med = |runs: &[[f64; 3]], i: usize| median(runs.iter().map(|r| r[i]));
         let mut cells = vec![n.to_string(), label.clone()];
         let mut json = serde_json::Map::new();
         for (i, op) in ["insert", "update", "delete"].iter().enumerate() {
-            let (p, w) = (med(&plain, i), med(&watched, i));
+            let (p, w, f) = (med(&plain, i), med(&watched, i), med(&floor, i));
             cells.push(format!("{:.2} vs {:.2} ({})", w, p, ratio(w, p)));
             json.insert(
                 (*op).into(),
-                json!({"watched_s": round(w, 3), "unwatched_s": round(p, 3), "ratio": round(w / p, 2)}),
+                json!({"watched_s": round(w, 3), "unwatched_s": round(p, 3), "ratio": round(w / p, 2),
+                       "floor_s": round(f, 3), "floor_ratio": round(f / p, 2)}),
             );
         }
+        cells.push(format!(
+            "{} / {} / {}",
+            ratio(med(&floor, 0), med(&plain, 0)),
+            ratio(med(&floor, 1), med(&plain, 1)),
+            ratio(med(&floor, 2), med(&plain, 2))
+        ));
         table.row(cells);
         out.insert(format!("{n} rows, {label}"), Value::Object(json));
     }
     section.tables.push(table);
-    db.batch_execute("DROP TABLE citas_plain")
+    db.batch_execute("DROP TABLE citas_plain, citas_floor, floor_log")
         .await
-        .ctx("dropping the copy")?;
+        .ctx("dropping the copies")?;
     Ok(Value::Object(out))
 }
 

@@ -308,17 +308,23 @@ BEGIN
     -- caller's search_path applies to EXECUTE too). The transition tables are the
     -- trigger's own (ephemeral relations come before any schema).
     EXECUTE pg_catalog.format($q$
-        WITH src AS (
-            SELECT pg_catalog.row_number() OVER () AS i, %1$s AS tenant, x AS rec FROM %2$s x
-        ), counts AS MATERIALIZED (
-            SELECT s.tenant, pg_catalog.count(*) AS n FROM src s WHERE s.tenant IS NOT NULL GROUP BY s.tenant
+        WITH counts AS MATERIALIZED (
+            SELECT t.tenant, pg_catalog.count(*) AS n
+              FROM (SELECT %1$s AS tenant FROM %2$s x) t
+             WHERE t.tenant IS NOT NULL GROUP BY t.tenant
         ), kept AS (
-            SELECT k.i, k.tenant, k.rec FROM src k
+            -- The one-time filter skips the second pass when every tenant is folded.
+            SELECT k.i, k.tenant, k.rec
+              FROM (SELECT pg_catalog.row_number() OVER () AS i, %1$s AS tenant, x AS rec FROM %2$s x) k
               JOIN counts c ON c.tenant OPERATOR(pg_catalog.=) k.tenant
              WHERE c.n OPERATOR(pg_catalog.<=) $1 AND pg_catalog.octet_length(c.tenant) OPERATOR(pg_catalog.<=) 255
+               AND (SELECT pg_catalog.bool_or(s.n OPERATOR(pg_catalog.<=) $1
+                                              AND pg_catalog.octet_length(s.tenant) OPERATOR(pg_catalog.<=) 255)
+                      FROM counts s)
             UNION ALL
             -- Rows whose tenant the daemon resolves are never folded: their tenant is unknown.
-            SELECT k.i, k.tenant, k.rec FROM src k WHERE %3$s
+            SELECT k.i, NULL, k.rec
+              FROM (SELECT pg_catalog.row_number() OVER () AS i, x AS rec FROM %2$s x) k WHERE %3$s
         ), changed AS (
             %4$s
         ), written AS (

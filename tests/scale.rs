@@ -215,7 +215,9 @@ where
     }
 }
 
-#[tokio::test]
+// The daemon runs on a runtime of two workers, as in production: a leader that held
+// one without yielding would leave the other to serve, and the waits below to fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_thousand_reminders_due_together_go_out_once_and_another_tenant_is_not_behind_them()
 {
     let db = TestDb::new().await;
@@ -258,7 +260,9 @@ async fn twenty_thousand_reminders_due_together_go_out_once_and_another_tenant_i
     d.stop().await;
 }
 
-#[tokio::test]
+// The daemon runs on a runtime of two workers, as in production: a leader that held
+// one without yielding would leave the other to serve, and the waits below to fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_start_over_100_000_overdue_reminders_records_them_in_the_database_and_keeps_serving() {
     let db = TestDb::new().await;
     db.client.batch_execute(STATEMENT_GUARD).await.unwrap();
@@ -310,4 +314,35 @@ async fn a_start_over_100_000_overdue_reminders_records_them_in_the_database_and
     let health: Value = serde_json::from_str(&body).unwrap();
     assert!(health["runtime_stall_ms"].is_u64(), "{health}");
     d.stop().await;
+}
+
+#[tokio::test]
+async fn a_bulk_statement_on_a_table_without_a_tenant_column_logs_every_row_for_the_resolver() {
+    let db = TestDb::new().await;
+    db.client
+        .batch_execute(
+            "CREATE TABLE sesiones (id bigserial PRIMARY KEY, profesional_id text, nota text); \
+             SELECT citapulse.watch('public.sesiones'::regclass, tenant_column => NULL, kind => 'session'); \
+             INSERT INTO sesiones (profesional_id, nota) SELECT 'p' || (g % 3), 'n' || g FROM generate_series(1, 5000) g; \
+             UPDATE sesiones SET nota = nota || '!'; \
+             DELETE FROM sesiones WHERE id % 2 = 0",
+        )
+        .await
+        .unwrap();
+    let r = db
+        .client
+        .query_one(
+            "SELECT count(*) FILTER (WHERE op = 'INSERT'), \
+                    count(*) FILTER (WHERE op = 'UPDATE' AND row_data ->> 'id' = old_data ->> 'id' \
+                                     AND row_data ->> 'nota' = (old_data ->> 'nota') || '!'), \
+                    count(*) FILTER (WHERE op = 'DELETE'), \
+                    count(*) FILTER (WHERE tenant IS NOT NULL OR event_type IS NOT NULL) \
+               FROM citapulse.inbox",
+            &[],
+        )
+        .await
+        .unwrap();
+    // Never folded (the tenant is not known yet): every row, each UPDATE paired.
+    let counts: Vec<i64> = (0..4).map(|i| r.get(i)).collect();
+    assert_eq!(counts, [5000, 5000, 2500, 0]);
 }
