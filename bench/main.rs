@@ -6,14 +6,15 @@
 //!   `/proc` readers (CPU seconds, RSS) and `RLIMIT_NOFILE`.
 //! - [`client`]: cheap WebSocket clients spread over 127.0.0.x source addresses.
 //! - [`writer`]: paced writers that timestamp COMMIT sent and acknowledged.
-//! - [`latency`], [`fanout`], [`trigger`], [`stats`], [`people`], [`time`], [`scale`]: one
-//!   module per scenario.
+//! - [`latency`], [`fanout`], [`trigger`], [`stats`], [`people`], [`time`], [`scale`],
+//!   [`enrich`]: one module per scenario.
 //! - [`report`]: percentiles, medians over rounds, Markdown tables.
 //!
 //! Every load targets 127.0.0.0/8, is bounded in count and time, and stops by itself;
 //! every child process dies with the harness.
 
 mod client;
+mod enrich;
 mod env;
 mod error;
 mod fanout;
@@ -117,6 +118,8 @@ enum Scenario {
     Time,
     /// Issue 30: bulk statements, a start over a busy day, 20 000 reminders due together.
     Scale,
+    /// A tenant whose enrichment lookups all take 2 s: what it costs the others and itself.
+    Enrich,
 }
 
 /// No scenario runs longer than this (a full one takes a few minutes).
@@ -124,7 +127,7 @@ const SCENARIO_LIMIT: Duration = Duration::from_secs(20 * 60);
 /// Nor, in quick mode, longer than this.
 const QUICK_SCENARIO_LIMIT: Duration = Duration::from_secs(60);
 
-const ORDER: [Scenario; 8] = [
+const ORDER: [Scenario; 9] = [
     Scenario::Latency,
     Scenario::Modes,
     Scenario::Fanout,
@@ -133,6 +136,7 @@ const ORDER: [Scenario; 8] = [
     Scenario::People,
     Scenario::Time,
     Scenario::Scale,
+    Scenario::Enrich,
 ];
 
 /// What every scenario needs.
@@ -321,6 +325,7 @@ async fn run(args: Args) -> Result<()> {
                 Scenario::People => people::scenario(&bench).await,
                 Scenario::Time => time::scenario(&bench).await,
                 Scenario::Scale => scale::scenario(&bench).await,
+                Scenario::Enrich => enrich::scenario(&bench).await,
                 Scenario::All => Err(failed("`all` is expanded before this point")),
             }
         };

@@ -40,8 +40,11 @@ pub struct Metrics {
     pub presence_members: Gauge,
     /// presence_join / presence_leave messages queued to channels (after coalescing).
     pub presence_messages: Counter,
-    /// `[[enrich]]` lookups, by outcome (hit, fetched, no_row, failed, timeout).
+    /// `[[enrich]]` lookups, by outcome (hit, fetched, no_row, failed, timeout; behind and
+    /// queue_full: skipped, the event went without that part of its context).
     pub enrich_lookups: Family<Reason, Counter>,
+    /// Events waiting for their tenant's `[[enrich]]` lookups (at most 1 000 per tenant).
+    pub enrich_held_events: Gauge,
     /// `cita_reminder` events this instance sent.
     pub reminders_sent: Counter,
     /// Reminders found more than `reminders.catch_up` overdue: recorded, not sent.
@@ -129,6 +132,7 @@ impl Metrics {
             presence_members: Gauge::default(),
             presence_messages: Counter::default(),
             enrich_lookups: Family::default(),
+            enrich_held_events: Gauge::default(),
             reminders_sent: Counter::default(),
             reminders_late: Counter::default(),
             handshakes_refused: Family::default(),
@@ -197,6 +201,11 @@ impl Metrics {
             "enrich_lookups",
             "Context lookups of [[enrich]], by outcome (hit = cached)",
             m.enrich_lookups.clone(),
+        );
+        r.register(
+            "enrich_held_events",
+            "Events waiting for their tenant's [[enrich]] lookups",
+            m.enrich_held_events.clone(),
         );
         r.register(
             "reminders_sent",

@@ -140,3 +140,163 @@ async fn a_slow_or_failing_lookup_sends_without_it_and_holds_no_other_tenant() {
     }
     d.stop().await;
 }
+
+/// Two lookups that take 30 s for tenant `lento` (until cancelled) and answer at once for
+/// any other tenant; `lento`'s events keep coming.
+async fn setup_slow_tenant(
+    db: &TestDb,
+    timeout_ms: u64,
+    tweak: impl FnOnce(&mut citapulse::config::Config),
+) -> Daemon {
+    db.client
+        .batch_execute(
+            "CREATE FUNCTION ctx(label text, tenant text) RETURNS text LANGUAGE plpgsql AS $$ \
+             BEGIN IF tenant = 'lento' THEN PERFORM pg_sleep(30); END IF; RETURN label; END $$",
+        )
+        .await
+        .unwrap();
+    Daemon::start(&db.url, |c| {
+        c.enrich = ["cliente", "profesional"]
+            .into_iter()
+            .map(|what| citapulse::config::EnrichConfig {
+                kind: "appointment".into(),
+                column: format!("{what}_id"),
+                query: format!("SELECT ctx('{what} ' || $1, $2) AS {what}_nombre"),
+                cache_ttl_ms: 60_000,
+                timeout_ms,
+            })
+            .collect();
+        tweak(c);
+    })
+    .await
+}
+
+async fn admin_of(d: &Daemon, tenants: &[&str]) -> WsClient {
+    let mut c = WsClient::connect(d.addr, &token("boss", None, Some("admin"))).await;
+    for t in tenants {
+        assert_eq!(
+            c.subscribe_channel(&format!("estadisticas:{t}"), None)
+                .await["type"],
+            "subscribed"
+        );
+    }
+    c
+}
+
+/// The lookups still running on the server (abandoned ones included).
+async fn lookups_running(db: &TestDb) -> i64 {
+    db.client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE state = 'active' AND query LIKE '%ctx(%' AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn a_slow_tenants_abandoned_lookups_are_cancelled_and_leave_others_their_context() {
+    let db = TestDb::new().await;
+    // Generous for a loaded machine: t2 may have to open a connection within it.
+    let d = setup_slow_tenant(&db, 1_000, |_| {}).await;
+    let mut both = admin_of(&d, &["lento", "t2"]).await;
+    for i in 0..4 {
+        // Both of lento's lookups are abandoned: the event goes without them.
+        let slow = db
+            .client
+            .query_one(
+                "INSERT INTO citas (negocio_id, cliente_id, profesional_id, estado) \
+                 VALUES ('lento', $1, $1, 'pendiente') RETURNING id",
+                &[&format!("s{i}")],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0);
+        let m = created(&mut both, slow).await;
+        assert_eq!(m["data"]["context"], json!({}), "{m}");
+        // t2's lookups find a free connection: lento's abandoned ones do not hold them.
+        let quick = db
+            .client
+            .query_one(
+                "INSERT INTO citas (negocio_id, cliente_id, profesional_id, estado) \
+                 VALUES ('t2', $1, $1, 'pendiente') RETURNING id",
+                &[&format!("q{i}")],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0);
+        let m = created(&mut both, quick).await;
+        assert_eq!(
+            m["data"]["context"],
+            json!({"cliente_nombre": format!("cliente q{i}"), "profesional_nombre": format!("profesional q{i}")}),
+            "round {i}: {m}"
+        );
+    }
+    // Cancelled on the server, not left sleeping on the lookup connections.
+    wait_until(|| async { lookups_running(&db).await == 0 }).await;
+    let metrics = http_get(d.addr, "/metrics", &[]).await.1;
+    let timeouts = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("citapulse_enrich_lookups_total{") && l.contains("reason=\"timeout\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>();
+    assert!(timeouts >= 4.0, "{metrics}");
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn a_slow_tenants_held_queue_is_bounded_and_its_events_go_out_in_order() {
+    const HELD_MAX: usize = 1_000;
+    const N: usize = 2_500;
+    let db = TestDb::new().await;
+    // A long timeout: the queue reaches its bound long before a lookup gives up.
+    let d = setup_slow_tenant(&db, 5_000, |c| c.limits.queue_len = 10_000).await;
+    let mut c = admin_of(&d, &["lento"]).await;
+    // Statements of 100 rows, under the bulk threshold: one event per row.
+    for part in 0..N / 100 {
+        db.client
+            .execute(
+                "INSERT INTO citas (negocio_id, cliente_id, profesional_id, estado) \
+                 SELECT 'lento', 'c' || g, 'p' || g, 'pendiente' FROM generate_series($1::int, $1::int + 99) g",
+                &[&((part * 100) as i32)],
+            )
+            .await
+            .unwrap();
+    }
+    // Bounded: before the bound existed, each event waited its full timeout.
+    let events = tokio::time::timeout(WAIT, c.events(N))
+        .await
+        .expect("every event within the wait");
+    let ids: Vec<i64> = events.iter().map(|m| m["id"].as_i64().unwrap()).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "in order: {ids:?}");
+    assert!(
+        events.iter().all(|m| m["data"]["context"] == json!({})),
+        "every lookup of lento is abandoned or skipped"
+    );
+    let metrics = http_get(d.addr, "/metrics", &[]).await.1;
+    let reason = |r: &str| {
+        metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("citapulse_enrich_lookups_total{")
+                    && l.contains(&format!("reason=\"{r}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    // At least every event beyond the bound went out at once, without its two lookups.
+    assert!(
+        reason("queue_full") >= (2 * (N - HELD_MAX - 1)) as f64,
+        "{metrics}"
+    );
+    assert!(
+        metric_value(&metrics, "citapulse_enrich_held_events") <= HELD_MAX as f64,
+        "{metrics}"
+    );
+    wait_until(|| async { lookups_running(&db).await == 0 }).await;
+    d.stop().await;
+}
