@@ -787,7 +787,24 @@ fn parse_lsn(text: &str) -> Result<u64, WalError> {
 }
 
 /// The replication connection, from `database.url` (first host).
+/// Why WAL capture cannot stream with these connection settings: the replication client
+/// here speaks plain TCP only, so a `database.url` that requires TLS is refused rather
+/// than streamed in the clear.
+pub fn tls_refusal(config: &crate::config::Config) -> Result<Option<String>, DbError> {
+    let mode = db::security(config)?.mode;
+    Ok(mode.requires_tls().then(|| {
+        format!(
+            "database.url has sslmode={}, and this version streams the WAL over plain TCP only: \
+             use trigger capture (SELECT citapulse.capture_mode('trigger')), or sslmode=prefer on a private network",
+            mode.as_str()
+        )
+    }))
+}
+
 fn replication_config(ctx: &Context, start: u64) -> Result<ReplicationConfig, WalError> {
+    if let Some(why) = tls_refusal(&ctx.config).map_err(WalError::Db)? {
+        return Err(WalError::Url(why));
+    }
     let pg = db::pg_config(&ctx.config).map_err(WalError::Db)?;
     let user = pg.get_user().unwrap_or("postgres").to_string();
     let password = pg

@@ -186,7 +186,14 @@ async fn check_database(
     let (client, connection) = db::connect(config).await?;
     let driver = tokio::spawn(connection);
     db::check_version(&client).await?;
+    let encrypted = db::session_tls(&client).await?;
+    metrics.database_tls.set(i64::from(encrypted));
     let capture = db::capture_check(&client, &config.capture.slot).await?;
+    if let Some(why) = crate::capture::wal::tls_refusal(config)? {
+        if capture.mode == "wal" {
+            return Err(DbError::Capture(why).into());
+        }
+    }
     if !capture.problems.is_empty() {
         if capture.mode == "wal" {
             return Err(DbError::Capture(capture.problems.join("; ")).into());
@@ -548,6 +555,7 @@ fn health(shared: &Shared) -> Response<Body> {
                 "connections": connections,
                 "last_event_id": shared.reader_position.load(std::sync::atomic::Ordering::Relaxed),
                 "runtime_stall_ms": stall_ms(shared),
+                "database_tls": shared.metrics.database_tls.get() == 1,
             }),
         ),
         Err(reason) => json_response(
