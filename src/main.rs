@@ -358,8 +358,8 @@ async fn check(config: &Config) -> Result<ExitCode, String> {
     println!("database: connected");
     let security = db::security(config).map_err(|e| report(&e))?;
     let encrypted = db::session_tls(&client).await.map_err(|e| report(&e))?;
-    // Every connection the daemon opens (pool, reader, leaders, enrichment) uses these
-    // settings; the WAL stream is plain TCP (refused when sslmode requires TLS).
+    // Every connection the daemon opens (pool, reader, leaders, enrichment, WAL stream)
+    // uses these settings.
     println!(
         "tls: {} (sslmode={}); this session {}",
         security.describe(),

@@ -316,3 +316,45 @@ async fn the_daemon_delivers_over_verified_tls_and_says_so() {
     );
     let _ = std::fs::remove_dir_all(&certs.dir);
 }
+
+#[tokio::test]
+async fn wal_capture_streams_over_verified_tls() {
+    let certs = certs();
+    let cluster = tls_cluster(&certs).await;
+    let db = TestDb::on_cluster(&cluster).await;
+    let slot = db.url.rsplit('/').next().unwrap().to_string();
+    db.client
+        .query_one("SELECT citapulse.capture_mode('wal', $1)", &[&slot])
+        .await
+        .unwrap();
+    tls_only(&db, &certs).await;
+    let url = with(
+        &db.url.replace("127.0.0.1", "localhost"),
+        &format!("sslmode=verify-full&sslrootcert={}", certs.ca.display()),
+    );
+    let d = Daemon::start(&url, |c| c.capture.slot = slot.clone()).await;
+    let mut c = WsClient::subscribed(d.addr, "t1").await;
+    let (writer, connection) = citapulse::db::connect(&config(&url)).await.unwrap();
+    tokio::spawn(connection);
+    writer
+        .execute(
+            "INSERT INTO citas (negocio_id, cliente_id) VALUES ('t1', 'wal-over-tls')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let ev = c.expect_type("cita_created").await;
+    assert_eq!(ev["data"]["row"]["cliente_id"], "wal-over-tls");
+    // The stream's own session is encrypted, as the server sees it.
+    let streams: i64 = writer
+        .query_one(
+            "SELECT count(*) FROM pg_stat_replication r JOIN pg_stat_ssl s ON s.pid = r.pid WHERE s.ssl",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(streams, 1);
+    d.stop().await;
+    let _ = std::fs::remove_dir_all(&certs.dir);
+}

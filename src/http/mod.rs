@@ -189,11 +189,6 @@ async fn check_database(
     let encrypted = db::session_tls(&client).await?;
     metrics.database_tls.set(i64::from(encrypted));
     let capture = db::capture_check(&client, &config.capture.slot).await?;
-    if let Some(why) = crate::capture::wal::tls_refusal(config)? {
-        if capture.mode == "wal" {
-            return Err(DbError::Capture(why).into());
-        }
-    }
     if !capture.problems.is_empty() {
         if capture.mode == "wal" {
             return Err(DbError::Capture(capture.problems.join("; ")).into());
