@@ -13,15 +13,15 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::capture::health::Health;
 use crate::metrics::Metrics;
 
 /// What happens when a task dies.
 pub enum OnDeath {
     /// Start it again after this pause.
     Restart(Duration),
-    /// Mark the daemon unhealthy (`/health` 503 with the reason) and leave it dead.
-    FailHealth(Arc<Health>, Arc<Metrics>),
+    /// Mark the daemon unhealthy (`/health` 503 with the reason given to this function)
+    /// and leave it dead.
+    FailHealth(Box<dyn Fn(String) + Send + Sync>),
 }
 
 /// How a task ended on its own. A task returning `()` ended early (a death); one whose
@@ -74,16 +74,13 @@ pub async fn supervise<F, Fut>(
                     _ = stop.changed() => return,
                 }
             }
-            OnDeath::FailHealth(health, metrics) => {
+            OnDeath::FailHealth(set_down) => {
                 tracing::error!(
                     task = name,
                     why,
                     "background task died; the daemon is unhealthy until restarted"
                 );
-                health.set_down(
-                    format!("the {name} task {why}: restart the daemon"),
-                    metrics,
-                );
+                set_down(format!("the {name} task {why}: restart the daemon"));
                 return;
             }
         }
@@ -189,14 +186,15 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_dead_listener_takes_health_down() {
+    async fn a_dead_listener_marks_the_daemon_down() {
         let (_stop_tx, stop) = watch::channel(false);
-        let health = Arc::new(Health::default());
-        let metrics = Arc::new(Metrics::new("test"));
-        health.set_up(&metrics);
+        let down = Arc::new(std::sync::Mutex::new(None::<String>));
+        let reason_of = down.clone();
         supervise(
             "listener",
-            OnDeath::FailHealth(health.clone(), metrics),
+            OnDeath::FailHealth(Box::new(move |reason| {
+                *crate::sync::lock(&reason_of) = Some(reason);
+            })),
             stop,
             || async {
                 let dies = true;
@@ -204,7 +202,7 @@ mod tests {
             },
         )
         .await;
-        let reason = health.status().expect_err("down");
+        let reason = crate::sync::lock(&down).clone().expect("down");
         assert!(reason.contains("listener task panicked"), "{reason}");
     }
 

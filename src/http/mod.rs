@@ -316,7 +316,10 @@ fn spawn_background(shared: &Shared, stop_rx: &watch::Receiver<bool>) -> TaskTra
     let stop = stop_rx.clone();
     background.spawn(supervise(
         "listener",
-        OnDeath::FailHealth(shared.health.clone(), shared.metrics.clone()),
+        {
+            let (health, metrics) = (shared.health.clone(), shared.metrics.clone());
+            OnDeath::FailHealth(Box::new(move |reason| health.set_down(reason, &metrics)))
+        },
         stop_rx.clone(),
         move || crate::capture::listener::run(capture.clone(), stop.clone()),
     ));
