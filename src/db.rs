@@ -7,9 +7,10 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use crate::config::Config;
+use crate::pgtls::{self, Security, TlsError};
 
 /// `sql/install.sql`, embedded.
 pub const INSTALL_SQL: &str = include_str!("../sql/install.sql");
@@ -28,6 +29,20 @@ pub enum DbError {
     /// The URL did not parse.
     #[error("database.url is not a valid connection string")]
     BadUrl(#[source] tokio_postgres::Error),
+    /// Its TLS settings cannot work.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The server's certificate was refused.
+    #[error("database.url: {reason} (sslmode={mode})")]
+    Certificate {
+        /// Why, in words.
+        reason: &'static str,
+        /// The sslmode in force.
+        mode: &'static str,
+        /// The handshake's error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
     /// Connecting or querying failed.
     #[error("database error")]
     Postgres(#[from] tokio_postgres::Error),
@@ -60,10 +75,14 @@ pub enum DbError {
     },
 }
 
-/// Parses the configured URL, tagging connections with the application name.
+/// A connection's driver future (plain TCP, or TLS as `database.url` says).
+pub type PgConnection = tokio_postgres::Connection<tokio_postgres::Socket, pgtls::Stream>;
+
+/// Parses the configured URL (its TLS parameters taken out: [`security`]), tagging
+/// connections with the application name.
 pub fn pg_config(config: &Config) -> Result<tokio_postgres::Config, DbError> {
-    let mut pg =
-        tokio_postgres::Config::from_str(config.database.url.expose()).map_err(DbError::BadUrl)?;
+    let (rest, _) = pgtls::split(config.database.url.expose())?;
+    let mut pg = tokio_postgres::Config::from_str(&rest).map_err(DbError::BadUrl)?;
     pg.application_name("citapulse");
     if pg.get_connect_timeout().is_none() {
         pg.connect_timeout(Duration::from_secs(5));
@@ -72,11 +91,22 @@ pub fn pg_config(config: &Config) -> Result<tokio_postgres::Config, DbError> {
     Ok(pg)
 }
 
+/// The TLS settings of `database.url` (libpq's `sslmode`, `sslrootcert`, `sslcert`,
+/// `sslkey`).
+pub fn security(config: &Config) -> Result<Security, DbError> {
+    Ok(pgtls::split(config.database.url.expose())?.1)
+}
+
+/// The TLS connector for `database.url`'s settings (certificate files read now).
+pub fn tls(config: &Config) -> Result<tokio_postgres_rustls::MakeRustlsConnect, DbError> {
+    Ok(security(config)?.connector()?)
+}
+
 /// The pool for stats, replay and maintenance queries.
 pub fn pool(config: &Config) -> Result<Pool, DbError> {
     let manager = Manager::from_config(
         pg_config(config)?,
-        NoTls,
+        tls(config)?,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
@@ -92,15 +122,7 @@ pub fn pool(config: &Config) -> Result<Pool, DbError> {
 }
 
 /// Connects one dedicated client; its connection future is driven by the caller.
-pub async fn connect(
-    config: &Config,
-) -> Result<
-    (
-        Client,
-        tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
-    ),
-    DbError,
-> {
+pub async fn connect(config: &Config) -> Result<(Client, PgConnection), DbError> {
     connect_as(config, "citapulse").await
 }
 
@@ -108,16 +130,48 @@ pub async fn connect(
 pub async fn connect_as(
     config: &Config,
     application_name: &str,
-) -> Result<
-    (
-        Client,
-        tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
-    ),
-    DbError,
-> {
+) -> Result<(Client, PgConnection), DbError> {
     let mut pg = pg_config(config)?;
     pg.application_name(application_name);
-    Ok(pg.connect(NoTls).await?)
+    let security = security(config)?;
+    pg.connect(security.connector()?)
+        .await
+        .map_err(|e| certificate_error(e, &security))
+}
+
+/// Says in words why a server certificate was refused (rustls names it in CamelCase).
+fn certificate_error(e: tokio_postgres::Error, security: &Security) -> DbError {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(cause) = source {
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    let reason = if text.contains("UnknownIssuer") || text.contains("unknown issuer") {
+        "unknown issuer: the server's certificate is not signed by a CA in sslrootcert"
+    } else if text.contains("NotValidForName") || text.contains("not valid for name") {
+        "name mismatch: the server's certificate does not name this host (verify-full checks the name; connect by a name the certificate lists)"
+    } else if text.contains("Expired") {
+        "the server's certificate has expired"
+    } else {
+        return DbError::Postgres(e);
+    };
+    DbError::Certificate {
+        reason,
+        mode: security.mode.as_str(),
+        source: e,
+    }
+}
+
+/// Whether this session is encrypted, as the server sees it (`pg_stat_ssl`).
+pub async fn session_tls(client: &Client) -> Result<bool, DbError> {
+    Ok(client
+        .query_one(
+            "SELECT coalesce((SELECT s.ssl FROM pg_stat_ssl s WHERE s.pid = pg_backend_pid()), false)",
+            &[],
+        )
+        .await?
+        .get(0))
 }
 
 /// Refuses to run against a database without the expected SQL.

@@ -6,7 +6,8 @@
 //! tenant's statistics with one coalesced query.
 //!
 //! # Layout (in data-flow order; `ARCHITECTURE.md` has the map)
-//! - [`db`]: the embedded SQL and every query on the log (the lossless read rule).
+//! - [`db`]: the embedded SQL and every query on the log (the lossless read rule);
+//!   [`pgtls`]: TLS to PostgreSQL with libpq's `sslmode` and certificate parameters.
 //! - [`capture`]: LISTEN, moving the triggers' inbox into the log, the log cursor, the
 //!   adaptive wake-up (decisions and I/O), tenant resolvers, retention.
 //! - [`stats`]: the coalescer of statistics queries and the day-rollover clock.
@@ -27,6 +28,7 @@ pub mod delivery;
 pub mod demo;
 pub mod http;
 pub mod metrics;
+pub mod pgtls;
 pub mod stats;
 pub mod sync;
 pub mod tasks;

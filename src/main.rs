@@ -356,6 +356,20 @@ async fn check(config: &Config) -> Result<ExitCode, String> {
     println!("keys: ok");
     let client = connect(config).await?;
     println!("database: connected");
+    let security = db::security(config).map_err(|e| report(&e))?;
+    let encrypted = db::session_tls(&client).await.map_err(|e| report(&e))?;
+    // Every connection the daemon opens (pool, reader, leaders, enrichment, WAL stream)
+    // uses these settings.
+    println!(
+        "tls: {} (sslmode={}); this session {}",
+        security.describe(),
+        security.mode.as_str(),
+        if encrypted {
+            "is encrypted"
+        } else {
+            "is NOT encrypted"
+        }
+    );
     db::check_version(&client).await.map_err(|e| report(&e))?;
     println!("sql: installed, version {}", db::SQL_VERSION);
     let capture = db::capture_check(&client, &config.capture.slot)

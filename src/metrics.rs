@@ -80,6 +80,8 @@ pub struct Metrics {
     pub listener_reconnects: Counter,
     /// Whether LISTEN is live (1) or not (0).
     pub listener_up: Gauge,
+    /// 1 while the daemon's database sessions are encrypted (as the server reports).
+    pub database_tls: Gauge,
     /// Log reads (polls and wake-ups).
     pub log_reads: Family<Reason, Counter>,
     /// Rows per log read.
@@ -161,6 +163,7 @@ impl Metrics {
             wal_streaming: Gauge::default(),
             runtime_stall_seconds: Gauge::default(),
             runtime_stalls: Counter::default(),
+            database_tls: Gauge::default(),
             wakeup_mode: Family::default(),
             wakeup_switches: Family::default(),
             client_errors: Family::default(),
@@ -336,6 +339,11 @@ impl Metrics {
             "wal_streaming",
             "1 while this instance streams the capture slot",
             m.wal_streaming.clone(),
+        );
+        r.register(
+            "database_tls",
+            "1 while the database sessions are encrypted with TLS (pg_stat_ssl), 0 otherwise",
+            m.database_tls.clone(),
         );
         r.register(
             "runtime_stall_seconds",

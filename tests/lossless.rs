@@ -240,6 +240,9 @@ async fn a_lost_listen_connection_reconnects_and_catches_up() {
     let health: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(health["database"], "down");
     assert!(!health["reason"].as_str().unwrap().is_empty());
+    // Not ready, but alive: a liveness probe must not restart it for a database outage.
+    assert_eq!(http_get(d.addr, "/readyz", &[]).await.0, 503);
+    assert_eq!(http_get(d.addr, "/livez", &[]).await.0, 200);
     for _ in 0..5 {
         db.insert_cita("t1", "atendida").await;
     }
@@ -248,6 +251,7 @@ async fn a_lost_listen_connection_reconnects_and_catches_up() {
         .await
         .unwrap();
     d.wait_healthy().await;
+    assert_eq!(http_get(d.addr, "/readyz", &[]).await.0, 200);
 
     let want = committed_ids(&db, "t1").await;
     let mut got: BTreeSet<i64> = BTreeSet::new();

@@ -249,12 +249,7 @@ struct Wakeups {
 impl Wakeups {
     /// Drives `connection`: tokio-postgres only surfaces notifications to whoever polls
     /// the connection. Channels of one slot: a pending wake-up covers any later one.
-    fn forward(
-        mut connection: tokio_postgres::Connection<
-            tokio_postgres::Socket,
-            tokio_postgres::tls::NoTlsStream,
-        >,
-    ) -> Self {
+    fn forward(mut connection: db::PgConnection) -> Self {
         let (wake_tx, notify) = mpsc::channel::<()>(1);
         let (stats_tx, shared_stats) = mpsc::channel::<()>(1);
         let driver = tokio::spawn(async move {

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::FutureExt;
+use pgwire_replication::config::{SslMode, TlsConfig};
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
 use serde_json::{Map, Value as Json};
 use tokio::sync::watch;
@@ -787,7 +788,41 @@ fn parse_lsn(text: &str) -> Result<u64, WalError> {
 }
 
 /// The replication connection, from `database.url` (first host).
+/// The stream's TLS settings: the same libpq parameters as every other connection.
+fn replication_tls(security: &crate::pgtls::Security) -> TlsConfig {
+    use crate::pgtls::{Roots, SslMode as Mode};
+    let mode = match (security.mode, &security.roots) {
+        (Mode::Disable, _) => SslMode::Disable,
+        (Mode::Allow | Mode::Prefer, _) => SslMode::Prefer,
+        // libpq: require with a root file checks the chain, as verify-ca.
+        (Mode::Require, Some(_)) | (Mode::VerifyCa, _) => SslMode::VerifyCa,
+        (Mode::Require, None) => SslMode::Require,
+        (Mode::VerifyFull, _) => SslMode::VerifyFull,
+    };
+    TlsConfig {
+        mode,
+        // `system` (and no file) means the built-in Mozilla roots.
+        ca_pem_path: match &security.roots {
+            Some(Roots::File(path)) => Some(path.clone()),
+            _ => None,
+        },
+        sni_hostname: None,
+        client_cert_pem_path: security.cert.clone(),
+        client_key_pem_path: security.key.clone(),
+    }
+}
+
 fn replication_config(ctx: &Context, start: u64) -> Result<ReplicationConfig, WalError> {
+    let security = db::security(&ctx.config).map_err(WalError::Db)?;
+    if matches!(
+        security.mode,
+        crate::pgtls::SslMode::VerifyCa | crate::pgtls::SslMode::VerifyFull
+    ) && security.roots.is_none()
+    {
+        return Err(WalError::Db(DbError::Tls(crate::pgtls::TlsError::NoRoots(
+            security.mode.as_str(),
+        ))));
+    }
     let pg = db::pg_config(&ctx.config).map_err(WalError::Db)?;
     let user = pg.get_user().unwrap_or("postgres").to_string();
     let password = pg
@@ -818,6 +853,7 @@ fn replication_config(ctx: &Context, start: u64) -> Result<ReplicationConfig, Wa
         .with_status_interval(Duration::from_millis(500))
         .with_wakeup_interval(Duration::from_secs(1))
         .with_application_name("citapulse-wal")
+        .with_tls(replication_tls(&security))
         // Text forms the log's connection parses back the same way.
         .with_options("-c datestyle=ISO,MDY -c intervalstyle=postgres -c extra_float_digits=3");
     Ok(cfg)

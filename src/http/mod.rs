@@ -186,6 +186,8 @@ async fn check_database(
     let (client, connection) = db::connect(config).await?;
     let driver = tokio::spawn(connection);
     db::check_version(&client).await?;
+    let encrypted = db::session_tls(&client).await?;
+    metrics.database_tls.set(i64::from(encrypted));
     let capture = db::capture_check(&client, &config.capture.slot).await?;
     if !capture.problems.is_empty() {
         if capture.mode == "wal" {
@@ -511,6 +513,21 @@ async fn route(
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/ws") => upgrade(&mut req, peer, shared, stop, tracker),
         (&Method::GET, "/health") => health(&shared),
+        // Liveness: the process and its runtime answer (a stalled runtime answers late
+        // or never, which is what a liveness probe should see). Not the database: a
+        // database outage is no reason to restart the daemon.
+        (&Method::GET, "/livez") => json_response(
+            StatusCode::OK,
+            json!({"status": "alive", "runtime_stall_ms": stall_ms(&shared)}),
+        ),
+        // Readiness: database and listener up (as /health), for a load balancer.
+        (&Method::GET, "/readyz") => match shared.health.status() {
+            Ok(()) => json_response(StatusCode::OK, json!({"status": "ready"})),
+            Err(reason) => json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"status": "unavailable", "reason": reason}),
+            ),
+        },
         (&Method::GET, "/metrics") => respond(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -527,7 +544,10 @@ async fn route(
         (&Method::GET, "/citapulse.d.ts") => {
             respond(StatusCode::OK, "text/plain; charset=utf-8", CLIENT_DTS)
         }
-        (_, "/ws" | "/health" | "/metrics" | "/stats" | "/notify/cita" | "/") => error_response(
+        (
+            _,
+            "/ws" | "/health" | "/livez" | "/readyz" | "/metrics" | "/stats" | "/notify/cita" | "/",
+        ) => error_response(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
             "method not allowed",
@@ -551,6 +571,7 @@ fn health(shared: &Shared) -> Response<Body> {
                 "connections": connections,
                 "last_event_id": shared.reader_position.load(std::sync::atomic::Ordering::Relaxed),
                 "runtime_stall_ms": stall_ms(shared),
+                "database_tls": shared.metrics.database_tls.get() == 1,
             }),
         ),
         Err(reason) => json_response(
