@@ -124,6 +124,8 @@ pub struct Enricher {
     pool: Option<Pool>,
     /// For the lookups of slow tenants.
     slow_pool: Option<Pool>,
+    /// The pools' TLS settings, for cancel requests.
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
     hub: Arc<Hub>,
     stats: Arc<StatsEngine>,
     metrics: Arc<Metrics>,
@@ -151,6 +153,7 @@ impl Enricher {
             slow: Mutex::new(HashMap::new()),
             pool: pool(POOL_SIZE),
             slow_pool: pool(SLOW_POOL_SIZE),
+            tls: db::tls(config).ok(),
             hub,
             stats,
             metrics,
@@ -391,7 +394,8 @@ impl Enricher {
             Err(_) => {
                 Metrics::count(&self.metrics.enrich_lookups, "timeout");
                 self.mark_slow(&key.1);
-                (None, Some(tokio::spawn(abandon(token, query, client))))
+                let tls = self.tls.clone();
+                (None, Some(tokio::spawn(abandon(token, tls, query, client))))
             }
         };
         self.remember(key, found);
@@ -470,8 +474,13 @@ fn with_context(mut data: Value, context: Map<String, Value>) -> String {
 /// its process and its group) and then stops the next query run on that connection (2 %
 /// of reuses in `citapulse-bench enrich`). The connection counts in its pool until then,
 /// so slow tenants never run more than [`SLOW_POOL_SIZE`] lookups at once.
-async fn abandon(token: CancelToken, mut query: Query, client: Arc<Object>) {
-    match tokio::time::timeout(CANCEL_GRACE, cancel(&token)).await {
+async fn abandon(
+    token: CancelToken,
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+    mut query: Query,
+    client: Arc<Object>,
+) {
+    match tokio::time::timeout(CANCEL_GRACE, cancel(&token, tls)).await {
         Ok(Ok(())) => {}
         Ok(Err(err)) => tracing::debug!(error = %err, "enrich lookup not cancelled"),
         Err(_) => tracing::debug!("enrich lookup cancel request timed out"),
@@ -489,7 +498,13 @@ async fn abandon(token: CancelToken, mut query: Query, client: Arc<Object>) {
 }
 
 /// Asks the server to cancel a lookup's running query, over a connection like the pool's
-/// (`db::pool` connects without TLS).
-async fn cancel(token: &CancelToken) -> Result<(), tokio_postgres::Error> {
-    token.cancel_query(tokio_postgres::NoTls).await
+/// (the same TLS settings: a server that requires TLS refuses a plain cancel request).
+async fn cancel(
+    token: &CancelToken,
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+) -> Result<(), tokio_postgres::Error> {
+    match tls {
+        Some(tls) => token.cancel_query(tls).await,
+        None => token.cancel_query(tokio_postgres::NoTls).await,
+    }
 }
