@@ -52,15 +52,15 @@ struct SlowRun {
 
 /// A config file with the one `[[enrich]]` entry.
 fn config_file(bench: &Bench) -> Result<(&'static str, String)> {
-    let path = bench.out_dir.join("enrich-slow-tenant.toml");
-    let body = format!(
-        "[[enrich]]\nkind = \"appointment\"\ncolumn = \"cliente_id\"\n\
-         query = \"SELECT bench_enrich_ctx($1, $2) AS cliente_nombre\"\n\
-         cache_ttl_ms = 60000\ntimeout_ms = {TIMEOUT_MS}\n"
-    );
-    std::fs::write(&path, body).ctx(format!("writing {}", path.display()))?;
-    let path = std::fs::canonicalize(&path).ctx("config path")?;
-    Ok(("CITAPULSE_CONFIG", path.display().to_string()))
+    crate::time::config_file(
+        bench,
+        "enrich-slow-tenant",
+        &format!(
+            "[[enrich]]\nkind = \"appointment\"\ncolumn = \"cliente_id\"\n\
+             query = \"SELECT bench_enrich_ctx($1, $2) AS cliente_nombre\"\n\
+             cache_ttl_ms = 60000\ntimeout_ms = {TIMEOUT_MS}\n"
+        ),
+    )
 }
 
 /// Reads frames until the event whose `cliente_id` is `tag`; whether it had context.

@@ -311,16 +311,12 @@ async fn due_together(bench: &Bench, section: &mut Section) -> Result<Value> {
     db.batch_execute("TRUNCATE citas; TRUNCATE citapulse.reminders_sent")
         .await
         .ctx("cleaning")?;
-    let file = bench.out_dir.join("reminders15.toml");
-    std::fs::write(&file, "[reminders]\nminutes_before = [15]\n").ctx("config file")?;
-    let file = std::fs::canonicalize(&file).ctx("config path")?;
+    let file =
+        crate::time::config_file(bench, "reminders15", "[reminders]\nminutes_before = [15]\n")?;
     let server = bench
         .daemon(
             "notify",
-            &[
-                ("CITAPULSE_CONFIG", file.display().to_string()),
-                ("CITAPULSE_LIMITS__QUEUE_LEN", "100000".to_string()),
-            ],
+            &[file, ("CITAPULSE_LIMITS__QUEUE_LEN", "100000".to_string())],
         )
         .await?;
     let mut quiet = client::connect(

@@ -24,7 +24,7 @@ fn unix_now() -> f64 {
 }
 
 /// A config file with `body`, for settings the environment cannot express well.
-fn config_file(bench: &Bench, name: &str, body: &str) -> Result<(&'static str, String)> {
+pub(crate) fn config_file(bench: &Bench, name: &str, body: &str) -> Result<(&'static str, String)> {
     let path = bench.out_dir.join(format!("{name}.toml"));
     std::fs::write(&path, body).ctx(format!("writing {}", path.display()))?;
     let path = std::fs::canonicalize(&path).ctx("config path")?;

@@ -81,14 +81,19 @@ pub type PgConnection = tokio_postgres::Connection<tokio_postgres::Socket, pgtls
 /// Parses the configured URL (its TLS parameters taken out: [`security`]), tagging
 /// connections with the application name.
 pub fn pg_config(config: &Config) -> Result<tokio_postgres::Config, DbError> {
-    let (rest, _) = pgtls::split(config.database.url.expose())?;
+    Ok(parsed(config)?.0)
+}
+
+/// `database.url` read once: tokio-postgres's settings and the TLS ones.
+fn parsed(config: &Config) -> Result<(tokio_postgres::Config, Security), DbError> {
+    let (rest, security) = pgtls::split(config.database.url.expose())?;
     let mut pg = tokio_postgres::Config::from_str(&rest).map_err(DbError::BadUrl)?;
     pg.application_name("citapulse");
     if pg.get_connect_timeout().is_none() {
         pg.connect_timeout(Duration::from_secs(5));
     }
     pg.keepalives_idle(Duration::from_secs(30));
-    Ok(pg)
+    Ok((pg, security))
 }
 
 /// The TLS settings of `database.url` (libpq's `sslmode`, `sslrootcert`, `sslcert`,
@@ -131,9 +136,8 @@ pub async fn connect_as(
     config: &Config,
     application_name: &str,
 ) -> Result<(Client, PgConnection), DbError> {
-    let mut pg = pg_config(config)?;
+    let (mut pg, security) = parsed(config)?;
     pg.application_name(application_name);
-    let security = security(config)?;
     pg.connect(security.connector()?)
         .await
         .map_err(|e| certificate_error(e, &security))

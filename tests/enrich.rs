@@ -54,6 +54,29 @@ async fn cita(db: &TestDb, tenant: &str, cliente: &str) -> i64 {
         .get(0)
 }
 
+/// Inserts an appointment of `tenant` whose client and professional are both `tag`.
+async fn cita_of(db: &TestDb, tenant: &str, tag: &str) -> i64 {
+    db.client
+        .query_one(
+            "INSERT INTO citas (negocio_id, cliente_id, profesional_id, estado) \
+             VALUES ($1, $2, $2, 'pendiente') RETURNING id",
+            &[&tenant, &tag],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// `citapulse_enrich_lookups_total` for one reason, from /metrics text.
+fn lookups(metrics: &str, reason: &str) -> f64 {
+    let label = format!("reason=\"{reason}\"");
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("citapulse_enrich_lookups_total{") && l.contains(&label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 async fn created(c: &mut WsClient, id: i64) -> Value {
     c.expect(|m| m["type"] == "cita_created" && m["data"]["row"]["id"] == id)
         .await
@@ -204,29 +227,11 @@ async fn a_slow_tenants_abandoned_lookups_are_cancelled_and_leave_others_their_c
     let mut both = admin_of(&d, &["lento", "t2"]).await;
     for i in 0..4 {
         // Both of lento's lookups are abandoned: the event goes without them.
-        let slow = db
-            .client
-            .query_one(
-                "INSERT INTO citas (negocio_id, cliente_id, profesional_id, estado) \
-                 VALUES ('lento', $1, $1, 'pendiente') RETURNING id",
-                &[&format!("s{i}")],
-            )
-            .await
-            .unwrap()
-            .get::<_, i64>(0);
+        let slow = cita_of(&db, "lento", &format!("s{i}")).await;
         let m = created(&mut both, slow).await;
         assert_eq!(m["data"]["context"], json!({}), "{m}");
         // t2's lookups find a free connection: lento's abandoned ones do not hold them.
-        let quick = db
-            .client
-            .query_one(
-                "INSERT INTO citas (negocio_id, cliente_id, profesional_id, estado) \
-                 VALUES ('t2', $1, $1, 'pendiente') RETURNING id",
-                &[&format!("q{i}")],
-            )
-            .await
-            .unwrap()
-            .get::<_, i64>(0);
+        let quick = cita_of(&db, "t2", &format!("q{i}")).await;
         let m = created(&mut both, quick).await;
         assert_eq!(
             m["data"]["context"],
@@ -237,13 +242,7 @@ async fn a_slow_tenants_abandoned_lookups_are_cancelled_and_leave_others_their_c
     // Cancelled on the server, not left sleeping on the lookup connections.
     wait_until(|| async { lookups_running(&db).await == 0 }).await;
     let metrics = http_get(d.addr, "/metrics", &[]).await.1;
-    let timeouts = metrics
-        .lines()
-        .filter(|l| {
-            l.starts_with("citapulse_enrich_lookups_total{") && l.contains("reason=\"timeout\"")
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>();
+    let timeouts = lookups(&metrics, "timeout");
     assert!(timeouts >= 4.0, "{metrics}");
     d.stop().await;
 }
@@ -278,16 +277,7 @@ async fn a_slow_tenants_held_queue_is_bounded_and_its_events_go_out_in_order() {
         "every lookup of lento is abandoned or skipped"
     );
     let metrics = http_get(d.addr, "/metrics", &[]).await.1;
-    let reason = |r: &str| {
-        metrics
-            .lines()
-            .filter(|l| {
-                l.starts_with("citapulse_enrich_lookups_total{")
-                    && l.contains(&format!("reason=\"{r}\""))
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>()
-    };
+    let reason = |r: &str| lookups(&metrics, r);
     // At least every event beyond the bound went out at once, without its two lookups.
     assert!(
         reason("queue_full") >= (2 * (N - HELD_MAX - 1)) as f64,

@@ -16,8 +16,11 @@ use support::*;
 /// quadratic bulk path took minutes): the statement fails instead of the test hanging.
 const STATEMENT_GUARD: &str = "SET statement_timeout = '120s'";
 
-/// The inbox rows a statement wrote, oldest first: (tenant, event_type, row, old row).
-async fn inbox(db: &TestDb) -> Vec<(Option<String>, Option<String>, Value, Value)> {
+/// (tenant, event_type, row or payload, old row) of an inbox row.
+type Written = (Option<String>, Option<String>, Value, Value);
+
+/// The inbox rows a statement wrote, oldest first.
+async fn inbox(db: &TestDb) -> Vec<Written> {
     let rows = db
         .client
         .query(
@@ -46,6 +49,14 @@ async fn inbox(db: &TestDb) -> Vec<(Option<String>, Option<String>, Value, Value
         .collect()
 }
 
+/// The one calendar_refresh among what a statement wrote.
+fn refresh_of(written: &[Written]) -> &Written {
+    written
+        .iter()
+        .find(|w| w.1.as_deref() == Some("calendar_refresh"))
+        .expect("a calendar_refresh")
+}
+
 #[tokio::test]
 async fn statements_of_100_000_rows_fold_big_tenants_and_keep_small_ones_in_order() {
     let db = TestDb::new().await;
@@ -62,10 +73,7 @@ async fn statements_of_100_000_rows_fold_big_tenants_and_keep_small_ones_in_orde
         .unwrap();
     let written = inbox(&db).await;
     assert_eq!(written.len(), 11);
-    let refresh = written
-        .iter()
-        .find(|w| w.1.as_deref() == Some("calendar_refresh"))
-        .unwrap();
+    let refresh = refresh_of(&written);
     assert_eq!(refresh.0.as_deref(), Some("big"));
     assert_eq!(refresh.2["rows"], 99_990);
     assert_eq!(refresh.2["action"], "insert");
@@ -111,10 +119,7 @@ async fn statements_of_100_000_rows_fold_big_tenants_and_keep_small_ones_in_orde
             (&"confirmada".into(), &"pendiente".into())
         );
     }
-    let refresh = written
-        .iter()
-        .find(|w| w.1.as_deref() == Some("calendar_refresh"))
-        .unwrap();
+    let refresh = refresh_of(&written);
     assert_eq!(
         (refresh.2["rows"].clone(), refresh.2["action"].clone()),
         (99_990.into(), "update".into())
@@ -126,10 +131,7 @@ async fn statements_of_100_000_rows_fold_big_tenants_and_keep_small_ones_in_orde
     let deleted: Vec<_> = written.iter().filter(|w| w.1.is_none()).collect();
     assert_eq!(deleted.len(), 10);
     assert!(deleted.iter().all(|w| w.3["estado"] == "confirmada"));
-    let refresh = written
-        .iter()
-        .find(|w| w.1.as_deref() == Some("calendar_refresh"))
-        .unwrap();
+    let refresh = refresh_of(&written);
     assert_eq!(
         (refresh.2["rows"].clone(), refresh.2["action"].clone()),
         (99_990.into(), "delete".into())
