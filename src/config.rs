@@ -160,8 +160,30 @@ pub struct ResolverConfig {
 pub struct DatabaseConfig {
     /// libpq-style URL or key=value string.
     pub url: Secret,
+    /// Where connections that need a session of their own go (LISTEN, the WAL stream,
+    /// leader locks); `url` when unset. Lets `url` point at a transaction-mode pooler.
+    pub session_url: Option<Secret>,
     /// Connections for stats and replay queries (LISTEN uses one more).
     pub pool_size: usize,
+}
+
+impl DatabaseConfig {
+    /// The URL and config key of one kind of connection.
+    pub fn endpoint(&self, link: Link) -> (&str, &'static str) {
+        match (link, &self.session_url) {
+            (Link::Session, Some(url)) => (url.expose(), "database.session_url"),
+            _ => (self.url.expose(), "database.url"),
+        }
+    }
+}
+
+/// The two kinds of database connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Link {
+    /// Pooled queries: each one a transaction of its own (a transaction pooler will do).
+    Pool,
+    /// A session of its own: LISTEN, the WAL stream, session advisory locks.
+    Session,
 }
 
 /// A JWT signature algorithm `auth.algorithms` may list; `none` is not one.
@@ -602,6 +624,7 @@ impl Default for DatabaseConfig {
     fn default() -> Self {
         Self {
             url: Secret::new("postgres://postgres@localhost/postgres"),
+            session_url: None,
             pool_size: 4,
         }
     }
@@ -754,6 +777,14 @@ impl Config {
         };
         if self.database.url.expose().trim().is_empty() {
             return invalid("database.url", "is empty; set DATABASE_URL or database.url");
+        }
+        if let Some(url) = &self.database.session_url
+            && url.expose().trim().is_empty()
+        {
+            return invalid(
+                "database.session_url",
+                "is empty; remove it to use database.url for every connection",
+            );
         }
         if self.database.pool_size == 0 || self.database.pool_size > 64 {
             return invalid("database.pool_size", "must be between 1 and 64");

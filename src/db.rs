@@ -9,7 +9,7 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::Client;
 
-use crate::config::Config;
+use crate::config::{Config, Link};
 use crate::pgtls::{self, Security, TlsError};
 
 /// `sql/install.sql`, embedded.
@@ -27,14 +27,28 @@ pub const NOTIFY_CHANNEL: &str = "citapulse";
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
     /// The URL did not parse.
-    #[error("database.url is not a valid connection string")]
-    BadUrl(#[source] tokio_postgres::Error),
+    #[error("{key} is not a valid connection string")]
+    BadUrl {
+        /// The config key.
+        key: &'static str,
+        /// What the parser said.
+        #[source]
+        source: tokio_postgres::Error,
+    },
     /// Its TLS settings cannot work.
-    #[error(transparent)]
-    Tls(#[from] TlsError),
+    #[error("{key}: {source}")]
+    Tls {
+        /// The config key.
+        key: &'static str,
+        /// What is wrong.
+        #[source]
+        source: TlsError,
+    },
     /// The server's certificate was refused.
-    #[error("database.url: {reason} (sslmode={mode})")]
+    #[error("{key}: {reason} (sslmode={mode})")]
     Certificate {
+        /// The config key.
+        key: &'static str,
         /// Why, in words.
         reason: &'static str,
         /// The sslmode in force.
@@ -60,6 +74,17 @@ pub enum DbError {
     /// The database is in WAL capture mode but this daemon cannot stream it.
     #[error("WAL capture (citapulse.settings.capture = 'wal') cannot run: {0}")]
     Capture(String),
+    /// The session connection shares its server process with other clients.
+    #[error(
+        "{key} goes through a transaction-mode pooler (two sessions ran on one server process): \
+         LISTEN and the leader locks need a session of their own. Set database.session_url to a \
+         direct connection or a session-mode pooler (Supabase: port 5432, not 6543; Neon: the \
+         host without -pooler; PgBouncer: pool_mode = session)"
+    )]
+    TransactionPooler {
+        /// The config key of the session URL.
+        key: &'static str,
+    },
     /// The LISTEN connection closed.
     #[error("connection to the database was lost")]
     Closed,
@@ -78,16 +103,18 @@ pub enum DbError {
 /// A connection's driver future (plain TCP, or TLS as `database.url` says).
 pub type PgConnection = tokio_postgres::Connection<tokio_postgres::Socket, pgtls::Stream>;
 
-/// Parses the configured URL (its TLS parameters taken out: [`security`]), tagging
-/// connections with the application name.
-pub fn pg_config(config: &Config) -> Result<tokio_postgres::Config, DbError> {
-    Ok(parsed(config)?.0)
+/// Parses the URL of one kind of connection (its TLS parameters taken out:
+/// [`security`]), tagging connections with the application name.
+pub fn pg_config(config: &Config, link: Link) -> Result<tokio_postgres::Config, DbError> {
+    Ok(parsed(config, link)?.0)
 }
 
-/// `database.url` read once: tokio-postgres's settings and the TLS ones.
-fn parsed(config: &Config) -> Result<(tokio_postgres::Config, Security), DbError> {
-    let (rest, security) = pgtls::split(config.database.url.expose())?;
-    let mut pg = tokio_postgres::Config::from_str(&rest).map_err(DbError::BadUrl)?;
+/// A connection URL read once: tokio-postgres's settings and the TLS ones.
+fn parsed(config: &Config, link: Link) -> Result<(tokio_postgres::Config, Security), DbError> {
+    let (url, key) = config.database.endpoint(link);
+    let (rest, security) = pgtls::split(url).map_err(|source| DbError::Tls { key, source })?;
+    let mut pg = tokio_postgres::Config::from_str(&rest)
+        .map_err(|source| DbError::BadUrl { key, source })?;
     pg.application_name("citapulse");
     if pg.get_connect_timeout().is_none() {
         pg.connect_timeout(Duration::from_secs(5));
@@ -96,21 +123,26 @@ fn parsed(config: &Config) -> Result<(tokio_postgres::Config, Security), DbError
     Ok((pg, security))
 }
 
-/// The TLS settings of `database.url` (libpq's `sslmode`, `sslrootcert`, `sslcert`,
-/// `sslkey`).
-pub fn security(config: &Config) -> Result<Security, DbError> {
-    Ok(pgtls::split(config.database.url.expose())?.1)
+/// The TLS settings (libpq's `sslmode`, `sslrootcert`, `sslcert`, `sslkey`) of one kind
+/// of connection.
+pub fn security(config: &Config, link: Link) -> Result<Security, DbError> {
+    Ok(parsed(config, link)?.1)
 }
 
-/// The TLS connector for `database.url`'s settings (certificate files read now).
+/// The TLS connector for the pool's settings (certificate files read now).
 pub fn tls(config: &Config) -> Result<tokio_postgres_rustls::MakeRustlsConnect, DbError> {
-    Ok(security(config)?.connector()?)
+    security(config, Link::Pool)?
+        .connector()
+        .map_err(|source| DbError::Tls {
+            key: "database.url",
+            source,
+        })
 }
 
-/// The pool for stats, replay and maintenance queries.
+/// The pool for stats, replay and maintenance queries (`database.url`).
 pub fn pool(config: &Config) -> Result<Pool, DbError> {
     let manager = Manager::from_config(
-        pg_config(config)?,
+        pg_config(config, Link::Pool)?,
         tls(config)?,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
@@ -126,25 +158,94 @@ pub fn pool(config: &Config) -> Result<Pool, DbError> {
         .map_err(|e| DbError::PoolConfig(e.to_string()))
 }
 
-/// Connects one dedicated client; its connection future is driven by the caller.
+/// Connects one dedicated client to `database.url`; its connection future is driven by
+/// the caller.
 pub async fn connect(config: &Config) -> Result<(Client, PgConnection), DbError> {
     connect_as(config, "citapulse").await
 }
 
-/// Connects with a given `application_name` (visible in `pg_stat_activity`).
+/// Connects to `database.url` with a given `application_name` (visible in
+/// `pg_stat_activity`): statements that need no session state.
 pub async fn connect_as(
     config: &Config,
     application_name: &str,
 ) -> Result<(Client, PgConnection), DbError> {
-    let (mut pg, security) = parsed(config)?;
+    connect_link(config, Link::Pool, application_name).await
+}
+
+/// Connects for what needs a session of its own (LISTEN, session advisory locks):
+/// `database.session_url`, or `database.url` without it.
+pub async fn connect_session_as(
+    config: &Config,
+    application_name: &str,
+) -> Result<(Client, PgConnection), DbError> {
+    connect_link(config, Link::Session, application_name).await
+}
+
+async fn connect_link(
+    config: &Config,
+    link: Link,
+    application_name: &str,
+) -> Result<(Client, PgConnection), DbError> {
+    let (mut pg, security) = parsed(config, link)?;
     pg.application_name(application_name);
-    pg.connect(security.connector()?)
+    let key = config.database.endpoint(link).1;
+    let connector = security
+        .connector()
+        .map_err(|source| DbError::Tls { key, source })?;
+    pg.connect(connector)
         .await
-        .map_err(|e| certificate_error(e, &security))
+        .map_err(|e| certificate_error(e, &security, key))
+}
+
+/// Refuses a session connection that goes through a transaction-mode pooler: there
+/// LISTEN stops hearing and a leader lock stays on a server process other clients use,
+/// silently. Two sessions are opened and asked for their server process in turn; a
+/// session pinned to its own process (direct, or a session-mode pooler) always gives
+/// the same answer, and a transaction pooler hands the process the first one just
+/// released to the second (PgBouncer reuses the most recently freed one first).
+pub async fn check_session(config: &Config) -> Result<(), DbError> {
+    let (a, a_conn) = connect_session_as(config, "citapulse-probe").await?;
+    let a_driver = tokio::spawn(a_conn);
+    let b = connect_session_as(config, "citapulse-probe").await;
+    let result = match b {
+        Ok((b, b_conn)) => {
+            let b_driver = tokio::spawn(b_conn);
+            let mut pids = Vec::with_capacity(4);
+            for client in [&a, &b, &a, &b] {
+                pids.push(backend_pid(client).await?);
+            }
+            b_driver.abort();
+            let pinned = pids[0] == pids[2] && pids[1] == pids[3] && pids[0] != pids[1];
+            if pinned {
+                Ok(())
+            } else {
+                Err(DbError::TransactionPooler {
+                    key: config.database.endpoint(Link::Session).1,
+                })
+            }
+        }
+        Err(e) => Err(e),
+    };
+    a_driver.abort();
+    result
+}
+
+/// The session's server process, by the simple protocol (a transaction pooler that does
+/// not carry prepared statements still answers it).
+async fn backend_pid(client: &Client) -> Result<String, DbError> {
+    let rows = client.simple_query("SELECT pg_backend_pid()").await?;
+    Ok(rows
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .unwrap_or_default())
 }
 
 /// Says in words why a server certificate was refused (rustls names it in CamelCase).
-fn certificate_error(e: tokio_postgres::Error, security: &Security) -> DbError {
+fn certificate_error(e: tokio_postgres::Error, security: &Security, key: &'static str) -> DbError {
     let mut text = e.to_string();
     let mut source = std::error::Error::source(&e);
     while let Some(cause) = source {
@@ -161,6 +262,7 @@ fn certificate_error(e: tokio_postgres::Error, security: &Security) -> DbError {
         return DbError::Postgres(e);
     };
     DbError::Certificate {
+        key,
         reason,
         mode: security.mode.as_str(),
         source: e,

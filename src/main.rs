@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use citapulse::config::{Config, ConfigError, JwtAlgorithm, LogFormat, humantime};
+use citapulse::config::{Config, ConfigError, JwtAlgorithm, Link, LogFormat, humantime};
 use citapulse::{auth, db};
 use clap::{Parser, Subcommand};
 
@@ -347,6 +347,58 @@ fn pg_report(err: &tokio_postgres::Error) -> String {
     }
 }
 
+/// One kind of connection's TLS: configured, and as this session's server saw it.
+fn print_tls(config: &Config, link: Link, encrypted: bool) -> Result<(), String> {
+    let security = db::security(config, link).map_err(|e| report(&e))?;
+    let what = match link {
+        Link::Pool => "pool connections (database.url)",
+        Link::Session => {
+            "session connections (database.session_url: LISTEN, leader locks, WAL stream)"
+        }
+    };
+    println!(
+        "tls: {what}: {} (sslmode={}); this session {}",
+        security.describe(),
+        security.mode.as_str(),
+        if encrypted {
+            "is encrypted"
+        } else {
+            "is NOT encrypted"
+        }
+    );
+    Ok(())
+}
+
+/// What the server says of running daemons' connections (by `application_name`):
+/// whether each kind is encrypted. The login may only see its own role's sessions.
+async fn print_daemon_connections(client: &tokio_postgres::Client) {
+    let rows = client
+        .query(
+            "SELECT a.application_name, count(*), count(*) FILTER (WHERE s.ssl) \
+               FROM pg_stat_activity a LEFT JOIN pg_stat_ssl s ON s.pid = a.pid \
+              WHERE a.application_name LIKE 'citapulse-%' AND a.application_name <> 'citapulse-probe' \
+                AND a.pid <> pg_backend_pid() \
+              GROUP BY 1 ORDER BY 1",
+            &[],
+        )
+        .await;
+    match rows {
+        Ok(rows) if rows.is_empty() => {
+            println!("running daemons: no connection of theirs visible to this login");
+        }
+        Ok(rows) => {
+            for r in rows {
+                let (name, all, tls): (String, i64, i64) = (r.get(0), r.get(1), r.get(2));
+                println!("running daemons: {name}: {all} connections, {tls} encrypted");
+            }
+        }
+        Err(e) => println!(
+            "running daemons: cannot read pg_stat_activity ({})",
+            pg_report(&e)
+        ),
+    }
+}
+
 async fn check(config: &Config) -> Result<ExitCode, String> {
     println!(
         "config: ok (listen {}, auth {:?})",
@@ -356,20 +408,31 @@ async fn check(config: &Config) -> Result<ExitCode, String> {
     println!("keys: ok");
     let client = connect(config).await?;
     println!("database: connected");
-    let security = db::security(config).map_err(|e| report(&e))?;
     let encrypted = db::session_tls(&client).await.map_err(|e| report(&e))?;
-    // Every connection the daemon opens (pool, reader, leaders, enrichment, WAL stream)
-    // uses these settings.
-    println!(
-        "tls: {} (sslmode={}); this session {}",
-        security.describe(),
-        security.mode.as_str(),
-        if encrypted {
-            "is encrypted"
-        } else {
-            "is NOT encrypted"
+    print_tls(config, Link::Pool, encrypted)?;
+    if config.database.session_url.is_some() {
+        let (session, connection) = db::connect_session_as(config, "citapulse-check")
+            .await
+            .map_err(|e| report(&e))?;
+        tokio::spawn(connection);
+        let encrypted = db::session_tls(&session).await.map_err(|e| report(&e))?;
+        print_tls(config, Link::Session, encrypted)?;
+    } else {
+        println!("session connections (LISTEN, leader locks, WAL stream): database.url as well");
+    }
+    let session_ok = match db::check_session(config).await {
+        Ok(()) => {
+            println!(
+                "session connections: each keeps its own server process (no transaction pooler)"
+            );
+            true
         }
-    );
+        Err(e) => {
+            println!("session connections: PROBLEM: {}", report(&e));
+            false
+        }
+    };
+    print_daemon_connections(&client).await;
     db::check_version(&client).await.map_err(|e| report(&e))?;
     println!("sql: installed, version {}", db::SQL_VERSION);
     let capture = db::capture_check(&client, &config.capture.slot)
@@ -383,7 +446,7 @@ async fn check(config: &Config) -> Result<ExitCode, String> {
         )
         .await
         .map_err(|e| pg_report(&e))?;
-    let mut ok = true;
+    let mut ok = session_ok;
     if rows.is_empty() {
         println!("watched tables: none (events will only come from citapulse.emit)");
     }

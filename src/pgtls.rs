@@ -120,7 +120,7 @@ pub struct Security {
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     /// A value libpq would refuse.
-    #[error("database.url: {param}={value:?} is not one of {expected}")]
+    #[error("{param}={value:?} is not one of {expected}")]
     BadValue {
         /// The parameter.
         param: &'static str,
@@ -131,11 +131,11 @@ pub enum TlsError {
     },
     /// verify-ca / verify-full without trust anchors.
     #[error(
-        "database.url: sslmode={0} needs sslrootcert: a PEM file of the server's CA certificates, or sslrootcert=system for the built-in Mozilla roots"
+        "sslmode={0} needs sslrootcert: a PEM file of the server's CA certificates, or sslrootcert=system for the built-in Mozilla roots"
     )]
     NoRoots(&'static str),
     /// A file that cannot be used.
-    #[error("database.url: {param}={path}: {reason}")]
+    #[error("{param}={path}: {reason}")]
     File {
         /// The parameter naming it.
         param: &'static str,
@@ -145,10 +145,10 @@ pub enum TlsError {
         reason: String,
     },
     /// Only one of sslcert and sslkey.
-    #[error("database.url: sslcert and sslkey go together (a client certificate and its key)")]
+    #[error("sslcert and sslkey go together (a client certificate and its key)")]
     HalfClientCert,
     /// rustls refused the settings.
-    #[error("database.url: TLS settings: {0}")]
+    #[error("TLS settings: {0}")]
     Rustls(#[from] rustls::Error),
 }
 
@@ -305,12 +305,12 @@ impl Security {
     /// How a connection with these settings is checked, for `citapulse check`.
     pub fn describe(&self) -> String {
         match (self.mode, &self.roots) {
-            (SslMode::Disable, _) => "plain TCP (sslmode=disable)".into(),
+            (SslMode::Disable, _) => "plain TCP".into(),
             (SslMode::VerifyFull, _) => "TLS, certificate and host name verified".into(),
             (SslMode::VerifyCa, _) | (SslMode::Require, Some(_)) => {
                 "TLS, certificate chain verified (not the host name)".into()
             }
-            (SslMode::Require, None) => "TLS, certificate not verified (sslmode=require)".into(),
+            (SslMode::Require, None) => "TLS, certificate not verified".into(),
             (_, Some(_)) => "TLS when the server offers it, certificate chain verified".into(),
             (_, None) => "TLS when the server offers it, certificate not verified".into(),
         }

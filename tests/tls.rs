@@ -279,7 +279,16 @@ async fn the_daemon_delivers_over_verified_tls_and_says_so() {
         &db.url.replace("127.0.0.1", "localhost"),
         &format!("sslmode=verify-full&sslrootcert={}", certs.ca.display()),
     );
-    let d = Daemon::start(&url, |_| {}).await;
+    // Sessions (the reader, leaders) by IP with the chain checked; the pool by name.
+    let session_url = with(
+        &db.url,
+        &format!("sslmode=verify-ca&sslrootcert={}", certs.ca.display()),
+    );
+    let session = session_url.clone();
+    let d = Daemon::start(&url, move |c| {
+        c.database.session_url = Some(citapulse::config::Secret::new(session));
+    })
+    .await;
     let (_, body) = http_get(d.addr, "/health", &[]).await;
     let health: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(health["database_tls"], true, "{health}");
@@ -297,23 +306,32 @@ async fn the_daemon_delivers_over_verified_tls_and_says_so() {
         .unwrap();
     let ev = c.expect_type("cita_created").await;
     assert_eq!(ev["data"]["row"]["cliente_id"], "over-tls");
-    d.stop().await;
 
-    // `citapulse check` says how the connection is protected.
+    // `citapulse check` says how each kind of connection is protected, and what the
+    // server says of the running daemon's.
     let out = Command::new(env!("CARGO_BIN_EXE_citapulse"))
         .arg("check")
         .env("DATABASE_URL", &url)
+        .env("CITAPULSE_DATABASE__SESSION_URL", &session_url)
         .env("JWT_SECRET", SECRET)
         .env_remove("CITAPULSE_CONFIG")
         .current_dir(&certs.dir)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        stdout.contains("tls: TLS, certificate and host name verified (sslmode=verify-full); this session is encrypted"),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    for line in [
+        "tls: pool connections (database.url): TLS, certificate and host name verified (sslmode=verify-full); this session is encrypted",
+        "tls: session connections (database.session_url: LISTEN, leader locks, WAL stream): TLS, certificate chain verified (not the host name) (sslmode=verify-ca); this session is encrypted",
+        "session connections: each keeps its own server process (no transaction pooler)",
+        "running daemons: citapulse-listener: 1 connections, 1 encrypted",
+    ] {
+        assert!(
+            stdout.contains(line),
+            "{line}\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    d.stop().await;
     let _ = std::fs::remove_dir_all(&certs.dir);
 }
 

@@ -158,7 +158,8 @@ impl Listener {
     /// shutdown (`Ok`) or a database error (`Err`: reconnect).
     async fn session(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), DbError> {
         let shared = self.shared.clone();
-        let (client, connection) = db::connect_as(&shared.config, "citapulse-listener").await?;
+        let (client, connection) =
+            db::connect_session_as(&shared.config, "citapulse-listener").await?;
         let mut wakeups = Wakeups::forward(connection);
         let (read, mut stats_seen) = listen(&client, &shared).await?;
         let cur = match self.cursor.take() {

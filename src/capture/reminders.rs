@@ -150,7 +150,7 @@ pub async fn run(ctx: Arc<Context>, mut shutdown: watch::Receiver<bool>) -> Exit
         return Exit::Off;
     }
     loop {
-        match db::connect_as(&ctx.config, "citapulse-reminders").await {
+        match db::connect_session_as(&ctx.config, "citapulse-reminders").await {
             Ok((client, conn)) => {
                 let driver = tokio::spawn(conn);
                 let led = async {

@@ -25,6 +25,7 @@ use tokio_postgres::types::{ToSql, Type};
 
 use super::Context;
 use super::pgoutput::{self, Message, Value};
+use crate::config::Link;
 use crate::db::{self, DbError};
 
 /// The publication `capture_mode('wal')` fills.
@@ -84,7 +85,7 @@ pub async fn run(ctx: Arc<Context>, mut shutdown: watch::Receiver<bool>) {
 
 /// One ordinary connection: watches the slot, leads when it can.
 async fn session(ctx: &Context, shutdown: &mut watch::Receiver<bool>) -> Result<(), WalError> {
-    let (client, conn) = db::connect_as(&ctx.config, "citapulse-wal")
+    let (client, conn) = db::connect_session_as(&ctx.config, "citapulse-wal")
         .await
         .map_err(WalError::Db)?;
     let driver = tokio::spawn(conn);
@@ -787,7 +788,6 @@ fn parse_lsn(text: &str) -> Result<u64, WalError> {
         .map_err(|e| WalError::Url(format!("bad position {text}: {e}")))
 }
 
-/// The replication connection, from `database.url` (first host).
 /// The stream's TLS settings: the same libpq parameters as every other connection.
 fn replication_tls(security: &crate::pgtls::Security) -> TlsConfig {
     use crate::pgtls::{Roots, SslMode as Mode};
@@ -812,18 +812,20 @@ fn replication_tls(security: &crate::pgtls::Security) -> TlsConfig {
     }
 }
 
+/// The replication connection, from `database.session_url` or `database.url` (first host).
 fn replication_config(ctx: &Context, start: u64) -> Result<ReplicationConfig, WalError> {
-    let security = db::security(&ctx.config).map_err(WalError::Db)?;
+    let security = db::security(&ctx.config, Link::Session).map_err(WalError::Db)?;
     if matches!(
         security.mode,
         crate::pgtls::SslMode::VerifyCa | crate::pgtls::SslMode::VerifyFull
     ) && security.roots.is_none()
     {
-        return Err(WalError::Db(DbError::Tls(crate::pgtls::TlsError::NoRoots(
-            security.mode.as_str(),
-        ))));
+        return Err(WalError::Db(DbError::Tls {
+            key: ctx.config.database.endpoint(Link::Session).1,
+            source: crate::pgtls::TlsError::NoRoots(security.mode.as_str()),
+        }));
     }
-    let pg = db::pg_config(&ctx.config).map_err(WalError::Db)?;
+    let pg = db::pg_config(&ctx.config, Link::Session).map_err(WalError::Db)?;
     let user = pg.get_user().unwrap_or("postgres").to_string();
     let password = pg
         .get_password()

@@ -186,6 +186,8 @@ async fn check_database(
     let (client, connection) = db::connect(config).await?;
     let driver = tokio::spawn(connection);
     db::check_version(&client).await?;
+    // LISTEN and leader locks through a transaction pooler would fail silently.
+    db::check_session(config).await?;
     let encrypted = db::session_tls(&client).await?;
     metrics.database_tls.set(i64::from(encrypted));
     let capture = db::capture_check(&client, &config.capture.slot).await?;
