@@ -704,14 +704,25 @@ $$;
 -- tables with REPLICATION (or as superuser). `slot` is the daemon's `capture.slot`
 -- (default citapulse). Switching to 'trigger' leaves the slot to the daemon, which drops
 -- it once it has captured everything up to the switch.
+-- From PostgreSQL 17 on the slot is a failover slot: a standby with
+-- sync_replication_slots = on keeps a copy, so capture survives a failover. The call is
+-- written for the server at hand (older servers have no failover argument), which is why
+-- running this script again after a major upgrade matters.
+DO $do$
+BEGIN
+    EXECUTE format($f$
 CREATE OR REPLACE FUNCTION citapulse.capture_mode(mode text, slot text DEFAULT NULL) RETURNS text
 LANGUAGE sql AS $$
     SELECT citapulse.capture_switch(mode, citapulse.capture_slot(slot),
            CASE WHEN citapulse.capture_prepare(mode, slot) IS NOT NULL AND mode = 'wal'
                      AND NOT citapulse.slot_exists(citapulse.capture_slot(slot))
-                THEN (pg_create_logical_replication_slot(citapulse.capture_slot(slot), 'pgoutput')).slot_name::text
+                THEN (pg_create_logical_replication_slot(citapulse.capture_slot(slot), 'pgoutput'%s)).slot_name::text
            END)
-$$;
+$$ $f$,
+        CASE WHEN current_setting('server_version_num')::int >= 170000
+             THEN ', failover => true' ELSE '' END);
+END
+$do$;
 
 -- The advisory lock key of capture_mode() and of a daemon dropping a drained slot.
 CREATE OR REPLACE FUNCTION citapulse.switch_lock_key() RETURNS bigint

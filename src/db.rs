@@ -863,6 +863,8 @@ pub struct CaptureCheck {
     pub slot: String,
     /// WAL bytes the slot holds on the server, if it exists.
     pub retained_bytes: Option<i64>,
+    /// Whether the slot survives a failover, in words (`None` without a slot).
+    pub failover: Option<String>,
     /// Each problem with what to run; empty when WAL capture can work.
     pub problems: Vec<String>,
 }
@@ -946,11 +948,54 @@ pub async fn capture_check(client: &Client, slot: &str) -> Result<CaptureCheck, 
             ));
         }
     }
+    let failover = match slot_ok {
+        Some(true) => Some(slot_failover(client, slot).await?),
+        _ => None,
+    };
     Ok(CaptureCheck {
         mode,
         slot: db_slot,
         retained_bytes,
+        failover,
         problems,
+    })
+}
+
+/// What keeps the slot through a failover (PostgreSQL 17+): its `failover` flag, and
+/// on a standby whether it is a synchronized copy (`synced`). A primary cannot see its
+/// standbys' copies: it says what they need.
+async fn slot_failover(client: &Client, slot: &str) -> Result<String, DbError> {
+    let version: i32 = client
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await?
+        .get(0);
+    if version < 170_000 {
+        return Ok(
+            "not kept through a failover (failover slots need PostgreSQL 17): after promoting a standby, run SELECT citapulse.capture_mode('wal') there".into(),
+        );
+    }
+    let row = client
+        .query_one(
+            "SELECT x.failover, x.synced, pg_is_in_recovery(), \
+                    coalesce(current_setting('synchronized_standby_slots', true), '') \
+               FROM pg_replication_slots x WHERE x.slot_name = $1",
+            &[&slot],
+        )
+        .await?;
+    let (failover, synced, standby, guarded): (bool, bool, bool, String) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    Ok(match (failover, standby) {
+        (false, _) => format!(
+            "not a failover slot (created before PostgreSQL 17 or by hand): to keep it through a failover, switch to trigger mode and back (SELECT citapulse.capture_mode('trigger'); then, once the daemon dropped slot {slot}, SELECT citapulse.capture_mode('wal');)"
+        ),
+        (true, true) => format!(
+            "failover slot; this standby {} a synchronized copy (synced = {synced})",
+            if synced { "has" } else { "does NOT have" }
+        ),
+        (true, false) if guarded.is_empty() => "failover slot: a standby keeps a copy when it runs with sync_replication_slots = on (its pg_replication_slots shows synced = true); synchronized_standby_slots is not set here, so a copy may lag behind what the daemon was sent".into(),
+        (true, false) => format!(
+            "failover slot: a standby keeps a copy when it runs with sync_replication_slots = on (its pg_replication_slots shows synced = true); the daemon is sent only what {guarded} (synchronized_standby_slots) confirmed"
+        ),
     })
 }
 

@@ -483,6 +483,9 @@ async fn check(config: &Config) -> Result<ExitCode, String> {
             config.capture.slot
         );
     }
+    if let Some(failover) = &capture.failover {
+        println!("capture: slot {}: {failover}", config.capture.slot);
+    }
     for problem in &capture.problems {
         ok = false;
         println!("capture: PROBLEM: {problem}");

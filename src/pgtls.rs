@@ -157,8 +157,22 @@ pub enum TlsError {
 /// `prefer` or `require`).
 pub fn split(conninfo: &str) -> Result<(String, Security), TlsError> {
     let mut security = Security::default();
+    let mut primary = false;
     let mut take = |key: &str, value: &str| -> Result<bool, TlsError> {
         match key {
+            // The daemon writes: only sessions that may. libpq's `primary` (not in
+            // recovery) is tokio-postgres's `read-write`.
+            "target_session_attrs" => match value {
+                "any" | "read-write" => return Ok(false),
+                "primary" => primary = true,
+                _ => {
+                    return Err(TlsError::BadValue {
+                        param: "target_session_attrs",
+                        value: value.chars().take(40).collect(),
+                        expected: "any, read-write or primary (the daemon writes, so never a standby)",
+                    });
+                }
+            },
             "sslmode" => security.mode = SslMode::parse(value)?,
             "sslrootcert" => {
                 security.roots = Some(if value == "system" {
@@ -208,13 +222,17 @@ pub fn split(conninfo: &str) -> Result<(String, Security), TlsError> {
         SslMode::Allow | SslMode::Prefer => "prefer",
         SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => "require",
     };
+    let mut added = format!("sslmode={nearest}");
+    if primary {
+        added.push_str(" target_session_attrs=read-write");
+    }
     let rest = if rest.starts_with("postgres://") || rest.starts_with("postgresql://") {
         let sep = if rest.contains('?') { '&' } else { '?' };
-        format!("{rest}{sep}sslmode={nearest}")
+        format!("{rest}{sep}{}", added.replace(' ', "&"))
     } else if rest.trim().is_empty() {
-        format!("sslmode={nearest}")
+        added
     } else {
-        format!("{rest} sslmode={nearest}")
+        format!("{rest} {added}")
     };
     Ok((rest, security))
 }
@@ -546,5 +564,32 @@ mod tests {
         let (_, sec) = split("host=h sslmode=require sslrootcert=/nonexistent/ca.pem").unwrap();
         let text = sec.connector().err().unwrap().to_string();
         assert!(text.contains("sslrootcert=/nonexistent/ca.pem"), "{text}");
+    }
+
+    #[test]
+    fn target_session_attrs_take_libpq_values_for_sessions_that_may_write() {
+        let (rest, _) = split("postgres://u@h1,h2/db?target_session_attrs=primary").unwrap();
+        let pg: tokio_postgres::Config = rest.parse().unwrap();
+        assert_eq!(
+            pg.get_target_session_attrs(),
+            tokio_postgres::config::TargetSessionAttrs::ReadWrite
+        );
+        let (rest, _) = split("host=h1,h2 target_session_attrs=primary").unwrap();
+        let pg: tokio_postgres::Config = rest.parse().unwrap();
+        assert_eq!(
+            pg.get_target_session_attrs(),
+            tokio_postgres::config::TargetSessionAttrs::ReadWrite
+        );
+        let (rest, _) = split("host=h target_session_attrs=read-write").unwrap();
+        assert!(rest.contains("target_session_attrs=read-write"), "{rest}");
+        for refused in ["standby", "read-only", "prefer-standby", "nonsense"] {
+            let text = split(&format!("host=h target_session_attrs={refused}"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                text.contains("target_session_attrs") && text.contains("never a standby"),
+                "{text}"
+            );
+        }
     }
 }

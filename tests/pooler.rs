@@ -243,4 +243,18 @@ async fn a_bad_session_url_is_named_at_start() {
     c.database.session_url = Some(Secret::new("   "));
     let text = start_error(c).await;
     assert!(text.contains("database.session_url"), "{text}");
+
+    // The daemon writes: a standby is never a target, and libpq's `primary` works.
+    let mut c = config(&db.url);
+    c.database.session_url = Some(Secret::new(format!(
+        "{}?target_session_attrs=standby",
+        db.url
+    )));
+    let text = start_error(c).await;
+    assert!(
+        text.contains("database.session_url: target_session_attrs=\"standby\""),
+        "{text}"
+    );
+    let d = Daemon::start(&format!("{}?target_session_attrs=primary", db.url), |_| {}).await;
+    d.stop().await;
 }

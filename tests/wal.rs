@@ -548,6 +548,38 @@ async fn check_reports_the_mode_the_slot_and_what_is_missing() {
         "{out}"
     );
     assert!(out.contains("bytes of WAL on the server"), "{out}");
+    // From PostgreSQL 17 on the slot is created as a failover slot.
+    let version: i32 = db
+        .client
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .unwrap()
+        .get(0);
+    if version >= 170_000 {
+        let failover: bool = db
+            .client
+            .query_one(
+                "SELECT failover FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(failover, "the slot is a failover slot");
+        assert!(
+            out.contains(&format!(
+                "capture: slot {slot}: failover slot: a standby keeps a copy when it runs with sync_replication_slots = on"
+            )),
+            "{out}"
+        );
+    } else {
+        assert!(
+            out.contains(&format!(
+                "capture: slot {slot}: not kept through a failover (failover slots need PostgreSQL 17)"
+            )),
+            "{out}"
+        );
+    }
     let (code, out) = check(&db.url, "another_slot");
     assert_eq!(code, 1, "{out}");
     assert!(
@@ -565,4 +597,58 @@ async fn check_reports_the_mode_the_slot_and_what_is_missing() {
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("capture: trigger mode"), "{out}");
     assert!(out.contains("citas (4/4 triggers) ok"), "{out}");
+}
+
+#[tokio::test]
+async fn the_slot_moves_on_while_only_unwatched_tables_are_written() {
+    let db = TestDb::new().await;
+    let slot = slot_of(&db.url);
+    switch(&db.client, "wal", &slot).await;
+    let d = daemon_on(&db, &slot, |_| {}).await;
+    wait_until(|| async { d.metric("citapulse_wal_streaming").await == 1.0 }).await;
+    db.client
+        .batch_execute("CREATE TABLE unwatched (id serial PRIMARY KEY, body text)")
+        .await
+        .unwrap();
+    // Many transactions on a table the publication does not carry: pgoutput sends
+    // nothing of them, only keepalives, and the slot must still move past them.
+    for _ in 0..50 {
+        db.client
+            .execute(
+                "INSERT INTO unwatched (body) SELECT repeat('x', 1000) FROM generate_series(1, 100)",
+                &[],
+            )
+            .await
+            .unwrap();
+    }
+    let written: String = db
+        .client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    wait_until(|| async {
+        let row = db
+            .client
+            .query_one(
+                "SELECT confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot, &written],
+            )
+            .await
+            .unwrap();
+        row.get::<_, Option<bool>>(0) == Some(true)
+    })
+    .await;
+    // Nothing of the unwatched table reached the log.
+    let logged: i64 = db
+        .client
+        .query_one(
+            "SELECT count(*) FROM citapulse.events WHERE tbl = 'unwatched'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(logged, 0);
+    d.stop().await;
 }
