@@ -126,11 +126,17 @@ async fn tls_only(db: &TestDb, certs: &Certs) {
         certs.dir.join("pg_hba.conf"),
         "local all all trust\n\
          hostssl all certuser 127.0.0.1/32 cert\n\
+         hostssl all scramuser 127.0.0.1/32 scram-sha-256\n\
          hostssl all all 127.0.0.1/32 trust\n",
     )
     .unwrap();
     db.client
-        .batch_execute("CREATE ROLE certuser LOGIN; SELECT pg_reload_conf()")
+        .batch_execute(
+            "CREATE ROLE certuser LOGIN; \
+             SET password_encryption = 'scram-sha-256'; \
+             CREATE ROLE scramuser LOGIN PASSWORD 'scram-pass'; \
+             SELECT pg_reload_conf()",
+        )
         .await
         .unwrap();
     // The reload is asynchronous: wait until a plain connection is refused.
@@ -228,6 +234,17 @@ async fn sslmodes_connect_and_refuse_as_libpq_does() {
         .unwrap_err();
         assert!(err.contains("unknown issuer"), "{mode}: {err}");
     }
+    // SCRAM with channel binding (tls-server-end-point) over the TLS session; required
+    // binding against a login that does not use SCRAM is refused, as libpq does.
+    let scram = by_ip.replace("postgres@", "scramuser:scram-pass@");
+    assert_eq!(
+        daemon_connect(&with(&scram, "sslmode=require&channel_binding=require")).await,
+        Ok(true)
+    );
+    let err = daemon_connect(&with(&by_ip, "sslmode=require&channel_binding=require"))
+        .await
+        .unwrap_err();
+    assert!(err.contains("channel binding"), "{err}");
     // No TLS at all: the server refuses (only hostssl lines).
     let err = daemon_connect(&with(&by_ip, "sslmode=disable"))
         .await
