@@ -1,7 +1,6 @@
 -- citapulse: the daemon's roles (idempotent; run with psql -f sql/roles.sql after
--- sql/install.sql, as the installing role: the owner of schema citapulse and of the
--- watched tables, or a superuser; creating the roles needs CREATEROLE, or create them
--- beforehand and the rest of the script only grants).
+-- sql/install.sql, and again after each upgrade, as the installing role: the owner of
+-- schema citapulse and of the watched tables, with CREATEROLE; or as a superuser).
 --
 --   citapulse_daemon      NOLOGIN: what a daemon needs in trigger mode
 --   citapulse_daemon_wal  NOLOGIN, member of citapulse_daemon: what WAL mode adds

@@ -446,6 +446,24 @@ async fn the_daemon_roles_cannot_do_what_the_daemon_never_does() {
     };
     assert_eq!(v17, maintain);
 
+    // Installing again (the same version) keeps the grants.
+    db.client
+        .batch_execute(citapulse::db::INSTALL_SQL)
+        .await
+        .unwrap();
+    let kept: bool = db
+        .client
+        .query_one(
+            "SELECT has_function_privilege('citapulse_daemon', 'citapulse.take_inbox(bigint[])', 'EXECUTE') \
+                AND has_column_privilege('citapulse_daemon', 'citapulse.settings', 'pruned_upto', 'UPDATE') \
+                AND NOT has_column_privilege('citapulse_daemon', 'citapulse.settings', 'capture', 'UPDATE')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(kept);
+
     // Uninstalling with the roles in place works; dropping them is the DBA's, as told.
     drop((plain, wal));
     db.client
