@@ -16,6 +16,8 @@ use crate::pgtls::{self, Security, TlsError};
 pub const INSTALL_SQL: &str = include_str!("../sql/install.sql");
 /// `sql/uninstall.sql`, embedded.
 pub const UNINSTALL_SQL: &str = include_str!("../sql/uninstall.sql");
+/// `sql/roles.sql`, embedded: the daemon's group roles and their grants.
+pub const ROLES_SQL: &str = include_str!("../sql/roles.sql");
 /// `sql/example_schema.sql`, embedded.
 pub const EXAMPLE_SCHEMA_SQL: &str = include_str!("../sql/example_schema.sql");
 /// The `citapulse.version()` this daemon speaks.

@@ -84,6 +84,12 @@ enum SqlAction {
         #[arg(long)]
         apply: bool,
     },
+    /// sql/roles.sql: the daemon's group roles (trigger and WAL mode) and their grants.
+    Roles {
+        /// Run it against database.url instead of printing it.
+        #[arg(long)]
+        apply: bool,
+    },
     /// sql/example_schema.sql: the reference citas and horarios tables, watched.
     Example {
         /// Run it against database.url instead of printing it.
@@ -277,6 +283,7 @@ async fn sql(action: SqlAction, config: &Config) -> Result<ExitCode, String> {
     let (text, apply, what) = match action {
         SqlAction::Install { apply } => (db::INSTALL_SQL.to_string(), apply, "install"),
         SqlAction::Uninstall { apply } => (db::UNINSTALL_SQL.to_string(), apply, "uninstall"),
+        SqlAction::Roles { apply } => (db::ROLES_SQL.to_string(), apply, "roles"),
         SqlAction::Example { apply } => {
             (db::EXAMPLE_SCHEMA_SQL.to_string(), apply, "example schema")
         }
@@ -304,33 +311,44 @@ async fn sql(action: SqlAction, config: &Config) -> Result<ExitCode, String> {
     let tx = client.transaction().await.map_err(|e| pg_report(&e))?;
     tx.batch_execute(&text).await.map_err(|e| pg_report(&e))?;
     tx.commit().await.map_err(|e| pg_report(&e))?;
-    let watched = client
+    let watched: Vec<(String, i64)> = client
         .query(
             "SELECT tbl::text, triggers FROM citapulse.watched ORDER BY 1",
             &[],
         )
         .await
-        .map(|rows| {
-            rows.iter()
-                .map(|r| {
-                    format!(
-                        "{} ({} triggers)",
-                        r.get::<_, String>(0),
-                        r.get::<_, i64>(1)
-                    )
-                })
-                .collect::<Vec<_>>()
-        })
+        .map(|rows| rows.iter().map(|r| (r.get(0), r.get(1))).collect())
         .unwrap_or_default();
     println!("citapulse: {what} applied.");
-    if what != "uninstall" {
+    if what == "roles" {
+        println!(
+            "  citapulse_daemon (trigger mode) and citapulse_daemon_wal (WAL mode) may SELECT: {}",
+            if watched.is_empty() {
+                "no watched table yet (apply again after watching)".to_string()
+            } else {
+                watched
+                    .iter()
+                    .map(|(t, _)| t.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        );
+        println!(
+            "  next: CREATE ROLE citapulse_app LOGIN PASSWORD '...' IN ROLE citapulse_daemon; \
+             (WAL mode: IN ROLE citapulse_daemon_wal, and ALTER ROLE citapulse_app REPLICATION;)"
+        );
+    } else if what != "uninstall" {
         println!("  schema citapulse, version {}", db::SQL_VERSION);
         if watched.is_empty() {
             println!(
                 "  watched tables: none yet (citapulse sql watch <table> --tenant-column <c> --apply)"
             );
         } else {
-            println!("  watched tables: {}", watched.join(", "));
+            let list: Vec<String> = watched
+                .iter()
+                .map(|(t, n)| format!("{t} ({n} triggers)"))
+                .collect();
+            println!("  watched tables: {}", list.join(", "));
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -276,6 +276,11 @@ impl PgCluster {
         &self.data_dir
     }
 
+    /// The server's log file (stdout and stderr of the postmaster).
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
     /// Stops the server (fast shutdown, terminating client sessions) and starts it again on the same port and data dir; waits until ready.
     pub async fn restart(&mut self) -> Result<(), ClusterError> {
         let started = Instant::now();
