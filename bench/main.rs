@@ -18,6 +18,7 @@ mod enrich;
 mod env;
 mod error;
 mod fanout;
+mod flood;
 mod latency;
 mod people;
 mod report;
@@ -120,6 +121,9 @@ enum Scenario {
     Scale,
     /// A tenant whose enrichment lookups all take 2 s: what it costs the others and itself.
     Enrich,
+    /// Half-open HTTP connections from many addresses and from two: descriptors, memory,
+    /// `/health` during the flood.
+    Flood,
 }
 
 /// No scenario runs longer than this (a full one takes a few minutes).
@@ -127,7 +131,7 @@ const SCENARIO_LIMIT: Duration = Duration::from_secs(20 * 60);
 /// Nor, in quick mode, longer than this.
 const QUICK_SCENARIO_LIMIT: Duration = Duration::from_secs(60);
 
-const ORDER: [Scenario; 9] = [
+const ORDER: [Scenario; 10] = [
     Scenario::Latency,
     Scenario::Modes,
     Scenario::Fanout,
@@ -137,6 +141,7 @@ const ORDER: [Scenario; 9] = [
     Scenario::Time,
     Scenario::Scale,
     Scenario::Enrich,
+    Scenario::Flood,
 ];
 
 /// What every scenario needs.
@@ -326,6 +331,7 @@ async fn run(args: Args) -> Result<()> {
                 Scenario::Time => time::scenario(&bench).await,
                 Scenario::Scale => scale::scenario(&bench).await,
                 Scenario::Enrich => enrich::scenario(&bench).await,
+                Scenario::Flood => flood::scenario(&bench).await,
                 Scenario::All => Err(failed("`all` is expanded before this point")),
             }
         };

@@ -509,8 +509,11 @@ pub struct LimitsConfig {
     pub max_frame_bytes: usize,
     /// Events queued per client before it is closed as a slow consumer.
     pub queue_len: usize,
-    /// Concurrent sockets per client IP.
+    /// Concurrent sockets per client IP (and, apart, plain HTTP connections per IP).
     pub connections_per_ip: usize,
+    /// Client TCP connections open at once (HTTP and WebSockets); 0: as many as the
+    /// descriptor limit allows, less a reserve for database connections and files.
+    pub max_connections: usize,
     /// Client messages per second per connection.
     pub messages_per_sec: u32,
     /// Channels one connection may subscribe to.
@@ -698,6 +701,7 @@ impl Default for LimitsConfig {
             max_frame_bytes: 64 * 1024,
             queue_len: 1024,
             connections_per_ip: 256,
+            max_connections: 0,
             messages_per_sec: 50,
             subscriptions_per_connection: 64,
             ping_interval_secs: 30,

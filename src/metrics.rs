@@ -51,6 +51,13 @@ pub struct Metrics {
     pub reminders_late: Counter,
     /// Handshakes refused, by reason.
     pub handshakes_refused: Family<Reason, Counter>,
+    /// Client TCP connections open (plain HTTP and WebSockets).
+    pub tcp_connections: Gauge,
+    /// The bound on them (`limits.max_connections`, within the descriptor limit).
+    pub tcp_connections_max: Gauge,
+    /// Connections closed right after accept, by reason (`max_connections`,
+    /// `connections_per_ip`).
+    pub tcp_refused: Family<Reason, Counter>,
     /// Connections closed, by reason.
     pub connections_closed: Family<Reason, Counter>,
     /// Log rows read by the daemon.
@@ -138,6 +145,9 @@ impl Metrics {
             reminders_sent: Counter::default(),
             reminders_late: Counter::default(),
             handshakes_refused: Family::default(),
+            tcp_connections: Gauge::default(),
+            tcp_connections_max: Gauge::default(),
+            tcp_refused: Family::default(),
             connections_closed: Family::default(),
             events_read: Counter::default(),
             messages_sent: Counter::default(),
@@ -224,6 +234,21 @@ impl Metrics {
             "handshakes_refused",
             "WebSocket handshakes refused, by reason",
             m.handshakes_refused.clone(),
+        );
+        r.register(
+            "tcp_connections",
+            "Client TCP connections open (plain HTTP and WebSockets)",
+            m.tcp_connections.clone(),
+        );
+        r.register(
+            "tcp_connections_max",
+            "Bound on open client TCP connections (limits.max_connections within the descriptor limit)",
+            m.tcp_connections_max.clone(),
+        );
+        r.register(
+            "tcp_refused",
+            "Client TCP connections closed right after accept, by reason",
+            m.tcp_refused.clone(),
         );
         r.register(
             "connections_closed",

@@ -171,6 +171,16 @@ async fn notify_cita_compat_endpoint_refreshes_stats() {
         assert_eq!(status, 400, "{bad}: {resp}");
         assert!(resp.contains("action must be one of"), "{resp}");
     }
+    // A value PostgreSQL cannot store is the client's fault (400), not a reason to retry.
+    for nul in [
+        r#"{"negocio_id":"t1","action":"created","nota":"a\u0000b"}"#,
+        r#"{"negocio_id":"t1","action":"created","x":{"k\u0000":[1]}}"#,
+    ] {
+        let secret = [("X-Citapulse-Secret", "rest-api-shared-secret")];
+        let (status, resp) = http(d.addr, "POST", "/notify/cita", &secret, nul).await;
+        assert_eq!(status, 400, "{nul}: {resp}");
+        assert!(resp.contains("u0000"), "{resp}");
+    }
     d.stop().await;
 }
 

@@ -652,3 +652,60 @@ async fn the_slot_moves_on_while_only_unwatched_tables_are_written() {
     assert_eq!(logged, 0);
     d.stop().await;
 }
+
+#[tokio::test]
+async fn oversized_tenants_are_counted_row_by_row_and_every_instance_says_the_same() {
+    let db = TestDb::new().await;
+    let slot = slot_of(&db.url);
+    switch(&db.client, "wal", &slot).await;
+    let leader = daemon_on(&db, &slot, |_| {}).await;
+    let other = daemon_on(&db, &slot, |_| {}).await;
+    let long = "x".repeat(3000);
+    let huge = "y".repeat(10_000);
+    for tenant in [&long, &huge] {
+        db.client
+            .execute(
+                "INSERT INTO citas (negocio_id, cliente_id) VALUES ($1, 'c')",
+                &[tenant],
+            )
+            .await
+            .unwrap();
+    }
+    db.client
+        .execute(
+            "UPDATE citas SET estado = 'confirmada' WHERE length(negocio_id) > 255",
+            &[],
+        )
+        .await
+        .unwrap();
+    // One tenant over the bulk threshold: folded into one refresh, still 150 rows.
+    db.client
+        .execute(
+            "INSERT INTO citas (negocio_id, cliente_id) SELECT $1, 'bulk' FROM generate_series(1, 150)",
+            &[&long],
+        )
+        .await
+        .unwrap();
+    db.client
+        .execute("DELETE FROM citas WHERE length(negocio_id) > 255", &[])
+        .await
+        .unwrap();
+    // As in trigger mode: 2 inserted + 2 updated + 150 bulk + 152 deleted rows.
+    let expected = 2.0 + 2.0 + 150.0 + 152.0;
+    for d in [&leader, &other] {
+        wait_until(|| async { d.metric("citapulse_oversized_tenant_rows").await == expected })
+            .await;
+    }
+    let logged: i64 = db
+        .client
+        .query_one(
+            "SELECT count(*) FROM citapulse.events WHERE octet_length(tenant) > 255",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(logged, 0);
+    other.stop().await;
+    leader.stop().await;
+}

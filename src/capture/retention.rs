@@ -21,16 +21,37 @@ pub async fn run(shared: Arc<Context>, mut shutdown: watch::Receiver<bool>) {
     let first = every
         .mul_f64(0.1 + fastrand::f64() * 0.2)
         .min(Duration::from_secs(30));
-    let mut wait = first;
+    let prune = tokio::time::sleep(first);
+    tokio::pin!(prune);
+    // The log's gauges are the database's, so every instance reads them as often.
+    let mut gauges = tokio::time::interval(GAUGES_EVERY);
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
+            _ = &mut prune => {
+                if let Err(err) = prune_round(&shared).await {
+                    tracing::warn!(error = %err, "pruning the event log failed");
+                }
+                prune.as_mut().reset(tokio::time::Instant::now() + every);
+            }
+            _ = gauges.tick() => {
+                if let Ok(client) = shared.pool.get().await {
+                    read_gauges(&shared, &client).await;
+                }
+            }
             _ = shutdown.changed() => return,
         }
-        wait = every;
-        if let Err(err) = prune_round(&shared).await {
-            tracing::warn!(error = %err, "pruning the event log failed");
-        }
+    }
+}
+
+/// How often the log's size and the oversized-tenant count are read.
+const GAUGES_EVERY: Duration = Duration::from_secs(5);
+
+async fn read_gauges(shared: &Context, client: &tokio_postgres::Client) {
+    if let Ok(rows) = db::estimated_log_rows(client).await {
+        shared.metrics.log_rows.set(rows);
+    }
+    if let Ok(rows) = db::oversized_tenant_rows(client).await {
+        shared.metrics.oversized_tenant_rows.set(rows);
     }
 }
 
@@ -47,12 +68,7 @@ pub async fn prune_round(shared: &Context) -> Result<u64, db::DbError> {
         }
     }
     shared.metrics.pruned_rows.inc_by(total);
-    if let Ok(rows) = db::estimated_log_rows(&client).await {
-        shared.metrics.log_rows.set(rows);
-    }
-    if let Ok(rows) = db::oversized_tenant_rows(&client).await {
-        shared.metrics.oversized_tenant_rows.set(rows);
-    }
+    read_gauges(shared, &client).await;
     if total > 0 {
         tracing::info!(rows = total, "pruned expired events");
     }

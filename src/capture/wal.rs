@@ -713,12 +713,18 @@ async fn write_rows(
             payloads: run.iter().map(|r| r.payload.as_ref()).collect(),
         });
     }
-    // Dropped by the INSERT's filter; counted as the triggers' path counts them.
-    let oversized = runs
+    // Dropped by the INSERT's filter; counted as the triggers' path counts them: every
+    // row, also those a bulk refresh stands for.
+    let oversized: i64 = runs
         .iter()
-        .flat_map(|r| &r.tenants)
-        .filter(|t| t.is_some_and(|t| t.len() > 255))
-        .count() as i32;
+        .flat_map(|r| r.tenants.iter().zip(&r.types).zip(&r.payloads))
+        .filter(|((t, _), _)| t.is_some_and(|t| t.len() > 255))
+        .map(|((_, ty), payload)| match (ty, payload) {
+            (Some("calendar_refresh"), Some(p)) => p["rows"].as_i64().unwrap_or(1),
+            _ => 1,
+        })
+        .sum();
+    let oversized = i32::try_from(oversized).unwrap_or(i32::MAX);
     let run_params: Vec<[&(dyn ToSql + Sync); 8]> = runs
         .iter()
         .map(|r| {

@@ -35,6 +35,7 @@ use crate::metrics::Metrics;
 use crate::stats::engine::StatsEngine;
 use crate::tasks::{OnDeath, supervise};
 
+mod admission;
 pub mod keys;
 
 /// The dashboard page and its client, embedded so the binary serves them alone.
@@ -89,6 +90,8 @@ pub struct Shared {
     pub keys: Arc<keys::Keys>,
     /// Open sockets per client address.
     per_ip: Mutex<HashMap<IpAddr, usize>>,
+    /// Open connections, from accept to close.
+    admission: Arc<admission::Admission>,
 }
 
 /// Holds one of an address's connection slots; frees it on drop.
@@ -243,6 +246,7 @@ impl Shared {
         revocations: Arc<crate::auth::Revocations>,
     ) -> Arc<Self> {
         let config = Arc::new(config);
+        let admission = connection_bound(&config, &metrics);
         let hub = Arc::new(Hub::new(
             metrics.clone(),
             config.limits.queue_len.max(1024) * 4,
@@ -304,8 +308,33 @@ impl Shared {
             sockets,
             keys,
             per_ip: Mutex::new(HashMap::new()),
+            admission,
         })
     }
+}
+
+/// Raises the descriptor limit and bounds open connections within it (what the
+/// database connections and files need stays free).
+fn connection_bound(config: &Config, metrics: &Metrics) -> Arc<admission::Admission> {
+    let fds = admission::raise_fd_limit();
+    let reserve = 128 + 2 * config.database.pool_size as u64;
+    let fit = usize::try_from(fds.saturating_sub(reserve).max(16)).unwrap_or(usize::MAX);
+    let wanted = config.limits.max_connections;
+    let max = if wanted == 0 { fit } else { wanted.min(fit) };
+    if max < wanted {
+        tracing::warn!(
+            max_connections = wanted,
+            descriptor_limit = fds,
+            bound = max,
+            "limits.max_connections is above what the descriptor limit allows; raise the hard limit (ulimit -Hn, or the container's nofile)"
+        );
+    }
+    metrics.tcp_connections_max.set(max as i64);
+    admission::Admission::new(
+        max,
+        config.limits.connections_per_ip,
+        metrics.tcp_connections.clone(),
+    )
 }
 
 /// Spawns the supervised background tasks (listener, stats, day rollover, retention,
@@ -418,15 +447,30 @@ async fn accept_until(
     tracing::info!(addr = ?addr, instance = %shared.config.instance, "citapulse listening");
     let sockets = TaskTracker::new();
     tokio::pin!(shutdown);
+    // After a flood the heap stays at its peak unless it is given back.
+    let mut trim = tokio::time::interval(Duration::from_secs(10));
+    let mut peak = 0;
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    let admitted = match shared.admission.admit(peer.ip()) {
+                        Ok(admitted) => Arc::new(admitted),
+                        Err(refusal) => {
+                            // Closed at once: no task, no buffer.
+                            shared.metrics.tcp_refused.get_or_create(&crate::metrics::Reason {
+                                reason: refusal.label().into(),
+                            }).inc();
+                            tracing::debug!(peer = %peer, reason = refusal.label(), "connection refused at accept");
+                            continue;
+                        }
+                    };
+                    peak = peak.max(shared.admission.open());
                     let _ = stream.set_nodelay(true);
                     let shared = shared.clone();
                     let stop = stop_rx.clone();
                     let tracker = sockets.clone();
-                    sockets.spawn(serve_http(stream, peer, shared, stop, tracker));
+                    sockets.spawn(serve_http(stream, peer, shared, stop, tracker, admitted));
                 }
                 Err(err) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -434,6 +478,13 @@ async fn accept_until(
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
+            _ = trim.tick() => {
+                let open = shared.admission.open();
+                if peak > open + 1_000 {
+                    tokio::task::spawn_blocking(admission::return_free_memory);
+                }
+                peak = open;
+            }
             _ = &mut shutdown => break,
         }
     }
@@ -447,6 +498,7 @@ async fn serve_http(
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
     tracker: TaskTracker,
+    admitted: Arc<admission::Admitted>,
 ) {
     let io = TokioIo::new(stream);
     let stop_for_ws = stop.clone();
@@ -454,7 +506,8 @@ async fn serve_http(
         let shared = shared.clone();
         let stop = stop_for_ws.clone();
         let tracker = tracker.clone();
-        async move { Ok::<_, Infallible>(route(req, peer, shared, stop, tracker).await) }
+        let admitted = admitted.clone();
+        async move { Ok::<_, Infallible>(route(req, peer, shared, stop, (tracker, admitted)).await) }
     });
     let conn = http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
@@ -505,15 +558,19 @@ fn error_response(status: StatusCode, code: &str, message: &str) -> Response<Bod
     json_response(status, json!({"error": code, "message": message}))
 }
 
+/// The connection's task tracker and its place among open connections, which the
+/// WebSocket it may become keeps.
+type ConnectionHold = (TaskTracker, Arc<admission::Admitted>);
+
 async fn route(
     mut req: Request<Incoming>,
     peer: SocketAddr,
     shared: Arc<Shared>,
     stop: watch::Receiver<bool>,
-    tracker: TaskTracker,
+    hold: ConnectionHold,
 ) -> Response<Body> {
     match (req.method(), req.uri().path()) {
-        (&Method::GET, "/ws") => upgrade(&mut req, peer, shared, stop, tracker),
+        (&Method::GET, "/ws") => upgrade(&mut req, peer, shared, stop, hold),
         (&Method::GET, "/health") => health(&shared),
         // Liveness: the process and its runtime answer (a stalled runtime answers late
         // or never, which is what a liveness probe should see). Not the database: a
@@ -676,7 +733,7 @@ fn upgrade(
     peer: SocketAddr,
     shared: Arc<Shared>,
     stop: watch::Receiver<bool>,
-    tracker: TaskTracker,
+    (tracker, admitted): ConnectionHold,
 ) -> Response<Body> {
     if !hyper_tungstenite::is_upgrade_request(req) {
         return refuse(
@@ -784,7 +841,9 @@ fn upgrade(
         let _slot = slot;
         match upgraded.await {
             Ok(io) => {
-                crate::delivery::ws::serve(io, shared.sockets.clone(), identity, peer, stop).await
+                admitted.upgraded();
+                crate::delivery::ws::serve(io, shared.sockets.clone(), identity, peer, stop).await;
+                drop(admitted);
             }
             Err(err) => tracing::debug!(peer = %peer, error = %err, "upgrade failed"),
         }
@@ -900,6 +959,13 @@ async fn notify_cita(req: Request<Incoming>, shared: &Shared) -> Response<Body> 
             "action must be one of created, updated, deleted, status_changed, rescheduled",
         );
     };
+    if has_nul(&value) {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "the body may not contain \\u0000 (PostgreSQL's jsonb cannot store it)",
+        );
+    }
     // Through the log like any event, so it is replayable and reaches every instance.
     let emitted = async {
         let client = shared.sockets.pool.get().await?;
@@ -914,6 +980,16 @@ async fn notify_cita(req: Request<Incoming>, shared: &Shared) -> Response<Body> 
     .await;
     let id = match emitted {
         Ok(id) => id,
+        // A data exception is the request's fault: retrying would not help.
+        Err(db::DbError::Postgres(err))
+            if err.code().is_some_and(|c| c.code().starts_with("22")) =>
+        {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "the database refused the body's values",
+            );
+        }
         Err(err) => {
             tracing::warn!(error = %err, "POST /notify/cita: emitting the event failed");
             return error_response(
@@ -928,6 +1004,16 @@ async fn notify_cita(req: Request<Incoming>, shared: &Shared) -> Response<Body> 
         StatusCode::ACCEPTED,
         json!({"status": "accepted", "negocio_id": tenant, "type": event_type, "id": id}),
     )
+}
+
+/// Whether a key or string anywhere in `value` holds U+0000.
+fn has_nul(value: &serde_json::Value) -> bool {
+    match value {
+        serde_json::Value::String(s) => s.contains('\0'),
+        serde_json::Value::Array(items) => items.iter().any(has_nul),
+        serde_json::Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
+    }
 }
 
 /// The event `POST /notify/cita` emits for an action (DESIGN.md §9), as the triggers
