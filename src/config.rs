@@ -77,6 +77,9 @@ impl<'de> Deserialize<'de> for Secret {
 pub struct Config {
     /// Address of the HTTP/WebSocket listener.
     pub listen: SocketAddr,
+    /// Where `/health`, `/livez`, `/readyz` and `/metrics` are served instead of
+    /// `listen` (unset: on `listen`, with everything else).
+    pub admin_listen: Option<SocketAddr>,
     /// Name of this instance in logs and metrics.
     pub instance: String,
     /// Database connection.
@@ -593,6 +596,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            admin_listen: None,
             instance: default_instance(),
             database: DatabaseConfig::default(),
             auth: AuthConfig::default(),

@@ -269,7 +269,9 @@ async fn dispatch(command: Command, config: Config) -> Result<ExitCode, String> 
             Ok(ExitCode::SUCCESS)
         }
         Command::Check => check(&config).await,
-        Command::Health { addr } => health(addr.unwrap_or(config.listen)),
+        Command::Health { addr } => {
+            health(addr.unwrap_or(config.admin_listen.unwrap_or(config.listen)))
+        }
     }
 }
 

@@ -123,25 +123,42 @@ async fn start_nginx(upstreams: &[SocketAddr]) -> Nginx {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let port = free_port();
+    // The shipped example, with this test's addresses and paths: what users deploy is
+    // what is tested.
+    let example = std::fs::read_to_string("deploy/nginx.conf").unwrap();
     let servers: String = upstreams
         .iter()
         .map(|a| format!("        server {a} max_fails=1 fail_timeout=2s;\n"))
         .collect();
     let d = dir.display();
-    let conf = format!(
-        "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
-         events {{ worker_connections 1024; }}\n\
-         http {{\n    access_log off;\n    client_body_temp_path {d}/body;\n    proxy_temp_path {d}/proxy;\n\
-             fastcgi_temp_path {d}/fastcgi;\n    uwsgi_temp_path {d}/uwsgi;\n    scgi_temp_path {d}/scgi;\n\
-             map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}\n\
-             upstream citapulse {{\n{servers}    }}\n\
-             server {{\n        listen 127.0.0.1:{port};\n        location / {{\n\
-                 proxy_pass http://citapulse;\n            proxy_http_version 1.1;\n\
-                 proxy_set_header Upgrade $http_upgrade;\n            proxy_set_header Connection $connection_upgrade;\n\
-                 proxy_set_header Host $host;\n            proxy_connect_timeout 2s;\n\
-                 proxy_read_timeout 1h;\n            proxy_send_timeout 1h;\n\
-                 proxy_next_upstream error timeout http_502 http_503;\n            proxy_buffering off;\n        }}\n    }}\n}}\n"
+    let mut conf = format!(
+        "daemon off;\nmaster_process off;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n"
     );
+    let mut in_upstream = false;
+    for line in example.lines() {
+        let t = line.trim();
+        if t.starts_with("worker_processes") {
+            conf.push_str("worker_processes 1;\n");
+        } else if t.starts_with("upstream citapulse") {
+            in_upstream = true;
+            conf.push_str(&format!("    upstream citapulse {{\n{servers}"));
+        } else if in_upstream {
+            if t == "}" {
+                in_upstream = false;
+                conf.push_str("    }\n");
+            }
+        } else if t == "listen 8080;" {
+            conf.push_str(&format!("        listen 127.0.0.1:{port};\n"));
+        } else if t == "http {" {
+            conf.push_str(&format!(
+                "http {{\n    access_log off;\n    client_body_temp_path {d}/body;\n    proxy_temp_path {d}/proxy;\n\
+                 fastcgi_temp_path {d}/fastcgi;\n    uwsgi_temp_path {d}/uwsgi;\n    scgi_temp_path {d}/scgi;\n"
+            ));
+        } else {
+            conf.push_str(line);
+            conf.push('\n');
+        }
+    }
     let conf_path = dir.join("nginx.conf");
     std::fs::write(&conf_path, conf).unwrap();
     let child = Command::new(nginx_binary())
@@ -157,9 +174,18 @@ async fn start_nginx(upstreams: &[SocketAddr]) -> Nginx {
     let n = Nginx { child, dir, addr };
     wait_until(|| async {
         tokio::net::TcpStream::connect(addr).await.is_ok()
-            && http_get(addr, "/health", &[]).await.0 == 200
+            && http_get(addr, "/", &[]).await.0 == 200
     })
     .await;
+    // Public: the page and its script; the operations endpoints are not.
+    assert_eq!(http_get(addr, "/citapulse.js", &[]).await.0, 200);
+    for path in ["/health", "/metrics", "/readyz", "/stats", "/notify/cita"] {
+        assert_eq!(
+            http_get(addr, path, &[]).await.0,
+            404,
+            "{path} through the proxy"
+        );
+    }
     n
 }
 

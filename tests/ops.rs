@@ -365,3 +365,63 @@ async fn json_logs_have_one_line_per_connection_without_tokens() {
     }
     assert_eq!(closes, 1);
 }
+
+#[tokio::test]
+async fn operations_endpoints_move_to_admin_listen_and_answer_no_database_ids() {
+    let db = TestDb::new().await;
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let d = Daemon::start(&db.url, |c| c.admin_listen = Some(admin)).await;
+    // The public port serves the clients' endpoints only.
+    for path in ["/health", "/livez", "/readyz", "/metrics"] {
+        assert_eq!(
+            http_get(d.addr, path, &[]).await.0,
+            404,
+            "{path} on the public port"
+        );
+    }
+    assert_eq!(http_get(d.addr, "/", &[]).await.0, 200);
+    let mut c = WsClient::subscribed(d.addr, "t1").await;
+    db.insert_cita("t1", "pendiente").await;
+    c.expect_type("cita_created").await;
+    // The admin port serves the operations endpoints only.
+    for path in ["/health", "/livez", "/readyz", "/metrics"] {
+        assert_eq!(
+            http_get(admin, path, &[]).await.0,
+            200,
+            "{path} on admin_listen"
+        );
+    }
+    for path in ["/ws", "/", "/stats", "/notify/cita"] {
+        assert_eq!(
+            http_get(admin, path, &[]).await.0,
+            404,
+            "{path} on admin_listen"
+        );
+    }
+    // No database-wide id in an unauthenticated answer.
+    let (_, body) = http_get(admin, "/health", &[]).await;
+    let health: Value = serde_json::from_str(&body).unwrap();
+    assert!(health.get("last_event_id").is_none(), "{health}");
+    assert!(!body.contains("t1"), "{body}");
+    // `citapulse health` (the image's HEALTHCHECK) asks admin_listen when it is set.
+    // (Off the runtime: the daemon answering it runs on this test's runtime.)
+    let (code, out, err) = tokio::task::spawn_blocking(move || {
+        cli(
+            &["health"],
+            &[("CITAPULSE_ADMIN_LISTEN", &admin.to_string())],
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    // An address that cannot be bound is named at start.
+    let mut taken = config(&db.url);
+    taken.admin_listen = Some(admin);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = citapulse::run(listener, taken, std::future::pending())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("admin_listen"), "{err}");
+    d.stop().await;
+}

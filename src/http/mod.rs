@@ -20,6 +20,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_tungstenite::tungstenite::error::ProtocolError;
 use hyper_tungstenite::tungstenite::handshake::derive_accept_key;
 use hyper_util::rt::TokioIo;
+use prometheus_client::metrics::gauge::Gauge;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -58,6 +59,26 @@ pub enum ServerError {
     /// The JWKS could not be read at start.
     #[error("{0}")]
     Keys(String),
+    /// `admin_listen` cannot be bound.
+    #[error("config key `admin_listen`: cannot listen on {addr}: {source}")]
+    AdminListen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Which endpoints a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Door {
+    /// Everything (no `admin_listen`).
+    All,
+    /// The clients' endpoints: the operations endpoints are on `admin_listen`.
+    Public,
+    /// `admin_listen`: `/health`, `/livez`, `/readyz`, `/metrics`.
+    Admin,
 }
 
 /// The daemon's state, built once at start-up in [`run`]. Each task gets its own
@@ -153,6 +174,14 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
     config.validate()?;
+    let admin = match config.admin_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::AdminListen { addr, source })?,
+        ),
+        None => None,
+    };
     let auth = Authenticator::new(&config.auth)?;
     let metrics = Arc::new(Metrics::new(&config.instance));
     let pool = db::pool(&config)?;
@@ -164,7 +193,26 @@ pub async fn run(
     shared.keys.load().await.map_err(ServerError::Keys)?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let background = spawn_background(&shared, &stop_rx);
-    let sockets = accept_until(listener, &shared, &stop_rx, shutdown).await;
+    let door = match admin {
+        Some(admin) => {
+            // Its own bounds, so a flood of the public port leaves the probes alone.
+            let bound = admission::Admission::new(256, 64, Gauge::default());
+            let (shared, stop) = (shared.clone(), stop_rx.clone());
+            background.spawn(async move {
+                let mut stopped = stop.clone();
+                let wait = async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                };
+                let tasks = accept_until(admin, &shared, &stop, wait, Door::Admin, bound).await;
+                tasks.close();
+                tasks.wait().await;
+            });
+            Door::Public
+        }
+        None => Door::All,
+    };
+    let clients = shared.admission.clone();
+    let sockets = accept_until(listener, &shared, &stop_rx, shutdown, door, clients).await;
 
     tracing::info!("shutting down: closing sockets");
     let _ = stop_tx.send(true);
@@ -442,9 +490,16 @@ async fn accept_until(
     shared: &Arc<Shared>,
     stop_rx: &watch::Receiver<bool>,
     shutdown: impl Future<Output = ()>,
+    door: Door,
+    admission: Arc<admission::Admission>,
 ) -> TaskTracker {
     let addr = listener.local_addr().ok();
-    tracing::info!(addr = ?addr, instance = %shared.config.instance, "citapulse listening");
+    match door {
+        Door::Admin => tracing::info!(addr = ?addr, "operations endpoints listening"),
+        _ => {
+            tracing::info!(addr = ?addr, instance = %shared.config.instance, "citapulse listening")
+        }
+    }
     let sockets = TaskTracker::new();
     tokio::pin!(shutdown);
     // After a flood the heap stays at its peak unless it is given back.
@@ -454,7 +509,7 @@ async fn accept_until(
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    let admitted = match shared.admission.admit(peer.ip()) {
+                    let admitted = match admission.admit(peer.ip()) {
                         Ok(admitted) => Arc::new(admitted),
                         Err(refusal) => {
                             // Closed at once: no task, no buffer.
@@ -465,12 +520,12 @@ async fn accept_until(
                             continue;
                         }
                     };
-                    peak = peak.max(shared.admission.open());
+                    peak = peak.max(admission.open());
                     let _ = stream.set_nodelay(true);
                     let shared = shared.clone();
                     let stop = stop_rx.clone();
                     let tracker = sockets.clone();
-                    sockets.spawn(serve_http(stream, peer, shared, stop, tracker, admitted));
+                    sockets.spawn(serve_http(stream, peer, shared, stop, (tracker, admitted), door));
                 }
                 Err(err) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -479,7 +534,7 @@ async fn accept_until(
                 }
             },
             _ = trim.tick() => {
-                let open = shared.admission.open();
+                let open = admission.open();
                 if peak > open + 1_000 {
                     tokio::task::spawn_blocking(admission::return_free_memory);
                 }
@@ -497,17 +552,16 @@ async fn serve_http(
     peer: SocketAddr,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
-    tracker: TaskTracker,
-    admitted: Arc<admission::Admitted>,
+    hold: ConnectionHold,
+    door: Door,
 ) {
     let io = TokioIo::new(stream);
     let stop_for_ws = stop.clone();
     let service = service_fn(move |req| {
         let shared = shared.clone();
         let stop = stop_for_ws.clone();
-        let tracker = tracker.clone();
-        let admitted = admitted.clone();
-        async move { Ok::<_, Infallible>(route(req, peer, shared, stop, (tracker, admitted)).await) }
+        let hold = hold.clone();
+        async move { Ok::<_, Infallible>(route(req, peer, shared, stop, hold, door).await) }
     });
     let conn = http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
@@ -568,7 +622,15 @@ async fn route(
     shared: Arc<Shared>,
     stop: watch::Receiver<bool>,
     hold: ConnectionHold,
+    door: Door,
 ) -> Response<Body> {
+    let operations = matches!(
+        req.uri().path(),
+        "/health" | "/livez" | "/readyz" | "/metrics"
+    );
+    if (door == Door::Admin && !operations) || (door == Door::Public && operations) {
+        return error_response(StatusCode::NOT_FOUND, "not_found", "no such endpoint");
+    }
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/ws") => upgrade(&mut req, peer, shared, stop, hold),
         (&Method::GET, "/health") => health(&shared),
@@ -628,7 +690,6 @@ fn health(shared: &Shared) -> Response<Body> {
                 "capture": shared.health.capture_mode(),
                 "instance": shared.config.instance,
                 "connections": connections,
-                "last_event_id": shared.reader_position.load(std::sync::atomic::Ordering::Relaxed),
                 "runtime_stall_ms": stall_ms(shared),
                 "database_tls": shared.metrics.database_tls.get() == 1,
             }),

@@ -212,6 +212,8 @@ pub fn config(url: &str) -> Config {
 pub struct Daemon {
     /// Where it listens.
     pub addr: SocketAddr,
+    /// Where its operations endpoints answer (`admin_listen`, else `addr`).
+    pub ops: SocketAddr,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), citapulse::http::ServerError>>>,
 }
@@ -227,6 +229,7 @@ impl Daemon {
     /// Starts with a complete config.
     pub async fn start_with(c: Config) -> Self {
         init_logs();
+        let admin = c.admin_listen;
         let listener = tokio::net::TcpListener::bind(c.listen).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -235,6 +238,7 @@ impl Daemon {
         }));
         let d = Self {
             addr,
+            ops: admin.unwrap_or(addr),
             stop: Some(tx),
             task: Some(task),
         };
@@ -244,7 +248,12 @@ impl Daemon {
 
     /// Waits until /health answers 200.
     pub async fn wait_healthy(&self) {
-        wait_until(|| async { http_get(self.addr, "/health", &[]).await.0 == 200 }).await;
+        // admin_listen is bound by the daemon's own task: it may not be there yet.
+        wait_until(|| async {
+            TcpStream::connect(self.ops).await.is_ok()
+                && http_get(self.ops, "/health", &[]).await.0 == 200
+        })
+        .await;
     }
 
     /// Graceful shutdown; returns the server's result.
@@ -263,7 +272,7 @@ impl Daemon {
 
     /// A metric's value (sum over label sets) from /metrics.
     pub async fn metric(&self, name: &str) -> f64 {
-        metric_value(&http_get(self.addr, "/metrics", &[]).await.1, name)
+        metric_value(&http_get(self.ops, "/metrics", &[]).await.1, name)
     }
 }
 
