@@ -736,6 +736,96 @@ mod tests {
     }
 
     #[test]
+    fn claims_are_checked_not_converted() {
+        let a = auth();
+        let key = EncodingKey::from_secret(b"0123456789abcdef0123");
+        let now = unix_now();
+        let verify = |changes: serde_json::Value| {
+            let mut claims = serde_json::json!({"sub": "u", "exp": now + 60, "iat": now, "negocio_id": "t1", "role": "staff"});
+            for (k, v) in changes.as_object().into_iter().flatten() {
+                claims[k] = v.clone();
+            }
+            a.verify(&jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key).unwrap())
+        };
+        for (what, changes, why) in [
+            (
+                "future iat",
+                serde_json::json!({"iat": now + 60}),
+                "issued in the future (iat)",
+            ),
+            ("text iat", serde_json::json!({"iat": "1"}), "bad iat"),
+            ("numeric role", serde_json::json!({"role": 1}), "bad role"),
+            ("object role", serde_json::json!({"role": {}}), "bad role"),
+            (
+                "NUL in sub",
+                serde_json::json!({"sub": "a\u{0}b"}),
+                "bad sub",
+            ),
+            (
+                "long sub",
+                serde_json::json!({"sub": "u".repeat(MAX_CLAIM_BYTES + 1)}),
+                "bad sub",
+            ),
+            (
+                "NUL in tenant",
+                serde_json::json!({"negocio_id": "t\u{0}"}),
+                "bad tenant claim",
+            ),
+            (
+                "array tenant",
+                serde_json::json!({"negocio_id": ["t1"]}),
+                "bad tenant claim",
+            ),
+        ] {
+            assert_eq!(verify(changes), Err(AuthError::Invalid(why)), "{what}");
+        }
+        let id =
+            verify(serde_json::json!({"iat": now + LEEWAY_SECS, "negocio_id": 7, "role": null}))
+                .unwrap();
+        assert_eq!(
+            id.tenant.as_deref(),
+            Some("7"),
+            "integer tenant ids travel as text"
+        );
+        assert_eq!(id.role, None);
+        assert_eq!(
+            verify(serde_json::json!({"iat": 1.5e9})).unwrap().issued_at,
+            Some(1_500_000_000)
+        );
+    }
+
+    #[test]
+    fn jwks_hmac_keys_are_long_enough_and_kids_unique() {
+        let a = Authenticator::new(&AuthConfig {
+            jwks_file: Some("/unused".into()),
+            ..AuthConfig::default()
+        })
+        .unwrap();
+        let oct = |kid: &str, k: &str| serde_json::json!({"kty": "oct", "kid": kid, "alg": "HS256", "k": k});
+        let parse = |keys: serde_json::Value| -> jsonwebtoken::jwk::JwkSet {
+            serde_json::from_value(serde_json::json!({ "keys": keys })).unwrap()
+        };
+        // "MDEyMzQ1Njc4OWFiY2RlZg" is 16 bytes, "MDEyMzQ1Njc4OWFiY2Rl" 15.
+        let set = parse(serde_json::json!([
+            oct("empty", ""),
+            oct("short", "MDEyMzQ1Njc4OWFiY2Rl"),
+            oct("ok", "MDEyMzQ1Njc4OWFiY2RlZg"),
+            {"kty": "oct", "kid": "enc", "use": "enc", "alg": "HS256", "k": "MDEyMzQ1Njc4OWFiY2RlZg"},
+        ]));
+        let (kept, skipped) = a.set_jwks(&set, true).unwrap();
+        assert_eq!(kept, 1, "{skipped:?}");
+        assert_eq!(skipped.len(), 3, "{skipped:?}");
+        let (kept, skipped) = a.set_jwks(&set, false).unwrap();
+        assert_eq!(kept, 0, "no shared secrets from a URL: {skipped:?}");
+        let twice = parse(serde_json::json!([
+            oct("k", "MDEyMzQ1Njc4OWFiY2RlZg"),
+            oct("k", "MDEyMzQ1Njc4OWFiY2RlZmdo"),
+        ]));
+        let err = a.set_jwks(&twice, true).unwrap_err();
+        assert!(err.contains("\"k\" twice"), "{err}");
+    }
+
+    #[test]
     fn alg_none_is_refused() {
         // {"alg":"none","typ":"JWT"}.{"sub":"u","exp":9999999999,"negocio_id":"n1"}.
         let t = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJ1IiwiZXhwIjo5OTk5OTk5OTk5LCJuZWdvY2lvX2lkIjoibjEifQ.";

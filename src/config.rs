@@ -1070,6 +1070,17 @@ mod tests {
         assert!(c.validate().is_ok(), "{}", error(&c));
         c.auth.jwks_ca_file = None;
         assert!(c.validate().is_ok(), "{}", error(&c));
+        c.auth.jwks_allow_hmac = true;
+        assert!(c.validate().is_ok(), "{}", error(&c));
+        c.auth.jwks_url = None;
+        c.auth.jwks_file = Some("/etc/jwks.json".into());
+        assert!(error(&c).contains("auth.jwks_allow_hmac"), "{}", error(&c));
+        c.auth.jwks_allow_hmac = false;
+        c.auth.jwt_secret = Some(Secret::new("short"));
+        assert!(
+            error(&c).contains("auth.jwt_secret"),
+            "a short secret next to a JWKS"
+        );
     }
 
     #[test]
