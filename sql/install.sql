@@ -22,7 +22,10 @@ CREATE SCHEMA IF NOT EXISTS citapulse;
 
 -- The version the daemon checks at start-up; bump on any incompatible change.
 CREATE OR REPLACE FUNCTION citapulse.version() RETURNS integer
-LANGUAGE sql IMMUTABLE AS $$ SELECT 9 $$;
+LANGUAGE sql IMMUTABLE AS $$ SELECT 10 $$;
+-- Version 10: citapulse.reserved_event_types() is the server's own message types
+-- (`authenticated` added, `reauthenticated`, which the server never sends, dropped);
+-- on PostgreSQL 17+ capture_mode('wal') creates a failover slot.
 -- Version 9: bulk statements are linear in their rows (capture()), reminders are read in
 -- pages and fired in batches (due_reminders' limit, record_late_reminders,
 -- fire_reminders, which replaces fire_reminder).
@@ -806,12 +809,14 @@ SELECT w.tbl,
                 WHERE p.pubname = 'citapulse' AND r.prrelid = w.tbl) AS in_publication
   FROM citapulse.watches w;
 
--- Message types the daemon itself sends: an emitted event may not pose as one of them.
+-- Message types the daemon itself sends, and those clients send: an emitted event may
+-- not pose as one of them. The same names as SERVER_MESSAGE_TYPES and
+-- CLIENT_MESSAGE_TYPES in src/delivery/protocol.rs (tests/security.rs compares them).
 CREATE OR REPLACE FUNCTION citapulse.reserved_event_types() RETURNS text[]
 LANGUAGE sql IMMUTABLE AS $$
     SELECT ARRAY['connected', 'subscribed', 'unsubscribed', 'stats', 'error', 'pong',
-                 'reauthenticated', 'presence', 'presence_join', 'presence_leave', 'auth',
-                 'ping', 'subscribe', 'unsubscribe']
+                 'authenticated', 'presence', 'presence_join', 'presence_leave',
+                 'subscribe', 'unsubscribe', 'ping', 'auth']
 $$;
 
 -- Publishes a custom event in the caller's transaction: delivered only if it commits.

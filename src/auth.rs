@@ -4,17 +4,32 @@
 //! Must never log a token.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde_json::{Map, Value};
 
-use crate::config::{AuthConfig, ConfigError, JwtAlgorithm, KeyFamily};
+use crate::config::{AuthConfig, ConfigError, JwtAlgorithm, KeyFamily, MIN_SECRET_BYTES};
 
 /// The channel prefix for a tenant's statistics and events.
 pub const STATS_PREFIX: &str = "estadisticas:";
 /// Longest tenant id accepted in a channel name.
 pub const MAX_TENANT_LEN: usize = 64;
+/// Longest `sub` (and tenant or role claim) accepted, in bytes: what `citapulse.revoke`
+/// takes, so every user that gets in can be revoked.
+pub const MAX_CLAIM_BYTES: usize = 256;
+/// Clock difference tolerated on `exp`, `nbf` and `iat`, in seconds.
+const LEEWAY_SECS: u64 = 5;
+
+/// Reads the JWKS again when a token names a `kid` no key has (`http::keys::Keys`);
+/// the implementation bounds how often and how long.
+pub trait KeyRefetch: Send + Sync {
+    /// Resolves once a read started now or already running has finished, at once when
+    /// none may start (rate limit), and in any case within the fetch timeout.
+    fn refetch(self: Arc<Self>) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+}
 
 /// Why a token was refused; the text is safe to show the client.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -130,7 +145,7 @@ impl Authenticator {
             keys.push((alg, key));
         }
         let mut validation = Validation::new(Algorithm::HS256);
-        validation.leeway = 5;
+        validation.leeway = LEEWAY_SECS;
         validation.validate_exp = true;
         validation.validate_nbf = true;
         // A configured issuer or audience must be present, not merely right when present:
@@ -220,14 +235,28 @@ impl Authenticator {
             },
         )?;
         let claims = data.claims;
-        let user_id = claim_text(claims.get("sub")).ok_or(AuthError::Invalid("bad sub"))?;
+        let user_id = match claims.get("sub") {
+            Some(Value::String(s)) if valid_claim_text(s) => s.clone(),
+            _ => return Err(AuthError::Invalid("bad sub")),
+        };
         let expires_at = claims
             .get("exp")
             .and_then(Value::as_u64)
             .ok_or(AuthError::Invalid("bad exp"))?;
-        let tenant = claim_text(claims.get(&self.tenant_claim));
-        let issued_at = claims.get("iat").and_then(Value::as_u64);
-        let role = claim_text(claims.get("role"));
+        let tenant = optional_text(claims.get(&self.tenant_claim), true)
+            .map_err(|()| AuthError::Invalid("bad tenant claim"))?;
+        let issued_at = match claims.get("iat") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(numeric_date(v).ok_or(AuthError::Invalid("bad iat"))?),
+        };
+        // A token "issued" in the future would outlive a revocation made before that
+        // time (a revocation refuses tokens issued up to it).
+        if issued_at.is_some_and(|iat| iat > unix_now().saturating_add(LEEWAY_SECS)) {
+            return Err(AuthError::Invalid("issued in the future (iat)"));
+        }
+        // A role is text: a number would become a role name the issuer never wrote.
+        let role = optional_text(claims.get("role"), false)
+            .map_err(|()| AuthError::Invalid("bad role"))?;
         let is_super = role.as_ref().is_some_and(|r| self.super_roles.contains(r));
         Ok(Identity {
             user_id,
@@ -239,11 +268,35 @@ impl Authenticator {
         })
     }
 
+    /// [`verify`](Self::verify), but a token naming a `kid` no key has waits for the
+    /// JWKS to be read again (`keys` bounds how often and how long), then is checked
+    /// once more: a key published just before its first token is found at the first try.
+    pub async fn verify_or_refetch(
+        &self,
+        token: &str,
+        keys: Arc<dyn KeyRefetch>,
+    ) -> Result<Identity, AuthError> {
+        match self.verify(token) {
+            Err(AuthError::UnknownKey) => {
+                keys.refetch().await;
+                self.verify(token)
+            }
+            other => other,
+        }
+    }
+
     /// Replaces the JWKS keys with those of `set` whose algorithm is accepted (the JWK's
     /// `alg`, or the one accepted algorithm of its key type when it names none); returns
-    /// how many were kept and why others were not.
-    pub fn set_jwks(&self, set: &jsonwebtoken::jwk::JwkSet) -> (usize, Vec<String>) {
-        use jsonwebtoken::jwk::AlgorithmParameters;
+    /// how many were kept and why others were not. HMAC (`oct`) keys must hold at least
+    /// [`MIN_SECRET_BYTES`] bytes, and are used only when `allow_hmac`. A set naming one
+    /// `kid` twice among the usable keys is refused whole (`Err`, naming the kid), and
+    /// the keys read before stay: which of the two a token meant cannot be known.
+    pub fn set_jwks(
+        &self,
+        set: &jsonwebtoken::jwk::JwkSet,
+        allow_hmac: bool,
+    ) -> Result<(usize, Vec<String>), String> {
+        use jsonwebtoken::jwk::{AlgorithmParameters, PublicKeyUse};
         let mut keys = HashMap::new();
         let mut skipped = Vec::new();
         for jwk in &set.keys {
@@ -251,6 +304,19 @@ impl Authenticator {
                 skipped.push("a key without kid".to_string());
                 continue;
             };
+            if matches!(
+                jwk.common.public_key_use,
+                Some(PublicKeyUse::Encryption | PublicKeyUse::Other(_))
+            ) {
+                skipped.push(format!("{kid:?}: not a signing key (use)"));
+                continue;
+            }
+            if matches!(jwk.algorithm, AlgorithmParameters::OctetKey(_)) && !allow_hmac {
+                skipped.push(format!(
+                    "{kid:?}: an HMAC (oct) key from auth.jwks_url (a shared secret in a published key set); set auth.jwks_allow_hmac = true to use it"
+                ));
+                continue;
+            }
             let family_ok = |alg: &Algorithm| {
                 let name = format!("{alg:?}");
                 match &jwk.algorithm {
@@ -274,22 +340,36 @@ impl Authenticator {
             };
             let Some(alg) = alg else {
                 skipped.push(format!(
-                    "{kid}: its algorithm is not one of auth.algorithms"
+                    "{kid:?}: its algorithm is not one of auth.algorithms"
                 ));
                 continue;
             };
             match DecodingKey::from_jwk(jwk) {
+                Ok(key)
+                    if matches!(jwk.algorithm, AlgorithmParameters::OctetKey(_))
+                        && key.try_get_as_bytes().map_or(0, <[u8]>::len) < MIN_SECRET_BYTES =>
+                {
+                    let len = key.try_get_as_bytes().map_or(0, <[u8]>::len);
+                    skipped.push(format!(
+                        "{kid:?}: an HMAC key of {len} bytes (at least {MIN_SECRET_BYTES} are needed)"
+                    ));
+                }
                 Ok(key) => {
+                    if keys.contains_key(&kid) {
+                        return Err(format!(
+                            "the JWKS names kid {kid:?} twice; kept the keys read before"
+                        ));
+                    }
                     let mut pinned = self.template.clone();
                     pinned.algorithms = vec![alg];
                     keys.insert(kid, (alg, key, pinned));
                 }
-                Err(e) => skipped.push(format!("{kid}: {e}")),
+                Err(e) => skipped.push(format!("{kid:?}: {e}")),
             }
         }
         let kept = keys.len();
         *crate::sync::write(&self.by_kid) = keys;
-        (kept, skipped)
+        Ok((kept, skipped))
     }
 
     /// Re-reads the static key material (`auth.jwt_secret`, `auth.public_key_file`) from
@@ -325,11 +405,32 @@ impl Authenticator {
     }
 }
 
-fn claim_text(v: Option<&Value>) -> Option<String> {
-    match v? {
-        Value::String(s) if !s.is_empty() && s.len() <= 256 => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        _ => None,
+/// Text a claim may hold: 1 to [`MAX_CLAIM_BYTES`] bytes, no NUL (PostgreSQL text
+/// cannot hold one, so such a user could never be revoked).
+fn valid_claim_text(s: &str) -> bool {
+    !s.is_empty() && s.len() <= MAX_CLAIM_BYTES && !s.contains('\0')
+}
+
+/// An optional text claim: absent, null or empty is `None`; a number is its text only
+/// where `numbers` allows it (integer tenant ids); anything else refuses the token.
+fn optional_text(v: Option<&Value>, numbers: bool) -> Result<Option<String>, ()> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.is_empty() => Ok(None),
+        Some(Value::String(s)) if valid_claim_text(s) => Ok(Some(s.clone())),
+        Some(Value::Number(n)) if numbers => Ok(Some(n.to_string())),
+        Some(_) => Err(()),
+    }
+}
+
+/// A JWT NumericDate (Unix seconds, fractions allowed) as whole seconds.
+fn numeric_date(v: &Value) -> Option<u64> {
+    match v.as_u64() {
+        Some(secs) => Some(secs),
+        None => v
+            .as_f64()
+            .filter(|f| f.is_finite() && *f >= 0.0 && *f < u64::MAX as f64)
+            .map(|f| f as u64),
     }
 }
 
@@ -632,6 +733,96 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(err.contains("auth.algorithms"), "{err}");
+    }
+
+    #[test]
+    fn claims_are_checked_not_converted() {
+        let a = auth();
+        let key = EncodingKey::from_secret(b"0123456789abcdef0123");
+        let now = unix_now();
+        let verify = |changes: serde_json::Value| {
+            let mut claims = serde_json::json!({"sub": "u", "exp": now + 60, "iat": now, "negocio_id": "t1", "role": "staff"});
+            for (k, v) in changes.as_object().into_iter().flatten() {
+                claims[k] = v.clone();
+            }
+            a.verify(&jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key).unwrap())
+        };
+        for (what, changes, why) in [
+            (
+                "future iat",
+                serde_json::json!({"iat": now + 60}),
+                "issued in the future (iat)",
+            ),
+            ("text iat", serde_json::json!({"iat": "1"}), "bad iat"),
+            ("numeric role", serde_json::json!({"role": 1}), "bad role"),
+            ("object role", serde_json::json!({"role": {}}), "bad role"),
+            (
+                "NUL in sub",
+                serde_json::json!({"sub": "a\u{0}b"}),
+                "bad sub",
+            ),
+            (
+                "long sub",
+                serde_json::json!({"sub": "u".repeat(MAX_CLAIM_BYTES + 1)}),
+                "bad sub",
+            ),
+            (
+                "NUL in tenant",
+                serde_json::json!({"negocio_id": "t\u{0}"}),
+                "bad tenant claim",
+            ),
+            (
+                "array tenant",
+                serde_json::json!({"negocio_id": ["t1"]}),
+                "bad tenant claim",
+            ),
+        ] {
+            assert_eq!(verify(changes), Err(AuthError::Invalid(why)), "{what}");
+        }
+        let id =
+            verify(serde_json::json!({"iat": now + LEEWAY_SECS, "negocio_id": 7, "role": null}))
+                .unwrap();
+        assert_eq!(
+            id.tenant.as_deref(),
+            Some("7"),
+            "integer tenant ids travel as text"
+        );
+        assert_eq!(id.role, None);
+        assert_eq!(
+            verify(serde_json::json!({"iat": 1.5e9})).unwrap().issued_at,
+            Some(1_500_000_000)
+        );
+    }
+
+    #[test]
+    fn jwks_hmac_keys_are_long_enough_and_kids_unique() {
+        let a = Authenticator::new(&AuthConfig {
+            jwks_file: Some("/unused".into()),
+            ..AuthConfig::default()
+        })
+        .unwrap();
+        let oct = |kid: &str, k: &str| serde_json::json!({"kty": "oct", "kid": kid, "alg": "HS256", "k": k});
+        let parse = |keys: serde_json::Value| -> jsonwebtoken::jwk::JwkSet {
+            serde_json::from_value(serde_json::json!({ "keys": keys })).unwrap()
+        };
+        // "MDEyMzQ1Njc4OWFiY2RlZg" is 16 bytes, "MDEyMzQ1Njc4OWFiY2Rl" 15.
+        let set = parse(serde_json::json!([
+            oct("empty", ""),
+            oct("short", "MDEyMzQ1Njc4OWFiY2Rl"),
+            oct("ok", "MDEyMzQ1Njc4OWFiY2RlZg"),
+            {"kty": "oct", "kid": "enc", "use": "enc", "alg": "HS256", "k": "MDEyMzQ1Njc4OWFiY2RlZg"},
+        ]));
+        let (kept, skipped) = a.set_jwks(&set, true).unwrap();
+        assert_eq!(kept, 1, "{skipped:?}");
+        assert_eq!(skipped.len(), 3, "{skipped:?}");
+        let (kept, skipped) = a.set_jwks(&set, false).unwrap();
+        assert_eq!(kept, 0, "no shared secrets from a URL: {skipped:?}");
+        let twice = parse(serde_json::json!([
+            oct("k", "MDEyMzQ1Njc4OWFiY2RlZg"),
+            oct("k", "MDEyMzQ1Njc4OWFiY2RlZmdo"),
+        ]));
+        let err = a.set_jwks(&twice, true).unwrap_err();
+        assert!(err.contains("\"k\" twice"), "{err}");
     }
 
     #[test]

@@ -297,6 +297,10 @@ impl std::str::FromStr for JwtAlgorithm {
     }
 }
 
+/// The shortest HMAC secret accepted, in bytes: `auth.jwt_secret` and every `oct` key
+/// of a JWKS.
+pub const MIN_SECRET_BYTES: usize = 16;
+
 /// `[auth]`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -328,6 +332,9 @@ pub struct AuthConfig {
     pub jwks_file: Option<PathBuf>,
     /// How often the JWKS is read again.
     pub jwks_refresh_secs: u64,
+    /// Whether HMAC (`oct`) keys of `jwks_url` are used: a published key set should hold
+    /// public keys only, so shared secrets there are ignored unless this is set.
+    pub jwks_allow_hmac: bool,
 }
 
 impl AuthConfig {
@@ -652,6 +659,7 @@ impl Default for AuthConfig {
             jwks_ca_file: None,
             jwks_file: None,
             jwks_refresh_secs: 300,
+            jwks_allow_hmac: false,
         }
     }
 }
@@ -878,6 +886,21 @@ impl Config {
         if !(1..=86_400).contains(&self.auth.jwks_refresh_secs) {
             return invalid("auth.jwks_refresh_secs", "must be between 1 and 86400");
         }
+        if self.auth.jwks_allow_hmac && self.auth.jwks_url.is_none() {
+            return invalid(
+                "auth.jwks_allow_hmac",
+                "is only used with auth.jwks_url (a jwks_file may always hold HMAC keys)",
+            );
+        }
+        // Also with a JWKS, where the secret is optional: a short one is never used.
+        if self
+            .auth
+            .jwt_secret
+            .as_ref()
+            .is_some_and(|s| s.expose().len() < MIN_SECRET_BYTES)
+        {
+            return invalid("auth.jwt_secret", "must be at least 16 bytes long");
+        }
         for alg in self.auth.algorithms()? {
             if jwks {
                 break;
@@ -890,7 +913,7 @@ impl Config {
                             "is required for HS* algorithms; set JWT_SECRET or auth.jwt_secret (there is no default secret)",
                         );
                     }
-                    Some(s) if s.expose().len() < 16 => {
+                    Some(s) if s.expose().len() < MIN_SECRET_BYTES => {
                         return invalid("auth.jwt_secret", "must be at least 16 bytes long");
                     }
                     Some(_) => {}
@@ -1086,6 +1109,17 @@ mod tests {
         assert!(c.validate().is_ok(), "{}", error(&c));
         c.auth.jwks_ca_file = None;
         assert!(c.validate().is_ok(), "{}", error(&c));
+        c.auth.jwks_allow_hmac = true;
+        assert!(c.validate().is_ok(), "{}", error(&c));
+        c.auth.jwks_url = None;
+        c.auth.jwks_file = Some("/etc/jwks.json".into());
+        assert!(error(&c).contains("auth.jwks_allow_hmac"), "{}", error(&c));
+        c.auth.jwks_allow_hmac = false;
+        c.auth.jwt_secret = Some(Secret::new("short"));
+        assert!(
+            error(&c).contains("auth.jwt_secret"),
+            "a short secret next to a JWKS"
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@
 mod support;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use base64::Engine as _;
@@ -22,8 +23,13 @@ fn secret(kid: &str) -> Vec<u8> {
 }
 
 fn jwk(kid: &str, alg: &str) -> Value {
+    jwk_with(kid, alg, &secret(kid))
+}
+
+/// An HMAC key of `kid` with a chosen secret.
+fn jwk_with(kid: &str, alg: &str, secret: &[u8]) -> Value {
     json!({"kty": "oct", "kid": kid, "alg": alg,
-           "k": base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret(kid))})
+           "k": base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret)})
 }
 
 fn set(keys: &[Value]) -> String {
@@ -32,6 +38,11 @@ fn set(keys: &[Value]) -> String {
 
 /// An HS256 token of `sub` in t1 signed with `kid`'s secret.
 fn token_with(kid: &str, alg: Algorithm) -> String {
+    token_signed(kid, alg, &secret(kid))
+}
+
+/// A token of u1 in t1 naming `kid`, signed with `secret`.
+fn token_signed(kid: &str, alg: Algorithm, secret: &[u8]) -> String {
     let mut header = Header::new(alg);
     header.kid = Some(kid.into());
     let now = std::time::SystemTime::now()
@@ -39,7 +50,7 @@ fn token_with(kid: &str, alg: Algorithm) -> String {
         .unwrap()
         .as_secs();
     let claims = json!({"sub": "u1", "negocio_id": "t1", "iat": now, "exp": now + 3600});
-    jsonwebtoken::encode(&header, &claims, &EncodingKey::from_secret(&secret(kid))).unwrap()
+    jsonwebtoken::encode(&header, &claims, &EncodingKey::from_secret(secret)).unwrap()
 }
 
 /// Serves whatever `doc` holds at any path, one response per connection.
@@ -49,6 +60,15 @@ async fn jwks_server(doc: Arc<Mutex<String>>) -> SocketAddr {
 
 /// The same over TLS with `tls`'s certificate.
 async fn serve_jwks(doc: Arc<Mutex<String>>, tls: Option<Arc<ServerConfig>>) -> SocketAddr {
+    counted_jwks(doc, tls, Arc::new(AtomicUsize::new(0))).await
+}
+
+/// The same, counting the documents served in `fetches`.
+async fn counted_jwks(
+    doc: Arc<Mutex<String>>,
+    tls: Option<Arc<ServerConfig>>,
+    fetches: Arc<AtomicUsize>,
+) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
@@ -58,6 +78,7 @@ async fn serve_jwks(doc: Arc<Mutex<String>>, tls: Option<Arc<ServerConfig>>) -> 
                 return;
             };
             let body = doc.lock().unwrap().clone();
+            fetches.fetch_add(1, Ordering::SeqCst);
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
                 match acceptor {
@@ -141,6 +162,7 @@ async fn keys_rotate_through_a_jwks_url() {
     let jwks = jwks_server(doc.clone()).await;
     let d = Daemon::start(&db.url, |c| {
         c.auth.jwks_url = Some(format!("http://{jwks}/.well-known/jwks.json"));
+        c.auth.jwks_allow_hmac = true;
         c.auth.jwks_refresh_secs = 1;
     })
     .await;
@@ -253,6 +275,7 @@ async fn an_https_jwks_is_trusted_through_its_ca_and_refused_without_it() {
     let start = |ca_file: Option<std::path::PathBuf>| {
         let mut c = config(&db.url);
         c.auth.jwks_url = Some(url.clone());
+        c.auth.jwks_allow_hmac = true;
         c.auth.jwks_ca_file = ca_file;
         async move {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -279,6 +302,7 @@ async fn an_https_jwks_is_trusted_through_its_ca_and_refused_without_it() {
     let ca_file = temp_file("ca.pem", &ca_pem);
     let d = Daemon::start(&db.url, |c| {
         c.auth.jwks_url = Some(url.clone());
+        c.auth.jwks_allow_hmac = true;
         c.auth.jwks_ca_file = Some(ca_file.clone());
         c.auth.jwks_refresh_secs = 1;
     })
@@ -292,4 +316,183 @@ async fn an_https_jwks_is_trusted_through_its_ca_and_refused_without_it() {
     for f in [not_pem, ca_file] {
         let _ = std::fs::remove_file(f);
     }
+}
+
+/// A daemon's start-up error with `tweak` (it must not start).
+async fn start_error(db: &TestDb, tweak: impl FnOnce(&mut citapulse::config::Config)) -> String {
+    let mut c = config(&db.url);
+    tweak(&mut c);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    tokio::time::timeout(WAIT, citapulse::run(listener, c, std::future::pending()))
+        .await
+        .expect("start-up ends")
+        .expect_err("start-up is refused")
+        .to_string()
+}
+
+#[tokio::test]
+async fn hmac_keys_of_a_jwks_are_16_bytes_or_more_and_not_taken_from_a_url_by_default() {
+    let db = TestDb::new().await;
+    // A local file may carry HMAC keys, but none shorter than auth.jwt_secret may be.
+    let file = temp_file(
+        "weak.json",
+        &set(&[
+            jwk_with("empty", "HS256", b""),
+            jwk_with("one", "HS256", b"x"),
+            jwk_with("fifteen", "HS256", b"0123456789abcde"),
+            jwk("ok", "HS256"),
+        ]),
+    );
+    let d = Daemon::start(&db.url, |c| c.auth.jwks_file = Some(file.clone())).await;
+    for (kid, key) in [
+        ("empty", &b""[..]),
+        ("one", &b"x"[..]),
+        ("fifteen", &b"0123456789abcde"[..]),
+    ] {
+        let t = token_signed(kid, Algorithm::HS256, key);
+        assert_eq!(
+            refused_status(d.addr, &format!("/ws?token={t}"), &[]).await,
+            401,
+            "{kid}"
+        );
+    }
+    assert!(accepted(d.addr, &token_with("ok", Algorithm::HS256)).await);
+    d.stop().await;
+    let _ = std::fs::remove_file(file);
+
+    // A URL publishes public keys: a shared secret there is ignored unless allowed.
+    let doc = Arc::new(Mutex::new(set(&[jwk("k1", "HS256")])));
+    let jwks = jwks_server(doc.clone()).await;
+    let url = format!("http://{jwks}/.well-known/jwks.json");
+    let d = Daemon::start(&db.url, |c| c.auth.jwks_url = Some(url.clone())).await;
+    let k1 = token_with("k1", Algorithm::HS256);
+    assert_eq!(
+        refused_status(d.addr, &format!("/ws?token={k1}"), &[]).await,
+        401
+    );
+    d.stop().await;
+    let d = Daemon::start(&db.url, |c| {
+        c.auth.jwks_url = Some(url.clone());
+        c.auth.jwks_allow_hmac = true;
+    })
+    .await;
+    assert!(accepted(d.addr, &k1).await);
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn a_jwks_naming_one_kid_twice_is_refused_and_the_keys_read_before_kept() {
+    let db = TestDb::new().await;
+    let attacker = b"attacker-chosen-secret-0123456789".to_vec();
+    let twice = set(&[
+        jwk("k1", "HS256"),
+        jwk_with("k1", "HS256", &attacker),
+        jwk("k2", "HS256"),
+    ]);
+    // At start: the daemon does not start, and names the kid.
+    let file = temp_file("twice.json", &twice);
+    let err = start_error(&db, |c| c.auth.jwks_file = Some(file.clone())).await;
+    assert!(err.contains("k1") && err.contains("twice"), "{err}");
+    let _ = std::fs::remove_file(file);
+
+    // At a refresh: the new set is refused whole, the one read before stays.
+    let doc = Arc::new(Mutex::new(set(&[jwk("k1", "HS256")])));
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let jwks = counted_jwks(doc.clone(), None, fetches.clone()).await;
+    let d = Daemon::start(&db.url, |c| {
+        c.auth.jwks_url = Some(format!("http://{jwks}/jwks"));
+        c.auth.jwks_allow_hmac = true;
+        c.auth.jwks_refresh_secs = 1;
+    })
+    .await;
+    assert!(accepted(d.addr, &token_with("k1", Algorithm::HS256)).await);
+    *doc.lock().unwrap() = twice;
+    // Two fetches after the change: at least one whole refresh read the new set.
+    let seen = fetches.load(Ordering::SeqCst);
+    wait_until(|| async { fetches.load(Ordering::SeqCst) >= seen + 2 }).await;
+    for (what, t) in [
+        ("k2 of the refused set", token_with("k2", Algorithm::HS256)),
+        (
+            "the second k1",
+            token_signed("k1", Algorithm::HS256, &attacker),
+        ),
+    ] {
+        assert_eq!(
+            refused_status(d.addr, &format!("/ws?token={t}"), &[]).await,
+            401,
+            "{what}"
+        );
+    }
+    assert!(accepted(d.addr, &token_with("k1", Algorithm::HS256)).await);
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn a_new_kid_gets_in_at_its_first_try_and_random_kids_cannot_force_fetches() {
+    let db = TestDb::new().await;
+    let doc = Arc::new(Mutex::new(set(&[jwk("k1", "HS256")])));
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let jwks = counted_jwks(doc.clone(), None, fetches.clone()).await;
+    let url = format!("http://{jwks}/jwks");
+    let tweak = |c: &mut citapulse::config::Config| {
+        c.auth.jwks_url = Some(url.clone());
+        c.auth.jwks_allow_hmac = true;
+        // No periodic refresh during the test: only unknown kids fetch.
+        c.auth.jwks_refresh_secs = 3600;
+    };
+    let a = Daemon::start(&db.url, tweak).await;
+    let b = Daemon::start(&db.url, tweak).await;
+    let k1 = token_with("k1", Algorithm::HS256);
+    let mut open = WsClient::connect(b.addr, &k1).await;
+
+    // The issuer publishes k2 and signs with it at once.
+    *doc.lock().unwrap() = set(&[jwk("k1", "HS256"), jwk("k2", "HS256")]);
+    let k2 = token_with("k2", Algorithm::HS256);
+    assert!(accepted(a.addr, &k2).await, "a handshake with a new kid");
+    open.send(json!({"type": "auth", "data": {"token": k2}}))
+        .await;
+    let reply = open
+        .expect(|m| m["type"] == "authenticated" || m["type"] == "error")
+        .await;
+    assert_eq!(
+        reply["type"], "authenticated",
+        "a refresh with a new kid: {reply}"
+    );
+
+    // Random kids, at once and one after another: all refused, and the daemon fetches
+    // at most once per 10 s for them.
+    let started = std::time::Instant::now();
+    let before = fetches.load(Ordering::SeqCst);
+    let random = || {
+        let kid = format!("random-{:016x}", fastrand::u64(..));
+        token_signed(&kid, Algorithm::HS256, &secret(&kid))
+    };
+    let storm: Vec<_> = (0..40)
+        .map(|_| {
+            let t = random();
+            let addr = a.addr;
+            tokio::spawn(async move { refused_status(addr, &format!("/ws?token={t}"), &[]).await })
+        })
+        .collect();
+    for s in storm {
+        assert_eq!(s.await.unwrap(), 401);
+    }
+    for _ in 0..20 {
+        let t = random();
+        assert_eq!(
+            refused_status(a.addr, &format!("/ws?token={t}"), &[]).await,
+            401
+        );
+    }
+    // Known keys are not held up by the storm.
+    assert!(accepted(a.addr, &k1).await);
+    let extra = fetches.load(Ordering::SeqCst) - before;
+    let allowed = 1 + started.elapsed().as_secs() as usize / 10;
+    assert!(
+        extra <= allowed,
+        "{extra} fetches for random kids, at most {allowed}"
+    );
+    open.close().await;
+    a.stop().await;
+    b.stop().await;
 }

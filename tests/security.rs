@@ -702,6 +702,31 @@ fn startup_without_usable_key_material_is_refused_naming_the_key() {
             ],
             "auth.algorithms",
         ),
+        (
+            "a short secret next to a JWKS",
+            vec![
+                ("JWT_SECRET", "tiny-secret"),
+                ("CITAPULSE_AUTH__JWKS_FILE", "/nonexistent/jwks.json"),
+            ],
+            "auth.jwt_secret",
+        ),
+        (
+            "jwks_allow_hmac not a boolean",
+            vec![
+                ("JWT_SECRET", SECRET),
+                ("CITAPULSE_AUTH__JWKS_URL", "https://idp.invalid/jwks"),
+                ("CITAPULSE_AUTH__JWKS_ALLOW_HMAC", "maybe"),
+            ],
+            "auth.jwks_allow_hmac",
+        ),
+        (
+            "jwks_allow_hmac without a jwks_url",
+            vec![
+                ("JWT_SECRET", SECRET),
+                ("CITAPULSE_AUTH__JWKS_ALLOW_HMAC", "true"),
+            ],
+            "auth.jwks_allow_hmac",
+        ),
     ];
     for (what, env, key) in cases {
         let env: Vec<(&str, &str)> = db.iter().copied().chain(env).collect();
@@ -710,7 +735,11 @@ fn startup_without_usable_key_material_is_refused_naming_the_key() {
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{what}: started anyway");
-        assert!(stderr.contains(key), "{what}: stderr names {key}: {stderr}");
+        // Figment names keys from the environment in upper case.
+        assert!(
+            stderr.to_lowercase().contains(key),
+            "{what}: stderr names {key}: {stderr}"
+        );
         assert!(
             !stderr.contains("tiny-secret"),
             "{what}: the secret is not printed: {stderr}"
@@ -1884,4 +1913,191 @@ async fn a_flood_of_empty_continuation_frames_is_closed_with_1008() {
     c.expect_type("pong").await;
     c.subscribe("t1", None).await;
     d.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Claim edges: what a token says about itself is checked, not trusted.
+
+/// The `error` of a refused handshake with `token`; `None` when it was accepted.
+async fn refusal(addr: SocketAddr, token: &str) -> Option<String> {
+    let h = handshake(addr, &format!("/ws?token={token}"), &[]).await;
+    (h.status != 101).then(|| {
+        serde_json::from_str::<Value>(&h.body).unwrap_or(Value::Null)["error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    })
+}
+
+#[tokio::test]
+async fn claim_edges_are_refused_at_the_handshake() {
+    let db = TestDb::new().await;
+    let d = Daemon::start(&db.url, |_| {}).await;
+    let with = |changes: Value| hs(Algorithm::HS256, &claims(changes));
+
+    // A revoked user: a token claiming to be issued after the revocation must not get
+    // round it by naming a time that has not come yet.
+    db.client
+        .execute("SELECT citapulse.revoke('t1', 'user-t1', 'probe')", &[])
+        .await
+        .unwrap();
+    let before = with(json!({"iat": now() - 60}));
+    wait_until(|| async { refusal(d.addr, &before).await.as_deref() == Some("token_revoked") })
+        .await;
+    let long_sub = "u".repeat(257);
+    let cases: Vec<(&str, String)> = vec![
+        ("iat an hour ahead", with(json!({"iat": now() + 3600}))),
+        ("iat far ahead", with(json!({"iat": 99_999_999_999u64}))),
+        ("iat as text", with(json!({"iat": "1700000000"}))),
+        ("iat negative", with(json!({"iat": -1}))),
+        ("numeric role", with(json!({"sub": "user-2", "role": 1}))),
+        ("boolean role", with(json!({"sub": "user-2", "role": true}))),
+        ("numeric sub", with(json!({"sub": 42}))),
+        ("sub with NUL", with(json!({"sub": "user\u{0}-2"}))),
+        ("sub over 256 bytes", with(json!({"sub": long_sub}))),
+        ("empty sub", with(json!({"sub": ""}))),
+    ];
+    for (what, token) in &cases {
+        let (status, body) = refused(d.addr, &format!("/ws?token={token}"), &[]).await;
+        assert_eq!(status, 401, "{what}: {body}");
+        assert_eq!(body["error"], "token_invalid", "{what}: {body}");
+    }
+    // The controls: within the leeway, a float iat, a string role, a 256-byte sub.
+    for (what, token) in [
+        (
+            "iat 2 s ahead",
+            with(json!({"sub": "user-2", "iat": now() + 2})),
+        ),
+        (
+            "float iat",
+            with(json!({"sub": "user-2", "iat": now() as f64 - 0.5})),
+        ),
+        ("role as text", with(json!({"sub": "user-2", "role": "1"}))),
+        ("256-byte sub", with(json!({"sub": "u".repeat(256)}))),
+    ] {
+        assert_eq!(refusal(d.addr, &token).await, None, "{what}");
+    }
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn token_fields_cannot_forge_log_lines() {
+    let db = TestDb::new().await;
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let log_path = std::env::temp_dir().join(format!(
+        "citapulse-sec-forge-{}-{}.txt",
+        std::process::id(),
+        free_port()
+    ));
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut child = run_binary(
+        &["serve"],
+        &[
+            ("DATABASE_URL", &db.url),
+            ("JWT_SECRET", SECRET),
+            ("CITAPULSE_LISTEN", &addr.to_string()),
+            ("RUST_LOG", "info"),
+        ],
+        Stdio::from(log),
+    )
+    .spawn()
+    .unwrap();
+    wait_until(|| async {
+        TcpStream::connect(addr).await.is_ok() && http_get(addr, "/health", &[]).await.0 == 200
+    })
+    .await;
+    let forged = "FORGED  INFO citapulse: admin logged in";
+    let evil = hs(
+        Algorithm::HS256,
+        &claims(json!({
+            "sub": format!("u1\n{forged}\r{forged}"),
+            "negocio_id": format!("t1\n{forged}"),
+            "role": format!("staff\n{forged}"),
+        })),
+    );
+    let c = WsClient::connect(addr, &evil).await;
+    c.close().await;
+    // A revoked user: the refusal names the user too.
+    let sub = format!("u2\n{forged}");
+    let revoked = hs(Algorithm::HS256, &claims(json!({"sub": sub})));
+    db.client
+        .execute("SELECT citapulse.revoke('t1', $1, 'probe')", &[&sub])
+        .await
+        .unwrap();
+    wait_until(|| async { refusal(addr, &revoked).await.as_deref() == Some("token_revoked") })
+        .await;
+    let text = {
+        let pid = child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let status = tokio::task::spawn_blocking(move || child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(status.success(), "{status}");
+        std::fs::read_to_string(&log_path).unwrap()
+    };
+    let _ = std::fs::remove_file(&log_path);
+    assert!(text.contains("connection opened"), "{text}");
+    for line in text.split(['\n', '\r']) {
+        assert!(
+            !line.starts_with("FORGED"),
+            "a token forged a log line:\n{text}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn every_server_message_type_is_reserved_for_emitted_events() {
+    use citapulse::delivery::protocol::{CLIENT_MESSAGE_TYPES, SERVER_MESSAGE_TYPES};
+    let db = TestDb::new().await;
+    let reserved: Vec<String> = db
+        .client
+        .query_one("SELECT citapulse.reserved_event_types()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let mut want: Vec<String> = SERVER_MESSAGE_TYPES
+        .iter()
+        .chain(CLIENT_MESSAGE_TYPES.iter())
+        .map(|t| t.to_string())
+        .collect();
+    want.sort();
+    want.dedup();
+    let mut got = reserved.clone();
+    got.sort();
+    assert_eq!(
+        got, want,
+        "sql/install.sql reserves what protocol.rs sends and reads"
+    );
+    for kind in SERVER_MESSAGE_TYPES
+        .iter()
+        .chain(CLIENT_MESSAGE_TYPES.iter())
+    {
+        for variant in [kind.to_string(), kind.to_uppercase()] {
+            for sql in [
+                "SELECT citapulse.emit('t1', $1, '{}')",
+                "SELECT citapulse.emit_to_user('t1', 'u1', $1, '{}')",
+                "SELECT citapulse.emit_to_role('t1', 'staff', $1, '{}')",
+            ] {
+                let err = db
+                    .client
+                    .query_one(sql, &[&variant])
+                    .await
+                    .expect_err("a server message type is refused");
+                let msg = err.as_db_error().map(|e| e.message().to_string());
+                assert!(
+                    msg.as_deref().is_some_and(|m| m.contains("reserved")),
+                    "{sql} {variant:?}: {msg:?}"
+                );
+            }
+        }
+    }
+    // The control: an ordinary type goes through all three.
+    for sql in [
+        "SELECT citapulse.emit('t1', $1, '{}')",
+        "SELECT citapulse.emit_to_user('t1', 'u1', $1, '{}')",
+        "SELECT citapulse.emit_to_role('t1', 'staff', $1, '{}')",
+    ] {
+        db.client.query_one(sql, &[&"system_alert"]).await.unwrap();
+    }
 }

@@ -23,6 +23,7 @@ use tokio_postgres::Client;
 use crate::config::Config;
 use crate::db::{self, DbError};
 use crate::delivery::hub::Hub;
+use crate::delivery::protocol;
 use crate::metrics::Metrics;
 use crate::sync::lock;
 use crate::tasks::Exit;
@@ -309,8 +310,8 @@ impl Presence {
         metrics.presence_members.set(view.len() as i64);
         drop(view);
         for (kind, by_tenant) in [
-            ("presence_join", changes.joined),
-            ("presence_leave", changes.left),
+            (protocol::types::PRESENCE_JOIN, changes.joined),
+            (protocol::types::PRESENCE_LEAVE, changes.left),
         ] {
             for (tenant, mut users) in by_tenant {
                 users.sort_by(|a, b| a.0.cmp(&b.0));

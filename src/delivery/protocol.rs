@@ -34,6 +34,52 @@ pub enum ClientMessage {
     },
 }
 
+/// The `type` of each message the server sends of its own accord (events carry the type
+/// they were written with). [`SERVER_MESSAGE_TYPES`] lists them all: an emitted event may
+/// not pose as one of them (`citapulse.reserved_event_types()` in `sql/install.sql`
+/// holds the same names, checked by `tests/security.rs`).
+pub mod types {
+    /// After the handshake.
+    pub const CONNECTED: &str = "connected";
+    /// A subscription accepted.
+    pub const SUBSCRIBED: &str = "subscribed";
+    /// A subscription ended.
+    pub const UNSUBSCRIBED: &str = "unsubscribed";
+    /// A tenant's numbers.
+    pub const STATS: &str = "stats";
+    /// A request refused.
+    pub const ERROR: &str = "error";
+    /// The answer to `ping`.
+    pub const PONG: &str = "pong";
+    /// The answer to an accepted `auth` refresh.
+    pub const AUTHENTICATED: &str = "authenticated";
+    /// Who is online (the answer to `presence`).
+    pub const PRESENCE: &str = "presence";
+    /// Users who came online.
+    pub const PRESENCE_JOIN: &str = "presence_join";
+    /// Users who went offline.
+    pub const PRESENCE_LEAVE: &str = "presence_leave";
+}
+
+/// Every message type the server sends besides events (see [`types`]).
+pub const SERVER_MESSAGE_TYPES: [&str; 10] = [
+    types::CONNECTED,
+    types::SUBSCRIBED,
+    types::UNSUBSCRIBED,
+    types::STATS,
+    types::ERROR,
+    types::PONG,
+    types::AUTHENTICATED,
+    types::PRESENCE,
+    types::PRESENCE_JOIN,
+    types::PRESENCE_LEAVE,
+];
+
+/// Every message type a client sends ([`parse_client_message`]): reserved too, so an
+/// event never looks like a request echoed back.
+pub const CLIENT_MESSAGE_TYPES: [&str; 5] =
+    ["subscribe", "unsubscribe", "presence", "ping", "auth"];
+
 /// Why a client frame was refused; `message` is safe to echo.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BadRequest(pub String);
@@ -164,44 +210,44 @@ impl std::fmt::Display for ErrorCode {
 
 /// `{"type":"error","data":{"code":…,"message":…}}`.
 pub fn error(code: ErrorCode, message: &str) -> String {
-    json!({"type": "error", "data": {"code": code.as_str(), "message": message}}).to_string()
+    json!({"type": types::ERROR, "data": {"code": code.as_str(), "message": message}}).to_string()
 }
 
 /// `{"type":"error",…}` for one channel.
 pub fn channel_error(code: ErrorCode, message: &str, channel: &str) -> String {
-    json!({"type": "error", "data": {"code": code.as_str(), "message": message, "channel": channel}})
+    json!({"type": types::ERROR, "data": {"code": code.as_str(), "message": message, "channel": channel}})
         .to_string()
 }
 
 /// `{"type":"subscribed","channel":…}`.
 pub fn subscribed(channel: &str) -> String {
-    json!({"type": "subscribed", "channel": channel}).to_string()
+    json!({"type": types::SUBSCRIBED, "channel": channel}).to_string()
 }
 
 /// `{"type":"unsubscribed","channel":…}`.
 pub fn unsubscribed(channel: &str) -> String {
-    json!({"type": "unsubscribed", "channel": channel}).to_string()
+    json!({"type": types::UNSUBSCRIBED, "channel": channel}).to_string()
 }
 
 /// `{"type":"presence","channel":…,"data":{"users":[…]}}`.
 pub fn presence(channel: &str, users: Vec<Value>) -> String {
-    json!({"type": "presence", "channel": channel, "data": {"users": users}}).to_string()
+    json!({"type": types::PRESENCE, "channel": channel, "data": {"users": users}}).to_string()
 }
 
 /// `{"type":"pong","data":{"timestamp":…}}` (Unix milliseconds).
 pub fn pong(timestamp_ms: u128) -> String {
-    json!({"type": "pong", "data": {"timestamp": timestamp_ms as u64}}).to_string()
+    json!({"type": types::PONG, "data": {"timestamp": timestamp_ms as u64}}).to_string()
 }
 
 /// `{"type":"connected","data":{…}}`.
 pub fn connected(user_id: &str, tenant: Option<&str>, role: Option<&str>) -> String {
-    json!({"type": "connected", "data": {"user_id": user_id, "tenant": tenant, "role": role}})
+    json!({"type": types::CONNECTED, "data": {"user_id": user_id, "tenant": tenant, "role": role}})
         .to_string()
 }
 
 /// `{"type":"authenticated",…}` after a token refresh.
 pub fn reauthenticated(expires_at: u64) -> String {
-    json!({"type": "authenticated", "data": {"expires_at": expires_at}}).to_string()
+    json!({"type": types::AUTHENTICATED, "data": {"expires_at": expires_at}}).to_string()
 }
 
 /// One event message; `data` is JSON text from the log, spliced in unparsed.
@@ -415,6 +461,33 @@ mod tests {
                 prop_assert_eq!(v["channel"].as_str(), Some(channel.as_str()));
                 prop_assert_eq!(v["id"].as_i64(), Some(id));
             }
+        }
+    }
+
+    #[test]
+    fn every_server_message_has_a_listed_type() {
+        let sent = [
+            error(ErrorCode::BadRequest, "m"),
+            channel_error(ErrorCode::Forbidden, "m", "c"),
+            subscribed("c"),
+            unsubscribed("c"),
+            presence("c", Vec::new()),
+            pong(1),
+            connected("u", None, None),
+            reauthenticated(1),
+        ];
+        for text in sent {
+            let v: Value = serde_json::from_str(&text).unwrap();
+            let kind = v["type"].as_str().unwrap_or_default();
+            assert!(SERVER_MESSAGE_TYPES.contains(&kind), "{kind} is not listed");
+        }
+        for kind in CLIENT_MESSAGE_TYPES {
+            let text = json!({"type": kind, "data": {"channel": "c", "token": "t"}}).to_string();
+            let parsed = parse_client_message(&text);
+            assert!(
+                !matches!(&parsed, Err(BadRequest(why)) if why.starts_with("unknown type")),
+                "{kind}: {parsed:?}"
+            );
         }
     }
 

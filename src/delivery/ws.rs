@@ -48,6 +48,8 @@ pub struct Context {
     pub revocations: Arc<crate::auth::Revocations>,
     /// Who is online: subscribers of a tenant's own channel are present in it.
     pub presence: Arc<crate::delivery::presence::Presence>,
+    /// Reads the JWKS again when a refreshed token names a new `kid`.
+    pub keys: Arc<dyn crate::auth::KeyRefetch>,
 }
 
 /// The answer to a malformed channel name.
@@ -201,7 +203,8 @@ pub async fn serve(
     shared
         .hub
         .connection_opened(identity.tenant.as_deref(), identity.role.as_deref());
-    tracing::info!(client = id, peer = %peer, user = %identity.user_id, tenant = identity.tenant.as_deref().unwrap_or("-"), "connection opened");
+    // `?`: token text is escaped, so a newline in a claim cannot forge a log line.
+    tracing::info!(client = id, peer = %peer, user = ?identity.user_id, tenant = ?identity.tenant.as_deref().unwrap_or("-"), "connection opened");
 
     let rate = RateLimit::new(shared.config.limits.messages_per_sec, Instant::now());
     let mut conn = Connection {
@@ -705,7 +708,12 @@ impl Connection {
     }
 
     async fn reauthenticate(&mut self, token: &str) {
-        match self.shared.auth.verify(token) {
+        let verified = self
+            .shared
+            .auth
+            .verify_or_refetch(token, self.shared.keys.clone())
+            .await;
+        match verified {
             Ok(new) if self.shared.revocations.refuses(&new) => {
                 self.reply_error(
                     ErrorCode::Unauthorized,

@@ -1,40 +1,65 @@
 //! JWT keys that change while the daemon runs (DESIGN.md §10): the JWKS of
 //! `auth.jwks_url` / `auth.jwks_file`, read at start, every `auth.jwks_refresh_secs`,
-//! soon after a token names an unknown `kid` (at most once per [`UNKNOWN_KID_EVERY`]),
-//! and on SIGHUP, which also re-reads the configuration file's secrets and
-//! `auth.public_key_file`. Sockets stay open: a removed key refuses new handshakes and
-//! `auth` refreshes signed with it, and tokens of a key still listed keep working.
+//! when a token names an unknown `kid` (the token waits for that read; at most one read
+//! at a time and one per [`UNKNOWN_KID_EVERY`], so random kids cannot make the daemon
+//! hammer the identity provider), and on SIGHUP, which also re-reads the configuration
+//! file's secrets and `auth.public_key_file`. Sockets stay open: a removed key refuses
+//! new handshakes and `auth` refreshes signed with it, and tokens of a key still listed
+//! keep working.
 
+use std::future::Future;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
 use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 
-use crate::auth::Authenticator;
+use crate::auth::{Authenticator, KeyRefetch};
 use crate::config::{AuthConfig, Config};
 
-/// An unknown `kid` refreshes the JWKS at most this often.
+/// Unknown `kid`s read the JWKS at most this often.
 pub const UNKNOWN_KID_EVERY: Duration = Duration::from_secs(10);
 /// A JWKS document larger than this is refused.
 const MAX_JWKS_BYTES: usize = 1 << 20;
 /// How long a fetch may take.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Where the keys come from, and when they were last read.
+/// Where the keys come from, and the reads unknown `kid`s asked for.
 pub struct Keys {
     auth: Arc<Authenticator>,
     config: Mutex<AuthConfig>,
     source: Option<std::path::PathBuf>,
-    unknown_kid: Notify,
-    last_read: Mutex<Option<Instant>>,
+    /// One read at a time: a refresh, SIGHUP and an unknown `kid` never interleave
+    /// (an older document must not overwrite a newer one).
+    reading: tokio::sync::Mutex<()>,
+    /// Reads asked for by unknown `kid`s: whether one runs, when the last one started.
+    refetch: Mutex<Refetch>,
+    /// Bumped when such a read ends (whatever its outcome): the tokens waiting on it go on.
+    refetched: watch::Sender<u64>,
+}
+
+#[derive(Default)]
+struct Refetch {
+    running: bool,
+    started: Option<Instant>,
+}
+
+/// Marks the unknown-`kid` read finished, also if its task ends early.
+struct RefetchDone(Arc<Keys>);
+
+impl Drop for RefetchDone {
+    fn drop(&mut self) {
+        crate::sync::lock(&self.0.refetch).running = false;
+        self.0.refetched.send_modify(|n| *n = n.wrapping_add(1));
+    }
 }
 
 impl Keys {
@@ -44,8 +69,9 @@ impl Keys {
             auth,
             config: Mutex::new(config.auth.clone()),
             source: config.loaded_from.clone(),
-            unknown_kid: Notify::new(),
-            last_read: Mutex::new(None),
+            reading: tokio::sync::Mutex::new(()),
+            refetch: Mutex::new(Refetch::default()),
+            refetched: watch::channel(0).0,
         }
     }
 
@@ -55,8 +81,8 @@ impl Keys {
 
     /// Reads the JWKS now; an error names the key at fault.
     pub async fn load(&self) -> Result<usize, String> {
+        let _one_at_a_time = self.reading.lock().await;
         let cfg = crate::sync::lock(&self.config).clone();
-        *crate::sync::lock(&self.last_read) = Some(Instant::now());
         let text = if let Some(path) = &cfg.jwks_file {
             // A small local file: read in place.
             std::fs::read_to_string(path)
@@ -70,17 +96,14 @@ impl Keys {
         };
         let set: jsonwebtoken::jwk::JwkSet = serde_json::from_str(&text)
             .map_err(|e| format!("the JWKS is not a valid key set: {e}"))?;
-        let (kept, skipped) = self.auth.set_jwks(&set);
+        // A local file is the operator's own; a URL publishes keys, never shared secrets.
+        let allow_hmac = cfg.jwks_file.is_some() || cfg.jwks_allow_hmac;
+        let (kept, skipped) = self.auth.set_jwks(&set, allow_hmac)?;
         for why in skipped {
             tracing::warn!(key = %why, "JWKS key ignored");
         }
         tracing::info!(keys = kept, "JWKS loaded");
         Ok(kept)
-    }
-
-    /// A token named a `kid` no key has: read the JWKS again soon (rate-limited).
-    pub fn unknown_kid(&self) {
-        self.unknown_kid.notify_one();
     }
 
     /// SIGHUP: the configuration file again (secrets, key files), then the JWKS.
@@ -125,14 +148,6 @@ impl Keys {
                     continue;
                 }
                 _ = tokio::time::sleep(every) => {}
-                _ = self.unknown_kid.notified() => {
-                    let last = *crate::sync::lock(&self.last_read);
-                    if let Some(at) = last
-                        && at.elapsed() < UNKNOWN_KID_EVERY
-                    {
-                        continue;
-                    }
-                }
                 _ = shutdown.changed() => return,
             }
             if Self::uses_jwks(&crate::sync::lock(&self.config).clone())
@@ -141,6 +156,48 @@ impl Keys {
                 tracing::warn!(error = %err, "JWKS refresh failed; keeping the keys read before");
             }
         }
+    }
+}
+
+impl KeyRefetch for Keys {
+    /// Starts a read unless one runs or the last one for an unknown `kid` started less
+    /// than [`UNKNOWN_KID_EVERY`] ago, and waits (at most the fetch timeout, plus a
+    /// second) for the running one. The read is a task of its own: a client that gives
+    /// up does not cancel it for the others waiting.
+    fn refetch(self: Arc<Self>) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        Box::pin(async move {
+            if !Self::uses_jwks(&crate::sync::lock(&self.config)) {
+                return;
+            }
+            // Subscribed before looking: a read that ends in between is still seen.
+            let mut done = self.refetched.subscribe();
+            {
+                let mut state = crate::sync::lock(&self.refetch);
+                if !state.running {
+                    if state
+                        .started
+                        .is_some_and(|at| at.elapsed() < UNKNOWN_KID_EVERY)
+                    {
+                        return;
+                    }
+                    state.running = true;
+                    state.started = Some(Instant::now());
+                    let keys = self.clone();
+                    tokio::spawn(async move {
+                        let done = RefetchDone(keys);
+                        match done.0.load().await {
+                            Ok(_) => tracing::info!("JWKS read again for an unknown kid"),
+                            Err(err) => tracing::warn!(
+                                error = %err,
+                                "JWKS read for an unknown kid failed; keeping the keys read before"
+                            ),
+                        }
+                    });
+                }
+            }
+            let _ =
+                tokio::time::timeout(FETCH_TIMEOUT + Duration::from_secs(1), done.changed()).await;
+        })
     }
 }
 

@@ -341,6 +341,7 @@ impl Shared {
             stats: stats.clone(),
             revocations,
             presence: Arc::new(crate::delivery::presence::Presence::new(&config)),
+            keys: keys.clone(),
         });
         Arc::new(Shared {
             config,
@@ -632,7 +633,7 @@ async fn route(
         return error_response(StatusCode::NOT_FOUND, "not_found", "no such endpoint");
     }
     match (req.method(), req.uri().path()) {
-        (&Method::GET, "/ws") => upgrade(&mut req, peer, shared, stop, hold),
+        (&Method::GET, "/ws") => upgrade(&mut req, peer, shared, stop, hold).await,
         (&Method::GET, "/health") => health(&shared),
         // Liveness: the process and its runtime answer (a stalled runtime answers late
         // or never, which is what a liveness probe should see). Not the database: a
@@ -789,7 +790,7 @@ fn refuse(shared: &Shared, status: StatusCode, reason: &str, message: &str) -> R
     res
 }
 
-fn upgrade(
+async fn upgrade(
     req: &mut Request<Incoming>,
     peer: SocketAddr,
     shared: Arc<Shared>,
@@ -805,17 +806,19 @@ fn upgrade(
         );
     }
     let (token, via_subprotocol) = extract_token(req);
-    let identity: Identity = match token.as_deref().map(|t| shared.auth.verify(t)) {
+    // A `kid` this daemon has not seen waits for the JWKS to be read again (bounded,
+    // rate-limited; other handshakes go on meanwhile).
+    let verified = match token.as_deref() {
+        Some(t) => Some(shared.auth.verify_or_refetch(t, shared.keys.clone()).await),
+        None => None,
+    };
+    let identity: Identity = match verified {
         Some(Ok(id)) => id,
         Some(Err(err)) => {
             let reason = match err {
                 AuthError::Expired => "token_expired",
                 AuthError::Missing => "token_missing",
-                AuthError::UnknownKey => {
-                    // A rotation this daemon has not seen yet: read the JWKS again soon.
-                    shared.keys.unknown_kid();
-                    "token_unknown_key"
-                }
+                AuthError::UnknownKey => "token_unknown_key",
                 AuthError::Invalid(_) => "token_invalid",
             };
             tracing::info!(peer = %peer, reason, detail = %err, "handshake refused");
@@ -832,7 +835,8 @@ fn upgrade(
         }
     };
     if shared.sockets.revocations.refuses(&identity) {
-        tracing::info!(peer = %peer, reason = "token_revoked", user = %identity.user_id, "handshake refused");
+        // `?`: token text is escaped, so a newline in `sub` cannot forge a log line.
+        tracing::info!(peer = %peer, reason = "token_revoked", user = ?identity.user_id, "handshake refused");
         return refuse(
             &shared,
             StatusCode::UNAUTHORIZED,

@@ -324,7 +324,7 @@ fn stats_message(tenant: &str, fields: Option<Value>, as_of: Option<i64>) -> Str
     data.insert("timestamp".into(), Value::from(crate::auth::unix_now()));
     data.insert("as_of".into(), Value::from(as_of.unwrap_or(0)));
     serde_json::json!({
-        "type": "stats",
+        "type": crate::delivery::protocol::types::STATS,
         "channel": format!("{}{tenant}", crate::auth::STATS_PREFIX),
         "data": data,
     })
