@@ -2,7 +2,7 @@
 //! never a panic, and accepted messages must respect the parser's own rules.
 #![no_main]
 
-use citapulse::protocol::{BadRequest, ClientMessage, parse_client_message};
+use citapulse::delivery::protocol::{BadRequest, ClientMessage, parse_client_message};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -57,4 +57,13 @@ fuzz_target!(|data: &[u8]| {
     if let Some(role) = &id.role {
         assert_eq!(claims.get("role").and_then(Value::as_str), Some(role.as_str()));
     }
+    // A role claim that is not text (or null) refuses the token rather than being dropped.
+    assert!(
+        matches!(
+            claims.get("role"),
+            None | Some(Value::Null | Value::String(_))
+        ),
+        "non-text role {:?} accepted",
+        claims.get("role")
+    );
 });
