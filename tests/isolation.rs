@@ -800,12 +800,15 @@ async fn a_hostile_search_path_cannot_hijack_the_capture_trigger() {
                 .collect::<Vec<(String, Option<String>)>>()
         }
     };
-    let ops = |l: &[(String, Option<String>)]| l.iter().map(|(op, _)| op.clone()).collect::<Vec<_>>();
+    let ops =
+        |l: &[(String, Option<String>)]| l.iter().map(|(op, _)| op.clone()).collect::<Vec<_>>();
     let t1 = logged("t1").await;
     // The moved row left t1 as a DELETE; the bulk move folded t1's 150 removals.
     assert_eq!(
         ops(&t1),
-        ["INSERT", "INSERT", "UPDATE", "DELETE", "DELETE", "INSERT", "UPDATE", "UPDATE"]
+        [
+            "INSERT", "INSERT", "UPDATE", "DELETE", "DELETE", "INSERT", "UPDATE", "UPDATE"
+        ]
     );
     assert!(
         t1[5..]
