@@ -25,7 +25,9 @@ CREATE OR REPLACE FUNCTION citapulse.version() RETURNS integer
 LANGUAGE sql IMMUTABLE AS $$ SELECT 10 $$;
 -- Version 10: citapulse.reserved_event_types() is the server's own message types
 -- (`authenticated` added, `reauthenticated`, which the server never sends, dropped);
--- on PostgreSQL 17+ capture_mode('wal') creates a failover slot.
+-- on PostgreSQL 17+ capture_mode('wal') creates a failover slot; a row moved to another
+-- tenant is logged as its removal from the old tenant and its arrival in the new one,
+-- each with its own row only (capture(), event_data()).
 -- Version 9: bulk statements are linear in their rows (capture()), reminders are read in
 -- pages and fired in batches (due_reminders' limit, record_late_reminders,
 -- fire_reminders, which replaces fire_reminder).
@@ -214,6 +216,8 @@ LANGUAGE sql STABLE AS $$
                  'profesional_id', coalesce(e.row_data, e.old_data) -> 'profesional_id',
                  'dia_semana', coalesce(e.row_data, e.old_data) -> 'dia_semana')
                 ELSE '{}'::jsonb END
+             -- Half of a row moved to another tenant (version 10): capture() marks it.
+             || CASE WHEN e.payload -> 'moved' = 'true'::jsonb THEN '{"moved": true}'::jsonb ELSE '{}'::jsonb END
     END
 $$;
 
@@ -251,6 +255,7 @@ DECLARE
     total      pg_catalog.int8;
     logged     pg_catalog.int8;
     oversized  pg_catalog.int8;
+    tenant_expr pg_catalog.text;
 BEGIN
     -- The usual statement: every row is its own event, unless the statement is bigger
     -- than the threshold (the InitPlan count then lets nothing through). OFFSET 0 keeps
@@ -275,16 +280,33 @@ BEGIN
            AND (c.tenant IS NOT NULL OR tenant_col OPERATOR(pg_catalog.=) '');
     ELSE
         -- PostgreSQL fills both transition tables of an UPDATE in the same order, so
-        -- the i-th new row pairs with the i-th old row.
-        INSERT INTO citapulse.inbox (tenant, kind, tbl, op, row_data, old_data)
-        SELECT c.tenant, fam, (SELECT pg_catalog.format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME)), 'UPDATE', c.r, c.o
-          FROM (SELECT n.r, d.o, CASE WHEN tenant_col OPERATOR(pg_catalog.=) '' THEN NULL
-                                      ELSE n.r OPERATOR(pg_catalog.->>) tenant_col END AS tenant
-                  FROM (SELECT pg_catalog.to_jsonb(x.*) AS r, pg_catalog.row_number() OVER () AS i FROM citapulse_new x) n
-                  JOIN (SELECT pg_catalog.to_jsonb(x.*) AS o, pg_catalog.row_number() OVER () AS i FROM citapulse_old x) d
-                    ON d.i OPERATOR(pg_catalog.=) n.i) c
+        -- the i-th new row pairs with the i-th old row. A row moved to another tenant
+        -- (version 10) is two events, so neither tenant sees the other's values: its
+        -- removal from the old tenant (old row only, as a DELETE) and then its arrival in
+        -- the new one (new row only, as an INSERT), both marked moved. Comparisons are
+        -- qualified operators: IS DISTINCT FROM would look `=` up in the caller's path.
+        -- OFFSET 0: each row is turned into JSON once, however often its tenant is read.
+        INSERT INTO citapulse.inbox (tenant, kind, tbl, op, row_data, old_data, payload)
+        SELECT u.tenant, fam, (SELECT pg_catalog.format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME)), u.op, u.r, u.o, u.p
+          FROM (SELECT p.r, p.o, p.nt, p.ot,
+                       CASE WHEN tenant_col OPERATOR(pg_catalog.=) '' THEN false
+                            WHEN p.nt IS NULL OR p.ot IS NULL THEN (p.nt IS NULL) OPERATOR(pg_catalog.<>) (p.ot IS NULL)
+                            ELSE p.nt OPERATOR(pg_catalog.<>) p.ot END AS moved
+                  FROM (SELECT n.r, d.o,
+                               CASE WHEN tenant_col OPERATOR(pg_catalog.=) '' THEN NULL
+                                    ELSE n.r OPERATOR(pg_catalog.->>) tenant_col END AS nt,
+                               CASE WHEN tenant_col OPERATOR(pg_catalog.=) '' THEN NULL
+                                    ELSE d.o OPERATOR(pg_catalog.->>) tenant_col END AS ot
+                          FROM (SELECT pg_catalog.to_jsonb(x.*) AS r, pg_catalog.row_number() OVER () AS i FROM citapulse_new x) n
+                          JOIN (SELECT pg_catalog.to_jsonb(x.*) AS o, pg_catalog.row_number() OVER () AS i FROM citapulse_old x) d
+                            ON d.i OPERATOR(pg_catalog.=) n.i OFFSET 0) p) c
+         CROSS JOIN LATERAL (VALUES
+                (c.moved, c.ot, 'DELETE', NULL::pg_catalog.jsonb, c.o, '{"moved": true}'::pg_catalog.jsonb),
+                (true, c.nt, CASE WHEN c.moved THEN 'INSERT' ELSE 'UPDATE' END, c.r,
+                 CASE WHEN c.moved THEN NULL ELSE c.o END,
+                 CASE WHEN c.moved THEN '{"moved": true}'::pg_catalog.jsonb END)) u(keep, tenant, op, r, o, p)
          WHERE (SELECT pg_catalog.count(*) FROM citapulse_new) OPERATOR(pg_catalog.<=) threshold
-           AND (c.tenant IS NOT NULL OR tenant_col OPERATOR(pg_catalog.=) '');
+           AND u.keep AND (u.tenant IS NOT NULL OR tenant_col OPERATOR(pg_catalog.=) '');
     END IF;
     IF FOUND THEN
         IF citapulse.notifying() THEN
@@ -302,37 +324,43 @@ BEGIN
     IF total OPERATOR(pg_catalog.<=) threshold THEN
         RETURN NULL;
     END IF;
-    -- A bulk statement, linear in its rows: one pass counts each tenant's rows from its
-    -- column alone (no row copies), a second turns into JSON only the rows of tenants at
-    -- most at the threshold (hash joins, no array subscripts: reading element i of a
-    -- jsonb[] walks the array from its start, which made 100 000 rows take minutes).
-    -- An UPDATE's i-th new row pairs with its i-th old row, numbered in the same pass.
+    -- A bulk statement, linear in its rows: one pass lists each row's events by tenant
+    -- from the tenant column alone (no row copies) and counts them per tenant, a second
+    -- turns into JSON only the rows of tenants at most at the threshold (hash joins, no
+    -- array subscripts: reading element i of a jsonb[] walks the array from its start,
+    -- which made 100 000 rows take minutes). An UPDATE's i-th new row pairs with its
+    -- i-th old row, numbered in the same pass; a row moved to another tenant is a
+    -- removal (ord 0) and an arrival (ord 1) as above, counted for each tenant.
     -- Dynamic only to name the tenant column; still every name is schema-qualified (the
     -- caller's search_path applies to EXECUTE too). The transition tables are the
     -- trigger's own (ephemeral relations come before any schema).
+    tenant_expr := CASE WHEN tenant_col OPERATOR(pg_catalog.=) '' THEN 'NULL::pg_catalog.text'
+                        ELSE pg_catalog.format('pg_catalog.to_jsonb(x.%I) OPERATOR(pg_catalog.#>>) ''{}''::pg_catalog.text[]', tenant_col) END;
     EXECUTE pg_catalog.format($q$
-        WITH counts AS MATERIALIZED (
-            SELECT t.tenant, pg_catalog.count(*) AS n
-              FROM (SELECT %1$s AS tenant FROM %2$s x) t
-             WHERE t.tenant IS NOT NULL GROUP BY t.tenant
+        WITH units AS MATERIALIZED (
+            %1$s
+        ), counts AS MATERIALIZED (
+            SELECT u.tenant, pg_catalog.count(*) AS n
+              FROM units u WHERE u.tenant IS NOT NULL GROUP BY u.tenant
         ), kept AS (
             -- The one-time filter skips the second pass when every tenant is folded.
-            SELECT k.i, k.tenant, k.rec
-              FROM (SELECT pg_catalog.row_number() OVER () AS i, %1$s AS tenant, x AS rec FROM %2$s x) k
-              JOIN counts c ON c.tenant OPERATOR(pg_catalog.=) k.tenant
+            SELECT u.i, u.ord, u.tenant, u.op, u.moved
+              FROM units u
+              JOIN counts c ON c.tenant OPERATOR(pg_catalog.=) u.tenant
              WHERE c.n OPERATOR(pg_catalog.<=) $1 AND pg_catalog.octet_length(c.tenant) OPERATOR(pg_catalog.<=) 255
                AND (SELECT pg_catalog.bool_or(s.n OPERATOR(pg_catalog.<=) $1
                                               AND pg_catalog.octet_length(s.tenant) OPERATOR(pg_catalog.<=) 255)
                       FROM counts s)
             UNION ALL
             -- Rows whose tenant the daemon resolves are never folded: their tenant is unknown.
-            SELECT k.i, NULL, k.rec
-              FROM (SELECT pg_catalog.row_number() OVER () AS i, x AS rec FROM %2$s x) k WHERE %3$s
+            SELECT u.i, u.ord, NULL, u.op, u.moved FROM units u WHERE %2$s
         ), changed AS (
-            %4$s
+            %3$s
         ), written AS (
             INSERT INTO citapulse.inbox (tenant, kind, event_type, tbl, op, row_data, old_data, payload)
-            SELECT c.tenant, $2, NULL, $3, $4, c.r, c.o, NULL FROM changed c
+            SELECT c.tenant, $2, NULL, $3, c.op, c.r, c.o,
+                   CASE WHEN c.moved THEN '{"moved": true}'::pg_catalog.jsonb END
+              FROM changed c
             UNION ALL
             SELECT c.tenant, $2, 'calendar_refresh', $3, $4, NULL, NULL,
                    pg_catalog.jsonb_build_object('reason', 'bulk', 'rows', c.n, 'action', pg_catalog.lower($4))
@@ -345,16 +373,47 @@ BEGIN
                   FROM counts c CROSS JOIN LATERAL pg_catalog.generate_series(1::pg_catalog.int8, c.n) g
                  WHERE pg_catalog.octet_length(c.tenant) OPERATOR(pg_catalog.>) 255)
         $q$,
-        CASE WHEN tenant_col OPERATOR(pg_catalog.=) '' THEN 'NULL::pg_catalog.text'
-             ELSE pg_catalog.format('pg_catalog.to_jsonb(x.%I) OPERATOR(pg_catalog.#>>) ''{}''::pg_catalog.text[]', tenant_col) END,
-        CASE WHEN TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN 'citapulse_old' ELSE 'citapulse_new' END,
+        -- units: (i, ord, tenant, op, moved), one per event a row may give.
+        CASE WHEN TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN pg_catalog.format(
+                 'SELECT v.i, v.ord, v.tenant, v.op, v.moved '
+                 '  FROM (SELECT p.i, p.nt, p.ot, CASE WHEN %2$s THEN false '
+                 '                                    WHEN p.nt IS NULL OR p.ot IS NULL '
+                 '                                    THEN (p.nt IS NULL) OPERATOR(pg_catalog.<>) (p.ot IS NULL) '
+                 '                                    ELSE p.nt OPERATOR(pg_catalog.<>) p.ot END AS moved '
+                 '          FROM (SELECT n.i, n.tenant AS nt, d.tenant AS ot '
+                 '                  FROM (SELECT pg_catalog.row_number() OVER () AS i, %1$s AS tenant FROM citapulse_new x) n '
+                 '                  JOIN (SELECT pg_catalog.row_number() OVER () AS i, %1$s AS tenant FROM citapulse_old x) d '
+                 '                    ON d.i OPERATOR(pg_catalog.=) n.i) p) c '
+                 ' CROSS JOIN LATERAL (VALUES (c.i, 0, c.ot, ''DELETE'', true, c.moved), '
+                 '                            (c.i, 1, c.nt, CASE WHEN c.moved THEN ''INSERT'' ELSE ''UPDATE'' END, c.moved, true)) '
+                 '       v(i, ord, tenant, op, moved, keep) '
+                 ' WHERE v.keep',
+                 tenant_expr, CASE WHEN tenant_col OPERATOR(pg_catalog.=) '' THEN 'true' ELSE 'false' END)
+             ELSE pg_catalog.format(
+                 'SELECT pg_catalog.row_number() OVER () AS i, 0 AS ord, %1$s AS tenant, %2$L::pg_catalog.text AS op, '
+                 '       false AS moved FROM %3$s x',
+                 tenant_expr, TG_OP,
+                 CASE WHEN TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN 'citapulse_old' ELSE 'citapulse_new' END) END,
         CASE WHEN tenant_col OPERATOR(pg_catalog.=) '' THEN 'true' ELSE 'false' END,
         CASE
-            WHEN TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN 'SELECT k.tenant, pg_catalog.to_jsonb(k.rec) AS r, NULL::pg_catalog.jsonb AS o FROM kept k ORDER BY k.i'
-            WHEN TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN 'SELECT k.tenant, NULL::pg_catalog.jsonb AS r, pg_catalog.to_jsonb(k.rec) AS o FROM kept k ORDER BY k.i'
-            ELSE 'SELECT k.tenant, pg_catalog.to_jsonb(k.rec) AS r, pg_catalog.to_jsonb(d.rec) AS o FROM kept k '
+            WHEN TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN
+                 'SELECT k.tenant, k.op, k.moved, pg_catalog.to_jsonb(n.rec) AS r, NULL::pg_catalog.jsonb AS o FROM kept k '
+                 'JOIN (SELECT pg_catalog.row_number() OVER () AS i, x AS rec FROM citapulse_new x) n '
+                 'ON n.i OPERATOR(pg_catalog.=) k.i ORDER BY k.i'
+            WHEN TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN
+                 'SELECT k.tenant, k.op, k.moved, NULL::pg_catalog.jsonb AS r, pg_catalog.to_jsonb(d.rec) AS o FROM kept k '
                  'JOIN (SELECT pg_catalog.row_number() OVER () AS i, x AS rec FROM citapulse_old x) d '
-                 'ON d.i OPERATOR(pg_catalog.=) k.i ORDER BY k.i' END)
+                 'ON d.i OPERATOR(pg_catalog.=) k.i ORDER BY k.i'
+            -- A removal carries the old row only, an arrival the new row only.
+            ELSE 'SELECT k.tenant, k.op, k.moved, '
+                 '       CASE WHEN k.ord OPERATOR(pg_catalog.=) 1 THEN pg_catalog.to_jsonb(n.rec) END AS r, '
+                 '       CASE WHEN NOT k.moved OR k.ord OPERATOR(pg_catalog.=) 0 THEN pg_catalog.to_jsonb(d.rec) END AS o '
+                 '  FROM kept k '
+                 '  JOIN (SELECT pg_catalog.row_number() OVER () AS i, x AS rec FROM citapulse_new x) n '
+                 '    ON n.i OPERATOR(pg_catalog.=) k.i '
+                 '  JOIN (SELECT pg_catalog.row_number() OVER () AS i, x AS rec FROM citapulse_old x) d '
+                 '    ON d.i OPERATOR(pg_catalog.=) k.i '
+                 ' ORDER BY k.i, k.ord' END)
     INTO logged, oversized
     USING threshold, fam, pg_catalog.format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME), TG_OP;
     IF logged OPERATOR(pg_catalog.>) 0 AND citapulse.notifying() THEN

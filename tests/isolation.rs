@@ -717,6 +717,10 @@ async fn a_hostile_search_path_cannot_hijack_the_capture_trigger() {
          CREATE OPERATOR evil.->> (LEFTARG = jsonb, RIGHTARG = text, FUNCTION = evil.boom_j);
          CREATE OPERATOR evil.<= (LEFTARG = bigint, RIGHTARG = integer, FUNCTION = evil.boom_le);
          CREATE OPERATOR evil.<= (LEFTARG = integer, RIGHTARG = integer, FUNCTION = evil.boom_le4);
+         CREATE FUNCTION evil.boom_bb(a boolean, b boolean) RETURNS boolean LANGUAGE plpgsql AS
+           $$ BEGIN RAISE EXCEPTION 'hijacked as %', current_user; END $$;
+         CREATE OPERATOR evil.<> (LEFTARG = text, RIGHTARG = text, FUNCTION = evil.boom_b);
+         CREATE OPERATOR evil.<> (LEFTARG = boolean, RIGHTARG = boolean, FUNCTION = evil.boom_bb);
          CREATE FUNCTION evil.to_jsonb(anyelement) RETURNS jsonb LANGUAGE plpgsql AS
            $$ BEGIN RAISE EXCEPTION 'hijacked as %', current_user; END $$;
          CREATE FUNCTION evil.octet_length(text) RETURNS integer LANGUAGE plpgsql AS
@@ -753,6 +757,10 @@ async fn a_hostile_search_path_cannot_hijack_the_capture_trigger() {
             "update",
             format!("UPDATE public.citas SET estado = 'confirmada' WHERE id = {}", ids[0]),
         ),
+        (
+            "tenant move",
+            format!("UPDATE public.citas SET negocio_id = 't2' WHERE id = {}", ids[0]),
+        ),
         ("delete", format!("DELETE FROM public.citas WHERE id = {}", ids[1])),
         (
             "bulk insert",
@@ -766,6 +774,10 @@ async fn a_hostile_search_path_cannot_hijack_the_capture_trigger() {
             "bulk update",
             "UPDATE public.citas SET estado = 'confirmada' WHERE id > 0".to_string(),
         ),
+        (
+            "bulk tenant move",
+            "UPDATE public.citas SET negocio_id = 't3' WHERE id > 0".to_string(),
+        ),
         ("bulk delete", "DELETE FROM public.citas WHERE id > 0".to_string()),
     ] {
         app.batch_execute(&sql)
@@ -773,27 +785,44 @@ async fn a_hostile_search_path_cannot_hijack_the_capture_trigger() {
             .unwrap_or_else(|e| panic!("{what}: {e:?}"));
     }
     db.move_inbox().await;
-    let logged: Vec<(String, Option<String>)> = db
-        .client
-        .query(
-            "SELECT op, event_type FROM citapulse.events WHERE tenant = 't1' ORDER BY id",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    let ops: Vec<&str> = logged.iter().map(|(op, _)| op.as_str()).collect();
+    let logged = |tenant: &'static str| {
+        let client = &db.client;
+        async move {
+            client
+                .query(
+                    "SELECT op, event_type FROM citapulse.events WHERE tenant = $1 ORDER BY id",
+                    &[&tenant],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect::<Vec<(String, Option<String>)>>()
+        }
+    };
+    let ops =
+        |l: &[(String, Option<String>)]| l.iter().map(|(op, _)| op.clone()).collect::<Vec<_>>();
+    let t1 = logged("t1").await;
+    // The moved row left t1 as a DELETE; the bulk move folded t1's 150 removals.
     assert_eq!(
-        ops,
+        ops(&t1),
         [
-            "INSERT", "INSERT", "UPDATE", "DELETE", "INSERT", "UPDATE", "DELETE"
+            "INSERT", "INSERT", "UPDATE", "DELETE", "DELETE", "INSERT", "UPDATE", "UPDATE"
         ]
     );
     assert!(
-        logged[4..]
+        t1[5..]
             .iter()
+            .all(|(_, t)| t.as_deref() == Some("calendar_refresh"))
+    );
+    // t2: the moved row's arrival, its kept update, its removal by the bulk move.
+    let t2 = logged("t2").await;
+    assert_eq!(ops(&t2), ["INSERT", "UPDATE", "DELETE"]);
+    assert!(t2.iter().all(|(_, t)| t.is_none()), "{t2:?}");
+    let t3 = logged("t3").await;
+    assert_eq!(ops(&t3), ["UPDATE", "DELETE"]);
+    assert!(
+        t3.iter()
             .all(|(_, t)| t.as_deref() == Some("calendar_refresh"))
     );
     db.client

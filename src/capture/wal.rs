@@ -161,6 +161,9 @@ struct Row {
     rel: u32,
     tenant: Option<String>,
     op: &'static str,
+    /// The op bulk folding counts it under: the change's own (a moved row's halves are
+    /// an UPDATE's, as in trigger mode).
+    counted_as: &'static str,
     new: Option<Json>,
     old: Option<Json>,
     event_type: Option<String>,
@@ -486,6 +489,7 @@ fn collect(relations: &HashMap<u32, Relation>, t: &mut Txn, message: Message, th
                         rel,
                         tenant: None,
                         op: "TRUNCATE",
+                        counted_as: "TRUNCATE",
                         new: None,
                         old: None,
                         event_type: Some("calendar_refresh".into()),
@@ -502,40 +506,91 @@ fn collect(relations: &HashMap<u32, Relation>, t: &mut Txn, message: Message, th
     let Some(relation) = relations.get(&rel).filter(|r| r.watched) else {
         return;
     };
-    let tenant = match (relation.resolved, relation.tenant) {
-        (true, _) => None,
+    let (new_tenant, old_tenant) = match (relation.resolved, relation.tenant) {
+        (true, _) => (None, None),
         (false, Some(i)) => {
-            let source = new.as_ref().or(old.as_ref());
-            match source.and_then(|v| v.get(i)) {
+            let text = |row: Option<&Vec<Value>>| match row.and_then(|v| v.get(i)) {
                 Some(Value::Text(s)) => Some(s.clone()),
-                // No tenant: skipped, as the triggers skip it.
-                _ => return,
-            }
+                _ => None,
+            };
+            let old_tenant = text(old.as_ref());
+            let new_tenant = match new.as_ref().and_then(|v| v.get(i)) {
+                Some(Value::UnchangedToast) => old_tenant.clone(),
+                _ => text(new.as_ref()),
+            };
+            (new_tenant, old_tenant)
         }
         (false, None) => return,
     };
-    if let Some(tenant) = &tenant {
-        let key = (rel, op, tenant.clone());
-        let n = t.counts.entry(key).or_default();
-        *n += 1;
-        // Its earlier rows are dropped in one pass later (`drop_folded`): dropping them
-        // here would walk the buffer once per folded tenant.
-        if *n > threshold {
-            return;
+    // JSON only for rows that are kept (not folded).
+    let cols = &relation.columns;
+    let old_json = || old.as_deref().map(|v| row_json(cols, v, None));
+    let new_json = || new.as_deref().map(|v| row_json(cols, v, old.as_deref()));
+    // A row moved to another tenant (old row known: REPLICA IDENTITY FULL): its removal
+    // from the old tenant with the old row only, then its arrival in the new one with the
+    // new row only, as capture() logs them; both count as the UPDATE they are.
+    if op == "UPDATE" && old.is_some() && !relation.resolved && new_tenant != old_tenant {
+        let moved = || Some(serde_json::json!({"moved": true}));
+        if let Some(tenant) = old_tenant {
+            let key = (rel, op, tenant);
+            push(t, threshold, key, "DELETE", || (None, old_json(), moved()));
         }
+        if let Some(tenant) = new_tenant {
+            let key = (rel, op, tenant);
+            push(t, threshold, key, "INSERT", || (new_json(), None, moved()));
+        }
+        return;
     }
-    let old_json = old.as_deref().map(|v| row_json(&relation.columns, v, None));
-    let new_json = new
-        .as_deref()
-        .map(|v| row_json(&relation.columns, v, old.as_deref()));
+    let tenant = match (relation.resolved, new.is_some(), new_tenant, old_tenant) {
+        (true, ..) => None,
+        (false, true, Some(tenant), _) | (false, false, _, Some(tenant)) => Some(tenant),
+        // No tenant: skipped, as the triggers skip it.
+        _ => return,
+    };
+    match tenant {
+        Some(tenant) => push(t, threshold, (rel, op, tenant), op, || {
+            (new_json(), old_json(), None)
+        }),
+        None => t.rows.push(Row {
+            rel,
+            tenant: None,
+            op,
+            counted_as: op,
+            new: new_json(),
+            old: old_json(),
+            event_type: None,
+            payload: None,
+        }),
+    }
+}
+
+/// Buffers one row of a tenant, logged as `op`, counted for bulk folding under `key`
+/// (relation, op, tenant); `rows` gives its (new, old, payload) if it is kept.
+fn push(
+    t: &mut Txn,
+    threshold: usize,
+    key: (u32, &'static str, String),
+    op: &'static str,
+    rows: impl FnOnce() -> (Option<Json>, Option<Json>, Option<Json>),
+) {
+    let (rel, counted_as, tenant) = key.clone();
+    let n = t.counts.entry(key).or_default();
+    *n += 1;
+    // Its earlier rows are dropped in one pass later (`drop_folded`): dropping them
+    // here would walk the buffer once per folded tenant.
+    if *n > threshold {
+        return;
+    }
+    let (new, old, payload) = rows();
     t.rows.push(Row {
         rel,
-        tenant,
+        tenant: Some(tenant),
         op,
-        new: new_json,
-        old: old_json,
+        counted_as,
+        new,
+        old,
         event_type: None,
-        payload: None,
+        payload,
     });
 }
 
@@ -554,7 +609,7 @@ fn drop_folded(t: &mut Txn, threshold: usize) {
         r.event_type.is_some()
             || r.tenant
                 .as_deref()
-                .is_none_or(|tenant| !folded.contains(&(r.rel, r.op, tenant)))
+                .is_none_or(|tenant| !folded.contains(&(r.rel, r.counted_as, tenant)))
     });
 }
 
@@ -585,6 +640,7 @@ fn finish(t: &mut Txn, threshold: usize) {
             rel,
             tenant: Some(tenant),
             op,
+            counted_as: op,
             new: None,
             old: None,
             event_type: Some("calendar_refresh".into()),
@@ -923,6 +979,86 @@ mod tests {
         assert_eq!(
             t.rows[0].new,
             Some(serde_json::json!({"id": "1", "negocio_id": "t1", "data": {"a": [1]}}))
+        );
+    }
+
+    fn moved(id: &str, from: &str, to: &str) -> Message {
+        let row = |tenant: &str| {
+            vec![
+                Value::Text(id.into()),
+                Value::Text(tenant.into()),
+                Value::Text("{}".into()),
+            ]
+        };
+        Message::Update {
+            rel: 7,
+            old: Some(row(from)),
+            new: row(to),
+        }
+    }
+
+    #[test]
+    fn a_row_moved_to_another_tenant_leaves_one_and_reaches_the_other() {
+        let rels = rel(Some(1));
+        let mut t = txn();
+        collect(&rels, &mut t, moved("1", "a", "b"), 100);
+        collect(&rels, &mut t, moved("2", "a", "a"), 100);
+        finish(&mut t, 100);
+        let rows: Vec<_> = t
+            .rows
+            .iter()
+            .map(|r| {
+                (
+                    r.tenant.clone().unwrap(),
+                    r.op,
+                    r.new.as_ref().map(|n| n["negocio_id"].clone()),
+                    r.old.as_ref().map(|o| o["negocio_id"].clone()),
+                    r.payload.clone(),
+                )
+            })
+            .collect();
+        let moved = Some(serde_json::json!({"moved": true}));
+        assert_eq!(
+            rows,
+            vec![
+                ("a".into(), "DELETE", None, Some("a".into()), moved.clone()),
+                ("b".into(), "INSERT", Some("b".into()), None, moved),
+                (
+                    "a".into(),
+                    "UPDATE",
+                    Some("a".into()),
+                    Some("a".into()),
+                    None
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_bulk_move_folds_for_both_tenants() {
+        let rels = rel(Some(1));
+        let mut t = txn();
+        for i in 0..4 {
+            collect(&rels, &mut t, moved(&i.to_string(), "a", "b"), 3);
+        }
+        finish(&mut t, 3);
+        let refreshes: Vec<_> = t
+            .rows
+            .iter()
+            .map(|r| {
+                (
+                    r.tenant.clone().unwrap(),
+                    r.op,
+                    r.payload.clone().unwrap()["rows"].clone(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            refreshes,
+            [
+                ("a".to_string(), "UPDATE", 4.into()),
+                ("b".to_string(), "UPDATE", 4.into())
+            ]
         );
     }
 
