@@ -38,24 +38,6 @@ fn denials(cluster: &PgCluster, login: &str) -> Vec<String> {
         .collect()
 }
 
-fn cli(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_citapulse"));
-    cmd.args(args)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("RUST_LOG", "warn")
-        .current_dir(std::env::temp_dir());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().expect("run citapulse");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 /// Creates `login` (LOGIN, `extra` attributes) in `group`; returns its URL after checking
 /// it is no superuser and owns nothing.
 async fn login_in(db: &TestDb, login: &str, group: &str, extra: &str) -> String {

@@ -758,7 +758,7 @@ async fn logs_never_contain_a_token() {
     ));
     let log = std::fs::File::create(&log_path).unwrap();
     let notify_secret = "notify-secret-for-the-log-test-0123";
-    let mut child = run_binary(
+    let child = run_binary(
         &["serve"],
         &[
             ("DATABASE_URL", &db.url),
@@ -862,18 +862,8 @@ async fn logs_never_contain_a_token() {
     assert_eq!(notified.0, 202);
     c.close().await;
 
-    let text = {
-        // Every line about the sockets above is written before the daemon says goodbye.
-        let pid = child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        let status = tokio::task::spawn_blocking(move || child.wait())
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(status.success(), "{status}");
-        std::fs::read_to_string(&log_path).unwrap()
-    };
-    let _ = std::fs::remove_file(&log_path);
+    // Every line about the sockets above is written before the daemon says goodbye.
+    let text = stop_and_read_log(child, &log_path).await;
     assert!(
         text.contains("handshake refused"),
         "refusals are logged:\n{text}"
@@ -1990,7 +1980,7 @@ async fn token_fields_cannot_forge_log_lines() {
         free_port()
     ));
     let log = std::fs::File::create(&log_path).unwrap();
-    let mut child = run_binary(
+    let child = run_binary(
         &["serve"],
         &[
             ("DATABASE_URL", &db.url),
@@ -2026,17 +2016,8 @@ async fn token_fields_cannot_forge_log_lines() {
         .unwrap();
     wait_until(|| async { refusal(addr, &revoked).await.as_deref() == Some("token_revoked") })
         .await;
-    let text = {
-        let pid = child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        let status = tokio::task::spawn_blocking(move || child.wait())
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(status.success(), "{status}");
-        std::fs::read_to_string(&log_path).unwrap()
-    };
-    let _ = std::fs::remove_file(&log_path);
+    // Every line about the sockets above is written before the daemon says goodbye.
+    let text = stop_and_read_log(child, &log_path).await;
     assert!(text.contains("connection opened"), "{text}");
     for line in text.split(['\n', '\r']) {
         assert!(
@@ -2100,4 +2081,19 @@ async fn every_server_message_type_is_reserved_for_emitted_events() {
     ] {
         db.client.query_one(sql, &[&"system_alert"]).await.unwrap();
     }
+}
+
+/// SIGTERM to a daemon started with its log in `log_path`; waits for a clean exit and
+/// returns the log (then removes it).
+async fn stop_and_read_log(mut child: std::process::Child, log_path: &std::path::Path) -> String {
+    let pid = child.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status}");
+    let text = std::fs::read_to_string(log_path).unwrap();
+    let _ = std::fs::remove_file(log_path);
+    text
 }

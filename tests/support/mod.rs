@@ -737,3 +737,24 @@ pub async fn assert_permission_denied(client: &Client, statements: &[&str]) {
         );
     }
 }
+
+/// Runs the `citapulse` binary with a clean environment (plus `env`) in the temp dir;
+/// returns the exit code, stdout and stderr. Blocking: from an async test whose daemon
+/// runs on the same runtime, call it through `spawn_blocking`.
+pub fn cli(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_citapulse"));
+    cmd.args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("RUST_LOG", "warn")
+        .current_dir(std::env::temp_dir());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run citapulse");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
