@@ -34,9 +34,7 @@ fn files(dir: &str, ext: &str) -> Vec<PathBuf> {
 fn yaml_docs(path: &Path) -> Vec<Value> {
     let text = std::fs::read_to_string(path).unwrap();
     serde_yaml_ng::Deserializer::from_str(&text)
-        .map(|doc| {
-            Value::deserialize(doc).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        })
+        .map(|doc| Value::deserialize(doc).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
         .filter(|v| !v.is_null())
         .collect()
 }
@@ -47,7 +45,11 @@ fn kubernetes_objects() -> BTreeMap<String, Value> {
     for path in files("deploy/kubernetes", ".yaml") {
         for doc in yaml_docs(&path) {
             let kind = doc["kind"].as_str().expect("every document has a kind");
-            assert!(doc["apiVersion"].is_string(), "{}: apiVersion", path.display());
+            assert!(
+                doc["apiVersion"].is_string(),
+                "{}: apiVersion",
+                path.display()
+            );
             if kind == "Kustomization" {
                 // Every resource it lists exists.
                 for r in doc["resources"].as_array().unwrap() {
@@ -68,7 +70,8 @@ fn kubernetes_objects() -> BTreeMap<String, Value> {
 }
 
 fn str_at<'a>(v: &'a Value, what: &str) -> &'a str {
-    v.as_str().unwrap_or_else(|| panic!("{what}: expected a string, got {v}"))
+    v.as_str()
+        .unwrap_or_else(|| panic!("{what}: expected a string, got {v}"))
 }
 
 /// The port number a probe or Service names (a number or a container port's name).
@@ -112,7 +115,10 @@ fn configmap_config(objects: &BTreeMap<String, Value>, configmap: &str, secret: 
 /// The uid the Dockerfile's final stage runs as (`useradd … --uid N` then `USER`).
 fn dockerfile_uid() -> u64 {
     let text = std::fs::read_to_string(repo("Dockerfile")).unwrap();
-    let after = text.split("--uid ").nth(1).expect("useradd --uid in the Dockerfile");
+    let after = text
+        .split("--uid ")
+        .nth(1)
+        .expect("useradd --uid in the Dockerfile");
     let uid: String = after.chars().take_while(char::is_ascii_digit).collect();
     assert!(text.contains("\nUSER "), "the Dockerfile switches USER");
     uid.parse().unwrap()
@@ -144,10 +150,16 @@ fn kubernetes_manifests_match_the_daemon() {
     let secret = &objects["Secret/citapulse"];
     for key in ["DATABASE_URL", "JWT_SECRET"] {
         let r = &env[key]["valueFrom"]["secretKeyRef"];
-        assert_eq!(r["name"], secret["metadata"]["name"], "{key} from the Secret");
+        assert_eq!(
+            r["name"], secret["metadata"]["name"],
+            "{key} from the Secret"
+        );
         assert_eq!(r["key"], key);
         let placeholder = str_at(&secret["stringData"][key], key);
-        assert!(placeholder.contains("REPLACE-ME"), "{key} is a marked placeholder");
+        assert!(
+            placeholder.contains("REPLACE-ME"),
+            "{key} is a marked placeholder"
+        );
     }
     let config_path = str_at(&env["CITAPULSE_CONFIG"]["value"], "CITAPULSE_CONFIG");
     assert_eq!(config_path, "/etc/citapulse/config.toml");
@@ -229,7 +241,10 @@ fn kubernetes_manifests_match_the_daemon() {
     let mports = metrics["spec"]["ports"].as_array().unwrap();
     assert_eq!(mports.len(), 1);
     assert_eq!(resolve_port(&mports[0]["targetPort"], c), 9090);
-    assert_eq!(metrics["metadata"]["annotations"]["prometheus.io/port"], "9090");
+    assert_eq!(
+        metrics["metadata"]["annotations"]["prometheus.io/port"],
+        "9090"
+    );
     assert_eq!(
         spec["template"]["metadata"]["annotations"]["prometheus.io/port"],
         "9090"
@@ -256,11 +271,11 @@ fn alert_rules() -> Vec<(String, String)> {
                 for rule in group["rules"].as_array().unwrap() {
                     let name = str_at(&rule["alert"], "alert").to_string();
                     let expr = str_at(&rule["expr"], "expr").to_string();
+                    assert!(rule["labels"]["severity"].is_string(), "{name}: severity");
                     assert!(
-                        rule["labels"]["severity"].is_string(),
-                        "{name}: severity"
+                        rule["annotations"]["summary"].is_string(),
+                        "{name}: summary"
                     );
-                    assert!(rule["annotations"]["summary"].is_string(), "{name}: summary");
                     rules.push((name, expr));
                 }
             }
@@ -277,7 +292,9 @@ fn metric_names(text: &str, out: &mut BTreeSet<String>) {
         let start = from + at;
         let mut end = start + "citapulse_".len();
         while end < bytes.len()
-            && (bytes[end].is_ascii_lowercase() || bytes[end].is_ascii_digit() || bytes[end] == b'_')
+            && (bytes[end].is_ascii_lowercase()
+                || bytes[end].is_ascii_digit()
+                || bytes[end] == b'_')
         {
             end += 1;
         }
@@ -516,7 +533,11 @@ async fn dashboard_and_alerts_name_only_exported_metrics() {
         "citapulse_listener_up_total",
     ] {
         let probe = BTreeSet::from([wrong.to_string()]);
-        assert_eq!(unknown(&probe, &exposed).len(), 1, "{wrong} passes the check");
+        assert_eq!(
+            unknown(&probe, &exposed).len(),
+            1,
+            "{wrong} passes the check"
+        );
     }
     assert!(exposed.contains("citapulse_delivery_lag_seconds_bucket"));
 
