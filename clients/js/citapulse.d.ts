@@ -1,9 +1,11 @@
 // Type declarations for citapulse.js
 
-export type ConnectionState = "connecting" | "open" | "reconnecting" | "closed" | "unauthorized";
+/** "unauthorized" (4001 without `getToken`) and "revoked" (4003) do not reconnect. */
+export type ConnectionState = "connecting" | "open" | "reconnecting" | "closed" | "unauthorized" | "revoked";
 
 export declare const CloseCodes: Readonly<{
-  NORMAL: 1000; GOING_AWAY: 1001; POLICY: 1008; TOO_BIG: 1009; TOKEN_EXPIRED: 4001; SLOW_CONSUMER: 4008;
+  NORMAL: 1000; GOING_AWAY: 1001; POLICY: 1008; TOO_BIG: 1009; TOKEN_EXPIRED: 4001; REVOKED: 4003;
+  SLOW_CONSUMER: 4008;
 }>;
 
 /** `estadisticas:<tenant>`: the tenant's events, its `stats` and its presence. */
@@ -190,8 +192,10 @@ export interface WebSocketLike {
 export interface CitapulseClientOptions {
   /** WebSocket URL; default `ws(s)://<location.host>/ws` in browsers. Required in Node. */
   url?: string;
-  /** JWT, sent as the `token` query parameter. */
+  /** JWT, sent in the subprotocol list (`citapulse, <jwt>`) unless `tokenIn` is "query". */
   token?: string;
+  /** Where the token travels: the subprotocol list (default; proxies do not log it) or `?token=`. */
+  tokenIn?: "protocol" | "query";
   /** Fetches a fresh token: initially if no token, on close 4001, after a failed handshake, and before `exp`. */
   getToken?: () => string | Promise<string>;
   /** Reconnect backoff with full jitter. Defaults: 500 / 15000 ms. */

@@ -3,7 +3,8 @@
 
 /** Close codes sent by the daemon. */
 export const CloseCodes = Object.freeze({
-  NORMAL: 1000, GOING_AWAY: 1001, POLICY: 1008, TOO_BIG: 1009, TOKEN_EXPIRED: 4001, SLOW_CONSUMER: 4008,
+  NORMAL: 1000, GOING_AWAY: 1001, POLICY: 1008, TOO_BIG: 1009, TOKEN_EXPIRED: 4001, REVOKED: 4003,
+  SLOW_CONSUMER: 4008,
 });
 
 const OPEN = 1;
@@ -95,7 +96,10 @@ export class CitapulseClient {
   /**
    * @param {object} [opts]
    * @param {string} [opts.url] WebSocket URL; default `ws(s)://<location.host>/ws`.
-   * @param {string} [opts.token] JWT sent as `?token=`.
+   * @param {string} [opts.token] JWT, sent in the WebSocket subprotocol list (`citapulse, <jwt>`),
+   *   which proxies do not log, unless `tokenIn` says "query".
+   * @param {"protocol"|"query"} [opts.tokenIn="protocol"] Where the token travels: the subprotocol
+   *   list, or `?token=` (for proxies that drop `Sec-WebSocket-Protocol`).
    * @param {() => (string|Promise<string>)} [opts.getToken] Fetches a fresh token (initially if no token,
    *   on close 4001, after a failed handshake, and shortly before the current JWT's `exp`).
    * @param {{initialMs?: number, maxMs?: number}} [opts.backoff] Reconnect backoff (default 500 / 15000 ms).
@@ -114,6 +118,7 @@ export class CitapulseClient {
     this.stableMs = opts.stableMs ?? 5000;
     this.dedupeSize = opts.dedupeSize ?? 2048;
     this.requestTimeoutMs = opts.requestTimeoutMs ?? 10000;
+    this.tokenIn = opts.tokenIn === "query" ? "query" : "protocol";
     this.WebSocket = opts.WebSocket || globalThis.WebSocket;
     if (!this.WebSocket) throw new Error("citapulse: no WebSocket implementation; pass opts.WebSocket");
     /** @type {Map<string, Set<Function>>} */ this._listeners = new Map();
@@ -132,6 +137,13 @@ export class CitapulseClient {
     this._freshToken = false;
     this._gen = 0; // bumped by connect()/close() so stale async attempts abort
     this._timers = { reconnect: null, ping: null, stable: null, refresh: null };
+    // Back online after the browser lost its network: try now instead of after the backoff.
+    this._onOnline = () => {
+      if (!this._stopped && this._state === "reconnecting" && !this._ws) {
+        clearTimeout(this._timers.reconnect);
+        this._open("reconnecting");
+      }
+    };
   }
 
   /** `estadisticas:<tenant>` (validated). */
@@ -143,7 +155,11 @@ export class CitapulseClient {
   /** Parsed channel name, or null if invalid. */
   static parseChannel(name) { return parseChannel(name); }
 
-  /** Current connection state. @returns {"connecting"|"open"|"reconnecting"|"closed"|"unauthorized"} */
+  /**
+   * Current connection state. "unauthorized": a 4001 close without `getToken`; "revoked": the
+   * user was revoked (close 4003). Neither reconnects: call `connect()` with a new token.
+   * @returns {"connecting"|"open"|"reconnecting"|"closed"|"unauthorized"|"revoked"}
+   */
   get state() { return this._state; }
 
   /**
@@ -239,11 +255,18 @@ export class CitapulseClient {
     this._stopped = false;
     this._attempt = 0;
     this._gen++;
+    globalThis.addEventListener?.("online", this._onOnline);
     this._open("connecting");
   }
 
   /** Close for good (no reconnect). */
   close() {
+    this._stop();
+    this._setState("closed");
+  }
+
+  _stop() {
+    globalThis.removeEventListener?.("online", this._onOnline);
     this._stopped = true;
     this._gen++;
     this._clearTimers();
@@ -252,7 +275,6 @@ export class CitapulseClient {
     const ws = this._ws;
     this._ws = null;
     if (ws) try { ws.close(1000); } catch { /* ignore */ }
-    this._setState("closed");
   }
 
   // ---- internals ----
@@ -267,9 +289,14 @@ export class CitapulseClient {
       if (!this.token) return this._scheduleReconnect();
     }
     let url = this.url;
-    if (this.token) url += (url.includes("?") ? "&" : "?") + "token=" + encodeURIComponent(this.token);
+    let protocols = ["citapulse"];
+    if (this.token && this.tokenIn === "query") {
+      url += (url.includes("?") ? "&" : "?") + "token=" + encodeURIComponent(this.token);
+    } else if (this.token) {
+      protocols = ["citapulse", this.token];
+    }
     let ws;
-    try { ws = new this.WebSocket(url); } catch (e) {
+    try { ws = new this.WebSocket(url, protocols); } catch (e) {
       this._emit("error", { code: "connect_failed", message: String(e?.message || e) });
       return this._scheduleReconnect();
     }
@@ -302,9 +329,14 @@ export class CitapulseClient {
       this._replies = [];
       if (this._stopped) return this._setState("closed");
       const code = ev?.code;
+      if (code === CloseCodes.REVOKED) {
+        // Revoked: every reconnect with this user's tokens would be refused.
+        this._stop();
+        return this._setState("revoked");
+      }
       if (code === CloseCodes.TOKEN_EXPIRED || (!opened && this.getToken)) {
         // 4001, or a failed handshake (possibly HTTP 401): fetch a fresh token before retrying.
-        if (!this.getToken) { this._stopped = true; return this._setState("unauthorized"); }
+        if (!this.getToken) { this._stop(); return this._setState("unauthorized"); }
         this._freshToken = true;
         if (code === CloseCodes.TOKEN_EXPIRED) return this._open("reconnecting");
       }

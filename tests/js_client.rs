@@ -1,0 +1,95 @@
+//! The JavaScript client package (`clients/js`) under Node against the real daemon: its
+//! package tests (CommonJS file in sync, exports) and its live tests (token carriers,
+//! revocation ends in the `revoked` state). Node 20.10 or newer is needed (as for the
+//! image check).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::process::Stdio;
+
+use support::*;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+const NOTIFY_SECRET: &str = "js-client-notify-secret";
+
+/// Runs one test file of the package with Node (in-process runner, TAP), answering its
+/// `CITAPULSE-ASK` lines; returns the TAP output. Fails unless every test passed and none
+/// was skipped.
+async fn node_test(file: &str, env: &[(&str, String)], db: Option<&TestDb>) -> String {
+    let mut cmd = tokio::process::Command::new("node");
+    cmd.args([
+        "--experimental-websocket",
+        "--no-warnings",
+        "--test-reporter=tap",
+        file,
+    ])
+    .current_dir("clients/js")
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::inherit())
+    .kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd
+        .spawn()
+        .expect("run node (Node.js 20.10 or newer is needed; bash .ci/run installs it)");
+    let mut stdin = child.stdin.take().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut tap = String::new();
+    let read = async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(ask) = line.strip_prefix("CITAPULSE-ASK ") {
+                let user = ask.strip_prefix("revoke ").expect("a known request");
+                db.expect("a database for this file")
+                    .client
+                    .execute(
+                        "SELECT citapulse.revoke('t1', $1, 'test')",
+                        &[&user.to_string()],
+                    )
+                    .await
+                    .unwrap();
+                stdin.write_all(b"done\n").await.unwrap();
+            } else {
+                tap.push_str(&line);
+                tap.push('\n');
+            }
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(120), read)
+        .await
+        .expect("the Node tests finish in time");
+    let status = child.wait().await.unwrap();
+    assert!(status.success(), "{file}:\n{tap}");
+    assert!(tap.contains("# fail 0"), "{file}:\n{tap}");
+    assert!(tap.contains("# skipped 0"), "{file}:\n{tap}");
+    tap
+}
+
+#[tokio::test]
+async fn the_package_ships_the_same_client_to_import_and_require() {
+    let tap = node_test("test/package.test.mjs", &[], None).await;
+    assert!(tap.contains("# pass 2"), "{tap}");
+}
+
+#[tokio::test]
+async fn the_client_delivers_with_either_token_carrier_and_stops_when_revoked() {
+    let db = TestDb::new().await;
+    let d = Daemon::start(&db.url, |c| {
+        c.auth.notify_secret = Some(citapulse::config::Secret::new(NOTIFY_SECRET));
+    })
+    .await;
+    let env = [
+        ("CITAPULSE_WS_URL", format!("ws://{}/ws", d.addr)),
+        ("CITAPULSE_TOKEN", tenant_token("t1")),
+        (
+            "CITAPULSE_VICTIM_TOKEN",
+            token("victim", Some("t1"), Some("staff")),
+        ),
+        ("CITAPULSE_NOTIFY_SECRET", NOTIFY_SECRET.to_string()),
+    ];
+    let tap = node_test("test/live.test.mjs", &env, Some(&db)).await;
+    assert!(tap.contains("# pass 4"), "{tap}");
+    d.stop().await;
+}
