@@ -217,7 +217,7 @@ async fn under_watch(
             }
         }
         writes.push(t0.elapsed().as_nanos() as u64);
-        if i % 50 == 0 {
+        if i.is_multiple_of(50) {
             stall = stall.max(
                 server
                     .metric("citapulse_runtime_stall_seconds")

@@ -1,6 +1,6 @@
 //! The WebSocket close codes the server sends, with their reason texts.
 //!
-//! Owns the one list of codes (README "Close codes"): each variant carries the numeric
+//! Owns the one list of codes (docs/ops/security.md, "Close codes and refusals"): each variant carries the numeric
 //! code and the reason sent on the wire, both fixed, and the label counted in
 //! `connections_closed`. Must not change a code or a text: clients and tests match
 //! them.
@@ -139,12 +139,12 @@ mod tests {
     }
 
     #[test]
-    fn every_documented_code_is_in_the_readme() {
-        let readme = include_str!("../../README.md");
+    fn every_code_is_in_the_security_docs() {
+        let docs = include_str!("../../docs/ops/security.md");
         for code in CloseCode::ALL {
             assert!(
-                readme.contains(&format!("| {} |", code.code())),
-                "README lists {code}"
+                docs.contains(&format!("| {} |", code.code())),
+                "docs/ops/security.md lists {code}"
             );
         }
     }

@@ -217,7 +217,7 @@ impl<T> ReplayBuffer<T> {
 
     /// Takes the oldest held events the replay did not already send, at most `room` of
     /// them, in the order they arrived (the live order, which is id order except for late
-    /// commits; see the README's delivery semantics); held events the replay sent are
+    /// commits; see docs/protocol.md, "Delivery semantics"); held events the replay sent are
     /// dropped on the way. `replayed` holds the ids the replay sent, sorted.
     pub(crate) fn release_front(&mut self, room: usize, replayed: &[i64]) -> Vec<(i64, T)> {
         debug_assert!(replayed.is_sorted(), "replayed ids must be sorted");

@@ -168,7 +168,7 @@ pub fn parse_client_message(text: &str) -> Result<ClientMessage, BadRequest> {
     }
 }
 
-/// The `code` of an `error` message (README "Errors"); also its `client_errors` label.
+/// The `code` of an `error` message (docs/protocol.md, "Error codes"); also its `client_errors` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorCode {
     /// A message the server cannot use (bad JSON, unknown type, bad channel name).
@@ -300,11 +300,11 @@ mod tests {
                 "unavailable",
             ]
         );
-        let readme = include_str!("../../README.md");
+        let docs = include_str!("../../docs/protocol.md");
         for code in codes {
             assert!(
-                readme.contains(&format!("`{code}`")),
-                "README documents {code}"
+                docs.contains(&format!("`{code}`")),
+                "docs/protocol.md documents {code}"
             );
         }
         let msg: serde_json::Value =

@@ -44,7 +44,7 @@ const INDEX_HTML: &str = include_str!("../../static/index.html");
 const CLIENT_JS: &str = include_str!("../../clients/js/citapulse.js");
 const CLIENT_DTS: &str = include_str!("../../clients/js/citapulse.d.ts");
 
-/// Request line plus headers, in bytes (README: Security).
+/// Request line plus headers, in bytes (docs/ops/security.md: Limits).
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 
 /// Why the daemon could not start.
