@@ -1194,4 +1194,57 @@ mod tests {
         c.auth.jwt_secret = Some(Secret::new("super-secret-value-123"));
         assert!(!format!("{c:?}").contains("super-secret-value-123"));
     }
+
+    /// Every key of the configuration, as dotted paths (`[[resolvers]]`-style arrays of
+    /// tables by their name), from the defaults' serialization: what the docs must list.
+    fn every_key() -> Vec<String> {
+        fn walk(prefix: &str, value: &serde_json::Value, out: &mut Vec<String>) {
+            match value {
+                serde_json::Value::Object(map) if !map.is_empty() || prefix.is_empty() => {
+                    for (k, v) in map {
+                        let path = if prefix.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{prefix}.{k}")
+                        };
+                        walk(&path, v, out);
+                    }
+                }
+                _ => out.push(prefix.to_string()),
+            }
+        }
+        let value = serde_json::to_value(Config::default()).unwrap_or_default();
+        let mut keys = Vec::new();
+        walk("", &value, &mut keys);
+        keys
+    }
+
+    #[test]
+    fn every_key_is_in_the_configuration_reference_and_in_config_toml() {
+        let reference = include_str!("../docs/ops/configuration.md");
+        let limits = include_str!("../docs/ops/security.md");
+        let example = include_str!("../config.toml");
+        let keys = every_key();
+        assert!(keys.len() > 40, "{keys:?}");
+        let mut missing = Vec::new();
+        for key in &keys {
+            let (section, name) = key.rsplit_once('.').unwrap_or(("", key));
+            // The reference names a key in backticks, alone or in a pair such as
+            // `auth.issuer`, `auth.audience`; arrays of tables as `[[resolvers]]`.
+            let documented = reference.contains(&format!("`{key}`"))
+                || reference.contains(&format!("`[[{key}]]`"))
+                || (section == "limits" && limits.contains(&format!("`{key}`")));
+            // config.toml sets or comments every key in its section.
+            let in_example = example.contains(&format!("{name} ="))
+                || example.contains(&format!("# {name} ="))
+                || example.contains(&format!("[[{key}]]"));
+            if !documented {
+                missing.push(format!("{key} (docs/ops/configuration.md)"));
+            }
+            if !in_example {
+                missing.push(format!("{key} (config.toml)"));
+            }
+        }
+        assert!(missing.is_empty(), "undocumented keys: {missing:#?}");
+    }
 }
