@@ -188,6 +188,17 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, in the order the docs list them.
+    pub const ALL: [ErrorCode; 7] = [
+        Self::BadRequest,
+        Self::RateLimited,
+        Self::Forbidden,
+        Self::TooManySubscriptions,
+        Self::Unauthorized,
+        Self::HistoryExpired,
+        Self::Unavailable,
+    ];
+
     /// The code as sent.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -498,5 +509,35 @@ mod tests {
         assert_eq!(v["id"], 5);
         assert_eq!(v["type"], "cita_\"x");
         assert_eq!(v["data"]["row"]["id"], 1);
+    }
+
+    /// The machine-readable schema of the protocol names what the code sends and takes.
+    #[test]
+    fn the_json_schema_names_every_type_and_code_the_code_has() {
+        let schema: Value = serde_json::from_str(include_str!("../../docs/protocol.schema.json"))
+            .unwrap_or_default();
+        let names = |def: &str| -> Vec<String> {
+            schema["$defs"][def]["enum"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|v| v.to_string().trim_matches('"').to_string())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        assert_eq!(names("ClientMessageType"), CLIENT_MESSAGE_TYPES);
+        assert_eq!(names("ServerMessageType"), SERVER_MESSAGE_TYPES);
+        assert_eq!(
+            names("ErrorCode"),
+            ErrorCode::ALL.map(ErrorCode::as_str).to_vec()
+        );
+        assert_eq!(
+            names("CloseCode"),
+            crate::delivery::close::CloseCode::ALL
+                .iter()
+                .map(|c| c.code().to_string())
+                .collect::<Vec<_>>()
+        );
     }
 }
