@@ -425,3 +425,49 @@ impl Metrics {
             .inc();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every family `Metrics::new` registers, as `/metrics` exposes it: the name from its
+    /// `# TYPE` line (with `_total` for a counter, whose samples carry it) and its type.
+    fn exposed(m: &Metrics) -> Vec<(String, String)> {
+        m.render()
+            .lines()
+            .filter_map(|line| {
+                let mut words = line.strip_prefix("# TYPE ")?.split_whitespace();
+                let (name, kind) = (words.next()?, words.next()?);
+                let name = if kind == "counter" {
+                    format!("{name}_total")
+                } else {
+                    name.to_string()
+                };
+                Some((name, kind.to_string()))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_metric_is_documented_in_observability_md() {
+        let page = include_str!("../docs/ops/observability.md");
+        let families = exposed(&Metrics::new("test"));
+        // The render lists families with no sample yet too: one per register call.
+        let registered = include_str!("metrics.rs")
+            .lines()
+            .filter(|line| line.trim() == "r.register(")
+            .count();
+        assert_eq!(families.len(), registered, "{families:?}");
+        let missing: Vec<_> = families
+            .iter()
+            .filter(|(name, kind)| {
+                // The table's row: `| `name` | kind | …`.
+                !page.contains(&format!("| `{name}` | {kind} |"))
+            })
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "docs/ops/observability.md has no row for {missing:?}"
+        );
+    }
+}
