@@ -573,6 +573,25 @@ pub fn channel_tenant(channel: &str) -> Result<String, ChannelError> {
     Channel::parse(channel).map(|c| c.tenant)
 }
 
+/// A token-derived value for a log line: control characters (newlines above all) are
+/// written escaped, so a claim cannot start a line of its own; everything else as is (no
+/// quotes, so JSON logs keep a plain string).
+pub struct Logged<'a>(pub &'a str);
+
+impl std::fmt::Display for Logged<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::fmt::Write;
+        for c in self.0.chars() {
+            if c.is_control() {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                f.write_char(c)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Whether a tenant id may appear in a channel name.
 pub fn is_valid_tenant(tenant: &str) -> bool {
     !tenant.is_empty()
@@ -733,6 +752,12 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(err.contains("auth.algorithms"), "{err}");
+    }
+
+    #[test]
+    fn logged_claims_cannot_break_a_line() {
+        assert_eq!(Logged("u1\nFORGED\r\t").to_string(), "u1\\nFORGED\\r\\t");
+        assert_eq!(Logged("José \"x\"").to_string(), "José \"x\"");
     }
 
     #[test]

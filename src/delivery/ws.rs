@@ -204,7 +204,7 @@ pub async fn serve(
         .hub
         .connection_opened(identity.tenant.as_deref(), identity.role.as_deref());
     // `?`: token text is escaped, so a newline in a claim cannot forge a log line.
-    tracing::info!(client = id, peer = %peer, user = ?identity.user_id, tenant = ?identity.tenant.as_deref().unwrap_or("-"), "connection opened");
+    tracing::info!(client = id, peer = %peer, user = %crate::auth::Logged(&identity.user_id), tenant = %crate::auth::Logged(identity.tenant.as_deref().unwrap_or("-")), "connection opened");
 
     let rate = RateLimit::new(shared.config.limits.messages_per_sec, Instant::now());
     let mut conn = Connection {

@@ -836,7 +836,7 @@ async fn upgrade(
     };
     if shared.sockets.revocations.refuses(&identity) {
         // `?`: token text is escaped, so a newline in `sub` cannot forge a log line.
-        tracing::info!(peer = %peer, reason = "token_revoked", user = ?identity.user_id, "handshake refused");
+        tracing::info!(peer = %peer, reason = "token_revoked", user = %crate::auth::Logged(&identity.user_id), "handshake refused");
         return refuse(
             &shared,
             StatusCode::UNAUTHORIZED,
