@@ -18,6 +18,19 @@
 BEGIN;
 SET LOCAL client_min_messages = warning;
 
+-- The version this script upgrades (0: a new install), for the steps only an old
+-- install needs (see the end of the script).
+DO $$
+DECLARE
+    v integer := 0;
+BEGIN
+    IF pg_catalog.to_regprocedure('citapulse.version()') IS NOT NULL THEN
+        EXECUTE 'SELECT citapulse.version()' INTO v;
+    END IF;
+    PERFORM pg_catalog.set_config('citapulse.upgrading_from', v::text, true);
+END
+$$;
+
 CREATE SCHEMA IF NOT EXISTS citapulse;
 
 -- The version the daemon checks at start-up; bump on any incompatible change.
@@ -105,10 +118,24 @@ CREATE TABLE IF NOT EXISTS citapulse.inbox (
 );
 -- Only emit_to_user()/emit_to_role() write routes here; a watched row's routes are
 -- computed when it is moved (off the app's commit path).
-ALTER TABLE citapulse.inbox ADD COLUMN IF NOT EXISTS routes text[];
 -- Rows live here for milliseconds: vacuum often so the mover's key scan stays short.
-ALTER TABLE citapulse.inbox SET (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 2000,
-                                 autovacuum_vacuum_insert_scale_factor = 0, autovacuum_vacuum_insert_threshold = 2000);
+-- Every application write to a watched table holds a lock on the inbox until it commits,
+-- and ALTER TABLE waits for all of them (and makes new writes queue behind it): only
+-- when something is to change, so running this script again leaves the writes alone.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
+                    WHERE attrelid = 'citapulse.inbox'::regclass AND attname = 'routes' AND NOT attisdropped) THEN
+        ALTER TABLE citapulse.inbox ADD COLUMN routes text[];
+    END IF;
+    IF NOT coalesce((SELECT c.reloptions @> ARRAY['autovacuum_vacuum_scale_factor=0', 'autovacuum_vacuum_threshold=2000',
+                                                  'autovacuum_vacuum_insert_scale_factor=0', 'autovacuum_vacuum_insert_threshold=2000']
+                       FROM pg_catalog.pg_class c WHERE c.oid = 'citapulse.inbox'::regclass), false) THEN
+        ALTER TABLE citapulse.inbox SET (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 2000,
+                                         autovacuum_vacuum_insert_scale_factor = 0, autovacuum_vacuum_insert_threshold = 2000);
+    END IF;
+END
+$$;
 
 -- Whether the triggers notify, as a function the planner folds into a constant: reading
 -- citapulse.wakeup on every write cost the application about as much as the rest of
@@ -1346,8 +1373,17 @@ $$;
 -- CREATE TRIGGER needs EXECUTE on the trigger function; firing does not, so application
 -- writes need no grant. Grant watch/unwatch (and capture, capture_truncate) to DBA roles,
 -- emit to applications that publish events.
--- Upgrades triggers attached by an older version (their arguments changed in version 3).
-SELECT citapulse.rewatch_all();
+-- Upgrades triggers attached before version 4 (their arguments changed in version 3, the
+-- inbox came in version 4). Later versions keep the triggers as they are (capture() is
+-- replaced in place), so running this script again, or upgrading a newer install, takes
+-- no lock on the watched tables and never waits for the application's transactions.
+DO $$
+BEGIN
+    IF pg_catalog.current_setting('citapulse.upgrading_from')::integer < 4 THEN
+        PERFORM citapulse.rewatch_all();
+    END IF;
+END
+$$;
 
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA citapulse FROM PUBLIC;
 REVOKE ALL ON ALL TABLES IN SCHEMA citapulse FROM PUBLIC;

@@ -832,3 +832,45 @@ async fn a_hostile_search_path_cannot_hijack_the_capture_trigger() {
         .await
         .ok();
 }
+
+#[tokio::test]
+async fn running_install_sql_again_never_waits_for_the_applications_transactions() {
+    let db = TestDb::new().await;
+    // An application transaction that wrote a watched table and has not committed: it
+    // holds locks on the table and on the inbox until it does.
+    let app = pg(&db.url).await;
+    app.batch_execute(
+        "BEGIN; INSERT INTO citas (negocio_id, cliente_id) VALUES ('t1', 'open-txn')",
+    )
+    .await
+    .unwrap();
+    // The script again, with a lock timeout: any lock it needed on the table or the inbox
+    // would wait for that transaction and fail here (and, meanwhile, stall every write).
+    let dba = pg(&db.url).await;
+    dba.batch_execute("SET lock_timeout = '3s'").await.unwrap();
+    dba.batch_execute(citapulse::db::INSTALL_SQL)
+        .await
+        .expect("install.sql over an install takes no lock the application holds");
+    app.batch_execute("COMMIT").await.unwrap();
+    db.move_inbox().await;
+    let logged: i64 = db
+        .client
+        .query_one(
+            "SELECT count(*) FROM citapulse.events WHERE row_data->>'cliente_id' = 'open-txn'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(logged, 1, "the open transaction's row is still captured");
+    let triggers: i64 = db
+        .client
+        .query_one(
+            "SELECT triggers FROM citapulse.watched WHERE tbl = 'citas'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(triggers, 4);
+}
