@@ -143,8 +143,24 @@ pub fn tls(config: &Config) -> Result<tokio_postgres_rustls::MakeRustlsConnect, 
 
 /// The pool for stats, replay and maintenance queries (`database.url`).
 pub fn pool(config: &Config) -> Result<Pool, DbError> {
+    pool_with(config, None)
+}
+
+/// A pool whose statements the server itself stops after `statement_timeout` (lookups
+/// the daemon may abandon: a cancel request can race the query's start, the timeout
+/// cannot).
+pub fn pool_with(config: &Config, statement_timeout: Option<Duration>) -> Result<Pool, DbError> {
+    let mut pg = pg_config(config, Link::Pool)?;
+    if let Some(limit) = statement_timeout {
+        let options = format!(
+            "{} -c statement_timeout={}",
+            pg.get_options().unwrap_or(""),
+            limit.as_millis()
+        );
+        pg.options(options.trim());
+    }
     let manager = Manager::from_config(
-        pg_config(config, Link::Pool)?,
+        pg,
         tls(config)?,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,

@@ -139,11 +139,15 @@ impl Enricher {
         stats: Arc<StatsEngine>,
         metrics: Arc<Metrics>,
     ) -> Self {
+        // The server ends a lookup a second after the longest timeout, should its cancel
+        // request miss it.
+        let longest = config.enrich.iter().map(|e| e.timeout_ms).max().unwrap_or(0);
+        let limit = Duration::from_millis(longest + 1_000);
         let pool = |size| {
             let mut small = config.clone();
             small.database.pool_size = size;
             (!config.enrich.is_empty())
-                .then(|| db::pool(&small).ok())
+                .then(|| db::pool_with(&small, Some(limit)).ok())
                 .flatten()
         };
         Self {
