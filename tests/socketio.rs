@@ -1,0 +1,396 @@
+//! The Socket.IO endpoint with the real `socket.io-client` v4 (Node, driven by
+//! tests/fixtures/socketio-client/driver.js): polling then upgrade, WebSocket only,
+//! events of the token's tenant and nothing else, renamed events, refused tokens as
+//! `connect_error`, subscribe/unsubscribe acks, resume with `auth.since`, revocation,
+//! and client emits that are not relayed.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::OnceLock;
+
+use serde_json::{Value, json};
+use support::*;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+
+/// The driver, installed once per test binary (`npm ci` of the pinned lock file into the
+/// cargo target directory; later runs reuse it).
+fn client_dir() -> &'static PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/socketio-client");
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("socketio-client");
+        std::fs::create_dir_all(&dir).unwrap();
+        let lock = std::fs::read(src.join("package-lock.json")).unwrap();
+        let installed = std::fs::read(dir.join("package-lock.json")).ok();
+        for file in ["package.json", "package-lock.json", "driver.js"] {
+            std::fs::copy(src.join(file), dir.join(file)).unwrap();
+        }
+        if installed.as_deref() != Some(lock.as_slice())
+            || !dir.join("node_modules/socket.io-client").exists()
+        {
+            let status = std::process::Command::new("npm")
+                .args(["ci", "--no-audit", "--no-fund", "--silent"])
+                .current_dir(&dir)
+                .status()
+                .expect("npm (Node.js) is needed for the Socket.IO tests: apt-get install nodejs npm");
+            assert!(status.success(), "npm ci of socket.io-client failed");
+        }
+        dir
+    })
+}
+
+/// One socket.io-client socket.
+struct Sio {
+    child: Child,
+    stdin: ChildStdin,
+    lines: Lines<BufReader<ChildStdout>>,
+}
+
+impl Sio {
+    /// Starts a socket with these `io()` options (`url` filled in).
+    fn start(addr: SocketAddr, mut opts: Value) -> Self {
+        opts["url"] = json!(format!("http://{addr}"));
+        let mut child = Command::new("node")
+            .arg("driver.js")
+            .arg(opts.to_string())
+            .current_dir(client_dir())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("node");
+        let stdin = child.stdin.take().unwrap();
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        Self {
+            child,
+            stdin,
+            lines,
+        }
+    }
+
+    /// A socket with `auth: {token}` over the default transports (polling, upgrade).
+    fn with_token(addr: SocketAddr, token: &str) -> Self {
+        Self::start(addr, json!({"auth": {"token": token}}))
+    }
+
+    /// The next line the socket printed.
+    async fn next(&mut self) -> Value {
+        let line = tokio::time::timeout(WAIT, self.lines.next_line())
+            .await
+            .expect("socket.io-client said nothing")
+            .unwrap()
+            .expect("the driver exited");
+        serde_json::from_str(&line).unwrap()
+    }
+
+    /// Skips lines until one matches; returns it.
+    async fn expect(&mut self, pred: impl Fn(&Value) -> bool) -> Value {
+        loop {
+            let line = self.next().await;
+            if pred(&line) {
+                return line;
+            }
+        }
+    }
+
+    /// Waits for the connection; returns the transport it started on.
+    async fn connected(&mut self) -> String {
+        let line = self
+            .expect(|l| l["kind"] == "connect" || l["kind"] == "connect_error")
+            .await;
+        assert_eq!(line["kind"], "connect", "{line}");
+        line["transport"].as_str().unwrap().to_string()
+    }
+
+    /// Waits for an event; returns its payload, everything seen before it appended.
+    async fn event(&mut self, name: &str) -> (Value, Vec<Value>) {
+        let mut before = Vec::new();
+        loop {
+            let line = self.next().await;
+            if line["kind"] == "event" && line["name"] == name {
+                return (line["data"].clone(), before);
+            }
+            assert_ne!(line["kind"], "disconnect", "disconnected waiting for {name}");
+            before.push(line);
+        }
+    }
+
+    /// Emits with an ack callback; returns the ack's payload.
+    async fn request(&mut self, event: &str, data: Value) -> Value {
+        let cmd = json!({"op": "emit", "event": event, "data": data});
+        self.stdin
+            .write_all(format!("{cmd}\n").as_bytes())
+            .await
+            .unwrap();
+        self.expect(|l| l["kind"] == "ack" && l["event"] == event)
+            .await["data"]
+            .clone()
+    }
+
+    async fn close(mut self) {
+        let _ = self.stdin.write_all(b"{\"op\":\"close\"}\n").await;
+        let _ = self.child.wait().await;
+    }
+}
+
+/// Waits until the socket has joined its tenant's channel (events inserted later reach it).
+async fn joined(s: &mut Sio, tenant: &str) {
+    loop {
+        let (sub, _) = s.event("subscribed").await;
+        if sub["channel"] == format!("estadisticas:{tenant}") {
+            return;
+        }
+    }
+}
+
+#[tokio::test]
+async fn polling_with_upgrade_and_websocket_only_get_their_tenants_events() {
+    let db = TestDb::new().await;
+    let d = Daemon::start(&db.url, |_| {}).await;
+
+    let mut upgraded = Sio::with_token(d.addr, &tenant_token("t1"));
+    assert_eq!(upgraded.connected().await, "polling");
+    let (hello, _) = upgraded.event("connected").await;
+    assert_eq!(hello["data"]["tenant"], "t1");
+    joined(&mut upgraded, "t1").await;
+    upgraded
+        .expect(|l| l["kind"] == "upgrade" && l["transport"] == "websocket")
+        .await;
+
+    let mut ws_only = Sio::start(
+        d.addr,
+        json!({"auth": {"token": tenant_token("t1")}, "transports": ["websocket"]}),
+    );
+    assert_eq!(ws_only.connected().await, "websocket");
+    joined(&mut ws_only, "t1").await;
+
+    // Token in the query string, tenant t2.
+    let mut other = Sio::start(d.addr, json!({"query": {"token": tenant_token("t2")}}));
+    other.connected().await;
+    joined(&mut other, "t2").await;
+
+    // t2's row first: had it reached a t1 socket, it would come before t1's event.
+    let theirs = db.insert_cita("t2", "pendiente").await;
+    let (event, _) = other.event("cita_created").await;
+    assert_eq!(event["data"]["row"]["id"], theirs);
+    let mine = db.insert_cita("t1", "pendiente").await;
+    for socket in [&mut upgraded, &mut ws_only] {
+        let (event, before) = socket.event("cita_created").await;
+        assert_eq!(event["type"], "cita_created");
+        assert_eq!(event["channel"], "estadisticas:t1");
+        assert_eq!(event["data"]["row"]["id"], mine);
+        assert!(event["id"].as_i64().unwrap() > 0);
+        assert!(
+            before.iter().all(|l| !l.to_string().contains("t2")),
+            "a t1 socket saw t2: {before:?}"
+        );
+    }
+
+    // Requests are answered through the ack with the native protocol's object.
+    let ok = upgraded
+        .request("subscribe", json!({"channel": "rol:t1:staff"}))
+        .await;
+    assert_eq!(ok, json!({"type": "subscribed", "channel": "rol:t1:staff"}));
+    let forbidden = upgraded
+        .request("subscribe", json!({"channel": "estadisticas:t2"}))
+        .await;
+    assert_eq!(forbidden["type"], "error", "{forbidden}");
+    assert_eq!(forbidden["data"]["code"], "forbidden");
+    let bad = ws_only
+        .request("subscribe", json!({"channel": "nope"}))
+        .await;
+    assert_eq!(bad["data"]["code"], "bad_request", "{bad}");
+    let left = ws_only
+        .request("unsubscribe", json!({"channel": "estadisticas:t1"}))
+        .await;
+    assert_eq!(left, json!({"type": "unsubscribed", "channel": "estadisticas:t1"}));
+    let pong = ws_only.request("ping", Value::Null).await;
+    assert_eq!(pong["type"], "pong");
+
+    // A client-to-client emit is not relayed: an error ack, and the socket stays.
+    let refused = upgraded.request("chat", json!({"text": "hi"})).await;
+    assert_eq!(refused["type"], "error");
+    assert_eq!(refused["data"]["code"], "bad_request");
+    let again = upgraded
+        .request("subscribe", json!({"channel": "estadisticas:t1"}))
+        .await;
+    assert_eq!(again["type"], "subscribed");
+
+    for s in [upgraded, ws_only, other] {
+        s.close().await;
+    }
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn events_are_renamed_by_the_mapping() {
+    let db = TestDb::new().await;
+    let d = Daemon::start(&db.url, |c| {
+        for (from, to) in [
+            ("cita_created", "appointment:created"),
+            ("cita_updated", "appointment:updated"),
+            ("cita_deleted", "appointment:deleted"),
+            ("status_changed", "appointment:status"),
+        ] {
+            c.socketio.events.insert(from.into(), to.into());
+        }
+    })
+    .await;
+    let mut s = Sio::start(
+        d.addr,
+        json!({"auth": {"token": tenant_token("t1")}, "transports": ["websocket"]}),
+    );
+    s.connected().await;
+    joined(&mut s, "t1").await;
+
+    let id = db.insert_cita("t1", "pendiente").await;
+    let (created, before) = s.event("appointment:created").await;
+    assert_eq!(created["type"], "cita_created");
+    assert_eq!(created["data"]["row"]["id"], id);
+    assert!(before.iter().all(|l| l["name"] != "cita_created"));
+    db.client
+        .execute("UPDATE citas SET estado = 'confirmada' WHERE id = $1", &[&id])
+        .await
+        .unwrap();
+    let (status, _) = s.event("appointment:status").await;
+    assert_eq!(status["data"]["row"]["estado"], "confirmada");
+    db.client
+        .execute("UPDATE citas SET hora_fin = '10:00' WHERE id = $1", &[&id])
+        .await
+        .unwrap();
+    let (updated, _) = s.event("appointment:updated").await;
+    assert_eq!(updated["type"], "cita_updated");
+    db.client
+        .execute("DELETE FROM citas WHERE id = $1", &[&id])
+        .await
+        .unwrap();
+    let (deleted, _) = s.event("appointment:deleted").await;
+    assert_eq!(deleted["type"], "cita_deleted");
+    s.close().await;
+    d.stop().await;
+}
+
+/// A token signed with this secret and these claims.
+fn signed(secret: &str, claims: Value) -> String {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+    encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+async fn refused(addr: SocketAddr, opts: Value) -> Value {
+    let mut s = Sio::start(addr, opts);
+    let line = s
+        .expect(|l| l["kind"] == "connect" || l["kind"] == "connect_error")
+        .await;
+    s.close().await;
+    assert_eq!(line["kind"], "connect_error", "{line}");
+    line
+}
+
+#[tokio::test]
+async fn refused_tokens_are_connect_errors_with_the_websocket_codes() {
+    let db = TestDb::new().await;
+    let d = Daemon::start(&db.url, |_| {}).await;
+    let now = citapulse::clock::unix_now();
+    let claims = |exp: u64| json!({"sub": "u1", "negocio_id": "t1", "role": "staff", "iat": now, "exp": exp});
+    let cases = [
+        ("missing", json!({}), "token_missing"),
+        ("garbage", json!({"auth": {"token": "not-a-jwt"}}), "token_invalid"),
+        (
+            "foreign",
+            json!({"auth": {"token": signed("someone-else's-secret-0123456789", claims(now + 600))}}),
+            "token_invalid",
+        ),
+        (
+            "expired",
+            json!({"auth": {"token": signed(SECRET, claims(now - 120))}}),
+            "token_expired",
+        ),
+        (
+            "expired, in the query",
+            json!({"query": {"token": signed(SECRET, claims(now - 120))}}),
+            "token_expired",
+        ),
+    ];
+    for (what, opts, code) in cases {
+        let line = refused(d.addr, opts).await;
+        assert_eq!(line["message"], code, "{what}: {line}");
+    }
+
+    // A Bearer header is accepted (the WebSocket-only transport of Node sends it too).
+    let mut s = Sio::start(
+        d.addr,
+        json!({"extraHeaders": {"Authorization": format!("Bearer {}", tenant_token("t1"))}}),
+    );
+    s.connected().await;
+    s.close().await;
+
+    // Revoked: refused at the handshake, and open sockets of the user are disconnected.
+    let user = token("u1", Some("t1"), None);
+    let mut open = Sio::with_token(d.addr, &user);
+    open.connected().await;
+    joined(&mut open, "t1").await;
+    let mut bystander = Sio::with_token(d.addr, &token("u2", Some("t1"), None));
+    bystander.connected().await;
+    db.client
+        .execute("SELECT citapulse.revoke('t1', 'u1', 'deactivated')", &[])
+        .await
+        .unwrap();
+    let gone = open.expect(|l| l["kind"] == "disconnect").await;
+    assert_eq!(gone["reason"], "io server disconnect", "{gone}");
+    let line = refused(d.addr, json!({"auth": {"token": user}})).await;
+    assert_eq!(line["message"], "token_revoked");
+    let pong = bystander.request("ping", Value::Null).await;
+    assert_eq!(pong["type"], "pong");
+    bystander.close().await;
+    assert!(d.metric("citapulse_handshakes_refused_total").await >= 7.0);
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn a_reconnect_with_since_gets_what_it_missed() {
+    let db = TestDb::new().await;
+    let d = Daemon::start(&db.url, |_| {}).await;
+    let t = tenant_token("t1");
+    let mut s = Sio::with_token(d.addr, &t);
+    s.connected().await;
+    joined(&mut s, "t1").await;
+    db.insert_cita("t1", "pendiente").await;
+    let (seen, _) = s.event("cita_created").await;
+    let last = seen["id"].as_i64().unwrap();
+    s.close().await;
+
+    let missed = [
+        db.insert_cita("t1", "pendiente").await,
+        db.insert_cita("t1", "confirmada").await,
+    ];
+    let mut back = Sio::start(
+        d.addr,
+        json!({"auth": {"token": t, "since": last}, "transports": ["websocket"]}),
+    );
+    back.connected().await;
+    let mut ids = Vec::new();
+    for row in missed {
+        let (event, _) = back.event("cita_created").await;
+        assert_eq!(event["data"]["row"]["id"], row);
+        let id = event["id"].as_i64().unwrap();
+        assert!(id > last);
+        ids.push(id);
+    }
+    assert!(ids[0] < ids[1]);
+    // Live again after the replay.
+    let live = db.insert_cita("t1", "pendiente").await;
+    let (event, _) = back.event("cita_created").await;
+    assert_eq!(event["data"]["row"]["id"], live);
+    back.close().await;
+    d.stop().await;
+}
