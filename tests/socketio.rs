@@ -37,7 +37,9 @@ fn client_dir() -> &'static PathBuf {
                 .args(["ci", "--no-audit", "--no-fund", "--silent"])
                 .current_dir(&dir)
                 .status()
-                .expect("npm (Node.js) is needed for the Socket.IO tests: apt-get install nodejs npm");
+                .expect(
+                    "npm (Node.js) is needed for the Socket.IO tests: apt-get install nodejs npm",
+                );
             assert!(status.success(), "npm ci of socket.io-client failed");
         }
         dir
@@ -121,7 +123,10 @@ impl Sio {
             if line["kind"] == "event" && line["name"] == name {
                 return (line["data"].clone(), before);
             }
-            assert_ne!(line["kind"], "disconnect", "disconnected waiting for {name}");
+            assert_ne!(
+                line["kind"], "disconnect",
+                "disconnected waiting for {name}"
+            );
             before.push(line);
         }
     }
@@ -225,7 +230,10 @@ async fn polling_with_upgrade_and_websocket_only_get_their_tenants_events() {
     let left = ws_only
         .request("unsubscribe", json!({"channel": "estadisticas:t1"}))
         .await;
-    assert_eq!(left, json!({"type": "unsubscribed", "channel": "estadisticas:t1"}));
+    assert_eq!(
+        left,
+        json!({"type": "unsubscribed", "channel": "estadisticas:t1"})
+    );
     let pong = ws_only.request("ping", Value::Null).await;
     assert_eq!(pong["type"], "pong");
 
@@ -271,7 +279,10 @@ async fn events_are_renamed_by_the_mapping() {
     assert_eq!(created["data"]["row"]["id"], id);
     assert!(before.iter().all(|l| l["name"] != "cita_created"));
     db.client
-        .execute("UPDATE citas SET estado = 'confirmada' WHERE id = $1", &[&id])
+        .execute(
+            "UPDATE citas SET estado = 'confirmada' WHERE id = $1",
+            &[&id],
+        )
         .await
         .unwrap();
     let (status, _) = s.event("appointment:status").await;
@@ -321,7 +332,11 @@ async fn refused_tokens_are_connect_errors_with_the_websocket_codes() {
     let claims = |exp: u64| json!({"sub": "u1", "negocio_id": "t1", "role": "staff", "iat": now, "exp": exp});
     let cases = [
         ("missing", json!({}), "token_missing"),
-        ("garbage", json!({"auth": {"token": "not-a-jwt"}}), "token_invalid"),
+        (
+            "garbage",
+            json!({"auth": {"token": "not-a-jwt"}}),
+            "token_invalid",
+        ),
         (
             "foreign",
             json!({"auth": {"token": signed("someone-else's-secret-0123456789", claims(now + 600))}}),

@@ -339,7 +339,7 @@ impl Enricher {
                 self.stats.mark_events(&dispatched.touched);
             }
             delivered += 1;
-            if delivered % YIELD_EVERY == 0 {
+            if delivered.is_multiple_of(YIELD_EVERY) {
                 tokio::task::yield_now().await;
             }
         }

@@ -324,7 +324,7 @@ async fn lead(ctx: &Context, client: &Client) -> Result<(), DbError> {
             if more {
                 tracing::debug!(pending = pending.len(), "reminders: more to read");
             }
-            if scans % 720 == 0 {
+            if scans.is_multiple_of(720) {
                 client
                     .execute("SELECT citapulse.prune_reminders_sent()", &[])
                     .await?;

@@ -104,7 +104,11 @@ impl Endpoint {
                     Ok(res) => res.into_parts(),
                     Err(never) => match never {},
                 };
-                let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                let body = body
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
                 hyper::Response::from_parts(parts, http_body_util::Full::new(body))
             });
             future
@@ -250,7 +254,13 @@ async fn connect(ctx: Arc<Context>, renames: Arc<BTreeMap<String, String>>, s: S
     let engine = format!("{:?}", s.transport_type()).to_lowercase();
     tracing::info!(client = id, peer = ?session.peer, user = ?identity.user_id, tenant = ?identity.tenant.as_deref().unwrap_or("-"), transport = "socketio", engine = %engine, "connection opened");
     let opened = Instant::now();
-    let forwarder = tokio::spawn(forward(ctx.clone(), s.clone(), session.clone(), queue, renames));
+    let forwarder = tokio::spawn(forward(
+        ctx.clone(),
+        s.clone(),
+        session.clone(),
+        queue,
+        renames,
+    ));
     {
         let mut conn = session.conn.lock().await;
         let hello = protocol::connected(
@@ -309,13 +319,7 @@ fn own_channels(identity: &Identity) -> Vec<String> {
 
 /// A client emit: one of the native protocol's requests, answered through its ack;
 /// anything else (a client-to-client emit) is refused, never relayed.
-async fn request(
-    ctx: &Context,
-    session: &Session,
-    event: &str,
-    data: Value,
-    ack: AckSender,
-) {
+async fn request(ctx: &Context, session: &Session, event: &str, data: Value, ack: AckSender) {
     let allowed = crate::sync::lock(&session.rate).take(Instant::now());
     if let Err(close) = allowed {
         if close {
@@ -464,7 +468,10 @@ fn emit(s: &SocketRef, renames: &BTreeMap<String, String>, text: &str) -> Emitte
     let Ok(value) = serde_json::from_str::<Value>(text) else {
         return Emitted::Yes;
     };
-    let kind = value.get("type").and_then(Value::as_str).unwrap_or("message");
+    let kind = value
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or("message");
     let name = renames.get(kind).map_or(kind, String::as_str);
     match s.emit(name, &value) {
         Ok(()) | Err(SendError::Serialize(_)) => Emitted::Yes,

@@ -604,7 +604,11 @@ impl Connection {
     }
 
     /// Subscribes (and replays from `since`); `Err` is the refusal, not yet sent.
-    pub(crate) async fn subscribe(&mut self, channel: &str, since: Option<i64>) -> Result<(), String> {
+    pub(crate) async fn subscribe(
+        &mut self,
+        channel: &str,
+        since: Option<i64>,
+    ) -> Result<(), String> {
         let target = match auth::authorize(&self.identity, channel) {
             Ok(t) => t,
             Err(ChannelError::BadName) => {
@@ -730,12 +734,10 @@ impl Connection {
             .verify_or_refetch(token, self.shared.keys.clone())
             .await;
         match verified {
-            Ok(new) if self.shared.revocations.refuses(&new) => {
-                self.refusal(
-                    ErrorCode::Unauthorized,
-                    "this user was revoked; a token issued after the revocation is needed",
-                )
-            }
+            Ok(new) if self.shared.revocations.refuses(&new) => self.refusal(
+                ErrorCode::Unauthorized,
+                "this user was revoked; a token issued after the revocation is needed",
+            ),
             Ok(new)
                 if new.user_id == self.identity.user_id && new.tenant == self.identity.tenant =>
             {
@@ -774,15 +776,11 @@ impl Connection {
                 }
                 protocol::reauthenticated(expires_at)
             }
-            Ok(_) => {
-                self.refusal(
-                    ErrorCode::Forbidden,
-                    "a refreshed token must be for the same user and tenant",
-                )
-            }
-            Err(err) => {
-                self.refusal(ErrorCode::Unauthorized, &err.to_string())
-            }
+            Ok(_) => self.refusal(
+                ErrorCode::Forbidden,
+                "a refreshed token must be for the same user and tenant",
+            ),
+            Err(err) => self.refusal(ErrorCode::Unauthorized, &err.to_string()),
         }
     }
 }
