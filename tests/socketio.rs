@@ -143,6 +143,19 @@ impl Sio {
             .clone()
     }
 
+    /// Emits `n` requests without waiting; returns their acks' payloads.
+    async fn burst(&mut self, event: &str, n: usize) -> Vec<Value> {
+        let cmd = json!({"op": "emit", "event": event, "data": null});
+        let batch = format!("{cmd}\n").repeat(n);
+        self.stdin.write_all(batch.as_bytes()).await.unwrap();
+        let mut answers = Vec::new();
+        while answers.len() < n {
+            let line = self.expect(|l| l["kind"] == "ack").await;
+            answers.push(line["data"].clone());
+        }
+        answers
+    }
+
     async fn close(mut self) {
         let _ = self.stdin.write_all(b"{\"op\":\"close\"}\n").await;
         let _ = self.child.wait().await;
@@ -191,6 +204,13 @@ async fn polling_with_upgrade_and_websocket_only_get_their_tenants_events() {
     assert_eq!(ws_only.connected().await, "websocket");
     joined(&mut ws_only, "t1").await;
 
+    let mut polling_only = Sio::start(
+        d.addr,
+        json!({"auth": {"token": tenant_token("t1")}, "transports": ["polling"]}),
+    );
+    assert_eq!(polling_only.connected().await, "polling");
+    joined(&mut polling_only, "t1").await;
+
     // Token in the query string, tenant t2.
     let mut other = Sio::start(d.addr, json!({"query": {"token": tenant_token("t2")}}));
     other.connected().await;
@@ -201,7 +221,8 @@ async fn polling_with_upgrade_and_websocket_only_get_their_tenants_events() {
     let (event, _) = other.event("cita_created").await;
     assert_eq!(event["data"]["row"]["id"], theirs);
     let mine = db.insert_cita("t1", "pendiente").await;
-    for socket in [&mut upgraded, &mut ws_only] {
+    assert_eq!(d.metric("citapulse_socketio_connections").await, 4.0);
+    for socket in [&mut upgraded, &mut ws_only, &mut polling_only] {
         let (event, before) = socket.event("cita_created").await;
         assert_eq!(event["type"], "cita_created");
         assert_eq!(event["channel"], "estadisticas:t1");
@@ -246,9 +267,10 @@ async fn polling_with_upgrade_and_websocket_only_get_their_tenants_events() {
         .await;
     assert_eq!(again["type"], "subscribed");
 
-    for s in [upgraded, ws_only, other] {
+    for s in [upgraded, ws_only, other, polling_only] {
         s.close().await;
     }
+    wait_until(|| async { d.metric("citapulse_socketio_connections").await == 0.0 }).await;
     d.stop().await;
 }
 
@@ -264,6 +286,7 @@ async fn events_are_renamed_by_the_mapping() {
         ] {
             c.socketio.events.insert(from.into(), to.into());
         }
+        c.limits.messages_per_sec = 5;
     })
     .await;
     let mut s = Sio::start(
@@ -299,6 +322,14 @@ async fn events_are_renamed_by_the_mapping() {
         .unwrap();
     let (deleted, _) = s.event("appointment:deleted").await;
     assert_eq!(deleted["type"], "cita_deleted");
+
+    // The message rate of /ws: a burst beyond it is refused through the acks.
+    let answers = s.burst("ping", 8).await;
+    assert!(
+        answers.iter().any(|a| a["data"]["code"] == "rate_limited"),
+        "{answers:?}"
+    );
+    assert!(answers.iter().any(|a| a["type"] == "pong"), "{answers:?}");
     s.close().await;
     d.stop().await;
 }
@@ -365,6 +396,13 @@ async fn refused_tokens_are_connect_errors_with_the_websocket_codes() {
     );
     s.connected().await;
     s.close().await;
+
+    // A token that expires disconnects its socket, as it closes a WebSocket.
+    let mut short = Sio::with_token(d.addr, &token_with_ttl("u3", Some("t1"), None, 2));
+    short.connected().await;
+    let gone = short.expect(|l| l["kind"] == "disconnect").await;
+    assert_eq!(gone["reason"], "io server disconnect", "{gone}");
+    short.close().await;
 
     // Revoked: refused at the handshake, and open sockets of the user are disconnected.
     let user = token("u1", Some("t1"), None);

@@ -249,6 +249,7 @@ async fn connect(ctx: Arc<Context>, renames: Arc<BTreeMap<String, String>>, s: S
     let id = session.client.id;
     let identity = crate::sync::lock(&session.identity).clone();
     ctx.metrics.connections.inc();
+    ctx.metrics.socketio_connections.inc();
     ctx.hub
         .connection_opened(identity.tenant.as_deref(), identity.role.as_deref());
     let engine = format!("{:?}", s.transport_type()).to_lowercase();
@@ -279,6 +280,7 @@ async fn connect(ctx: Arc<Context>, renames: Arc<BTreeMap<String, String>>, s: S
     let reason = forwarder.await.unwrap_or("writer_failed");
     session.conn.lock().await.leave_all();
     ctx.metrics.connections.dec();
+    ctx.metrics.socketio_connections.dec();
     Metrics::count(&ctx.metrics.connections_closed, reason);
     let who = crate::sync::lock(&session.identity).clone();
     ctx.hub
