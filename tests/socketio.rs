@@ -323,6 +323,20 @@ async fn events_are_renamed_by_the_mapping() {
     let (deleted, _) = s.event("appointment:deleted").await;
     assert_eq!(deleted["type"], "cita_deleted");
 
+    // Engine.IO by hand: the polling handshake opens a session; a preflight is answered.
+    let (status, body) = http_get(d.addr, "/socket.io/?EIO=4&transport=polling", &[]).await;
+    assert_eq!(status, 200);
+    assert!(body.starts_with("0{\"sid\":"), "{body}");
+    let (status, _) = http(
+        d.addr,
+        "OPTIONS",
+        "/socket.io/?EIO=4&transport=polling",
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(status, 204);
+
     // The message rate of /ws: a burst beyond it is refused through the acks.
     let answers = s.burst("ping", 8).await;
     assert!(
@@ -462,5 +476,14 @@ async fn a_reconnect_with_since_gets_what_it_missed() {
     let (event, _) = back.event("cita_created").await;
     assert_eq!(event["data"]["row"]["id"], live);
     back.close().await;
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn a_disabled_endpoint_is_not_found() {
+    let db = TestDb::new().await;
+    let d = Daemon::start(&db.url, |c| c.socketio.enabled = false).await;
+    let (status, body) = http_get(d.addr, "/socket.io/?EIO=4&transport=polling", &[]).await;
+    assert_eq!(status, 404, "{body}");
     d.stop().await;
 }

@@ -353,6 +353,9 @@ async fn request(ctx: &Context, session: &Session, event: &str, data: Value, ack
     let text = Value::Object(message).to_string();
     let reply = {
         let mut conn = session.conn.lock().await;
+        if session.gone.is_cancelled() {
+            return;
+        }
         let reply = conn.answer(&text).await;
         let who = conn.identity.clone();
         drop(conn);
@@ -446,11 +449,11 @@ async fn forward(
             () = tokio::time::sleep_until(expires) => break CloseCode::TokenExpired.label(),
         }
     };
-    // Replies and replays waiting for room in the queue stop here.
+    // Replies and replays waiting for room in the queue stop here; requests still in
+    // flight see `gone` and leave the session alone.
     drop(queue);
-    if !gone.is_cancelled() {
-        let _ = s.clone().disconnect();
-    }
+    gone.cancel();
+    let _ = s.clone().disconnect();
     reason
 }
 

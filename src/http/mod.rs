@@ -867,9 +867,38 @@ async fn socketio(
     let Some(endpoint) = &shared.socketio else {
         return error_response(StatusCode::NOT_FOUND, "not_found", "no such endpoint");
     };
+    // Polling from a dashboard on another origin is a cross-origin request. Any origin
+    // may make it: the token travels in the request, never in a cookie, so a page
+    // without one reads nothing.
+    if req.method() == Method::OPTIONS {
+        let mut res = respond(StatusCode::NO_CONTENT, "text/plain", "");
+        let h = res.headers_mut();
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_ORIGIN,
+            HeaderValue::from_static("*"),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static("GET, POST"),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            HeaderValue::from_static("authorization, content-type"),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_MAX_AGE,
+            HeaderValue::from_static("600"),
+        );
+        return res;
+    }
     req.extensions_mut().insert(PeerAddr(peer));
     req.extensions_mut().insert(Keep(admitted));
-    endpoint.serve(req).await
+    let mut res = endpoint.serve(req).await;
+    res.headers_mut().insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    res
 }
 
 /// A super-role identity from `Authorization: Bearer`.
