@@ -487,3 +487,23 @@ async fn a_disabled_endpoint_is_not_found() {
     assert_eq!(status, 404, "{body}");
     d.stop().await;
 }
+
+#[tokio::test]
+async fn sockets_per_address_count_both_endpoints() {
+    let db = TestDb::new().await;
+    let d = Daemon::start(&db.url, |c| c.limits.connections_per_ip = 2).await;
+    let t = tenant_token("t1");
+    let ws_only = |t: &str| json!({"auth": {"token": t}, "transports": ["websocket"]});
+    let native = WsClient::connect(d.addr, &t).await;
+    let mut first = Sio::start(d.addr, ws_only(&t));
+    first.connected().await;
+    let line = refused(d.addr, ws_only(&t)).await;
+    assert_eq!(line["message"], "too_many_connections");
+    native.close().await;
+    wait_until(|| async { d.metric("citapulse_connections").await == 1.0 }).await;
+    let mut second = Sio::start(d.addr, ws_only(&t));
+    second.connected().await;
+    first.close().await;
+    second.close().await;
+    d.stop().await;
+}

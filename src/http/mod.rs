@@ -892,8 +892,13 @@ async fn socketio(
         return res;
     }
     req.extensions_mut().insert(PeerAddr(peer));
-    req.extensions_mut().insert(Keep(admitted));
+    req.extensions_mut().insert(Keep(admitted.clone()));
     let mut res = endpoint.serve(req).await;
+    if res.status() == StatusCode::SWITCHING_PROTOCOLS {
+        // A WebSocket now, like `/ws`: the socket's address slot counts it (taken at the
+        // Socket.IO handshake), not the plain HTTP bound.
+        admitted.upgraded();
+    }
     res.headers_mut().insert(
         header::ACCESS_CONTROL_ALLOW_ORIGIN,
         HeaderValue::from_static("*"),
