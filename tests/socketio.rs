@@ -257,6 +257,14 @@ async fn polling_with_upgrade_and_websocket_only_get_their_tenants_events() {
     );
     let pong = ws_only.request("ping", Value::Null).await;
     assert_eq!(pong["type"], "pong");
+    let here = upgraded
+        .request("presence", json!({"channel": "estadisticas:t1"}))
+        .await;
+    assert_eq!(here["type"], "presence", "{here}");
+    assert!(
+        !here["data"]["users"].as_array().unwrap().is_empty(),
+        "{here}"
+    );
 
     // A client-to-client emit is not relayed: an error ack, and the socket stays.
     let refused = upgraded.request("chat", json!({"text": "hi"})).await;
@@ -435,6 +443,18 @@ async fn refused_tokens_are_connect_errors_with_the_websocket_codes() {
     assert_eq!(line["message"], "token_revoked");
     let pong = bystander.request("ping", Value::Null).await;
     assert_eq!(pong["type"], "pong");
+    // A refreshed token: the same user's is taken, another user's is not.
+    let refreshed = bystander
+        .request(
+            "auth",
+            json!({"token": token_with_ttl("u2", Some("t1"), None, 7200)}),
+        )
+        .await;
+    assert_eq!(refreshed["type"], "authenticated", "{refreshed}");
+    let other = bystander
+        .request("auth", json!({"token": token("u9", Some("t1"), None)}))
+        .await;
+    assert_eq!(other["data"]["code"], "forbidden", "{other}");
     bystander.close().await;
     assert!(d.metric("citapulse_handshakes_refused_total").await >= 6.0);
     d.stop().await;
