@@ -1126,6 +1126,25 @@ mod tests {
     }
 
     #[test]
+    fn socketio_renames_need_a_usable_event_name() {
+        let mut c = Config::default();
+        c.auth.jwt_secret = Some(Secret::new("a-test-secret-of-32-bytes-000000"));
+        c.socketio
+            .events
+            .insert("cita_created".into(), "appointment:created".into());
+        assert!(c.validate().is_ok());
+        for bad in ["", "connect", "disconnect", "connect_error"] {
+            c.socketio.events.insert("cita_deleted".into(), bad.into());
+            let err = c
+                .validate()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.contains("socketio.events"), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
     fn jwks_sources_name_the_key() {
         let error = |c: &Config| {
             c.validate()
