@@ -527,3 +527,54 @@ async fn sockets_per_address_count_both_endpoints() {
     second.close().await;
     d.stop().await;
 }
+
+#[tokio::test]
+async fn a_socket_that_stops_reading_is_disconnected_as_a_slow_consumer() {
+    let db = TestDb::new().await;
+    let d = Daemon::start(&db.url, |c| c.limits.queue_len = 64).await;
+    let mut stuck = Sio::start(
+        d.addr,
+        json!({"auth": {"token": tenant_token("t1")}, "transports": ["websocket"]}),
+    );
+    stuck.connected().await;
+    joined(&mut stuck, "t1").await;
+    // The client process stops: nothing reads its socket any more.
+    let pid = stuck.child.id().unwrap().to_string();
+    let signal = |sig: &str| {
+        let status = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    signal("-STOP");
+
+    // Rows far bigger than the socket buffers, until the server gives up on it.
+    let writer = pg(&db.url).await;
+    let big = "x".repeat(32 * 1024);
+    let insert =
+        "INSERT INTO citas (negocio_id, cliente_id, estado) VALUES ('t1', $1, 'pendiente')";
+    let mut rows = 0;
+    while d.metric("citapulse_slow_consumer_closes_total").await < 1.0 {
+        for _ in 0..10 {
+            writer
+                .execute(insert, &[&format!("{rows}-{big}")])
+                .await
+                .unwrap();
+            rows += 1;
+        }
+        assert!(rows < 4000, "the stuck socket was never cut off");
+    }
+    wait_until(|| async { d.metric("citapulse_socketio_connections").await == 0.0 }).await;
+    // Its connection goes too, though the client keeps it open: the writes to it stall
+    // (only the metrics request itself is left).
+    wait_until(|| async { d.metric("citapulse_tcp_connections").await == 1.0 }).await;
+    signal("-CONT");
+    let gone = stuck.expect(|l| l["kind"] == "disconnect").await;
+    assert!(
+        ["transport close", "transport error"].contains(&gone["reason"].as_str().unwrap()),
+        "{gone}"
+    );
+    stuck.close().await;
+    d.stop().await;
+}

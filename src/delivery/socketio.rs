@@ -11,9 +11,12 @@
 
 use std::any::Any;
 use std::collections::BTreeMap;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
 use hyper_tungstenite::tungstenite::Utf8Bytes;
@@ -21,10 +24,12 @@ use serde_json::Value;
 use socketioxide::extract::{AckSender, Event, SocketRef, TryData};
 use socketioxide::handler::ConnectHandler;
 use socketioxide::{SendError, SocketError, SocketIo};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{self, Identity};
 use crate::delivery::close::CloseCode;
+use crate::delivery::frames::FrameMeter;
 use crate::delivery::hub::ClientHandle;
 use crate::delivery::protocol::{self, ErrorCode};
 use crate::delivery::slots::{IpSlot, PerIp};
@@ -44,6 +49,12 @@ pub struct Keep(pub Arc<dyn Any + Send + Sync>);
 /// (a long poll answers once it has packets; an upgrade has no body).
 pub type Response = hyper::Response<http_body_util::Full<bytes::Bytes>>;
 
+/// A Socket.IO WebSocket: the upgraded connection, its reads metered per frame like
+/// `/ws`, its writes bounded in time.
+pub type WsIo = FrameMeter<Stalls<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>>;
+
+type ServeWs = dyn Fn(WsIo, hyper::Request<()>) + Send + Sync;
+
 type Serve = dyn Fn(hyper::Request<hyper::body::Incoming>) -> futures_util::future::BoxFuture<'static, Response>
     + Send
     + Sync;
@@ -51,6 +62,8 @@ type Serve = dyn Fn(hyper::Request<hyper::body::Incoming>) -> futures_util::futu
 /// The Socket.IO service and its server.
 pub struct Endpoint {
     serve: Box<Serve>,
+    serve_ws: Box<ServeWs>,
+    messages_per_sec: u32,
     /// The server: closes every socket at shutdown.
     pub io: SocketIo,
 }
@@ -73,6 +86,7 @@ impl Endpoint {
     /// Builds the service with the limits of `/ws`.
     pub fn new(ctx: Arc<Context>, per_ip: Arc<PerIp>) -> Self {
         let limits = &ctx.config.limits;
+        let messages_per_sec = limits.messages_per_sec;
         let (service, io) = SocketIo::builder()
             .req_path("/socket.io")
             .ping_interval(Duration::from_secs(limits.ping_interval_secs.max(1)))
@@ -95,6 +109,13 @@ impl Endpoint {
             async move { connect(ctx, renames, s).await }
         };
         io.ns("/", connect.with(admit));
+        let ws_service = service.clone();
+        let serve_ws = move |io: WsIo, req: hyper::Request<()>| {
+            use hyper::service::Service;
+            // The call spawns the connection's tasks (or drops a request that is not
+            // Engine.IO's); the future it returns is already complete.
+            drop(ws_service.call((io, req)));
+        };
         let serve = move |req: hyper::Request<hyper::body::Incoming>| {
             use http_body_util::BodyExt;
             use hyper::service::Service;
@@ -115,8 +136,29 @@ impl Endpoint {
         };
         Self {
             serve: Box::new(serve),
+            serve_ws: Box::new(serve_ws),
+            messages_per_sec,
             io,
         }
+    }
+
+    /// Runs an Engine.IO WebSocket whose handshake the caller answered (`parts`: the
+    /// upgrade request's, with its extensions). `hold` is kept as long as the connection.
+    pub fn serve_websocket(
+        &self,
+        upgraded: hyper::upgrade::Upgraded,
+        parts: hyper::http::request::Parts,
+        hold: Box<dyn Any + Send + Sync>,
+    ) {
+        let io = Stalls {
+            inner: hyper_util::rt::TokioIo::new(upgraded),
+            stalled: None,
+            failed: false,
+            reader: None,
+            _hold: hold,
+        };
+        let io = FrameMeter::new(io, self.messages_per_sec);
+        (self.serve_ws)(io, hyper::Request::from_parts(parts, ()));
     }
 
     /// Answers one `/socket.io/` request.
@@ -453,7 +495,19 @@ async fn forward(
     // flight see `gone` and leave the session alone.
     drop(queue);
     gone.cancel();
-    let _ = s.clone().disconnect();
+    // socketioxide refuses to disconnect while the socket's buffer is full (a client
+    // behind on reading): retry as it drains. A client that reads nothing at all loses
+    // its connection to the write deadline ([`Stalls`]) or the Engine.IO heartbeat.
+    tokio::spawn(async move {
+        for _ in 0..300 {
+            match s.clone().disconnect() {
+                Err(SocketError::InternalChannelFull) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                _ => break,
+            }
+        }
+    });
     reason
 }
 
@@ -482,5 +536,115 @@ fn emit(s: &SocketRef, renames: &BTreeMap<String, String>, text: &str) -> Emitte
         Ok(()) | Err(SendError::Serialize(_)) => Emitted::Yes,
         Err(SendError::Socket(SocketError::InternalChannelFull)) => Emitted::Full,
         Err(SendError::Socket(SocketError::Closed)) => Emitted::Closed,
+    }
+}
+
+/// How long a write may make no progress before the peer counts as gone (as on `/ws`).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A connection whose writes, and then reads, fail once a write has made no progress for
+/// [`WRITE_TIMEOUT`]: Engine.IO's writer has no deadline of its own, and a client that
+/// stops reading would otherwise hold its connection, and the task writing to it, as
+/// long as it keeps the TCP connection open.
+pub struct Stalls<S> {
+    inner: S,
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+    failed: bool,
+    /// The reader waiting for input, woken to fail when a write does.
+    reader: Option<std::task::Waker>,
+    /// Whatever must live as long as the connection (its place among open connections).
+    _hold: Box<dyn Any + Send + Sync>,
+}
+
+impl<S> Stalls<S> {
+    fn check<T>(
+        &mut self,
+        cx: &mut TaskContext<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        match polled {
+            Poll::Pending => {
+                let deadline = self
+                    .stalled
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(WRITE_TIMEOUT)));
+                if deadline.as_mut().poll(cx).is_ready() {
+                    self.failed = true;
+                    if let Some(reader) = self.reader.take() {
+                        reader.wake();
+                    }
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the peer stopped reading",
+                    )));
+                }
+                Poll::Pending
+            }
+            ready => {
+                self.stalled = None;
+                ready
+            }
+        }
+    }
+
+    fn refused<T>(&self) -> Option<Poll<io::Result<T>>> {
+        self.failed.then(|| {
+            Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the peer stopped reading",
+            )))
+        })
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Stalls<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        // Reads fail too once a write did: Engine.IO closes the session on a read
+        // error, which ends the connection.
+        if let Some(refused) = this.refused() {
+            return refused;
+        }
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if polled.is_pending() {
+            this.reader = Some(cx.waker().clone());
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Stalls<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if let Some(refused) = this.refused() {
+            return refused;
+        }
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.check(cx, polled)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if let Some(refused) = this.refused() {
+            return refused;
+        }
+        let polled = Pin::new(&mut this.inner).poll_flush(cx);
+        this.check(cx, polled)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if let Some(refused) = this.refused() {
+            return refused;
+        }
+        let polled = Pin::new(&mut this.inner).poll_shutdown(cx);
+        this.check(cx, polled)
     }
 }

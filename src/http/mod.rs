@@ -610,7 +610,7 @@ async fn route(
         return error_response(StatusCode::NOT_FOUND, "not_found", "no such endpoint");
     }
     if shared.socketio.is_some() && req.uri().path().starts_with("/socket.io/") {
-        return socketio(req, peer, &shared, hold).await;
+        return socketio(req, peer, shared, hold).await;
     }
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/ws") => upgrade(&mut req, peer, shared, stop, hold).await,
@@ -733,6 +733,33 @@ fn refuse(shared: &Shared, status: StatusCode, reason: &str, message: &str) -> R
     res
 }
 
+/// The `101 Switching Protocols` answer to a WebSocket handshake. By hand rather than
+/// with `hyper_tungstenite::upgrade`: the socket is wrapped (a frame meter, see `frames`)
+/// before the WebSocket codec gets it.
+fn switching_protocols(req: &Request<Incoming>) -> Result<Response<Body>, String> {
+    let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY) else {
+        return Err(ProtocolError::MissingSecWebSocketKey.to_string());
+    };
+    if req
+        .headers()
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(HeaderValue::as_bytes)
+        != Some(b"13")
+    {
+        return Err(ProtocolError::MissingSecWebSocketVersionHeader.to_string());
+    }
+    let mut response = Response::new(Body::default());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    // Base64, so always a valid header value.
+    if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
+        headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    Ok(response)
+}
+
 async fn upgrade(
     req: &mut Request<Incoming>,
     peer: SocketAddr,
@@ -791,38 +818,10 @@ async fn upgrade(
             "too many connections from this address",
         );
     };
-    // The handshake by hand rather than with `hyper_tungstenite::upgrade`: the socket
-    // is wrapped in a frame meter (see `frames`) before the WebSocket codec gets it.
-    let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY) else {
-        return refuse(
-            &shared,
-            StatusCode::BAD_REQUEST,
-            "bad_handshake",
-            &ProtocolError::MissingSecWebSocketKey.to_string(),
-        );
+    let mut response = match switching_protocols(req) {
+        Ok(response) => response,
+        Err(why) => return refuse(&shared, StatusCode::BAD_REQUEST, "bad_handshake", &why),
     };
-    if req
-        .headers()
-        .get(header::SEC_WEBSOCKET_VERSION)
-        .map(HeaderValue::as_bytes)
-        != Some(b"13")
-    {
-        return refuse(
-            &shared,
-            StatusCode::BAD_REQUEST,
-            "bad_handshake",
-            &ProtocolError::MissingSecWebSocketVersionHeader.to_string(),
-        );
-    }
-    let mut response = Response::new(Body::default());
-    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let headers = response.headers_mut();
-    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    // Base64, so always a valid header value.
-    if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
-        headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
-    }
     let upgraded = hyper::upgrade::on(&mut *req);
     // Answer the subprotocol whenever the client offered it (a browser that sends
     // `citapulse` with a `?token=` fails the handshake without the echo), never the
@@ -860,8 +859,8 @@ async fn upgrade(
 async fn socketio(
     mut req: Request<Incoming>,
     peer: SocketAddr,
-    shared: &Shared,
-    (_, admitted): ConnectionHold,
+    shared: Arc<Shared>,
+    (tracker, admitted): ConnectionHold,
 ) -> Response<Body> {
     use crate::delivery::socketio::{Keep, PeerAddr};
     let Some(endpoint) = &shared.socketio else {
@@ -893,12 +892,37 @@ async fn socketio(
     }
     req.extensions_mut().insert(PeerAddr(peer));
     req.extensions_mut().insert(Keep(admitted.clone()));
-    let mut res = endpoint.serve(req).await;
-    if res.status() == StatusCode::SWITCHING_PROTOCOLS {
-        // A WebSocket now, like `/ws`: the socket's address slot counts it (taken at the
-        // Socket.IO handshake), not the plain HTTP bound.
-        admitted.upgraded();
+    let query = req.uri().query().unwrap_or_default();
+    let engine_ws = query.split('&').any(|p| p == "transport=websocket");
+    if engine_ws && hyper_tungstenite::is_upgrade_request(&req) {
+        // The WebSocket handshake here, as on `/ws`, so the connection gets the frame
+        // meter and a write deadline before Engine.IO gets it.
+        let mut res = match switching_protocols(&req) {
+            Ok(res) => res,
+            Err(why) => return refuse(&shared, StatusCode::BAD_REQUEST, "bad_handshake", &why),
+        };
+        let upgraded = hyper::upgrade::on(&mut req);
+        let (parts, _) = req.into_parts();
+        tracker.spawn(async move {
+            match upgraded.await {
+                Ok(io) => {
+                    // A WebSocket now, like `/ws`: the socket's address slot counts it
+                    // (taken at the Socket.IO handshake), not the plain HTTP bound.
+                    admitted.upgraded();
+                    if let Some(endpoint) = &shared.socketio {
+                        endpoint.serve_websocket(io, parts, Box::new(admitted));
+                    }
+                }
+                Err(err) => tracing::debug!(peer = %peer, error = %err, "upgrade failed"),
+            }
+        });
+        res.headers_mut().insert(
+            header::ACCESS_CONTROL_ALLOW_ORIGIN,
+            HeaderValue::from_static("*"),
+        );
+        return res;
     }
+    let mut res = endpoint.serve(req).await;
     res.headers_mut().insert(
         header::ACCESS_CONTROL_ALLOW_ORIGIN,
         HeaderValue::from_static("*"),
