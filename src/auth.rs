@@ -48,6 +48,19 @@ pub enum AuthError {
     Invalid(&'static str),
 }
 
+impl AuthError {
+    /// The `error` code of the refused handshake (the 401 body on `/ws`, the
+    /// `connect_error` on `/socket.io/`).
+    pub const fn code(&self) -> &'static str {
+        match self {
+            Self::Expired => "token_expired",
+            Self::Missing => "token_missing",
+            Self::UnknownKey => "token_unknown_key",
+            Self::Invalid(_) => "token_invalid",
+        }
+    }
+}
+
 /// A verified caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
@@ -608,6 +621,52 @@ pub fn is_valid_person(id: &str) -> bool {
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'@'))
+}
+
+/// The token of a `?token=` query parameter, decoded.
+pub fn token_in_query(query: Option<&str>) -> Option<String> {
+    query?
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("token="))
+        .map(percent_decode)
+}
+
+/// The token of an `Authorization: Bearer` header.
+pub fn bearer_token(headers: &hyper::HeaderMap) -> Option<String> {
+    let v = headers.get(hyper::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim().to_string())
+}
+
+/// Decodes `%XX` and `+` in a query value; malformed escapes stay as they are. Walks
+/// the input with iterators only: no index the input can push out of bounds.
+fn percent_decode(s: &str) -> String {
+    fn hex(b: u8) -> Option<u8> {
+        char::from(b)
+            .to_digit(16)
+            .and_then(|d| u8::try_from(d).ok())
+    }
+    let mut out = Vec::with_capacity(s.len());
+    let mut bytes = s.bytes();
+    while let Some(b) = bytes.next() {
+        match b {
+            b'%' => {
+                let mut ahead = bytes.clone();
+                match (ahead.next().and_then(hex), ahead.next().and_then(hex)) {
+                    (Some(hi), Some(lo)) => {
+                        out.push(hi << 4 | lo);
+                        bytes = ahead;
+                    }
+                    _ => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Whether `who` may read `channel`; returns it parsed when allowed.

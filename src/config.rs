@@ -104,6 +104,8 @@ pub struct Config {
     pub reminders: RemindersConfig,
     /// Per-client and per-address limits.
     pub limits: LimitsConfig,
+    /// The Socket.IO endpoint at `/socket.io/`.
+    pub socketio: SocketIoConfig,
     /// Logging.
     pub log: LogConfig,
     /// Tenant lookups for watched tables without a tenant column.
@@ -419,6 +421,27 @@ impl Default for PresenceConfig {
     }
 }
 
+/// `[socketio]`: a Socket.IO (Engine.IO 4) endpoint at `/socket.io/` for dashboards
+/// written for `socket.io-client` v4, next to the native protocol at `/ws`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SocketIoConfig {
+    /// Serve `/socket.io/` (polling and WebSocket).
+    pub enabled: bool,
+    /// Event renames: a message of `type` T is emitted as `events[T]` (T when absent),
+    /// e.g. `cita_created = "appointment:created"`.
+    pub events: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for SocketIoConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            events: std::collections::BTreeMap::new(),
+        }
+    }
+}
+
 /// `[tenants]`: per-tenant settings from the application's own tables.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -616,6 +639,7 @@ impl Default for Config {
             tenants: TenantsConfig::default(),
             reminders: RemindersConfig::default(),
             limits: LimitsConfig::default(),
+            socketio: SocketIoConfig::default(),
             log: LogConfig::default(),
             resolvers: Vec::new(),
             enrich: Vec::new(),
@@ -846,6 +870,27 @@ impl Config {
         }
         if r.catch_up > Duration::from_secs(86_400) {
             return invalid("reminders.catch_up", "must be at most 24h");
+        }
+        // socket.io-client keeps these names for itself: an event so named never reaches
+        // the application's handlers.
+        const RESERVED: [&str; 6] = [
+            "connect",
+            "connect_error",
+            "disconnect",
+            "disconnecting",
+            "newListener",
+            "removeListener",
+        ];
+        if self
+            .socketio
+            .events
+            .iter()
+            .any(|(from, to)| from.is_empty() || to.is_empty() || RESERVED.contains(&to.as_str()))
+        {
+            return invalid(
+                "socketio.events",
+                "maps a message type to a non-empty event name other than connect, connect_error, disconnect, disconnecting, newListener or removeListener",
+            );
         }
         if self.presence.leave_grace_ms > 600_000 {
             return invalid(
@@ -1081,6 +1126,25 @@ mod tests {
     }
 
     #[test]
+    fn socketio_renames_need_a_usable_event_name() {
+        let mut c = Config::default();
+        c.auth.jwt_secret = Some(Secret::new("a-test-secret-of-32-bytes-000000"));
+        c.socketio
+            .events
+            .insert("cita_created".into(), "appointment:created".into());
+        assert!(c.validate().is_ok());
+        for bad in ["", "connect", "disconnect", "connect_error"] {
+            c.socketio.events.insert("cita_deleted".into(), bad.into());
+            let err = c
+                .validate()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.contains("socketio.events"), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
     fn jwks_sources_name_the_key() {
         let error = |c: &Config| {
             c.validate()
@@ -1233,11 +1297,13 @@ mod tests {
             // `auth.issuer`, `auth.audience`; arrays of tables as `[[resolvers]]`.
             let documented = reference.contains(&format!("`{key}`"))
                 || reference.contains(&format!("`[[{key}]]`"))
+                || reference.contains(&format!("`[{key}]`"))
                 || (section == "limits" && limits.contains(&format!("`{key}`")));
             // config.toml sets or comments every key in its section.
             let in_example = example.contains(&format!("{name} ="))
                 || example.contains(&format!("# {name} ="))
-                || example.contains(&format!("[[{key}]]"));
+                || example.contains(&format!("[[{key}]]"))
+                || example.contains(&format!("[{key}]"));
             if !documented {
                 missing.push(format!("{key} (docs/ops/configuration.md)"));
             }

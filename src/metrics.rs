@@ -28,8 +28,10 @@ pub struct Kind {
 /// Every metric the daemon exports.
 pub struct Metrics {
     registry: Registry,
-    /// Open WebSocket connections.
+    /// Open WebSocket connections (Socket.IO sockets included).
     pub connections: Gauge,
+    /// Of them, Socket.IO sockets (`/socket.io/`, either Engine.IO transport).
+    pub socketio_connections: Gauge,
     /// Tenants with at least one connection (label-free tenant count).
     pub tenants_connected: Gauge,
     /// Active channel subscriptions.
@@ -135,6 +137,7 @@ impl Metrics {
         let latency = || Histogram::new(exponential_buckets(0.0001, 2.0, 18));
         let m = Self {
             connections: Gauge::default(),
+            socketio_connections: Gauge::default(),
             tenants_connected: Gauge::default(),
             subscriptions: Gauge::default(),
             subscriptions_by_kind: Family::default(),
@@ -182,8 +185,13 @@ impl Metrics {
         let r = &mut root;
         r.register(
             "connections",
-            "Open WebSocket connections",
+            "Open WebSocket connections (Socket.IO sockets included)",
             m.connections.clone(),
+        );
+        r.register(
+            "socketio_connections",
+            "Open Socket.IO sockets (polling or WebSocket)",
+            m.socketio_connections.clone(),
         );
         r.register(
             "tenants_connected",

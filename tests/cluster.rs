@@ -139,13 +139,17 @@ async fn start_nginx(upstreams: &[SocketAddr]) -> Nginx {
         let t = line.trim();
         if t.starts_with("worker_processes") {
             conf.push_str("worker_processes 1;\n");
-        } else if t.starts_with("upstream citapulse") {
+        } else if t.starts_with("upstream ") {
+            // Each upstream of the example, with this test's daemons as its servers.
             in_upstream = true;
-            conf.push_str(&format!("    upstream citapulse {{\n{servers}"));
+            conf.push_str(&format!("{line}\n{servers}"));
         } else if in_upstream {
             if t == "}" {
                 in_upstream = false;
                 conf.push_str("    }\n");
+            } else if !t.starts_with("server ") {
+                conf.push_str(line);
+                conf.push('\n');
             }
         } else if t == "listen 8080;" {
             conf.push_str(&format!("        listen 127.0.0.1:{port};\n"));
@@ -179,6 +183,10 @@ async fn start_nginx(upstreams: &[SocketAddr]) -> Nginx {
     .await;
     // Public: the page and its script; the operations endpoints are not.
     assert_eq!(http_get(addr, "/citapulse.js", &[]).await.0, 200);
+    // An Engine.IO handshake through the sticky upstream.
+    let (status, body) = http_get(addr, "/socket.io/?EIO=4&transport=polling", &[]).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"sid\""), "{body}");
     for path in ["/health", "/metrics", "/readyz", "/stats", "/notify/cita"] {
         assert_eq!(
             http_get(addr, path, &[]).await.0,

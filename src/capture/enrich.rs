@@ -141,7 +141,12 @@ impl Enricher {
     ) -> Self {
         // The server ends a lookup a second after the longest timeout, should its cancel
         // request miss it.
-        let longest = config.enrich.iter().map(|e| e.timeout_ms).max().unwrap_or(0);
+        let longest = config
+            .enrich
+            .iter()
+            .map(|e| e.timeout_ms)
+            .max()
+            .unwrap_or(0);
         let limit = Duration::from_millis(longest + 1_000);
         let pool = |size| {
             let mut small = config.clone();

@@ -13,6 +13,8 @@ pub mod presence;
 pub mod protocol;
 pub mod replay;
 pub mod revocation;
+pub mod slots;
+pub mod socketio;
 pub mod ws;
 
 /// Asks for a tenant's statistics when a subscriber arrives without a cached snapshot.

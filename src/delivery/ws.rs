@@ -70,7 +70,7 @@ const LINGER: Duration = Duration::from_secs(2);
 /// `per_sec` refusals in about ten seconds, at any pace) is closed with 1008. A plain
 /// "consecutive refusals" counter would miss a client that floods just fast enough to
 /// win one token back now and then.
-struct RateLimit {
+pub(crate) struct RateLimit {
     per_sec: f64,
     tokens: f64,
     refused: f64,
@@ -78,7 +78,7 @@ struct RateLimit {
 }
 
 impl RateLimit {
-    fn new(per_sec: u32, now: Instant) -> Self {
+    pub(crate) fn new(per_sec: u32, now: Instant) -> Self {
         Self {
             per_sec: f64::from(per_sec),
             tokens: f64::from(per_sec),
@@ -88,7 +88,7 @@ impl RateLimit {
     }
 
     /// `Ok` to proceed, `Err(true)` when abuse is sustained enough to close.
-    fn take(&mut self, now: Instant) -> Result<(), bool> {
+    pub(crate) fn take(&mut self, now: Instant) -> Result<(), bool> {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now;
         self.tokens = (self.tokens + elapsed * self.per_sec).min(self.per_sec);
@@ -154,11 +154,12 @@ enum Exit {
     AwaitWriter,
 }
 
-/// A live connection's state, owned by its receive loop.
-struct Connection {
+/// A live connection's state, owned by its receive loop (or, for a Socket.IO socket,
+/// by its session in [`super::socketio`]): subscriptions, identity, replay.
+pub(crate) struct Connection {
     shared: Arc<Context>,
     client: Arc<ClientHandle>,
-    identity: Identity,
+    pub(crate) identity: Identity,
     subscriptions: HashSet<auth::Channel>,
     rate: RateLimit,
 }
@@ -206,14 +207,7 @@ pub async fn serve(
     // `?`: token text is escaped, so a newline in a claim cannot forge a log line.
     tracing::info!(client = id, peer = %peer, user = %crate::auth::Logged(&identity.user_id), tenant = %crate::auth::Logged(identity.tenant.as_deref().unwrap_or("-")), "connection opened");
 
-    let rate = RateLimit::new(shared.config.limits.messages_per_sec, Instant::now());
-    let mut conn = Connection {
-        shared: shared.clone(),
-        client: client.clone(),
-        identity,
-        subscriptions: HashSet::new(),
-        rate,
-    };
+    let mut conn = Connection::new(shared.clone(), client.clone(), identity);
     conn.send(protocol::connected(
         &conn.identity.user_id,
         conn.identity.tenant.as_deref(),
@@ -222,9 +216,7 @@ pub async fn serve(
     .await;
     let exit = conn.receive_loop(&mut stream, &mut writer, shutdown).await;
 
-    for channel in std::mem::take(&mut conn.subscriptions) {
-        conn.forget(&channel);
-    }
+    conn.leave_all();
     let reason = match exit {
         Exit::Closed(reason) => {
             writer.abort();
@@ -333,7 +325,7 @@ async fn write_until_done(
 }
 
 /// Whether the hub dropped an event for this client (its close is then pending).
-fn overflowed(client: &ClientHandle) -> bool {
+pub(crate) fn overflowed(client: &ClientHandle) -> bool {
     client
         .pending_close()
         .is_some_and(|code| code == CloseCode::SlowConsumer)
@@ -403,15 +395,40 @@ async fn close(sink: &mut Sink, code: CloseCode) {
 }
 
 impl Connection {
-    async fn send(&self, text: String) {
+    /// A connection with no subscriptions yet.
+    pub(crate) fn new(shared: Arc<Context>, client: Arc<ClientHandle>, identity: Identity) -> Self {
+        let rate = RateLimit::new(shared.config.limits.messages_per_sec, Instant::now());
+        Self {
+            shared,
+            client,
+            identity,
+            subscriptions: HashSet::new(),
+            rate,
+        }
+    }
+
+    /// Leaves every channel (the connection is closing).
+    pub(crate) fn leave_all(&mut self) {
+        for channel in std::mem::take(&mut self.subscriptions) {
+            self.forget(&channel);
+        }
+    }
+
+    /// Queues a message for the client.
+    pub(crate) async fn send(&self, text: String) {
         if self.client.send(Utf8Bytes::from(text)).await {
             self.shared.metrics.messages_sent.inc();
         }
     }
 
     async fn reply_error(&self, code: ErrorCode, message: &str) {
+        self.send(self.refusal(code, message)).await;
+    }
+
+    /// An `error` message, counted.
+    pub(crate) fn refusal(&self, code: ErrorCode, message: &str) -> String {
         Metrics::count(&self.shared.metrics.client_errors, code.as_str());
-        self.send(protocol::error(code, message)).await;
+        protocol::error(code, message)
     }
 
     async fn receive_loop(
@@ -518,28 +535,37 @@ impl Connection {
     }
 
     async fn handle(&mut self, text: &str) {
+        if let Some(reply) = self.answer(text).await {
+            self.send(reply).await;
+        }
+    }
+
+    /// Performs a client request and returns its direct answer, not yet sent. `None`
+    /// for a subscription that succeeded: `subscribed` is already queued, ahead of the
+    /// channel's events. Replayed events and their errors are queued meanwhile.
+    pub(crate) async fn answer(&mut self, text: &str) -> Option<String> {
         let msg = match protocol::parse_client_message(text) {
             Ok(m) => m,
             Err(protocol::BadRequest(why)) => {
-                return self.reply_error(ErrorCode::BadRequest, &why).await;
+                return Some(self.refusal(ErrorCode::BadRequest, &why));
             }
         };
         match msg {
-            ClientMessage::Ping => {
-                self.send(protocol::pong(clock::unix_millis())).await;
+            ClientMessage::Ping => Some(protocol::pong(clock::unix_millis())),
+            ClientMessage::Subscribe { channel, since } => {
+                self.subscribe(&channel, since).await.err()
             }
-            ClientMessage::Subscribe { channel, since } => self.subscribe(&channel, since).await,
-            ClientMessage::Unsubscribe { channel } => match auth::Channel::parse(&channel) {
+            ClientMessage::Unsubscribe { channel } => Some(match auth::Channel::parse(&channel) {
                 Ok(parsed) => {
                     if self.subscriptions.remove(&parsed) {
                         self.forget(&parsed);
                     }
-                    self.send(protocol::unsubscribed(&channel)).await;
+                    protocol::unsubscribed(&channel)
                 }
-                Err(_) => self.reply_error(ErrorCode::BadRequest, BAD_CHANNEL).await,
-            },
-            ClientMessage::Auth { token } => self.reauthenticate(&token).await,
-            ClientMessage::Presence { channel } => self.presence(&channel).await,
+                Err(_) => self.refusal(ErrorCode::BadRequest, BAD_CHANNEL),
+            }),
+            ClientMessage::Auth { token } => Some(self.reauthenticate(&token).await),
+            ClientMessage::Presence { channel } => Some(self.presence(&channel)),
         }
     }
 
@@ -554,61 +580,54 @@ impl Connection {
     }
 
     /// Answers who is online in a tenant the token may read.
-    async fn presence(&self, channel: &str) {
+    fn presence(&self, channel: &str) -> String {
         match auth::authorize(&self.identity, channel) {
             Ok(target) if target.kind == auth::ChannelKind::Tenant => {
                 if !self.shared.presence.enabled {
-                    return self
-                        .reply_error(
-                            ErrorCode::BadRequest,
-                            "presence is disabled on this server (presence.enabled)",
-                        )
-                        .await;
+                    return self.refusal(
+                        ErrorCode::BadRequest,
+                        "presence is disabled on this server (presence.enabled)",
+                    );
                 }
                 let users = self.shared.presence.users(&target.tenant);
-                self.send(protocol::presence(channel, users)).await;
+                protocol::presence(channel, users)
             }
-            Ok(_) => {
-                self.reply_error(
-                    ErrorCode::BadRequest,
-                    "presence is kept for estadisticas:<tenant> channels",
-                )
-                .await;
-            }
-            Err(ChannelError::BadName) => {
-                self.reply_error(ErrorCode::BadRequest, BAD_CHANNEL).await
-            }
+            Ok(_) => self.refusal(
+                ErrorCode::BadRequest,
+                "presence is kept for estadisticas:<tenant> channels",
+            ),
+            Err(ChannelError::BadName) => self.refusal(ErrorCode::BadRequest, BAD_CHANNEL),
             Err(ChannelError::Forbidden) => {
-                self.reply_error(ErrorCode::Forbidden, "not allowed to read this channel")
-                    .await;
+                self.refusal(ErrorCode::Forbidden, "not allowed to read this channel")
             }
         }
     }
 
-    async fn subscribe(&mut self, channel: &str, since: Option<i64>) {
+    /// Subscribes (and replays from `since`); `Err` is the refusal, not yet sent.
+    pub(crate) async fn subscribe(
+        &mut self,
+        channel: &str,
+        since: Option<i64>,
+    ) -> Result<(), String> {
         let target = match auth::authorize(&self.identity, channel) {
             Ok(t) => t,
             Err(ChannelError::BadName) => {
-                return self.reply_error(ErrorCode::BadRequest, BAD_CHANNEL).await;
+                return Err(self.refusal(ErrorCode::BadRequest, BAD_CHANNEL));
             }
             Err(ChannelError::Forbidden) => {
-                return self
-                    .reply_error(
-                        ErrorCode::Forbidden,
-                        "not allowed to subscribe to this channel",
-                    )
-                    .await;
+                return Err(self.refusal(
+                    ErrorCode::Forbidden,
+                    "not allowed to subscribe to this channel",
+                ));
             }
         };
         if !self.subscriptions.contains(&target)
             && self.subscriptions.len() >= self.shared.config.limits.subscriptions_per_connection
         {
-            return self
-                .reply_error(
-                    ErrorCode::TooManySubscriptions,
-                    "subscription limit reached for this connection",
-                )
-                .await;
+            return Err(self.refusal(
+                ErrorCode::TooManySubscriptions,
+                "subscription limit reached for this connection",
+            ));
         }
         let shared = self.shared.clone();
         let subscribed = shared.hub.subscribe(&target, &self.client, since.is_some());
@@ -624,12 +643,13 @@ impl Connection {
                 .stats
                 .want_snapshot(&[Arc::from(target.tenant.as_str())]);
         }
-        let Some(since) = since else { return };
+        let Some(since) = since else { return Ok(()) };
         let replayed = self.replay(&target, channel, since).await;
         shared
             .hub
             .finish_replay(&target, &self.client, &replayed)
             .await;
+        Ok(())
     }
 
     /// Sends the channel's events after `since`, page by page: a page is read only once
@@ -707,20 +727,17 @@ impl Connection {
         replayed
     }
 
-    async fn reauthenticate(&mut self, token: &str) {
+    async fn reauthenticate(&mut self, token: &str) -> String {
         let verified = self
             .shared
             .auth
             .verify_or_refetch(token, self.shared.keys.clone())
             .await;
         match verified {
-            Ok(new) if self.shared.revocations.refuses(&new) => {
-                self.reply_error(
-                    ErrorCode::Unauthorized,
-                    "this user was revoked; a token issued after the revocation is needed",
-                )
-                .await;
-            }
+            Ok(new) if self.shared.revocations.refuses(&new) => self.refusal(
+                ErrorCode::Unauthorized,
+                "this user was revoked; a token issued after the revocation is needed",
+            ),
             Ok(new)
                 if new.user_id == self.identity.user_id && new.tenant == self.identity.tenant =>
             {
@@ -757,24 +774,18 @@ impl Connection {
                     ))
                     .await;
                 }
-                self.send(protocol::reauthenticated(expires_at)).await;
+                protocol::reauthenticated(expires_at)
             }
-            Ok(_) => {
-                self.reply_error(
-                    ErrorCode::Forbidden,
-                    "a refreshed token must be for the same user and tenant",
-                )
-                .await;
-            }
-            Err(err) => {
-                self.reply_error(ErrorCode::Unauthorized, &err.to_string())
-                    .await
-            }
+            Ok(_) => self.refusal(
+                ErrorCode::Forbidden,
+                "a refreshed token must be for the same user and tenant",
+            ),
+            Err(err) => self.refusal(ErrorCode::Unauthorized, &err.to_string()),
         }
     }
 }
 
-fn expiry_instant(expires_at: u64) -> tokio::time::Instant {
+pub(crate) fn expiry_instant(expires_at: u64) -> tokio::time::Instant {
     let now = clock::unix_now();
     let left = expires_at.saturating_sub(now).min(10 * 365 * 86_400);
     tokio::time::Instant::now() + Duration::from_secs(left)

@@ -3,11 +3,10 @@
 //! Owns start-up (database checks, background tasks) and graceful shutdown: stop
 //! accepting, close every socket with 1001, wait a bounded time.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::AtomicI64;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -26,7 +25,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::{AuthError, Authenticator, Identity};
+use crate::auth::{self, Authenticator, Identity};
 use crate::capture::health::{Health, Wakeup};
 use crate::config::{Config, ConfigError};
 use crate::db::{self, DbError};
@@ -110,42 +109,11 @@ pub struct Shared {
     /// The JWKS and the key files SIGHUP reads again.
     pub keys: Arc<keys::Keys>,
     /// Open sockets per client address.
-    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    per_ip: Arc<crate::delivery::slots::PerIp>,
+    /// The Socket.IO endpoint (`socketio.enabled`).
+    socketio: Option<crate::delivery::socketio::Endpoint>,
     /// Open connections, from accept to close.
     admission: Arc<admission::Admission>,
-}
-
-/// Holds one of an address's connection slots; frees it on drop.
-struct IpSlot {
-    shared: Arc<Shared>,
-    ip: IpAddr,
-}
-
-impl Drop for IpSlot {
-    fn drop(&mut self) {
-        let mut map = crate::sync::lock(&self.shared.per_ip);
-        if let Some(n) = map.get_mut(&self.ip) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                map.remove(&self.ip);
-            }
-        }
-    }
-}
-
-impl Shared {
-    fn take_ip_slot(self: &Arc<Self>, ip: IpAddr) -> Option<IpSlot> {
-        let mut map = crate::sync::lock(&self.per_ip);
-        let n = map.entry(ip).or_default();
-        if *n >= self.config.limits.connections_per_ip {
-            return None;
-        }
-        *n += 1;
-        Some(IpSlot {
-            shared: self.clone(),
-            ip,
-        })
-    }
 }
 
 /// Prepares `stats.query` with the parameters the statistics engine binds (tenant and
@@ -216,6 +184,9 @@ pub async fn run(
 
     tracing::info!("shutting down: closing sockets");
     let _ = stop_tx.send(true);
+    if let Some(endpoint) = &shared.socketio {
+        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.io.close()).await;
+    }
     sockets.close();
     background.close();
     let grace = Duration::from_secs(shared.config.limits.shutdown_grace_secs);
@@ -343,6 +314,11 @@ impl Shared {
             presence: Arc::new(crate::delivery::presence::Presence::new(&config)),
             keys: keys.clone(),
         });
+        let per_ip = crate::delivery::slots::PerIp::new(config.limits.connections_per_ip);
+        let socketio = config
+            .socketio
+            .enabled
+            .then(|| crate::delivery::socketio::Endpoint::new(sockets.clone(), per_ip.clone()));
         Arc::new(Shared {
             config,
             auth,
@@ -356,7 +332,8 @@ impl Shared {
             stats_task,
             sockets,
             keys,
-            per_ip: Mutex::new(HashMap::new()),
+            per_ip,
+            socketio,
             admission,
         })
     }
@@ -632,6 +609,9 @@ async fn route(
     if (door == Door::Admin && !operations) || (door == Door::Public && operations) {
         return error_response(StatusCode::NOT_FOUND, "not_found", "no such endpoint");
     }
+    if shared.socketio.is_some() && req.uri().path().starts_with("/socket.io/") {
+        return socketio(req, peer, shared, hold).await;
+    }
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/ws") => upgrade(&mut req, peer, shared, stop, hold).await,
         (&Method::GET, "/health") => health(&shared),
@@ -718,12 +698,8 @@ fn stall_ms(shared: &Shared) -> u64 {
 /// Where a token may travel: `?token=`, `Authorization: Bearer`, or the subprotocol
 /// list `citapulse, <jwt>`. Returns the token and whether the subprotocol carried it.
 fn extract_token(req: &Request<Incoming>) -> (Option<String>, bool) {
-    if let Some(query) = req.uri().query() {
-        for pair in query.split('&') {
-            if let Some(v) = pair.strip_prefix("token=") {
-                return (Some(percent_decode(v)), false);
-            }
-        }
+    if let Some(token) = auth::token_in_query(req.uri().query()) {
+        return (Some(token), false);
     }
     if let Some(v) = bearer(req) {
         return (Some(v), false);
@@ -742,40 +718,7 @@ fn extract_token(req: &Request<Incoming>) -> (Option<String>, bool) {
 }
 
 fn bearer(req: &Request<Incoming>) -> Option<String> {
-    let v = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = v.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim().to_string())
-}
-
-/// Decodes `%XX` and `+` in a query value; malformed escapes stay as they are. Walks
-/// the input with iterators only: no index the input can push out of bounds.
-fn percent_decode(s: &str) -> String {
-    fn hex(b: u8) -> Option<u8> {
-        char::from(b)
-            .to_digit(16)
-            .and_then(|d| u8::try_from(d).ok())
-    }
-    let mut out = Vec::with_capacity(s.len());
-    let mut bytes = s.bytes();
-    while let Some(b) = bytes.next() {
-        match b {
-            b'%' => {
-                let mut ahead = bytes.clone();
-                match (ahead.next().and_then(hex), ahead.next().and_then(hex)) {
-                    (Some(hi), Some(lo)) => {
-                        out.push(hi << 4 | lo);
-                        bytes = ahead;
-                    }
-                    _ => out.push(b'%'),
-                }
-            }
-            b'+' => out.push(b' '),
-            b => out.push(b),
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    auth::bearer_token(req.headers())
 }
 
 fn refuse(shared: &Shared, status: StatusCode, reason: &str, message: &str) -> Response<Body> {
@@ -788,6 +731,33 @@ fn refuse(shared: &Shared, status: StatusCode, reason: &str, message: &str) -> R
         );
     }
     res
+}
+
+/// The `101 Switching Protocols` answer to a WebSocket handshake. By hand rather than
+/// with `hyper_tungstenite::upgrade`: the socket is wrapped (a frame meter, see `frames`)
+/// before the WebSocket codec gets it.
+fn switching_protocols(req: &Request<Incoming>) -> Result<Response<Body>, String> {
+    let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY) else {
+        return Err(ProtocolError::MissingSecWebSocketKey.to_string());
+    };
+    if req
+        .headers()
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(HeaderValue::as_bytes)
+        != Some(b"13")
+    {
+        return Err(ProtocolError::MissingSecWebSocketVersionHeader.to_string());
+    }
+    let mut response = Response::new(Body::default());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    // Base64, so always a valid header value.
+    if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
+        headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    Ok(response)
 }
 
 async fn upgrade(
@@ -815,12 +785,7 @@ async fn upgrade(
     let identity: Identity = match verified {
         Some(Ok(id)) => id,
         Some(Err(err)) => {
-            let reason = match err {
-                AuthError::Expired => "token_expired",
-                AuthError::Missing => "token_missing",
-                AuthError::UnknownKey => "token_unknown_key",
-                AuthError::Invalid(_) => "token_invalid",
-            };
+            let reason = err.code();
             tracing::info!(peer = %peer, reason, detail = %err, "handshake refused");
             return refuse(&shared, StatusCode::UNAUTHORIZED, reason, &err.to_string());
         }
@@ -844,7 +809,7 @@ async fn upgrade(
             "this user was revoked; a token issued after the revocation is needed",
         );
     }
-    let Some(slot) = shared.take_ip_slot(peer.ip()) else {
+    let Some(slot) = shared.per_ip.take(peer.ip()) else {
         tracing::info!(peer = %peer, reason = "too_many_connections", "handshake refused");
         return refuse(
             &shared,
@@ -853,38 +818,10 @@ async fn upgrade(
             "too many connections from this address",
         );
     };
-    // The handshake by hand rather than with `hyper_tungstenite::upgrade`: the socket
-    // is wrapped in a frame meter (see `frames`) before the WebSocket codec gets it.
-    let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY) else {
-        return refuse(
-            &shared,
-            StatusCode::BAD_REQUEST,
-            "bad_handshake",
-            &ProtocolError::MissingSecWebSocketKey.to_string(),
-        );
+    let mut response = match switching_protocols(req) {
+        Ok(response) => response,
+        Err(why) => return refuse(&shared, StatusCode::BAD_REQUEST, "bad_handshake", &why),
     };
-    if req
-        .headers()
-        .get(header::SEC_WEBSOCKET_VERSION)
-        .map(HeaderValue::as_bytes)
-        != Some(b"13")
-    {
-        return refuse(
-            &shared,
-            StatusCode::BAD_REQUEST,
-            "bad_handshake",
-            &ProtocolError::MissingSecWebSocketVersionHeader.to_string(),
-        );
-    }
-    let mut response = Response::new(Body::default());
-    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let headers = response.headers_mut();
-    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    // Base64, so always a valid header value.
-    if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
-        headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
-    }
     let upgraded = hyper::upgrade::on(&mut *req);
     // Answer the subprotocol whenever the client offered it (a browser that sends
     // `citapulse` with a `?token=` fails the handshake without the echo), never the
@@ -914,6 +851,83 @@ async fn upgrade(
         }
     });
     response
+}
+
+/// `/socket.io/`: Engine.IO polling requests and WebSocket upgrades, answered by the
+/// Socket.IO endpoint (token checks at the Socket.IO handshake, see
+/// `delivery::socketio`).
+async fn socketio(
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    (tracker, admitted): ConnectionHold,
+) -> Response<Body> {
+    use crate::delivery::socketio::{Keep, PeerAddr};
+    let Some(endpoint) = &shared.socketio else {
+        return error_response(StatusCode::NOT_FOUND, "not_found", "no such endpoint");
+    };
+    // Polling from a dashboard on another origin is a cross-origin request. Any origin
+    // may make it: the token travels in the request, never in a cookie, so a page
+    // without one reads nothing.
+    if req.method() == Method::OPTIONS {
+        let mut res = respond(StatusCode::NO_CONTENT, "text/plain", "");
+        let h = res.headers_mut();
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_ORIGIN,
+            HeaderValue::from_static("*"),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static("GET, POST"),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            HeaderValue::from_static("authorization, content-type"),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_MAX_AGE,
+            HeaderValue::from_static("600"),
+        );
+        return res;
+    }
+    req.extensions_mut().insert(PeerAddr(peer));
+    req.extensions_mut().insert(Keep(admitted.clone()));
+    let query = req.uri().query().unwrap_or_default();
+    let engine_ws = query.split('&').any(|p| p == "transport=websocket");
+    if engine_ws && hyper_tungstenite::is_upgrade_request(&req) {
+        // The WebSocket handshake here, as on `/ws`, so the connection gets the frame
+        // meter and a write deadline before Engine.IO gets it.
+        let mut res = match switching_protocols(&req) {
+            Ok(res) => res,
+            Err(why) => return refuse(&shared, StatusCode::BAD_REQUEST, "bad_handshake", &why),
+        };
+        let upgraded = hyper::upgrade::on(&mut req);
+        let (parts, _) = req.into_parts();
+        tracker.spawn(async move {
+            match upgraded.await {
+                Ok(io) => {
+                    // A WebSocket now, like `/ws`: the socket's address slot counts it
+                    // (taken at the Socket.IO handshake), not the plain HTTP bound.
+                    admitted.upgraded();
+                    if let Some(endpoint) = &shared.socketio {
+                        endpoint.serve_websocket(io, parts, Box::new(admitted));
+                    }
+                }
+                Err(err) => tracing::debug!(peer = %peer, error = %err, "upgrade failed"),
+            }
+        });
+        res.headers_mut().insert(
+            header::ACCESS_CONTROL_ALLOW_ORIGIN,
+            HeaderValue::from_static("*"),
+        );
+        return res;
+    }
+    let mut res = endpoint.serve(req).await;
+    res.headers_mut().insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    res
 }
 
 /// A super-role identity from `Authorization: Bearer`.
