@@ -550,21 +550,7 @@ async fn a_socket_that_stops_reading_is_disconnected_as_a_slow_consumer() {
     signal("-STOP");
 
     // Rows far bigger than the socket buffers, until the server gives up on it.
-    let writer = pg(&db.url).await;
-    let big = "x".repeat(32 * 1024);
-    let insert =
-        "INSERT INTO citas (negocio_id, cliente_id, estado) VALUES ('t1', $1, 'pendiente')";
-    let mut rows = 0;
-    while d.metric("citapulse_slow_consumer_closes_total").await < 1.0 {
-        for _ in 0..10 {
-            writer
-                .execute(insert, &[&format!("{rows}-{big}")])
-                .await
-                .unwrap();
-            rows += 1;
-        }
-        assert!(rows < 4000, "the stuck socket was never cut off");
-    }
+    write_32k_rows_until_a_slow_consumer_is_cut_off(&db, &d).await;
     wait_until(|| async { d.metric("citapulse_socketio_connections").await == 0.0 }).await;
     // Its connection goes too, though the client keeps it open: the writes to it stall
     // (only the metrics request itself is left).

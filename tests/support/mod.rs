@@ -758,3 +758,24 @@ pub fn cli(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// Writes 32 KiB rows of tenant `t1` until the daemon has closed a slow consumer (a client
+/// that stopped reading); returns the writer's connection. Fails past 4 000 rows.
+pub async fn write_32k_rows_until_a_slow_consumer_is_cut_off(db: &TestDb, d: &Daemon) -> Client {
+    let writer = pg(&db.url).await;
+    let big = "x".repeat(32 * 1024);
+    let insert =
+        "INSERT INTO citas (negocio_id, cliente_id, estado) VALUES ('t1', $1, 'pendiente')";
+    let mut rows = 0;
+    while d.metric("citapulse_slow_consumer_closes_total").await < 1.0 {
+        for _ in 0..10 {
+            writer
+                .execute(insert, &[&format!("{rows}-{big}")])
+                .await
+                .unwrap();
+            rows += 1;
+        }
+        assert!(rows < 4000, "the stuck client was never cut off");
+    }
+    writer
+}
