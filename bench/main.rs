@@ -23,6 +23,7 @@ mod latency;
 mod people;
 mod report;
 mod scale;
+mod socketio;
 mod stats;
 mod time;
 mod trigger;
@@ -124,6 +125,8 @@ enum Scenario {
     /// Half-open HTTP connections from many addresses and from two: descriptors, memory,
     /// `/health` during the flood.
     Flood,
+    /// 1 000 Socket.IO clients against the same clients on `/ws`: latency, CPU per delivery.
+    Socketio,
 }
 
 /// No scenario runs longer than this (a full one takes a few minutes).
@@ -131,7 +134,7 @@ const SCENARIO_LIMIT: Duration = Duration::from_secs(20 * 60);
 /// Nor, in quick mode, longer than this.
 const QUICK_SCENARIO_LIMIT: Duration = Duration::from_secs(60);
 
-const ORDER: [Scenario; 10] = [
+const ORDER: [Scenario; 11] = [
     Scenario::Latency,
     Scenario::Modes,
     Scenario::Fanout,
@@ -142,6 +145,7 @@ const ORDER: [Scenario; 10] = [
     Scenario::Scale,
     Scenario::Enrich,
     Scenario::Flood,
+    Scenario::Socketio,
 ];
 
 /// What every scenario needs.
@@ -332,6 +336,7 @@ async fn run(args: Args) -> Result<()> {
                 Scenario::Scale => scale::scenario(&bench).await,
                 Scenario::Enrich => enrich::scenario(&bench).await,
                 Scenario::Flood => flood::scenario(&bench).await,
+                Scenario::Socketio => socketio::scenario(&bench).await,
                 Scenario::All => Err(failed("`all` is expanded before this point")),
             }
         };
