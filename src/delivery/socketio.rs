@@ -79,6 +79,9 @@ impl std::fmt::Display for Refused {
     }
 }
 
+/// How long an Engine.IO session may wait for its Socket.IO connect (and token).
+const UNAUTHENTICATED_SESSION: Duration = Duration::from_secs(10);
+
 /// What a request emit may name: the native protocol's client messages.
 const REQUESTS: [&str; 5] = ["subscribe", "unsubscribe", "presence", "auth", "ping"];
 
@@ -95,6 +98,9 @@ impl Endpoint {
             .ws_max_frame_size(limits.max_frame_bytes)
             // What socketioxide may hold for a socket beyond the hub queue.
             .max_buffer_size(limits.queue_len.max(64))
+            // An Engine.IO session exists before any token is checked: one that does not
+            // present a token (Socket.IO connect) within this goes (socketioxide: 45 s).
+            .connect_timeout(UNAUTHENTICATED_SESSION)
             .build_svc();
         let renames = Arc::new(ctx.config.socketio.events.clone());
         let (admit_ctx, connect_ctx) = (ctx.clone(), ctx);
