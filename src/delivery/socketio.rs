@@ -529,16 +529,23 @@ enum Emitted {
 
 /// Emits one native message as the event named by its `type` (renamed by
 /// `[socketio.events]`), with the message as its payload.
+/// The message is passed on as the text the hub already serialized (shared by every
+/// subscriber), not parsed into a tree and written again for each socket.
 fn emit(s: &SocketRef, renames: &BTreeMap<String, String>, text: &str) -> Emitted {
-    let Ok(value) = serde_json::from_str::<Value>(text) else {
+    #[derive(serde::Deserialize)]
+    struct Kind<'a> {
+        #[serde(rename = "type", borrow)]
+        kind: Option<std::borrow::Cow<'a, str>>,
+    }
+    let (Ok(raw), Ok(Kind { kind })) = (
+        serde_json::from_str::<&serde_json::value::RawValue>(text),
+        serde_json::from_str::<Kind<'_>>(text),
+    ) else {
         return Emitted::Yes;
     };
-    let kind = value
-        .get("type")
-        .and_then(Value::as_str)
-        .unwrap_or("message");
+    let kind = kind.as_deref().unwrap_or("message");
     let name = renames.get(kind).map_or(kind, String::as_str);
-    match s.emit(name, &value) {
+    match s.emit(name, raw) {
         Ok(()) | Err(SendError::Serialize(_)) => Emitted::Yes,
         Err(SendError::Socket(SocketError::InternalChannelFull)) => Emitted::Full,
         Err(SendError::Socket(SocketError::Closed)) => Emitted::Closed,

@@ -2,7 +2,8 @@
 // Socket.IO (socket.io-client, WebSocket transport) or over /ws (the ws package), in one
 // process. Each received `cita_created` is timed against the microsecond timestamp the
 // bench writes into the row's cliente_id. Prints "READY" once every socket is subscribed;
-// on a line "STOP" on stdin prints {"received", "p50_us", "p99_us"} and exits.
+// on a line "STOP" on stdin prints {"received", "p50_us", "p99_us", "client_cpu_s"} and
+// exits (client_cpu_s: this process's CPU time, connecting included).
 //   node clients.mjs '{"base":"http://127.0.0.1:8080","token":"…","transport":"socketio","clients":1000}'
 import { createInterface } from "node:readline";
 import { createRequire } from "node:module";
@@ -52,7 +53,11 @@ createInterface({ input: process.stdin }).on("line", (line) => {
   if (line.trim() !== "STOP") return;
   latencies.sort((a, b) => a - b);
   const at = (q) => (latencies.length ? latencies[Math.min(latencies.length - 1, Math.floor(q * latencies.length))] : null);
-  process.stdout.write(JSON.stringify({ received: latencies.length, p50_us: at(0.5), p99_us: at(0.99) }) + "\n");
+  const cpu = process.cpuUsage();
+  process.stdout.write(JSON.stringify({
+    received: latencies.length, p50_us: at(0.5), p99_us: at(0.99),
+    client_cpu_s: (cpu.user + cpu.system) / 1e6,
+  }) + "\n");
   for (const s of sockets) { try { s.close(); } catch { /* gone */ } }
   process.exit(0);
 });
