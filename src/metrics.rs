@@ -18,6 +18,34 @@ pub struct Reason {
     pub reason: String,
 }
 
+/// The endpoint a client came through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// `/ws`, the native protocol.
+    Websocket,
+    /// `/socket.io/`, either Engine.IO transport.
+    Socketio,
+}
+
+impl Transport {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Websocket => "websocket",
+            Self::Socketio => "socketio",
+        }
+    }
+}
+
+/// A reason label with the client's transport (`websocket` or `socketio`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClientReason {
+    /// The reason.
+    pub reason: String,
+    /// The transport, as [`Transport::as_str`] names it.
+    pub transport: &'static str,
+}
+
 /// A label naming a channel kind (`tenant`, `user`, `role`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Kind {
@@ -52,7 +80,7 @@ pub struct Metrics {
     /// Reminders found more than `reminders.catch_up` overdue: recorded, not sent.
     pub reminders_late: Counter,
     /// Handshakes refused, by reason.
-    pub handshakes_refused: Family<Reason, Counter>,
+    pub handshakes_refused: Family<ClientReason, Counter>,
     /// Client TCP connections open (plain HTTP and WebSockets).
     pub tcp_connections: Gauge,
     /// The bound on them (`limits.max_connections`, within the descriptor limit).
@@ -61,7 +89,7 @@ pub struct Metrics {
     /// `connections_per_ip`).
     pub tcp_refused: Family<Reason, Counter>,
     /// Connections closed, by reason.
-    pub connections_closed: Family<Reason, Counter>,
+    pub connections_closed: Family<ClientReason, Counter>,
     /// Log rows read by the daemon.
     pub events_read: Counter,
     /// Messages queued to clients (events, stats, replies).
@@ -120,7 +148,7 @@ pub struct Metrics {
     /// Wake-up mode switches made by this instance.
     pub wakeup_switches: Family<Reason, Counter>,
     /// Client messages refused (bad request, rate limit, forbidden).
-    pub client_errors: Family<Reason, Counter>,
+    pub client_errors: Family<ClientReason, Counter>,
 }
 
 impl Metrics {
@@ -424,6 +452,20 @@ impl Metrics {
             .clone()
     }
 
+    /// Increments a counter labelled with a client's reason and transport.
+    pub fn count_client(
+        family: &Family<ClientReason, Counter>,
+        transport: Transport,
+        reason: &str,
+    ) {
+        family
+            .get_or_create(&ClientReason {
+                reason: reason.to_string(),
+                transport: transport.as_str(),
+            })
+            .inc();
+    }
+
     /// Increments a reason-labelled counter.
     pub fn count(family: &Family<Reason, Counter>, reason: &str) {
         family
@@ -450,14 +492,18 @@ mod tests {
             .set(1);
         for family in [
             &m.enrich_lookups,
-            &m.handshakes_refused,
             &m.tcp_refused,
-            &m.connections_closed,
             &m.log_reads,
             &m.wakeup_switches,
-            &m.client_errors,
         ] {
             Metrics::count(family, "test");
+        }
+        for family in [
+            &m.handshakes_refused,
+            &m.connections_closed,
+            &m.client_errors,
+        ] {
+            Metrics::count_client(family, Transport::Socketio, "test");
         }
         m.render()
             .lines()

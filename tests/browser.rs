@@ -11,6 +11,7 @@
 
 mod support;
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -454,4 +455,118 @@ fn base64_decode(s: &str) -> Vec<u8> {
         }
     }
     out
+}
+
+/// A dashboard written for a Socket.IO gateway: a page on another origin that loads the
+/// browser build of socket.io-client and connects with `io(url, {auth: {token}})`.
+const SOCKETIO_PAGE: &str = r#"<!doctype html>
+<meta charset="utf-8"><title>socket.io dashboard</title>
+<p>state <span id="state">loading</span> transport <span id="transport"></span></p>
+<p>error <span id="error"></span></p>
+<ul id="events"></ul>
+<script>BUNDLE</script>
+<script>
+const params = new URLSearchParams(location.search);
+const $ = (id) => document.getElementById(id);
+const socket = io(params.get("daemon"), { auth: { token: params.get("token") }, reconnection: false });
+socket.on("connect", () => {
+  $("state").textContent = "connected";
+  $("transport").textContent = socket.io.engine.transport.name;
+  socket.io.engine.on("upgrade", (t) => { $("transport").textContent = t.name; });
+});
+socket.on("connect_error", (err) => { $("state").textContent = "refused"; $("error").textContent = err.message; });
+socket.on("appointment:created", (msg) => {
+  const li = document.createElement("li");
+  li.dataset.channel = msg.channel;
+  li.textContent = "row " + msg.data.row.id + " of " + msg.data.row.negocio_id;
+  $("events").appendChild(li);
+});
+</script>
+"#;
+
+/// Serves `html` for every request on a port of its own (another origin than the daemon's).
+async fn serve_page(html: String) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let html = std::sync::Arc::new(html);
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                return;
+            };
+            let html = html.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\n\
+                     Content-Length: {}\r\nConnection: close\r\n\r\n{html}",
+                    html.len()
+                );
+                let _ = conn.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socketio_dashboard_on_another_origin_gets_its_tenants_events() {
+    let bundle = std::fs::read_to_string(
+        socketio_client_dir().join("node_modules/socket.io-client/dist/socket.io.min.js"),
+    )
+    .unwrap();
+    // `</script` cannot occur in the bundle, or the inline script would end there.
+    assert!(!bundle.contains("</script"));
+    let (page_addr, server) = serve_page(SOCKETIO_PAGE.replace("BUNDLE", &bundle)).await;
+    let db = TestDb::new().await;
+    let d = Daemon::start(&db.url, |c| {
+        c.socketio
+            .events
+            .insert("cita_created".into(), "appointment:created".into());
+    })
+    .await;
+    let (_browser, mut page) = launch().await;
+
+    // Polling first (cross-origin, so the daemon's CORS answers are used), then the upgrade.
+    let open = |token: &str| format!("http://{page_addr}/?daemon=http://{}&token={token}", d.addr);
+    page.call("Page.navigate", json!({"url": open(&tenant_token("t1"))}))
+        .await;
+    page.wait_text("state", "connected").await;
+    page.wait_text("transport", "websocket").await;
+    wait_until(|| async { d.metric("citapulse_socketio_connections").await == 1.0 }).await;
+
+    // Another tenant's row first: had it reached the page, it would be listed before ours.
+    let theirs = db.insert_cita("t2", "pendiente").await;
+    let mine = db.insert_cita("t1", "pendiente").await;
+    let want = format!("row {mine} of t1");
+    page.wait_text_where("events", &format!("to list {want:?}"), |t| {
+        t.contains(&want)
+    })
+    .await;
+    let listed = page.text("events").await;
+    assert!(
+        !listed.contains(&format!("row {theirs} ")) && !listed.contains("of t2"),
+        "t2's row reached a t1 page: {listed:?}"
+    );
+    let channel = page
+        .query_text("#events li[data-channel='estadisticas:t1']")
+        .await;
+    assert_eq!(channel, want, "the event names its channel");
+
+    // A forged token: the browser's client gets a connect_error with the code.
+    page.call("Page.navigate", json!({"url": open("not-a-jwt")}))
+        .await;
+    page.wait_text("state", "refused").await;
+    assert_eq!(page.text("error").await, "token_invalid");
+
+    server.abort();
+    d.stop().await;
 }

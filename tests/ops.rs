@@ -46,8 +46,11 @@ async fn metrics_move_with_traffic() {
     assert!(m("citapulse_delivery_lag_seconds_count") >= 3.0);
     assert!(m("citapulse_log_reads_total") >= 1.0);
     assert!(
-        text.contains("citapulse_handshakes_refused_total{")
-            && text.contains("reason=\"token_invalid\"")
+        text.lines()
+            .any(|l| l.starts_with("citapulse_handshakes_refused_total{")
+                && l.contains("reason=\"token_invalid\"")
+                && l.contains("transport=\"websocket\"")),
+        "{text}"
     );
     assert!(text.contains("citapulse_wakeup_mode{"));
     c.close().await;

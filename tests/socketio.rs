@@ -8,43 +8,12 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::OnceLock;
 
 use serde_json::{Value, json};
 use support::*;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
-
-/// The driver, installed once per test binary (`npm ci` of the pinned lock file into the
-/// cargo target directory; later runs reuse it).
-fn client_dir() -> &'static PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/socketio-client");
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("socketio-client");
-        std::fs::create_dir_all(&dir).unwrap();
-        let lock = std::fs::read(src.join("package-lock.json")).unwrap();
-        let installed = std::fs::read(dir.join("package-lock.json")).ok();
-        for file in ["package.json", "package-lock.json", "driver.js"] {
-            std::fs::copy(src.join(file), dir.join(file)).unwrap();
-        }
-        if installed.as_deref() != Some(lock.as_slice())
-            || !dir.join("node_modules/socket.io-client").exists()
-        {
-            let status = std::process::Command::new("npm")
-                .args(["ci", "--no-audit", "--no-fund", "--silent"])
-                .current_dir(&dir)
-                .status()
-                .expect(
-                    "npm (Node.js) is needed for the Socket.IO tests: apt-get install nodejs npm",
-                );
-            assert!(status.success(), "npm ci of socket.io-client failed");
-        }
-        dir
-    })
-}
 
 /// One socket.io-client socket.
 struct Sio {
@@ -62,7 +31,7 @@ impl Sio {
         let mut child = Command::new("node")
             .arg("driver.js")
             .arg(opts.to_string())
-            .current_dir(client_dir())
+            .current_dir(socketio_client_dir())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .kill_on_drop(true)
@@ -457,6 +426,37 @@ async fn refused_tokens_are_connect_errors_with_the_websocket_codes() {
     assert_eq!(other["data"]["code"], "forbidden", "{other}");
     bystander.close().await;
     assert!(d.metric("citapulse_handshakes_refused_total").await >= 6.0);
+    // Labelled by transport, as /ws refusals are with `websocket`.
+    let (_, metrics) = http_get(d.addr, "/metrics", &[]).await;
+    let labelled = |name: &str, reason: &str| {
+        metrics.lines().any(|l| {
+            l.starts_with(name)
+                && l.contains(&format!("reason=\"{reason}\""))
+                && l.contains("transport=\"socketio\"")
+        })
+    };
+    assert!(
+        labelled("citapulse_handshakes_refused_total", "token_revoked"),
+        "{metrics}"
+    );
+    // The revoked socket's close is counted once its session ends on the server.
+    wait_until(|| async {
+        let (_, now) = http_get(d.addr, "/metrics", &[]).await;
+        now.lines().any(|l| {
+            l.starts_with("citapulse_connections_closed_total")
+                && l.contains("reason=\"revoked\"")
+                && l.contains("transport=\"socketio\"")
+        })
+    })
+    .await;
+    assert!(
+        labelled("citapulse_client_errors_total", "forbidden"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("transport=\"websocket\""),
+        "no /ws client here: {metrics}"
+    );
     d.stop().await;
 }
 

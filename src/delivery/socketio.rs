@@ -34,7 +34,7 @@ use crate::delivery::hub::ClientHandle;
 use crate::delivery::protocol::{self, ErrorCode};
 use crate::delivery::slots::{IpSlot, PerIp};
 use crate::delivery::ws::{self, Connection, Context, RateLimit};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Transport};
 
 /// The client's address, put in the request's extensions by the HTTP layer.
 #[derive(Debug, Clone, Copy)]
@@ -193,7 +193,7 @@ async fn admit(
         .or_else(|| auth::bearer_token(&parts.headers));
     let since = auth.as_ref().and_then(|a| a.get("since")).cloned();
     let refuse = |code: &'static str| {
-        Metrics::count(&ctx.metrics.handshakes_refused, code);
+        Metrics::count_client(&ctx.metrics.handshakes_refused, Transport::Socketio, code);
         tracing::info!(peer = ?peer, reason = code, transport = "socketio", "handshake refused");
         Err(Refused(code))
     };
@@ -219,6 +219,7 @@ async fn admit(
             ctx_arc.clone(),
             client.clone(),
             identity.clone(),
+            Transport::Socketio,
         )),
         client,
         rate: Mutex::new(RateLimit::new(
@@ -301,7 +302,7 @@ async fn connect(ctx: Arc<Context>, renames: Arc<BTreeMap<String, String>>, s: S
     ctx.hub
         .connection_opened(identity.tenant.as_deref(), identity.role.as_deref());
     let engine = format!("{:?}", s.transport_type()).to_lowercase();
-    tracing::info!(client = id, peer = ?session.peer, user = ?identity.user_id, tenant = ?identity.tenant.as_deref().unwrap_or("-"), transport = "socketio", engine = %engine, "connection opened");
+    tracing::info!(client = id, peer = ?session.peer, user = %crate::auth::Logged(&identity.user_id), tenant = %crate::auth::Logged(identity.tenant.as_deref().unwrap_or("-")), transport = "socketio", engine = %engine, "connection opened");
     let opened = Instant::now();
     let forwarder = tokio::spawn(forward(
         ctx.clone(),
@@ -329,7 +330,7 @@ async fn connect(ctx: Arc<Context>, renames: Arc<BTreeMap<String, String>>, s: S
     session.conn.lock().await.leave_all();
     ctx.metrics.connections.dec();
     ctx.metrics.socketio_connections.dec();
-    Metrics::count(&ctx.metrics.connections_closed, reason);
+    Metrics::count_client(&ctx.metrics.connections_closed, Transport::Socketio, reason);
     let who = crate::sync::lock(&session.identity).clone();
     ctx.hub
         .connection_closed(who.tenant.as_deref(), who.role.as_deref());
@@ -373,15 +374,27 @@ async fn request(ctx: &Context, session: &Session, event: &str, data: Value, ack
     let allowed = crate::sync::lock(&session.rate).take(Instant::now());
     if let Err(close) = allowed {
         if close {
-            Metrics::count(&ctx.metrics.client_errors, "rate_limited_close");
+            Metrics::count_client(
+                &ctx.metrics.client_errors,
+                Transport::Socketio,
+                "rate_limited_close",
+            );
             session.client.request_close(CloseCode::RateLimited);
         }
-        Metrics::count(&ctx.metrics.client_errors, ErrorCode::RateLimited.as_str());
+        Metrics::count_client(
+            &ctx.metrics.client_errors,
+            Transport::Socketio,
+            ErrorCode::RateLimited.as_str(),
+        );
         let refusal = protocol::error(ErrorCode::RateLimited, "too many messages; slow down");
         return answer(ack, &refusal);
     }
     if !REQUESTS.contains(&event) {
-        Metrics::count(&ctx.metrics.client_errors, ErrorCode::BadRequest.as_str());
+        Metrics::count_client(
+            &ctx.metrics.client_errors,
+            Transport::Socketio,
+            ErrorCode::BadRequest.as_str(),
+        );
         let refusal = protocol::error(
             ErrorCode::BadRequest,
             "emits are not relayed to other clients; this server answers subscribe, unsubscribe, presence, auth and ping",

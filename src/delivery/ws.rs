@@ -26,7 +26,7 @@ use crate::delivery::close::CloseCode;
 use crate::delivery::frames::{FrameFlood, FrameMeter};
 use crate::delivery::hub::ClientHandle;
 use crate::delivery::protocol::{self, ClientMessage, ErrorCode};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Transport};
 
 /// What the sockets get from start-up.
 pub struct Context {
@@ -160,6 +160,8 @@ pub(crate) struct Connection {
     shared: Arc<Context>,
     client: Arc<ClientHandle>,
     pub(crate) identity: Identity,
+    /// Labels this client's counters.
+    transport: Transport,
     subscriptions: HashSet<auth::Channel>,
     rate: RateLimit,
 }
@@ -205,9 +207,14 @@ pub async fn serve(
         .hub
         .connection_opened(identity.tenant.as_deref(), identity.role.as_deref());
     // `?`: token text is escaped, so a newline in a claim cannot forge a log line.
-    tracing::info!(client = id, peer = %peer, user = %crate::auth::Logged(&identity.user_id), tenant = %crate::auth::Logged(identity.tenant.as_deref().unwrap_or("-")), "connection opened");
+    tracing::info!(client = id, peer = %peer, user = %crate::auth::Logged(&identity.user_id), tenant = %crate::auth::Logged(identity.tenant.as_deref().unwrap_or("-")), transport = "websocket", "connection opened");
 
-    let mut conn = Connection::new(shared.clone(), client.clone(), identity);
+    let mut conn = Connection::new(
+        shared.clone(),
+        client.clone(),
+        identity,
+        Transport::Websocket,
+    );
     conn.send(protocol::connected(
         &conn.identity.user_id,
         conn.identity.tenant.as_deref(),
@@ -240,12 +247,16 @@ pub async fn serve(
     };
     shared.metrics.connections.dec();
     let reason = reason.label();
-    Metrics::count(&shared.metrics.connections_closed, reason);
+    Metrics::count_client(
+        &shared.metrics.connections_closed,
+        Transport::Websocket,
+        reason,
+    );
     shared.hub.connection_closed(
         conn.identity.tenant.as_deref(),
         conn.identity.role.as_deref(),
     );
-    tracing::info!(client = id, peer = %peer, duration_ms = opened.elapsed().as_millis() as u64, reason, "connection closed");
+    tracing::info!(client = id, peer = %peer, duration_ms = opened.elapsed().as_millis() as u64, reason, transport = "websocket", "connection closed");
 }
 
 type Sink = SplitSink<Socket, Message>;
@@ -396,12 +407,18 @@ async fn close(sink: &mut Sink, code: CloseCode) {
 
 impl Connection {
     /// A connection with no subscriptions yet.
-    pub(crate) fn new(shared: Arc<Context>, client: Arc<ClientHandle>, identity: Identity) -> Self {
+    pub(crate) fn new(
+        shared: Arc<Context>,
+        client: Arc<ClientHandle>,
+        identity: Identity,
+        transport: Transport,
+    ) -> Self {
         let rate = RateLimit::new(shared.config.limits.messages_per_sec, Instant::now());
         Self {
             shared,
             client,
             identity,
+            transport,
             subscriptions: HashSet::new(),
             rate,
         }
@@ -427,7 +444,11 @@ impl Connection {
 
     /// An `error` message, counted.
     pub(crate) fn refusal(&self, code: ErrorCode, message: &str) -> String {
-        Metrics::count(&self.shared.metrics.client_errors, code.as_str());
+        Metrics::count_client(
+            &self.shared.metrics.client_errors,
+            self.transport,
+            code.as_str(),
+        );
         protocol::error(code, message)
     }
 
@@ -476,7 +497,7 @@ impl Connection {
                             return Exit::AwaitWriter;
                         }
                         Some(Err(WsError::Io(err))) if FrameFlood::is(&err) => {
-                            Metrics::count(&self.shared.metrics.client_errors, "frame_rate_limited_close");
+                            Metrics::count_client(&self.shared.metrics.client_errors, self.transport, "frame_rate_limited_close");
                             self.client.request_close(CloseCode::RateLimited);
                             return Exit::AwaitWriter;
                         }
@@ -488,7 +509,7 @@ impl Connection {
                         Some(Ok(Message::Text(text))) => {
                             if let Err(close) = self.rate.take(Instant::now()) {
                                 if close {
-                                    Metrics::count(&self.shared.metrics.client_errors, "rate_limited_close");
+                                    Metrics::count_client(&self.shared.metrics.client_errors, self.transport, "rate_limited_close");
                                     self.client.request_close(CloseCode::RateLimited);
                                     return Exit::AwaitWriter;
                                 }
@@ -502,7 +523,7 @@ impl Connection {
                                 Ok(()) => self.reply_error(ErrorCode::BadRequest, "binary frames are not supported; send JSON text").await,
                                 Err(false) => self.reply_error(ErrorCode::RateLimited, "too many messages; slow down").await,
                                 Err(true) => {
-                                    Metrics::count(&self.shared.metrics.client_errors, "rate_limited_close");
+                                    Metrics::count_client(&self.shared.metrics.client_errors, self.transport, "rate_limited_close");
                                     self.client.request_close(CloseCode::RateLimited);
                                     return Exit::AwaitWriter;
                                 }
@@ -511,7 +532,7 @@ impl Connection {
                         // Control frames cost no reply, but a ping flood is a flood too.
                         Some(Ok(_)) => {
                             if self.rate.take(Instant::now()) == Err(true) {
-                                Metrics::count(&self.shared.metrics.client_errors, "rate_limited_close");
+                                Metrics::count_client(&self.shared.metrics.client_errors, self.transport, "rate_limited_close");
                                 self.client.request_close(CloseCode::RateLimited);
                                 return Exit::AwaitWriter;
                             }
@@ -685,8 +706,9 @@ impl Connection {
             let events = match page {
                 Ok(Some(events)) => events,
                 Ok(None) => {
-                    Metrics::count(
+                    Metrics::count_client(
                         &shared.metrics.client_errors,
+                        self.transport,
                         ErrorCode::HistoryExpired.as_str(),
                     );
                     self.send(protocol::channel_error(
@@ -763,8 +785,9 @@ impl Connection {
                 for channel in revoked {
                     self.subscriptions.remove(&channel);
                     self.forget(&channel);
-                    Metrics::count(
+                    Metrics::count_client(
                         &self.shared.metrics.client_errors,
+                        self.transport,
                         ErrorCode::Forbidden.as_str(),
                     );
                     self.send(protocol::channel_error(

@@ -31,7 +31,7 @@ use crate::config::{Config, ConfigError};
 use crate::db::{self, DbError};
 use crate::delivery::hub::Hub;
 use crate::delivery::replay::ReplayBudget;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Transport};
 use crate::stats::engine::StatsEngine;
 use crate::tasks::{OnDeath, supervise};
 
@@ -722,7 +722,11 @@ fn bearer(req: &Request<Incoming>) -> Option<String> {
 }
 
 fn refuse(shared: &Shared, status: StatusCode, reason: &str, message: &str) -> Response<Body> {
-    Metrics::count(&shared.metrics.handshakes_refused, reason);
+    Metrics::count_client(
+        &shared.metrics.handshakes_refused,
+        Transport::Websocket,
+        reason,
+    );
     let mut res = error_response(status, reason, message);
     if status == StatusCode::UNAUTHORIZED {
         res.headers_mut().insert(

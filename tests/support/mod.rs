@@ -779,3 +779,34 @@ pub async fn write_32k_rows_until_a_slow_consumer_is_cut_off(db: &TestDb, d: &Da
     }
     writer
 }
+
+/// socket.io-client (pinned in tests/fixtures/socketio-client) and its Node driver,
+/// installed once per test binary: `npm ci` into the cargo target directory, reused by
+/// later runs while the lock file is unchanged.
+pub fn socketio_client_dir() -> &'static std::path::PathBuf {
+    static DIR: OnceLock<std::path::PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let src = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/socketio-client");
+        let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("socketio-client");
+        std::fs::create_dir_all(&dir).unwrap();
+        let lock = std::fs::read(src.join("package-lock.json")).unwrap();
+        let installed = std::fs::read(dir.join("package-lock.json")).ok();
+        for file in ["package.json", "package-lock.json", "driver.js"] {
+            std::fs::copy(src.join(file), dir.join(file)).unwrap();
+        }
+        if installed.as_deref() != Some(lock.as_slice())
+            || !dir.join("node_modules/socket.io-client").exists()
+        {
+            let status = std::process::Command::new("npm")
+                .args(["ci", "--no-audit", "--no-fund", "--silent"])
+                .current_dir(&dir)
+                .status()
+                .expect(
+                    "npm (Node.js) is needed for the Socket.IO tests: apt-get install nodejs npm",
+                );
+            assert!(status.success(), "npm ci of socket.io-client failed");
+        }
+        dir
+    })
+}
