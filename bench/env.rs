@@ -155,6 +155,8 @@ pub enum Kind {
     Citapulse,
     /// The Node.js baseline.
     Node,
+    /// The bare relays of the socketio scenario's floor (this binary, `--relay`).
+    Relay,
 }
 
 /// A server child process on a loopback port.
@@ -228,6 +230,25 @@ impl Server {
             }
         }
         Err(last_err.unwrap_or_else(|| failed("the Node.js peer did not start")))
+    }
+
+    /// Starts this binary as the bare relays (`--relay`) forwarding `db_url`'s NOTIFYs.
+    pub async fn relay(db_url: &str, log_dir: &Path) -> Result<Self> {
+        let exe = std::env::current_exe().ctx("finding citapulse-bench's own path")?;
+        let mut last_err = None;
+        for _ in 0..3 {
+            let port = free_port()?;
+            let mut cmd = base_command(&exe, log_dir, "relay")?;
+            cmd.arg("--relay")
+                .arg(format!("127.0.0.1:{port}"))
+                .arg("--relay-db")
+                .arg(db_url);
+            match Self::launch(Kind::Relay, cmd, port).await {
+                Ok(server) => return Ok(server),
+                Err(e) => last_err = Some(e),
+            }
+        }
+        Err(last_err.unwrap_or_else(|| failed("the relay did not start")))
     }
 
     async fn launch(kind: Kind, cmd: std::process::Command, port: u16) -> Result<Self> {

@@ -171,6 +171,11 @@ async fn measure(b: &Bench, server: &Server, hot: usize, total: usize) -> Result
     let table = match server.kind {
         Kind::Citapulse => "citas",
         Kind::Node => "citas_bare",
+        Kind::Relay => {
+            return Err(crate::error::failed(
+                "the fan-out scenario does not run the relay",
+            ));
+        }
     };
     let want_stats = server.kind == Kind::Citapulse;
     let probes = if b.quick { 2 } else { 5 };
@@ -299,6 +304,7 @@ pub async fn scenario(b: &Bench) -> Result<Section> {
         let name = match server.kind {
             Kind::Citapulse => "citapulse",
             Kind::Node => "node",
+            Kind::Relay => "relay",
         };
         let kind = server.kind;
         let m = measure(b, &server, hot, total).await;

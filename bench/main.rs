@@ -21,6 +21,7 @@ mod fanout;
 mod flood;
 mod latency;
 mod people;
+mod relay;
 mod report;
 mod scale;
 mod socketio;
@@ -97,6 +98,12 @@ struct Args {
     /// scenario always measures both)
     #[arg(long, default_value = "trigger", value_parser = ["trigger", "wal"])]
     capture: String,
+    /// Internal: serve the bare relays of the socketio scenario's floor on this address.
+    #[arg(long, hide = true, requires = "relay_db")]
+    relay: Option<std::net::SocketAddr>,
+    /// Internal: the database whose NOTIFYs the relay forwards.
+    #[arg(long, hide = true)]
+    relay_db: Option<String>,
 }
 
 /// The scenarios, in issue 10's order.
@@ -246,6 +253,10 @@ fn default_daemon_bin() -> PathBuf {
 }
 
 async fn run(args: Args) -> Result<()> {
+    if let (Some(listen), Some(db)) = (args.relay, &args.relay_db) {
+        env::raise_nofile();
+        return relay::serve(listen, db).await;
+    }
     let started = Instant::now();
     let nofile = env::raise_nofile();
     let scenarios: Vec<Scenario> =

@@ -3,6 +3,10 @@
 //! the `ws` package on `/ws`), subscribed to one tenant, while the bench commits single
 //! rows at a fixed rate. Measures commit→client latency at the clients and the daemon's
 //! CPU per delivery, alternating the two transports in rounds so drift hits both.
+//!
+//! The floor, in the same rounds: the bare relays of [`crate::relay`] (a NOTIFY trigger on
+//! `citas_relay`, LISTEN, socketioxide's room broadcast or a plain tungstenite relay),
+//! with the same clients: what each transport costs without anything of the daemon.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -16,6 +20,21 @@ use crate::error::{Context, Result, failed};
 use crate::report::{Section, Table, num};
 
 const TENANT: &str = "sio";
+
+/// The floor's source: each committed row NOTIFYs the relay with the fields the clients
+/// read, in the daemon's message shape.
+const RELAY_SQL: &str = "
+    CREATE TABLE IF NOT EXISTS citas_relay (
+        id bigserial PRIMARY KEY, negocio_id text NOT NULL, cliente_id text, estado text);
+    CREATE OR REPLACE FUNCTION citas_relay_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM pg_notify('bench_relay', json_build_object('type', 'cita_created',
+            'data', json_build_object('row', json_build_object('cliente_id', NEW.cliente_id)))::text);
+        RETURN NULL;
+    END $$;
+    CREATE OR REPLACE TRIGGER citas_relay_notify AFTER INSERT ON citas_relay
+        FOR EACH ROW EXECUTE FUNCTION citas_relay_notify();
+";
 
 /// Installs the clients' packages once (pinned lock file).
 fn prepare(dir: &Path) -> std::result::Result<(), String> {
@@ -34,16 +53,28 @@ fn prepare(dir: &Path) -> std::result::Result<(), String> {
     }
 }
 
+/// How many clients, and how many commits per second for how long.
+#[derive(Clone, Copy)]
+struct Load {
+    clients: usize,
+    rate: u32,
+    secs: u64,
+}
+
 /// One round of one transport: clients up, `rate` commits/s for `secs`, then their figures.
 async fn round(
     bench: &Bench,
     server: &crate::env::Server,
+    table: &str,
     dir: &Path,
     transport: &str,
-    clients: usize,
-    rate: u32,
-    secs: u64,
+    load: Load,
 ) -> Result<Value> {
+    let Load {
+        clients,
+        rate,
+        secs,
+    } = load;
     let opts = json!({
         "base": format!("http://{}", server.addr),
         "token": bench.tokens.tenant(TENANT)?,
@@ -70,10 +101,10 @@ async fn round(
     }
     let db = bench.db.connect().await?;
     let insert = db
-        .prepare(
-            "INSERT INTO citas (negocio_id, cliente_id, estado) VALUES ($1, \
-             (extract(epoch FROM clock_timestamp()) * 1000000)::bigint::text, 'pendiente')",
-        )
+        .prepare(&format!(
+            "INSERT INTO {table} (negocio_id, cliente_id, estado) VALUES ($1, \
+                 (extract(epoch FROM clock_timestamp()) * 1000000)::bigint::text, 'pendiente')"
+        ))
         .await
         .ctx("preparing the writer")?;
     let cpu_before = server.cpu_seconds();
@@ -136,34 +167,60 @@ pub async fn scenario(bench: &Bench) -> Result<Section> {
             &[("CITAPULSE_LIMITS__QUEUE_LEN", "100000".to_string())],
         )
         .await?;
+    let db = bench.db.connect().await?;
+    db.batch_execute(RELAY_SQL)
+        .await
+        .ctx("creating the relay's table")?;
+    let relay = crate::env::Server::relay(&bench.db.url, &bench.out_dir.join("logs")).await?;
     let mut runs = Vec::new();
     for &rate in &rates {
         for _ in 0..rounds {
-            for transport in ["ws", "socketio"] {
-                let mut run = round(bench, &server, &dir, transport, clients, rate, secs).await?;
-                run["rate"] = json!(rate);
-                runs.push(run);
+            for (name, target, table) in [
+                ("citapulse", &server, "citas"),
+                ("relay", &relay, "citas_relay"),
+            ] {
+                for transport in ["ws", "socketio"] {
+                    let mut run = round(
+                        bench,
+                        target,
+                        table,
+                        &dir,
+                        transport,
+                        Load {
+                            clients,
+                            rate,
+                            secs,
+                        },
+                    )
+                    .await?;
+                    run["rate"] = json!(rate);
+                    run["server"] = json!(name);
+                    runs.push(run);
+                }
             }
         }
     }
     server.stop().await;
+    relay.stop().await;
     let mut table = Table::new(
         format!(
             "{clients} clients of one tenant, single-row commits for {secs} s, one Node process of clients (µs from the INSERT's clock_timestamp)"
         ),
         &[
             "commits/s",
+            "server",
             "transport",
             "received / expected",
             "p50 µs",
             "p99 µs",
-            "daemon CPU µs per delivery",
+            "server CPU µs per delivery",
             "client CPU s",
         ],
     );
     for r in &runs {
         table.row(vec![
             r["rate"].to_string(),
+            r["server"].as_str().unwrap_or("?").to_string(),
             r["transport"].as_str().unwrap_or("?").to_string(),
             format!("{} / {}", r["received"], r["expected"]),
             r["p50_us"].to_string(),
