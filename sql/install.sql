@@ -35,7 +35,9 @@ CREATE SCHEMA IF NOT EXISTS citapulse;
 
 -- The version the daemon checks at start-up; bump on any incompatible change.
 CREATE OR REPLACE FUNCTION citapulse.version() RETURNS integer
-LANGUAGE sql IMMUTABLE AS $$ SELECT 10 $$;
+LANGUAGE sql IMMUTABLE AS $$ SELECT 11 $$;
+-- Version 11: citapulse.after_restore(), the step after restoring a dump into another
+-- cluster (or an older backup): the log's transaction ids are made this cluster's past.
 -- Version 10: citapulse.reserved_event_types() is the server's own message types
 -- (`authenticated` added, `reauthenticated`, which the server never sends, dropped);
 -- on PostgreSQL 17+ capture_mode('wal') creates a failover slot; a row moved to another
@@ -1366,6 +1368,66 @@ CREATE OR REPLACE FUNCTION citapulse.move_inbox(batch integer DEFAULT 5000) RETU
 LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT count(*)::integer
       FROM citapulse.take_inbox(ARRAY(SELECT j.id FROM citapulse.inbox j ORDER BY j.id LIMIT batch))
+$$;
+
+-- After a restore. A logical dump (pg_dump) carries the log's xid and horizon values, which
+-- are transaction ids of the cluster it was taken from: restored into a cluster whose
+-- transaction counter is lower, they lie in its future. The reader would then take rows
+-- for transactions that are still to come (they would come again as late commits once
+-- the counter reaches them), a resume from an event written after the restore would
+-- replay every restored row below it, and the shared statistics restored with the dump
+-- (citapulse.stats, snapshots of the old cluster) would pass for fresh. This maps every
+-- xid and horizon at or above the oldest transaction still running here to a value below
+-- it, keeping their order (several old values share one new value when there are more
+-- distinct old values than room below: a resume may then get a few events again, which
+-- it drops by id, and never fewer), and empties citapulse.stats, a cache. Nothing to map
+-- after a physical restore, a pg_upgrade, or a dump restored into a cluster that is
+-- further on. `skip_ids` > 0: new event ids start that far above every id in the
+-- restored log and inbox, and a resume from any id below them answers history_expired
+-- (for a backup older than what clients have seen: their ids may name events that
+-- were lost, and the restored sequence would hand the same ids to new events). Run it
+-- before the daemons start (they refuse to run while the log has ids in the future).
+CREATE OR REPLACE FUNCTION citapulse.after_restore(skip_ids bigint DEFAULT 0)
+RETURNS TABLE (remapped bigint, stats_cleared bigint, next_id bigint)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    oldest xid8 := pg_snapshot_xmin(pg_current_snapshot());
+    below numeric := oldest::text::numeric;
+    first_id bigint;
+BEGIN
+    IF skip_ids < 0 THEN
+        RAISE EXCEPTION 'citapulse.after_restore: skip_ids must not be negative';
+    END IF;
+    -- Serializes with the daemons' moves (and a second call): the log holds still meanwhile.
+    LOCK TABLE citapulse.events IN SHARE ROW EXCLUSIVE MODE;
+    remapped := 0;
+    -- A row's horizon is never above its xid (the xmin of the snapshot of its own transaction).
+    IF EXISTS (SELECT 1 FROM citapulse.events e WHERE e.xid >= oldest) THEN
+        -- Values 3 .. below - 1 (0-2 are not transaction ids); dense ranks spread over them.
+        WITH vals AS (
+            SELECT u.x, dense_rank() OVER (ORDER BY u.x) - 1 AS r
+              FROM (SELECT e.xid AS x FROM citapulse.events e UNION SELECT e.horizon FROM citapulse.events e) u
+        ), n AS (SELECT count(*) AS d FROM vals), mapped AS (
+            SELECT v.x, (3 + floor(v.r * (below - 3) / n.d))::text::xid8 AS y FROM vals v, n
+        ), changed AS (
+            UPDATE citapulse.events e SET xid = mx.y, horizon = mh.y
+              FROM mapped mx, mapped mh
+             WHERE mx.x = e.xid AND mh.x = e.horizon AND (e.xid <> mx.y OR e.horizon <> mh.y)
+            RETURNING 1
+        )
+        SELECT count(*) INTO remapped FROM changed;
+    END IF;
+    WITH gone AS (DELETE FROM citapulse.stats RETURNING 1) SELECT count(*) INTO stats_cleared FROM gone;
+    SELECT s.last_value + CASE WHEN s.is_called THEN 1 ELSE 0 END INTO first_id FROM citapulse.events_id_seq s;
+    IF skip_ids > 0 THEN
+        first_id := greatest(first_id, (SELECT max(e.id) + 1 FROM citapulse.events e),
+                             (SELECT max(i.id) + 1 FROM citapulse.inbox i)) + skip_ids;
+        PERFORM setval('citapulse.events_id_seq', first_id, false);
+        UPDATE citapulse.settings SET pruned_upto = greatest(pruned_upto, first_id);
+    END IF;
+    next_id := first_id;
+    RETURN NEXT;
+END
 $$;
 
 -- Nothing for PUBLIC: a login that may create a table (a temporary one will do) must not

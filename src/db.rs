@@ -21,7 +21,7 @@ pub const ROLES_SQL: &str = include_str!("../sql/roles.sql");
 /// `sql/example_schema.sql`, embedded.
 pub const EXAMPLE_SCHEMA_SQL: &str = include_str!("../sql/example_schema.sql");
 /// The `citapulse.version()` this daemon speaks.
-pub const SQL_VERSION: i32 = 10;
+pub const SQL_VERSION: i32 = 11;
 /// The NOTIFY channel the triggers use.
 pub const NOTIFY_CHANNEL: &str = "citapulse";
 
@@ -100,6 +100,14 @@ pub enum DbError {
         /// What the daemon needs.
         expected: i32,
     },
+    /// The log holds transaction ids this cluster has not reached: a logical dump from
+    /// another cluster was restored and `citapulse.after_restore()` has not run.
+    #[error(
+        "citapulse.events holds transaction ids in this cluster's future (a dump of another \
+         cluster was restored here): run `SELECT * FROM citapulse.after_restore()` once, before \
+         the daemons start (see docs/dba/backup.md)"
+    )]
+    Restored,
 }
 
 /// A connection's driver future (plain TCP, or TLS as `database.url` says).
@@ -318,6 +326,25 @@ pub async fn check_version(client: &Client) -> Result<(), DbError> {
             found,
             expected: SQL_VERSION,
         });
+    }
+    Ok(())
+}
+
+/// Refuses a log restored from another cluster before `citapulse.after_restore()` ran:
+/// a row whose xid is at or above the snapshot's xmax cannot have been written here, and
+/// the reader's late-commit rule and resumes would take such rows for transactions still
+/// to come (one probe of the log's xid index).
+pub async fn check_restored(client: &Client) -> Result<(), DbError> {
+    let future: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM citapulse.events \
+                             WHERE xid >= pg_snapshot_xmax(pg_current_snapshot()))",
+            &[],
+        )
+        .await?
+        .get(0);
+    if future {
+        return Err(DbError::Restored);
     }
     Ok(())
 }

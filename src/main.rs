@@ -455,6 +455,7 @@ async fn check(config: &Config) -> Result<ExitCode, String> {
     print_daemon_connections(&client).await;
     db::check_version(&client).await.map_err(|e| report(&e))?;
     println!("sql: installed, version {}", db::SQL_VERSION);
+    db::check_restored(&client).await.map_err(|e| report(&e))?;
     let capture = db::capture_check(&client, &config.capture.slot)
         .await
         .map_err(|e| report(&e))?;

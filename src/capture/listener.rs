@@ -226,6 +226,7 @@ async fn listen(
     shared: &Context,
 ) -> Result<(tokio_postgres::Statement, i64), DbError> {
     db::check_version(client).await?;
+    db::check_restored(client).await?;
     db::sync_settings(client, shared.config.events.bulk_threshold).await?;
     client
         .batch_execute(&format!(

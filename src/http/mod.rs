@@ -208,6 +208,7 @@ async fn check_database(
     let (client, connection) = db::connect(config).await?;
     let driver = tokio::spawn(connection);
     db::check_version(&client).await?;
+    db::check_restored(&client).await?;
     // LISTEN and leader locks through a transaction pooler would fail silently.
     db::check_session(config).await?;
     let encrypted = db::session_tls(&client).await?;
