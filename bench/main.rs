@@ -98,6 +98,11 @@ struct Args {
     /// scenario always measures both)
     #[arg(long, default_value = "trigger", value_parser = ["trigger", "wal"])]
     capture: String,
+    /// Parameters added to the daemon's database URL (e.g.
+    /// `options=-c%20synchronous_commit%3Doff`, to measure what its commits' WAL flush
+    /// costs in latency); the writers keep the cluster's settings.
+    #[arg(long)]
+    daemon_url_params: Option<String>,
     /// Internal: serve the bare relays of the socketio scenario's floor on this address.
     #[arg(long, hide = true, requires = "relay_db")]
     relay: Option<std::net::SocketAddr>,
@@ -178,6 +183,7 @@ pub struct Bench {
     /// Trigger cost: seconds per pgbench run, rounds, client counts, scripts.
     pub pgbench: crate::trigger::Plan,
     daemon_bin: PathBuf,
+    daemon_url: String,
     node_dir: Option<PathBuf>,
     node_skip_reason: Option<String>,
 }
@@ -191,7 +197,7 @@ impl Bench {
         drop(admin);
         Server::citapulse(
             &self.daemon_bin,
-            &self.db.url,
+            &self.daemon_url,
             mode,
             extra,
             &self.out_dir.join("logs"),
@@ -305,7 +311,13 @@ async fn run(args: Args) -> Result<()> {
             .ctx("switching the bench database to WAL capture")?;
         eprintln!("citapulse-bench: WAL capture mode");
     }
+    let daemon_url = match &args.daemon_url_params {
+        Some(params) if db.url.contains('?') => format!("{}&{params}", db.url),
+        Some(params) => format!("{}?{params}", db.url),
+        None => db.url.clone(),
+    };
     let bench = Bench {
+        daemon_url,
         db,
         tokens: Tokens::new()?,
         quick: args.quick,
