@@ -1,12 +1,15 @@
 //! The JavaScript client package (`clients/js`) under Node against the real daemon: its
-//! package tests (CommonJS file in sync, exports) and its live tests (token carriers,
-//! revocation ends in the `revoked` state). Node 20.10 or newer is needed (as for the
-//! image check).
+//! package tests (CommonJS file in sync, exports), its typings under strict TypeScript, and
+//! its live tests (token carriers, subscription objects, revocation ends in the `revoked`
+//! state, a refused token in `unauthorized` after one probe). Node 20.10 or newer is needed
+//! (as for the image check), and npm once, for the pinned TypeScript.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
 
+use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::OnceLock;
 
 use support::*;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -67,6 +70,64 @@ async fn node_test(file: &str, env: &[(&str, String)], db: Option<&TestDb>) -> S
     tap
 }
 
+/// The TypeScript compiler pinned by `tests/fixtures/typescript`, installed once per target
+/// directory (`npm ci`; later runs reuse it and need no network).
+fn typescript_dir() -> &'static PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/typescript");
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("typescript");
+        std::fs::create_dir_all(&dir).unwrap();
+        let lock = std::fs::read(src.join("package-lock.json")).unwrap();
+        let installed = std::fs::read(dir.join("package-lock.json")).ok();
+        for file in ["package.json", "package-lock.json"] {
+            std::fs::copy(src.join(file), dir.join(file)).unwrap();
+        }
+        if installed.as_deref() != Some(lock.as_slice())
+            || !dir.join("node_modules/typescript/bin/tsc").exists()
+        {
+            let status = std::process::Command::new("npm")
+                .args(["ci", "--no-audit", "--no-fund", "--silent"])
+                .current_dir(&dir)
+                .status()
+                .expect(
+                    "npm (Node.js) is needed for the typings check: apt-get install nodejs npm",
+                );
+            assert!(status.success(), "npm ci of typescript failed");
+        }
+        dir
+    })
+}
+
+#[test]
+fn the_typings_compile_under_strict_typescript() {
+    let tsc = typescript_dir().join("node_modules/typescript/bin/tsc");
+    let out = std::process::Command::new("node")
+        .arg(tsc)
+        .args([
+            "--noEmit",
+            "--strict",
+            "--target",
+            "es2022",
+            "--module",
+            "nodenext",
+            "--moduleResolution",
+            "nodenext",
+            "--lib",
+            "es2022,dom",
+            "test/types-check.ts",
+        ])
+        .current_dir("clients/js")
+        .output()
+        .expect("run node");
+    assert!(
+        out.status.success(),
+        "citapulse.d.ts against test/types-check.ts:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[tokio::test]
 async fn the_package_ships_the_same_client_to_import_and_require() {
     let tap = node_test("test/package.test.mjs", &[], None).await;
@@ -74,7 +135,7 @@ async fn the_package_ships_the_same_client_to_import_and_require() {
 }
 
 #[tokio::test]
-async fn the_client_delivers_with_either_token_carrier_and_stops_when_revoked() {
+async fn the_client_delivers_subscribes_and_stops_on_refused_or_revoked_tokens() {
     let db = TestDb::new().await;
     let d = Daemon::start(&db.url, |c| {
         c.auth.notify_secret = Some(citapulse::config::Secret::new(NOTIFY_SECRET));
@@ -90,6 +151,6 @@ async fn the_client_delivers_with_either_token_carrier_and_stops_when_revoked() 
         ("CITAPULSE_NOTIFY_SECRET", NOTIFY_SECRET.to_string()),
     ];
     let tap = node_test("test/live.test.mjs", &env, Some(&db)).await;
-    assert!(tap.contains("# pass 4"), "{tap}");
+    assert!(tap.contains("# pass 10"), "{tap}");
     d.stop().await;
 }

@@ -2086,3 +2086,172 @@ async fn stop_and_read_log(mut child: std::process::Child, log_path: &std::path:
     let _ = std::fs::remove_file(log_path);
     text
 }
+
+/// Status, head (lowercased) and body of a plain HTTP request (no upgrade headers).
+async fn plain_http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (status, head.to_ascii_lowercase(), body.to_string())
+}
+
+/// `handshakes_refused` for one reason.
+async fn refusals(d: &Daemon, reason: &str) -> f64 {
+    let text = http_get(d.ops, "/metrics", &[]).await.1;
+    let label = format!("reason=\"{reason}\"");
+    text.lines()
+        .filter(|l| l.starts_with("citapulse_handshakes_refused_total{") && l.contains(&label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .fold(0.0, |a, b| a + b)
+}
+
+#[tokio::test]
+async fn a_plain_get_of_ws_tells_only_whether_the_token_is_accepted() {
+    let db = TestDb::new().await;
+    let d = Daemon::start(&db.url, |_| {}).await;
+    let good = tenant_token("t1");
+    let forged = unsigned(&claims(json!({})));
+    let origin = ("Origin", "https://dashboard.example");
+
+    // A refused token: the refused upgrade's 401 and body, readable from another origin,
+    // and counted like a refused upgrade.
+    let invalid_before = refusals(&d, "token_invalid").await;
+    let bearer = format!("Bearer {forged}");
+    let (status, head, body) =
+        plain_http(d.addr, "GET", "/ws", &[("Authorization", &bearer), origin]).await;
+    assert_eq!(status, 401, "{head}");
+    let (upgrade_status, upgrade_body) =
+        refused(d.addr, "/ws", &[("Authorization", &bearer)]).await;
+    assert_eq!(upgrade_status, 401);
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap(),
+        upgrade_body,
+        "the same body as the refused upgrade"
+    );
+    assert!(head.contains("access-control-allow-origin: *"), "{head}");
+    assert!(head.contains("www-authenticate: bearer"), "{head}");
+    assert!(!head.contains("access-control-allow-credentials"), "{head}");
+    assert_eq!(
+        refusals(&d, "token_invalid").await,
+        invalid_before + 2.0,
+        "the probe and the upgrade each count"
+    );
+    // No token at all, and an expired one in the query.
+    let (status, _, body) = plain_http(d.addr, "GET", "/ws", &[origin]).await;
+    assert_eq!(status, 401);
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["error"],
+        "token_missing"
+    );
+    let expired = hs(
+        Algorithm::HS256,
+        &claims(json!({"iat": now() - 7200, "exp": now() - 3600})),
+    );
+    let (status, _, body) = plain_http(d.addr, "GET", &format!("/ws?token={expired}"), &[]).await;
+    assert_eq!(status, 401);
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["error"],
+        "token_expired"
+    );
+
+    // An accepted token: 426 and nothing about the token's claims.
+    let not_websocket_before = refusals(&d, "not_websocket").await;
+    for headers in [
+        vec![("Authorization".to_string(), format!("Bearer {good}"))],
+        vec![(
+            "Sec-WebSocket-Protocol".to_string(),
+            format!("citapulse, {good}"),
+        )],
+    ] {
+        let mut headers: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        headers.push(origin);
+        let (status, head, body) = plain_http(d.addr, "GET", "/ws", &headers).await;
+        assert_eq!(status, 426, "{head}");
+        assert!(head.contains("upgrade: websocket"), "{head}");
+        assert!(head.contains("access-control-allow-origin: *"), "{head}");
+        let body: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(body["error"], "not_websocket");
+        let text = body.to_string();
+        for claim in ["user-t1", "t1", "staff"] {
+            assert!(!text.contains(claim), "{claim} echoed: {text}");
+        }
+    }
+    let (status, _, _) = plain_http(d.addr, "GET", &format!("/ws?token={good}"), &[]).await;
+    assert_eq!(status, 426);
+    assert_eq!(
+        refusals(&d, "not_websocket").await,
+        not_websocket_before + 3.0
+    );
+
+    // The preflight of a cross-origin probe: GET with Authorization, no credentials.
+    let (status, head, _) = plain_http(
+        d.addr,
+        "OPTIONS",
+        "/ws",
+        &[
+            origin,
+            ("Access-Control-Request-Method", "GET"),
+            ("Access-Control-Request-Headers", "authorization"),
+        ],
+    )
+    .await;
+    assert_eq!(status, 204, "{head}");
+    assert!(head.contains("access-control-allow-origin: *"), "{head}");
+    assert!(head.contains("access-control-allow-methods: get"), "{head}");
+    assert!(
+        head.contains("access-control-allow-headers: authorization"),
+        "{head}"
+    );
+    assert!(!head.contains("access-control-allow-credentials"), "{head}");
+
+    // A real upgrade with the good token still works, and only it is a connection.
+    let h = handshake(
+        d.addr,
+        "/ws",
+        &[("Authorization", &format!("Bearer {good}"))],
+    )
+    .await;
+    assert_eq!(h.status, 101);
+    assert_eq!(d.metric("citapulse_connections").await, 1.0);
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn the_client_module_and_its_types_may_be_imported_from_any_origin() {
+    let db = TestDb::new().await;
+    let d = Daemon::start(&db.url, |_| {}).await;
+    for path in ["/citapulse.js", "/citapulse.d.ts"] {
+        let (status, head, body) = plain_http(
+            d.addr,
+            "GET",
+            path,
+            &[("Origin", "https://dashboard.example")],
+        )
+        .await;
+        assert_eq!(status, 200, "{path}");
+        assert!(
+            head.contains("access-control-allow-origin: *"),
+            "{path}: {head}"
+        );
+        assert!(!head.contains("access-control-allow-credentials"), "{path}");
+        assert!(body.contains("CitapulseClient"), "{path}");
+    }
+    d.stop().await;
+}

@@ -1,6 +1,9 @@
 // Type declarations for citapulse.js
 
-/** "unauthorized" (4001 without `getToken`) and "revoked" (4003) do not reconnect. */
+/**
+ * "unauthorized" (a refused token: a refused handshake, seen through the probe, or 4001 without
+ * `getToken`) and "revoked" (4003, or a handshake refused as revoked) do not reconnect.
+ */
 export type ConnectionState = "connecting" | "open" | "reconnecting" | "closed" | "unauthorized" | "revoked";
 
 export declare const CloseCodes: Readonly<{
@@ -41,18 +44,32 @@ export declare class CitapulseError extends Error {
   readonly channel?: string;
 }
 
-export interface StatsData {
-  negocio_id: string;
+/** The columns of the default `stats.query`. Another query gives other columns: see {@link StatsData}. */
+export interface DefaultStats {
   citas_hoy: number;
   total_citas: number;
   citas_completadas: number;
   citas_canceladas: number;
+}
+
+/** What the daemon adds to the columns of `stats.query`. */
+export interface StatsMeta {
+  /** The tenant. */
+  negocio_id: string;
+  /** When the numbers were computed, Unix seconds. */
   timestamp: number;
   /** Id of the last event reflected in this snapshot. */
   as_of: number;
 }
 
-export interface StatsMessage { type: "stats"; channel: string; data: StatsData; }
+/**
+ * A `stats` payload: the columns of `stats.query` (`T`, by default those of the default query)
+ * plus {@link StatsMeta}. With a query of your own, name its columns once on the client:
+ * `new CitapulseClient<{ ingresos_hoy: number }>(…)` types every "stats" listener's data.
+ */
+export type StatsData<T = DefaultStats> = T & StatsMeta;
+
+export interface StatsMessage<T = DefaultStats> { type: "stats"; channel: string; data: StatsData<T>; }
 
 /**
  * Fields looked up by the operator's `[[enrich]]` queries (e.g. `profesional_nombre`); keys depend
@@ -141,33 +158,25 @@ export interface PongMessage { type: "pong"; data: { timestamp: number }; }
 
 /** `data` of a server `error` message (connection stays open), or a client-side error. */
 export interface ErrorData {
+  /** Server codes, "token_error" / "connect_failed" (client side), or after a refused handshake
+   * the 401 body's code ("token_invalid", "token_expired", "token_revoked", …). */
   code: "forbidden" | "bad_request" | "history_expired" | "rate_limited" | "token_error" | "connect_failed" | string;
   message?: string;
   channel?: string;
 }
 
 /** Any message that carries a channel (what "*" listeners receive). */
-export type ChannelMessage =
-  | StatsMessage | SubscribedMessage | UnsubscribedMessage | EventMessage
+export type ChannelMessage<S = DefaultStats> =
+  | StatsMessage<S> | SubscribedMessage | UnsubscribedMessage | EventMessage
   | PresenceMessage | PresenceJoinMessage | PresenceLeaveMessage;
 
-export interface CitapulseEventMap {
-  state: ConnectionState;
-  error: ErrorData;
-  /** Client state for the channel is stale (history expired); a fresh snapshot follows. */
-  reload: string;
-  connected: ConnectedMessage;
-  subscribed: SubscribedMessage;
-  unsubscribed: UnsubscribedMessage;
-  authenticated: AuthenticatedMessage;
-  pong: PongMessage;
+/** The messages of one channel, by type (the client's and a subscription's listeners). */
+export interface ChannelEventMap<S = DefaultStats> {
   /** Every presence answer (also those settling a `presence()` call). */
   presence: PresenceMessage;
   presence_join: PresenceJoinMessage;
   presence_leave: PresenceLeaveMessage;
-  /** `members(channel)` changed. */
-  members: MembersEvent;
-  stats: StatsMessage;
+  stats: StatsMessage<S>;
   cita_created: EventMessage<RowChangeData>;
   cita_updated: EventMessage<RowChangeData>;
   cita_deleted: EventMessage<RowChangeData>;
@@ -176,7 +185,66 @@ export interface CitapulseEventMap {
   schedule_updated: EventMessage<RowChangeData>;
   calendar_refresh: EventMessage<CalendarRefreshData>;
   cita_reminder: CitaReminderMessage;
-  "*": ChannelMessage;
+  "*": ChannelMessage<S>;
+}
+
+export interface CitapulseEventMap<S = DefaultStats> extends ChannelEventMap<S> {
+  state: ConnectionState;
+  /** Server errors (a refused subscribe carries its `channel`) and client-side ones. */
+  error: ErrorData;
+  /** Client state for the channel is stale (history expired); a fresh snapshot follows. */
+  reload: string;
+  connected: ConnectedMessage;
+  subscribed: SubscribedMessage;
+  unsubscribed: UnsubscribedMessage;
+  authenticated: AuthenticatedMessage;
+  pong: PongMessage;
+  /** `members(channel)` changed. */
+  members: MembersEvent;
+}
+
+/**
+ * "subscribing": sent, or waiting for the connection (every reconnect subscribes again from
+ * `lastEventId`); "subscribed": accepted; "error": refused (e.g. `forbidden`), or dropped after a
+ * token refresh, tried again after the next reconnect or on `subscribe(channel)`; "unsubscribed":
+ * after `unsubscribe()`, for good.
+ */
+export type SubscriptionState = "subscribing" | "subscribed" | "unsubscribed" | "error";
+
+/** What a {@link Subscription}'s listeners receive: its channel's messages and its own changes. */
+export interface SubscriptionEventMap<S = DefaultStats> extends ChannelEventMap<S> {
+  state: SubscriptionState;
+  subscribed: SubscribedMessage;
+  /** The refused subscribe, or an error naming the channel (history_expired, unavailable, forbidden). */
+  error: ErrorData;
+  /** The channel's history expired: reload its state; a fresh snapshot follows. */
+  reload: string;
+}
+
+/**
+ * One channel of a client, with its own state, resume position and listeners: what
+ * `client.subscribe(channel)` returns (the same object for the same channel until unsubscribed).
+ */
+export declare class Subscription<S = DefaultStats> {
+  private constructor();
+  readonly channel: string;
+  readonly state: SubscriptionState;
+  /** Id of the last event delivered on the channel: where a reconnect resumes; null before any. */
+  readonly lastEventId: number | null;
+  /** The last error about this channel, or null. */
+  readonly error: ErrorData | null;
+  /** Listen to this channel only; returns a function that removes the listener. */
+  on<K extends keyof SubscriptionEventMap<S>>(type: K, fn: (arg: SubscriptionEventMap<S>[K]) => void): () => void;
+  /** Listener for a custom event type (from SQL `citapulse.emit`) on this channel. */
+  on(type: string, fn: (msg: EventMessage) => void): () => void;
+  /** Removes a listener added with `on`. */
+  off(type: string, fn: (arg: any) => void): void;
+  /** Leaves the channel; the state becomes "unsubscribed". */
+  unsubscribe(): void;
+  /** The client's `presence(channel)` for this channel. */
+  presence(opts?: { timeoutMs?: number }): Promise<PresenceUser[]>;
+  /** The client's `members(channel)` for this channel. */
+  members(): PresenceUser[] | null;
 }
 
 export interface WebSocketLike {
@@ -184,10 +252,18 @@ export interface WebSocketLike {
   send(data: string): void;
   close(code?: number, reason?: string): void;
   onopen: ((ev: any) => void) | null;
-  onmessage: ((ev: { data: any }) => void) | null;
+  /** Called with `{data}` (a text frame). */
+  onmessage: ((ev: any) => void) | null;
   onerror: ((ev: any) => void) | null;
-  onclose: ((ev: { code: number; reason?: string }) => void) | null;
+  /** Called with `{code, reason}`. */
+  onclose: ((ev: any) => void) | null;
 }
+
+/** What the probe after a failed handshake needs of `fetch` (the global one fits). */
+export type FetchLike = (
+  url: string,
+  init: { headers: Record<string, string>; credentials: "omit"; signal?: any },
+) => Promise<{ status: number; json(): Promise<unknown> }>;
 
 export interface CitapulseClientOptions {
   /** WebSocket URL; default `ws(s)://<location.host>/ws` in browsers. Required in Node. */
@@ -209,10 +285,20 @@ export interface CitapulseClientOptions {
   /** How long `presence()` waits for its answer before rejecting with code "timeout". Default 10000. */
   requestTimeoutMs?: number;
   /** WebSocket constructor; default `globalThis.WebSocket`. */
-  WebSocket?: new (url: string) => WebSocketLike;
+  WebSocket?: new (url: string, protocols?: string | string[]) => WebSocketLike;
+  /**
+   * For the probe after a socket that closed before it opened (`GET` of the `/ws` URL over
+   * http(s), with the token as `Authorization: Bearer`): 401 ends in "unauthorized" (or "revoked"),
+   * anything else keeps reconnecting. Default `globalThis.fetch`; without one, no probe.
+   */
+  fetch?: FetchLike;
 }
 
-export declare class CitapulseClient {
+/**
+ * The client. `S` names the columns of your `stats.query` when it is not the default one:
+ * `new CitapulseClient<{ ingresos_hoy: number }>(opts)`.
+ */
+export declare class CitapulseClient<S = DefaultStats> {
   constructor(opts?: CitapulseClientOptions);
   /** Same as the module's {@link tenantChannel}. */
   static tenantChannel(tenant: string): TenantChannel;
@@ -227,15 +313,18 @@ export declare class CitapulseClient {
   /** Current connection state. */
   readonly state: ConnectionState;
   /** Register a listener; returns a function that removes it. */
-  on<K extends keyof CitapulseEventMap>(type: K, fn: (arg: CitapulseEventMap[K]) => void): () => void;
+  on<K extends keyof CitapulseEventMap<S>>(type: K, fn: (arg: CitapulseEventMap<S>[K]) => void): () => void;
   /** Listener for a custom event type (from SQL `citapulse.emit`). */
   on(type: string, fn: (msg: EventMessage) => void): () => void;
   /**
    * Subscribe to a channel ("estadisticas:T", "usuario:T:U" or "rol:T:R"; see the channel helpers);
    * `since` seeds the resume point. Every channel is resumed with `since` after a reconnect.
+   * Returns the channel's subscription: the same object for the same channel until unsubscribed.
    */
-  subscribe(channel: ChannelName | string, opts?: { since?: number }): void;
-  /** Unsubscribe and forget the channel's resume state (and its members). */
+  subscribe(channel: ChannelName | string, opts?: { since?: number }): Subscription<S>;
+  /** The channel's subscription, or null if it is not subscribed. */
+  subscription(channel: string): Subscription<S> | null;
+  /** Unsubscribe and forget the channel's resume state (and its members); its Subscription ends. */
   unsubscribe(channel: string): void;
   /**
    * Who is online in a tenant: resolves with the users of the `presence` answer. Rejects with a

@@ -73,6 +73,94 @@ export class CitapulseError extends Error {
   }
 }
 
+/**
+ * One channel of a client, as `client.subscribe(channel)` returns it: its own state, resume
+ * position and listeners. Not constructed directly; `subscribe()` twice on a channel gives the
+ * same object, until `unsubscribe()`.
+ *
+ * States: "subscribing" (sent, or waiting for the connection: every (re)connect subscribes
+ * again, resuming after `lastEventId`), "subscribed" (the server accepted it), "error" (the
+ * server refused it, e.g. `forbidden`, or dropped it after a token refresh; tried again after
+ * the next reconnect or on `client.subscribe(channel)`), "unsubscribed" (after `unsubscribe()`:
+ * the object is done, a later `subscribe()` returns a new one).
+ */
+export class Subscription {
+  constructor(client, channel) {
+    /** The channel name. */
+    this.channel = channel;
+    this._client = client;
+    this._state = "subscribing";
+    this._lastId = null;
+    // Recently delivered event ids, oldest first in `_order` (duplicates are dropped).
+    this._seen = new Set();
+    this._order = [];
+    /** @type {Map<string, Set<Function>>} */ this._listeners = new Map();
+    /** The last error about this channel (ErrorData), or null. */
+    this.error = null;
+  }
+
+  /** @returns {"subscribing"|"subscribed"|"unsubscribed"|"error"} */
+  get state() { return this._state; }
+
+  /** Id of the last event delivered on this channel: where a reconnect resumes (null: none yet). */
+  get lastEventId() { return this._lastId; }
+
+  /**
+   * Listen to this channel only. Types: any message type delivered on the channel ("stats",
+   * "cita_created", custom events, "presence", "presence_join", "presence_leave"), "*" (every
+   * message of the channel), "subscribed", "error" (a refused subscribe, and errors naming this
+   * channel: history_expired, unavailable, forbidden after a token refresh), "reload" (history
+   * expired: reload your state; a fresh snapshot follows) and "state" (the new state).
+   * @returns {() => void} function that removes the listener
+   */
+  on(type, fn) {
+    if (!this._listeners.has(type)) this._listeners.set(type, new Set());
+    this._listeners.get(type).add(fn);
+    return () => this.off(type, fn);
+  }
+
+  /** Remove a listener added with `on`. */
+  off(type, fn) { this._listeners.get(type)?.delete(fn); }
+
+  /** Leave the channel (the client's `unsubscribe(channel)`); the state becomes "unsubscribed". */
+  unsubscribe() {
+    if (this._client._channels.get(this.channel) === this) this._client.unsubscribe(this.channel);
+    else this._setState("unsubscribed");
+  }
+
+  /** Who is online (tenant channels): the client's `presence(channel)`. */
+  presence(opts) { return this._client.presence(this.channel, opts); }
+
+  /** The members list kept for this channel: the client's `members(channel)`. */
+  members() { return this._client.members(this.channel); }
+
+  _setState(s) {
+    if (s === this._state) return;
+    this._state = s;
+    this._emit("state", s);
+  }
+
+  /** Records an event id; false if it was delivered already (at-least-once replay). */
+  _delivered(id, dedupeSize) {
+    if (this._seen.has(id)) return false;
+    this._seen.add(id);
+    this._order.push(id);
+    if (this._order.length > dedupeSize) this._seen.delete(this._order.shift());
+    this._lastId = id; // most recently delivered, not max: the server handles late commits
+    return true;
+  }
+
+  _emit(type, arg) { emitTo(this._listeners, type, arg); }
+}
+
+function emitTo(listeners, type, arg) {
+  const set = listeners.get(type);
+  if (!set) return;
+  for (const fn of [...set]) {
+    try { fn(arg); } catch (e) { console.error(`citapulse: "${type}" listener threw`, e); }
+  }
+}
+
 // Server messages that answer one client message. The server handles a connection's
 // messages in order and answers each with exactly one of these (or an error without a
 // channel), so replies are matched to requests by position.
@@ -108,6 +196,7 @@ export class CitapulseClient {
    * @param {number} [opts.dedupeSize=2048] Remembered event ids per channel.
    * @param {number} [opts.requestTimeoutMs=10000] How long `presence()` waits for its answer.
    * @param {typeof WebSocket} [opts.WebSocket] WebSocket constructor (default globalThis.WebSocket).
+   * @param {typeof fetch} [opts.fetch] fetch, for the probe after a failed handshake (default globalThis.fetch).
    */
   constructor(opts = {}) {
     this.url = opts.url || defaultUrl();
@@ -120,27 +209,31 @@ export class CitapulseClient {
     this.requestTimeoutMs = opts.requestTimeoutMs ?? 10000;
     this.tokenIn = opts.tokenIn === "query" ? "query" : "protocol";
     this.WebSocket = opts.WebSocket || globalThis.WebSocket;
+    this.fetch = opts.fetch || globalThis.fetch?.bind(globalThis) || null;
     if (!this.WebSocket) throw new Error("citapulse: no WebSocket implementation; pass opts.WebSocket");
     /** @type {Map<string, Set<Function>>} */ this._listeners = new Map();
-    /** @type {Map<string, {lastId: number|null, seen: Set<number>, order: number[]}>} */ this._channels = new Map();
+    /** @type {Map<string, Subscription>} */ this._channels = new Map();
     // Who is online per subscribed tenant channel (user_id -> entry), once a presence answer arrived.
     /** @type {Map<string, Map<string, object>>} */ this._members = new Map();
     // presence() calls not settled yet.
     /** @type {Set<{channel: string, resolve: Function, reject: Function, timer: any, done: boolean}>} */
     this._presenceReqs = new Set();
-    // One entry per message sent on the current socket and not answered yet: its presence request, or null.
+    // One entry per message sent on the current socket and not answered yet: its presence
+    // request, `{sub}` for a subscribe, or null.
     this._replies = [];
     this._ws = null;
     this._state = "closed";
     this._stopped = true;
     this._attempt = 0;
     this._freshToken = false;
+    this._refusals = 0; // refused handshakes since the last open (a fresh token is tried once)
     this._gen = 0; // bumped by connect()/close() so stale async attempts abort
     this._timers = { reconnect: null, ping: null, stable: null, refresh: null };
     // Back online after the browser lost its network: try now instead of after the backoff.
     this._onOnline = () => {
-      if (!this._stopped && this._state === "reconnecting" && !this._ws) {
+      if (!this._stopped && this._timers.reconnect != null) {
         clearTimeout(this._timers.reconnect);
+        this._timers.reconnect = null;
         this._open("reconnecting");
       }
     };
@@ -156,8 +249,10 @@ export class CitapulseClient {
   static parseChannel(name) { return parseChannel(name); }
 
   /**
-   * Current connection state. "unauthorized": a 4001 close without `getToken`; "revoked": the
-   * user was revoked (close 4003). Neither reconnects: call `connect()` with a new token.
+   * Current connection state. "unauthorized": the token was refused (a refused handshake, or a
+   * 4001 close without `getToken`; with `getToken`, after a fresh token was refused too);
+   * "revoked": the user was revoked (close 4003, or a handshake refused as revoked). Neither
+   * reconnects: call `connect()` with a new token.
    * @returns {"connecting"|"open"|"reconnecting"|"closed"|"unauthorized"|"revoked"}
    */
   get state() { return this._state; }
@@ -177,17 +272,31 @@ export class CitapulseClient {
   /**
    * Subscribe to a channel (`estadisticas:T`, `usuario:T:U` or `rol:T:R`; see the channel helpers);
    * `since` seeds the resume point (e.g. from localStorage). Resumed after every reconnect.
+   * Returns the channel's {@link Subscription}: the same object for the same channel until it is
+   * unsubscribed. Sends nothing for a channel already subscribed or being subscribed.
+   * @returns {Subscription}
    */
   subscribe(channel, { since } = {}) {
-    let ch = this._channels.get(channel);
-    if (!ch) this._channels.set(channel, (ch = { lastId: null, seen: new Set(), order: [] }));
-    if (since != null) ch.lastId = since;
-    this._sendSubscribe(channel);
+    let sub = this._channels.get(channel);
+    const fresh = !sub;
+    if (fresh) this._channels.set(channel, (sub = new Subscription(this, channel)));
+    if (since != null) sub._lastId = since;
+    if (fresh || sub.state === "error") {
+      sub._setState("subscribing");
+      this._sendSubscribe(sub);
+    }
+    return sub;
   }
 
-  /** Stop receiving a channel and forget its resume state. */
+  /** The channel's Subscription, or null if it is not subscribed. */
+  subscription(channel) { return this._channels.get(channel) ?? null; }
+
+  /** Stop receiving a channel and forget its resume state; its Subscription becomes "unsubscribed". */
   unsubscribe(channel) {
-    if (!this._channels.delete(channel)) return;
+    const sub = this._channels.get(channel);
+    if (!sub) return;
+    this._channels.delete(channel);
+    sub._setState("unsubscribed");
     this._dropMembers(channel);
     this._send({ type: "unsubscribe", data: { channel } });
   }
@@ -240,7 +349,7 @@ export class CitapulseClient {
   }
 
   /** Id of the last event delivered on `channel` (for persistence / resume), or null. */
-  lastEventId(channel) { return this._channels.get(channel)?.lastId ?? null; }
+  lastEventId(channel) { return this._channels.get(channel)?.lastEventId ?? null; }
 
   /** Replace the token; sent to the server at once if connected, used on later reconnects. */
   setToken(token) {
@@ -254,6 +363,7 @@ export class CitapulseClient {
     if (!this._stopped) return;
     this._stopped = false;
     this._attempt = 0;
+    this._refusals = 0;
     this._gen++;
     globalThis.addEventListener?.("online", this._onOnline);
     this._open("connecting");
@@ -271,6 +381,7 @@ export class CitapulseClient {
     this._gen++;
     this._clearTimers();
     this._replies = [];
+    this._awaitConnection();
     for (const req of [...this._presenceReqs]) this._settle(req, new CitapulseError("closed", "client closed", req.channel));
     const ws = this._ws;
     this._ws = null;
@@ -305,8 +416,12 @@ export class CitapulseClient {
     ws.onopen = () => {
       if (this._ws !== ws) return;
       opened = true;
+      this._refusals = 0;
       this._setState("open");
-      for (const channel of this._channels.keys()) this._sendSubscribe(channel);
+      for (const sub of this._channels.values()) {
+        sub._setState("subscribing");
+        this._sendSubscribe(sub);
+      }
       // Presence answers lost with the old socket, and members() that may have missed changes.
       const asked = new Set();
       for (const req of this._presenceReqs) {
@@ -321,12 +436,16 @@ export class CitapulseClient {
       this._scheduleRefresh();
     };
     ws.onmessage = (ev) => { if (this._ws === ws) this._handle(ev.data); };
-    ws.onerror = () => { /* a close event always follows */ };
+    // A close event follows an error in browsers; Node 20's WebSocket sends none after a
+    // failed handshake, so an error before open ends the attempt here (the later close, if
+    // any, finds `_ws` changed and is ignored).
+    ws.onerror = () => { if (!opened) ws.onclose?.({ code: 1006 }); };
     ws.onclose = (ev) => {
       if (this._ws !== ws) return;
       this._ws = null;
       this._clearTimers();
       this._replies = [];
+      this._awaitConnection();
       if (this._stopped) return this._setState("closed");
       const code = ev?.code;
       if (code === CloseCodes.REVOKED) {
@@ -334,14 +453,71 @@ export class CitapulseClient {
         this._stop();
         return this._setState("revoked");
       }
-      if (code === CloseCodes.TOKEN_EXPIRED || (!opened && this.getToken)) {
-        // 4001, or a failed handshake (possibly HTTP 401): fetch a fresh token before retrying.
+      if (code === CloseCodes.TOKEN_EXPIRED) {
         if (!this.getToken) { this._stop(); return this._setState("unauthorized"); }
         this._freshToken = true;
-        if (code === CloseCodes.TOKEN_EXPIRED) return this._open("reconnecting");
+        return this._open("reconnecting");
       }
-      this._scheduleReconnect();
+      if (opened) return this._scheduleReconnect();
+      this._afterFailedHandshake();
     };
+  }
+
+  /**
+   * A socket closed before it opened: a refused token (HTTP 401) or a network failure, which
+   * page code cannot tell apart. One probe says which; a refused token is not retried (with
+   * `getToken`: after one fresh token), anything else reconnects with backoff.
+   */
+  async _afterFailedHandshake() {
+    const gen = this._gen;
+    const verdict = await this._probe();
+    if (this._stopped || gen !== this._gen) return;
+    if (verdict.refused) {
+      if (this.getToken && this._refusals++ === 0) {
+        // The token may have expired or been rotated meanwhile: one fresh one.
+        this._freshToken = true;
+        return this._open("reconnecting");
+      }
+      this._emit("error", { code: verdict.code || "unauthorized", message: "the server refused the token" });
+      this._stop();
+      return this._setState(verdict.code === "token_revoked" ? "revoked" : "unauthorized");
+    }
+    // Unknown (no answer, or not the daemon's): a fresh token cannot hurt, as before probes.
+    if (!verdict.accepted && this.getToken) this._freshToken = true;
+    this._scheduleReconnect();
+  }
+
+  /**
+   * Asks the daemon over HTTP whether the token is accepted: `GET /ws` without an upgrade
+   * answers 401 (refused; body `{error, message}`) or 426 (accepted). Resolves
+   * `{refused, code}`, `{accepted}` or `{}` (no answer, or some other status).
+   */
+  async _probe() {
+    let url;
+    try { url = probeUrl(this.url); } catch { return {}; }
+    if (!this.fetch || !url) return {};
+    const abort = typeof AbortController === "function" ? new AbortController() : null;
+    const timer = setTimeout(() => abort?.abort(), this.requestTimeoutMs);
+    try {
+      const headers = this.token ? { Authorization: `Bearer ${this.token}` } : {};
+      const res = await this.fetch(url, { headers, credentials: "omit", signal: abort?.signal });
+      if (res.status === 426) return { accepted: true };
+      if (res.status !== 401) return {};
+      let code = null;
+      try { code = (await res.json())?.error ?? null; } catch { /* not the daemon's JSON */ }
+      return { refused: true, code };
+    } catch {
+      return {};
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  /** The connection is gone: every subscription waits for the next one. */
+  _awaitConnection() {
+    for (const sub of this._channels.values()) {
+      if (sub.state === "subscribed") sub._setState("subscribing");
+    }
   }
 
   _scheduleReconnect() {
@@ -350,7 +526,10 @@ export class CitapulseClient {
     const cap = Math.min(this.backoff.maxMs, this.backoff.initialMs * 2 ** this._attempt++);
     const delay = Math.random() * cap; // full jitter
     clearTimeout(this._timers.reconnect);
-    this._timers.reconnect = setTimeout(() => { if (!this._stopped) this._open("reconnecting"); }, delay);
+    this._timers.reconnect = setTimeout(() => {
+      this._timers.reconnect = null;
+      if (!this._stopped) this._open("reconnecting");
+    }, delay);
   }
 
   _scheduleRefresh() {
@@ -370,38 +549,53 @@ export class CitapulseClient {
     if (!msg || typeof msg.type !== "string") return;
     const isReply = REPLY_TYPES.has(msg.type)
       || (msg.type === "error" && msg.channel == null && msg.data?.channel == null);
-    const answered = isReply ? this._replies.shift() : null; // a presence request, or null
-    const ch = msg.channel != null ? this._channels.get(msg.channel) : undefined;
-    if (typeof msg.id === "number" && ch) {
-      if (ch.seen.has(msg.id)) return; // duplicate from at-least-once replay
-      ch.seen.add(msg.id);
-      ch.order.push(msg.id);
-      if (ch.order.length > this.dedupeSize) ch.seen.delete(ch.order.shift());
-      ch.lastId = msg.id; // most recently delivered, not max: the server handles late commits
-    }
-    if (msg.type === "error") {
-      if (answered) {
-        // A presence request failed: its promise carries the error.
-        const d = msg.data || {};
-        if (d.code === "bad_request" || d.code === "forbidden") this._dropMembers(answered.channel);
-        return this._settle(answered, new CitapulseError(d.code || "error", d.message, answered.channel));
-      }
-      this._emit("error", msg.data || {});
-      if (msg.data?.code === "history_expired") {
-        const target = msg.channel ?? msg.data?.channel;
-        const channels = target != null ? [target] : [...this._channels.keys()];
-        for (const c of channels) {
-          const state = this._channels.get(c);
-          if (state) state.lastId = null; // resume point is gone; a fresh snapshot follows
-          this._emit("reload", c);
-        }
-      }
-      return;
-    }
+    // A presence request, `{sub}` for a subscribe, or null.
+    const entry = isReply ? this._replies.shift() : null;
+    const answeredSub = entry && "sub" in entry ? entry.sub : null;
+    const answered = answeredSub ? null : entry; // a presence request, or null
+    const sub = msg.channel != null ? this._channels.get(msg.channel) : undefined;
+    if (typeof msg.id === "number" && sub && !sub._delivered(msg.id, this.dedupeSize)) return;
+    if (msg.type === "error") return this._error(msg, answered, answeredSub);
     if (msg.type === "presence") this._presenceAnswer(msg, answered);
     else if (msg.type === "presence_join" || msg.type === "presence_leave") this._presenceChange(msg);
+    if (msg.type === "subscribed" && sub) sub._setState("subscribed");
     this._emit(msg.type, msg);
     if (msg.channel != null) this._emit("*", msg);
+    if (sub && this._channels.get(msg.channel) === sub) {
+      sub._emit(msg.type, msg);
+      if (msg.type !== "subscribed") sub._emit("*", msg);
+    }
+  }
+
+  /** An `error`: the answer to a presence request or a subscribe, or about a channel. */
+  _error(msg, answered, answeredSub) {
+    const d = msg.data || {};
+    if (answered) {
+      // A presence request failed: its promise carries the error.
+      if (d.code === "bad_request" || d.code === "forbidden") this._dropMembers(answered.channel);
+      return this._settle(answered, new CitapulseError(d.code || "error", d.message, answered.channel));
+    }
+    // A refused subscribe (the reply names no channel), or an error naming one.
+    const target = answeredSub ? answeredSub.channel : (msg.channel ?? d.channel);
+    const sub = target != null ? this._channels.get(target) : undefined;
+    const live = sub && (!answeredSub || sub === answeredSub) ? sub : null;
+    const data = target != null && d.channel == null ? { ...d, channel: target } : d;
+    if (live) {
+      live.error = data;
+      // Refused, or dropped by a refreshed token; history_expired and unavailable leave it on.
+      if (answeredSub || d.code === "forbidden") live._setState("error");
+    }
+    this._emit("error", data);
+    live?._emit("error", data);
+    if (d.code === "history_expired") {
+      const channels = target != null ? [target] : [...this._channels.keys()];
+      for (const c of channels) {
+        const s = this._channels.get(c);
+        if (s) s._lastId = null; // resume point is gone; a fresh snapshot follows
+        this._emit("reload", c);
+        s?._emit("reload", c);
+      }
+    }
   }
 
   _presenceAnswer(msg, answered) {
@@ -446,12 +640,12 @@ export class CitapulseClient {
     if (err) req.reject(err); else req.resolve(users);
   }
 
-  _sendSubscribe(channel) {
-    const since = this._channels.get(channel)?.lastId;
-    this._send({ type: "subscribe", data: since != null ? { channel, since } : { channel } });
+  _sendSubscribe(sub) {
+    const { channel, lastEventId: since } = sub;
+    this._send({ type: "subscribe", data: since != null ? { channel, since } : { channel } }, { sub });
   }
 
-  /** Sends one message; `req` is the presence request its reply settles (null: none). */
+  /** Sends one message; `req` is what its reply answers: a presence request, `{sub}`, or null. */
   _send(obj, req = null) {
     const ws = this._ws;
     if (!ws || ws.readyState !== OPEN) return false;
@@ -466,18 +660,21 @@ export class CitapulseClient {
     this._emit("state", s);
   }
 
-  _emit(type, arg) {
-    const set = this._listeners.get(type);
-    if (!set) return;
-    for (const fn of [...set]) {
-      try { fn(arg); } catch (e) { console.error(`citapulse: "${type}" listener threw`, e); }
-    }
-  }
+  _emit(type, arg) { emitTo(this._listeners, type, arg); }
 
   _clearTimers() {
     clearInterval(this._timers.ping);
-    for (const k of ["reconnect", "stable", "refresh"]) clearTimeout(this._timers[k]);
+    for (const k of ["reconnect", "stable", "refresh"]) { clearTimeout(this._timers[k]); this._timers[k] = null; }
   }
+}
+
+/** The probe's address: the WebSocket URL with http(s) for ws(s). */
+function probeUrl(wsUrl) {
+  const u = new URL(wsUrl, globalThis.location?.href);
+  if (u.protocol === "ws:") u.protocol = "http:";
+  else if (u.protocol === "wss:") u.protocol = "https:";
+  else if (u.protocol !== "http:" && u.protocol !== "https:") return null;
+  return u.href;
 }
 
 function defaultUrl() {

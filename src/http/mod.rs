@@ -641,11 +641,17 @@ async fn route(
         (&Method::GET, "/") | (&Method::GET, "/index.html") => {
             respond(StatusCode::OK, "text/html; charset=utf-8", INDEX_HTML)
         }
+        (&Method::OPTIONS, "/ws") => probe_preflight(),
+        // Public files: a module imported from another origin needs CORS.
         (&Method::GET, "/citapulse.js") => {
-            respond(StatusCode::OK, "text/javascript; charset=utf-8", CLIENT_JS)
+            let mut res = respond(StatusCode::OK, "text/javascript; charset=utf-8", CLIENT_JS);
+            allow_any_origin(&mut res);
+            res
         }
         (&Method::GET, "/citapulse.d.ts") => {
-            respond(StatusCode::OK, "text/plain; charset=utf-8", CLIENT_DTS)
+            let mut res = respond(StatusCode::OK, "text/plain; charset=utf-8", CLIENT_DTS);
+            allow_any_origin(&mut res);
+            res
         }
         (
             _,
@@ -773,47 +779,13 @@ async fn upgrade(
     (tracker, admitted): ConnectionHold,
 ) -> Response<Body> {
     if !hyper_tungstenite::is_upgrade_request(req) {
-        return refuse(
-            &shared,
-            StatusCode::BAD_REQUEST,
-            "not_websocket",
-            "expected a WebSocket upgrade",
-        );
+        return probe(req, peer, &shared).await;
     }
-    let (token, via_subprotocol) = extract_token(req);
-    // A `kid` this daemon has not seen waits for the JWKS to be read again (bounded,
-    // rate-limited; other handshakes go on meanwhile).
-    let verified = match token.as_deref() {
-        Some(t) => Some(shared.auth.verify_or_refetch(t, shared.keys.clone()).await),
-        None => None,
+    let (_, via_subprotocol) = extract_token(req);
+    let identity = match verified_identity(req, peer, &shared).await {
+        Ok(identity) => identity,
+        Err(refusal) => return refusal,
     };
-    let identity: Identity = match verified {
-        Some(Ok(id)) => id,
-        Some(Err(err)) => {
-            let reason = err.code();
-            tracing::info!(peer = %peer, reason, detail = %err, "handshake refused");
-            return refuse(&shared, StatusCode::UNAUTHORIZED, reason, &err.to_string());
-        }
-        None => {
-            tracing::info!(peer = %peer, reason = "token_missing", "handshake refused");
-            return refuse(
-                &shared,
-                StatusCode::UNAUTHORIZED,
-                "token_missing",
-                "missing token",
-            );
-        }
-    };
-    if shared.sockets.revocations.refuses(&identity) {
-        // `?`: token text is escaped, so a newline in `sub` cannot forge a log line.
-        tracing::info!(peer = %peer, reason = "token_revoked", user = %crate::auth::Logged(&identity.user_id), "handshake refused");
-        return refuse(
-            &shared,
-            StatusCode::UNAUTHORIZED,
-            "token_revoked",
-            "this user was revoked; a token issued after the revocation is needed",
-        );
-    }
     let Some(slot) = shared.per_ip.take(peer.ip()) else {
         tracing::info!(peer = %peer, reason = "too_many_connections", "handshake refused");
         return refuse(
@@ -856,6 +828,109 @@ async fn upgrade(
         }
     });
     response
+}
+
+/// The token check of `/ws`, the same for a handshake and for a probe: the caller's
+/// identity, or the 401 that refuses it (logged, and counted in `handshakes_refused`).
+async fn verified_identity(
+    req: &Request<Incoming>,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+) -> Result<Identity, Response<Body>> {
+    let (token, _) = extract_token(req);
+    // A `kid` this daemon has not seen waits for the JWKS to be read again (bounded,
+    // rate-limited; other handshakes go on meanwhile).
+    let identity = match token.as_deref() {
+        Some(t) => match shared.auth.verify_or_refetch(t, shared.keys.clone()).await {
+            Ok(identity) => identity,
+            Err(err) => {
+                let reason = err.code();
+                tracing::info!(peer = %peer, reason, detail = %err, "handshake refused");
+                return Err(refuse(
+                    shared,
+                    StatusCode::UNAUTHORIZED,
+                    reason,
+                    &err.to_string(),
+                ));
+            }
+        },
+        None => {
+            tracing::info!(peer = %peer, reason = "token_missing", "handshake refused");
+            return Err(refuse(
+                shared,
+                StatusCode::UNAUTHORIZED,
+                "token_missing",
+                "missing token",
+            ));
+        }
+    };
+    if shared.sockets.revocations.refuses(&identity) {
+        // `?`: token text is escaped, so a newline in `sub` cannot forge a log line.
+        tracing::info!(peer = %peer, reason = "token_revoked", user = %crate::auth::Logged(&identity.user_id), "handshake refused");
+        return Err(refuse(
+            shared,
+            StatusCode::UNAUTHORIZED,
+            "token_revoked",
+            "this user was revoked; a token issued after the revocation is needed",
+        ));
+    }
+    Ok(identity)
+}
+
+/// A `GET /ws` that is no WebSocket upgrade: the probe of a browser client whose socket
+/// closed before it opened (page code never sees the 401 of a refused upgrade), sent
+/// with the same token. The token is checked as at a handshake: 401 with the same body
+/// when it is refused, else 426. Neither answer says more than that (no claim is
+/// echoed), and a refusal counts in `handshakes_refused` like a refused upgrade (a
+/// 426 counts as `not_websocket`). Readable from any origin: the token travels in the
+/// request, never in a cookie, so a page without one learns nothing.
+async fn probe(req: &Request<Incoming>, peer: SocketAddr, shared: &Arc<Shared>) -> Response<Body> {
+    let mut res = match verified_identity(req, peer, shared).await {
+        Err(refusal) => refusal,
+        Ok(_) => {
+            let mut res = refuse(
+                shared,
+                StatusCode::UPGRADE_REQUIRED,
+                "not_websocket",
+                "expected a WebSocket upgrade; the token is accepted",
+            );
+            res.headers_mut()
+                .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            res
+        }
+    };
+    allow_any_origin(&mut res);
+    res
+}
+
+/// `OPTIONS /ws`: the CORS preflight of a cross-origin probe (its `Authorization` header
+/// makes it one). No credentials: the answer is the same for every origin.
+fn probe_preflight() -> Response<Body> {
+    let mut res = respond(StatusCode::NO_CONTENT, "text/plain", "");
+    allow_any_origin(&mut res);
+    let h = res.headers_mut();
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("authorization"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("600"),
+    );
+    res
+}
+
+/// `Access-Control-Allow-Origin: *`, for answers any page may read: they depend on
+/// nothing a browser adds by itself (cookies), only on what the request carries.
+fn allow_any_origin(res: &mut Response<Body>) {
+    res.headers_mut().insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
 }
 
 /// `/socket.io/`: Engine.IO polling requests and WebSocket upgrades, answered by the
