@@ -88,7 +88,10 @@ pub fn wrapped_query(user_query: &str) -> String {
 
 /// One round trip deciding whether to compute: takes the tenant's advisory lock (held
 /// until the transaction ends) and checks whether the shared result was read in a
-/// snapshot that already sees every pending event and the tenant's newest event.
+/// snapshot that already sees every pending event and the tenant's newest event, and
+/// says so in its `as_of` (a result computed while its reader had not yet read an event
+/// its snapshot saw counts it but names an older `as_of`: taking it would leave the
+/// client's newest event unconfirmed until the next change).
 ///
 /// Here and in [`wrapped_query`] the tenant's newest event is two equality probes of
 /// (tenant, id), one for the tenant and one for NULL (TRUNCATE): O(log n) whatever the
@@ -98,7 +101,8 @@ const CLAIM_SQL: &str = "SELECT pg_try_advisory_xact_lock($5, hashtext($1)), s.m
         coalesce(s.day = $3, false) \
         AND coalesce((SELECT bool_and(pg_visible_in_snapshot(e.xid, s.snap)) \
                         FROM citapulse.events e WHERE e.id = ANY($2)), true) \
-        AND coalesce((SELECT pg_visible_in_snapshot(n.xid, s.snap) FROM ( \
+        AND coalesce((SELECT pg_visible_in_snapshot(n.xid, s.snap) \
+                             AND (s.message::json #>> '{data,as_of}')::bigint >= n.id FROM ( \
                         (SELECT e.id, e.xid FROM citapulse.events e \
                           WHERE e.tenant = $1 AND e.id <= $4 ORDER BY e.id DESC LIMIT 1) \
                         UNION ALL \
