@@ -11,6 +11,8 @@
 #            the inbox is moved, the log pruned (outbox.retention = 1m, the minimum) and
 #            the pruned log vacuumed (VACUUM run by the script, standing in for autovacuum)
 #   wal      capture_mode('wal'), the daemon streaming the slot, same window
+#   logindex the same rows into a copy of citapulse.events with all its indexes and into
+#            one with only its key (WAL and CPU of the script's own backend)
 # The app connects as role `app`, the daemon as `citapulse`, the script as `postgres`
 # (and `vacuum` for its VACUUM), so every backend is classified by its process title.
 # pg_stat_statements (track = all) attributes the daemon's database time per statement.
@@ -23,7 +25,7 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd); proj=$(cd "$here/../.." && pwd)
 ROWS=${ROWS:-20000} CLIENTS=${CLIENTS:-8} SUBSCRIBER=${SUBSCRIBER:-1}
-PHASES=${PHASES:-"plain trigger daemon wal"}
+PHASES=${PHASES:-"plain trigger daemon wal logindex"}
 DAEMON_BIN=${DAEMON_BIN:-${CARGO_TARGET_DIR:-$proj/target}/release/citapulse}
 pgbin=${PGBIN:-/usr/lib/postgresql/15/bin}
 [ -x "$DAEMON_BIN" ] || { echo "no daemon at $DAEMON_BIN: cargo build --release --bin citapulse" >&2; exit 1; }
@@ -212,6 +214,25 @@ for phase in $PHASES; do
     wal)
       sqlq "SELECT citapulse.capture_mode('wal')" >/dev/null
       start_daemon wal; daemon_window wal ;;
+    logindex)
+      # What the log's secondary indexes cost per row: the same rows (a citas row as JSON,
+      # 10 a transaction, about the daemon's move batch) into a copy of citapulse.events
+      # with all its indexes and into one with only its key; the script's own backend.
+      sqlq "CREATE TABLE cost_log_full (LIKE citapulse.events INCLUDING ALL)" >/dev/null
+      sqlq "CREATE TABLE cost_log_key (LIKE citapulse.events INCLUDING DEFAULTS); ALTER TABLE cost_log_key ADD PRIMARY KEY (id)" >/dev/null
+      for t in full key; do
+        sqlq "CHECKPOINT" >/dev/null
+        snap "logindex_${t}_0"
+        sqlq "DO \$\$ BEGIN FOR i IN 1..$((ROWS / 10)) LOOP
+                INSERT INTO cost_log_$t (tenant, kind, tbl, op, row_data)
+                SELECT 'T' || (1 + g % 20), 'appointment', 'public.citas', 'INSERT',
+                       jsonb_build_object('id', i * 10 + g, 'negocio_id', 'T' || (1 + g % 20), 'cliente_id', 'c' || g,
+                         'profesional_id', 'p' || g % 20, 'servicio_id', 's', 'fecha', current_date,
+                         'hora_inicio', '10:00:00', 'hora_fin', '10:30:00', 'estado', 'pendiente')
+                  FROM generate_series(1, 10) g;
+                COMMIT; END LOOP; END \$\$" >/dev/null
+        snap "logindex_${t}_end"
+      done ;;
     *) echo "unknown phase $phase" >&2; exit 1 ;;
   esac
 done

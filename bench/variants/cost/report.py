@@ -71,6 +71,11 @@ for ph in ['daemon', 'wal']:
       ', '.join(f'{n} {v / rows:.1f}' for n, v in sorted(by.items(), key=lambda kv: -kv[1])))
     res[ph] = net; res[ph + '_gross'] = tot; res[ph + '_load'] = window(f'{ph}_0', f'{ph}_load')
 
+for t in ['full', 'key']:
+    if f'logindex_{t}_0' in S:
+        w = window(f'logindex_{t}_0', f'logindex_{t}_end')
+        p(f'log copy, {"all indexes" if t == "full" else "key only":11s}: {w["harness"] / rows:6.1f} µs/row (the inserting backend), '
+          f'{w["wal"] / rows:5.0f} B/row WAL, {w["fpi"]} FPI')
 p()
 if 'plain' in res:
     base = res['plain']; bcpu, bwal, bapp = dbcpu(base) / rows, base['wal'] / rows, (base['app'] + base['tail']) / rows
