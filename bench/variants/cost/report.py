@@ -55,8 +55,12 @@ for ph in ['daemon', 'wal']:
     tot = window(f'{ph}_0', f'{ph}_end'); show(f'{ph}: whole window', tot)
     # the idle daemon (safety polls, gauges, presence) over the same time, per row
     k = tot['secs'] / idle['secs']
-    net = {c: tot[c] - idle[c] * k for c in CLASSES + ['postmaster', 'wal', 'daemon_proc', 'tail']}
-    net.update(secs=tot['secs'], fpi=tot['fpi'], records=tot['records'], vac=tot['vac'])
+    # Only the steady processes' idle rate is taken off; WAL (~50 B/s idle), autovacuum
+    # and exited processes are counted whole (an autovacuum run inside the idle window
+    # would otherwise be subtracted from the loaded one).
+    net = dict(tot)
+    for c in ['daemon', 'walsender', 'background', 'harness', 'postmaster', 'daemon_proc']:
+        net[c] = tot[c] - idle[c] * k
     show(f'{ph}: less idle rate', net)
     p(f'{"":24s} idle rate over {idle["secs"]:.1f} s: daemon {idle["daemon"] / idle["secs"] / 1000:.1f} ms/s, '
       f'walsender {idle["walsender"] / idle["secs"] / 1000:.1f} ms/s, background {idle["background"] / idle["secs"] / 1000:.1f} ms/s, '
