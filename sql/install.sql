@@ -1391,18 +1391,31 @@ CREATE OR REPLACE FUNCTION citapulse.after_restore(skip_ids bigint DEFAULT 0)
 RETURNS TABLE (remapped bigint, stats_cleared bigint, next_id bigint)
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    oldest xid8 := pg_snapshot_xmin(pg_current_snapshot());
-    below numeric := oldest::text::numeric;
+    oldest xid8;
+    below numeric;
     first_id bigint;
 BEGIN
     IF skip_ids < 0 THEN
         RAISE EXCEPTION 'citapulse.after_restore: skip_ids must not be negative';
     END IF;
-    -- Serializes with the daemons' moves (and a second call): the log holds still meanwhile.
+    -- A running reader holds its place in the log by xids: remapping under it would hide
+    -- rows from its late-commit rule. The daemons' reader and WAL stream name themselves.
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a
+                WHERE a.datname = pg_catalog.current_database() AND a.pid <> pg_catalog.pg_backend_pid()
+                  AND a.application_name IN ('citapulse-listener', 'citapulse-wal')) THEN
+        RAISE EXCEPTION 'citapulse.after_restore: citapulse daemons are connected to this database'
+            USING HINT = 'Stop every daemon first (pg_stat_activity shows them as citapulse-listener and citapulse-wal), then run it again.';
+    END IF;
+    -- Serializes with a second call (and a daemon started meanwhile): the log holds still,
+    -- and the snapshot below is taken once nothing else can move rows in.
     LOCK TABLE citapulse.events IN SHARE ROW EXCLUSIVE MODE;
+    oldest := pg_snapshot_xmin(pg_current_snapshot());
+    below := oldest::text::numeric;
     remapped := 0;
+    -- Only a log with ids this cluster has not reached (what the daemons refuse to run
+    -- on); one merely above the xmin of a long transaction is left as it is.
     -- A row's horizon is never above its xid (the xmin of the snapshot of its own transaction).
-    IF EXISTS (SELECT 1 FROM citapulse.events e WHERE e.xid >= oldest) THEN
+    IF EXISTS (SELECT 1 FROM citapulse.events e WHERE e.xid >= pg_snapshot_xmax(pg_current_snapshot())) THEN
         -- Values 3 .. below - 1 (0-2 are not transaction ids); dense ranks spread over them.
         WITH vals AS (
             SELECT u.x, dense_rank() OVER (ORDER BY u.x) - 1 AS r

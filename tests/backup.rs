@@ -209,6 +209,19 @@ async fn a_dump_restored_into_a_younger_cluster_is_delivered_once_after_after_re
     burn_xids(&db, SOURCE_XIDS + 2_000).await;
     insert(&db).await;
     assert_eq!(next_event(&mut r1).await, n2 + 1);
+
+    // Not while a daemon runs: its reader holds its place in the log by these xids.
+    let err = db
+        .query_one("SELECT remapped FROM citapulse.after_restore()", &[])
+        .await
+        .expect_err("after_restore refuses while a daemon is connected");
+    let message = err.as_db_error().map(|e| e.message().to_string());
+    assert!(
+        message
+            .as_deref()
+            .is_some_and(|m| m.contains("daemons are connected")),
+        "{err:?}"
+    );
     d.stop().await;
 }
 

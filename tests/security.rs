@@ -2144,6 +2144,7 @@ async fn a_plain_get_of_ws_tells_only_whether_the_token_is_accepted() {
     );
     assert!(head.contains("access-control-allow-origin: *"), "{head}");
     assert!(head.contains("www-authenticate: bearer"), "{head}");
+    assert!(head.contains("cache-control: no-store"), "{head}");
     assert!(!head.contains("access-control-allow-credentials"), "{head}");
     assert_eq!(
         refusals(&d, "token_invalid").await,
@@ -2186,6 +2187,7 @@ async fn a_plain_get_of_ws_tells_only_whether_the_token_is_accepted() {
         assert_eq!(status, 426, "{head}");
         assert!(head.contains("upgrade: websocket"), "{head}");
         assert!(head.contains("access-control-allow-origin: *"), "{head}");
+        assert!(head.contains("cache-control: no-store"), "{head}");
         let body: Value = serde_json::from_str(&body).unwrap();
         assert_eq!(body["error"], "not_websocket");
         let text = body.to_string();

@@ -15,6 +15,10 @@ const OPEN = 1;
 const TENANT_RE = /^[A-Za-z0-9_.-]{1,64}$/;
 const PERSON_RE = /^[A-Za-z0-9_.@-]{1,128}$/;
 const PREFIXES = { tenant: "estadisticas:", user: "usuario:", role: "rol:" };
+/** Refusals of the probe that no retry with the same token can change. */
+const FINAL_REFUSALS = new Set(["token_invalid", "token_expired", "token_missing", "token_revoked"]);
+/** How long the probe of a failed handshake may take (the reconnect waits for it). */
+const PROBE_TIMEOUT_MS = 5000;
 
 /** `estadisticas:<tenant>`: the tenant's events, stats and presence. Throws TypeError on a bad tenant. */
 function tenantChannel(tenant) {
@@ -229,6 +233,7 @@ class CitapulseClient {
     this._attempt = 0;
     this._freshToken = false;
     this._refusals = 0; // refused handshakes since the last open (a fresh token is tried once)
+    this._probeAbort = null; // the probe in flight, aborted by close()
     this._gen = 0; // bumped by connect()/close() so stale async attempts abort
     this._timers = { reconnect: null, ping: null, stable: null, refresh: null };
     // Back online after the browser lost its network: try now instead of after the backoff.
@@ -379,6 +384,7 @@ class CitapulseClient {
 
   _stop() {
     globalThis.removeEventListener?.("online", this._onOnline);
+    this._probeAbort?.abort();
     this._stopped = true;
     this._gen++;
     this._clearTimers();
@@ -499,19 +505,28 @@ class CitapulseClient {
     try { url = probeUrl(this.url); } catch { return {}; }
     if (!this.fetch || !url) return {};
     const abort = typeof AbortController === "function" ? new AbortController() : null;
-    const timer = setTimeout(() => abort?.abort(), this.requestTimeoutMs);
+    this._probeAbort = abort;
+    // Short: the reconnect backoff waits for it.
+    const timer = setTimeout(() => abort?.abort(), Math.min(this.requestTimeoutMs, PROBE_TIMEOUT_MS));
     try {
       const headers = this.token ? { Authorization: `Bearer ${this.token}` } : {};
-      const res = await this.fetch(url, { headers, credentials: "omit", signal: abort?.signal });
-      if (res.status === 426) return { accepted: true };
-      if (res.status !== 401) return {};
+      // No cookies, and no redirect: the token goes to the daemon's own URL only.
+      const res = await this.fetch(url, { headers, credentials: "omit", redirect: "error", signal: abort?.signal });
+      if (res.status !== 401) {
+        try { await res.body?.cancel?.(); } catch { /* already read or gone */ }
+        return res.status === 426 ? { accepted: true } : {};
+      }
       let code = null;
       try { code = (await res.json())?.error ?? null; } catch { /* not the daemon's JSON */ }
-      return { refused: true, code };
+      // Only the daemon's own verdicts that no retry can change end the client; a 401 of
+      // something else (a proxy), or an unknown key id (a key rotation the daemon may not
+      // have read yet), backs off and tries again.
+      return FINAL_REFUSALS.has(code) ? { refused: true, code } : {};
     } catch {
       return {};
     } finally {
       clearTimeout(timer);
+      if (this._probeAbort === abort) this._probeAbort = null;
     }
   }
 

@@ -564,6 +564,28 @@ impl Hub {
         }
     }
 
+    /// Like [`Hub::publish_stats`], unless `stale(cached)` says the message held for the
+    /// tenant is newer than `msg` (another daemon's result read late); true if published.
+    pub fn publish_stats_unless(
+        &self,
+        tenant: &str,
+        msg: Utf8Bytes,
+        stale: impl FnOnce(&str) -> bool,
+    ) -> bool {
+        {
+            let channels = lock(&self.channels);
+            let cached = channels
+                .get(tenant)
+                .and_then(|t| t.tenant.as_ref())
+                .and_then(|c| c.stats.as_ref());
+            if cached.is_some_and(|cached| stale(cached.as_str())) {
+                return false;
+            }
+        }
+        self.publish_stats(tenant, msg);
+        true
+    }
+
     /// Publishes statistics to a channel (latest wins for each subscriber).
     pub fn publish_stats(&self, tenant: &str, msg: Utf8Bytes) {
         let mut channels = lock(&self.channels);

@@ -380,12 +380,14 @@ async fn request(ctx: &Context, session: &Session, event: &str, data: Value, ack
                 "rate_limited_close",
             );
             session.client.request_close(CloseCode::RateLimited);
+        } else {
+            // Counted once, as on `/ws`: the close or the refusal.
+            Metrics::count_client(
+                &ctx.metrics.client_errors,
+                Transport::Socketio,
+                ErrorCode::RateLimited.as_str(),
+            );
         }
-        Metrics::count_client(
-            &ctx.metrics.client_errors,
-            Transport::Socketio,
-            ErrorCode::RateLimited.as_str(),
-        );
         let refusal = protocol::error(ErrorCode::RateLimited, "too many messages; slow down");
         return answer(ack, &refusal);
     }

@@ -729,12 +729,22 @@ fn bearer(req: &Request<Incoming>) -> Option<String> {
 }
 
 fn refuse(shared: &Shared, status: StatusCode, reason: &str, message: &str) -> Response<Body> {
-    Metrics::count_client(
-        &shared.metrics.handshakes_refused,
-        Transport::Websocket,
-        reason,
-    );
+    refuse_on(shared, Transport::Websocket, status, reason, message)
+}
+
+/// A refused handshake, counted for its transport. The answer may be read through CORS
+/// and a token may sit in the URL: nothing may cache it.
+fn refuse_on(
+    shared: &Shared,
+    transport: Transport,
+    status: StatusCode,
+    reason: &str,
+    message: &str,
+) -> Response<Body> {
+    Metrics::count_client(&shared.metrics.handshakes_refused, transport, reason);
     let mut res = error_response(status, reason, message);
+    res.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     if status == StatusCode::UNAUTHORIZED {
         res.headers_mut().insert(
             header::WWW_AUTHENTICATE,
@@ -787,7 +797,7 @@ async fn upgrade(
         Err(refusal) => return refusal,
     };
     let Some(slot) = shared.per_ip.take(peer.ip()) else {
-        tracing::info!(peer = %peer, reason = "too_many_connections", "handshake refused");
+        tracing::info!(peer = %peer, reason = "too_many_connections", transport = "websocket", "handshake refused");
         return refuse(
             &shared,
             StatusCode::TOO_MANY_REQUESTS,
@@ -845,7 +855,7 @@ async fn verified_identity(
             Ok(identity) => identity,
             Err(err) => {
                 let reason = err.code();
-                tracing::info!(peer = %peer, reason, detail = %err, "handshake refused");
+                tracing::info!(peer = %peer, reason, detail = %err, transport = "websocket", "handshake refused");
                 return Err(refuse(
                     shared,
                     StatusCode::UNAUTHORIZED,
@@ -855,7 +865,7 @@ async fn verified_identity(
             }
         },
         None => {
-            tracing::info!(peer = %peer, reason = "token_missing", "handshake refused");
+            tracing::info!(peer = %peer, reason = "token_missing", transport = "websocket", "handshake refused");
             return Err(refuse(
                 shared,
                 StatusCode::UNAUTHORIZED,
@@ -866,7 +876,7 @@ async fn verified_identity(
     };
     if shared.sockets.revocations.refuses(&identity) {
         // `?`: token text is escaped, so a newline in `sub` cannot forge a log line.
-        tracing::info!(peer = %peer, reason = "token_revoked", user = %crate::auth::Logged(&identity.user_id), "handshake refused");
+        tracing::info!(peer = %peer, reason = "token_revoked", user = %crate::auth::Logged(&identity.user_id), transport = "websocket", "handshake refused");
         return Err(refuse(
             shared,
             StatusCode::UNAUTHORIZED,
@@ -979,7 +989,15 @@ async fn socketio(
         // meter and a write deadline before Engine.IO gets it.
         let mut res = match switching_protocols(&req) {
             Ok(res) => res,
-            Err(why) => return refuse(&shared, StatusCode::BAD_REQUEST, "bad_handshake", &why),
+            Err(why) => {
+                return refuse_on(
+                    &shared,
+                    Transport::Socketio,
+                    StatusCode::BAD_REQUEST,
+                    "bad_handshake",
+                    &why,
+                );
+            }
         };
         let upgraded = hyper::upgrade::on(&mut req);
         let (parts, _) = req.into_parts();

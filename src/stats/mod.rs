@@ -102,7 +102,7 @@ const CLAIM_SQL: &str = "SELECT pg_try_advisory_xact_lock($5, hashtext($1)), s.m
         AND coalesce((SELECT bool_and(pg_visible_in_snapshot(e.xid, s.snap)) \
                         FROM citapulse.events e WHERE e.id = ANY($2)), true) \
         AND coalesce((SELECT pg_visible_in_snapshot(n.xid, s.snap) \
-                             AND (s.message::json #>> '{data,as_of}')::bigint >= n.id FROM ( \
+                             AND coalesce((s.message::json #>> '{data,as_of}')::bigint >= n.id, false) FROM ( \
                         (SELECT e.id, e.xid FROM citapulse.events e \
                           WHERE e.tenant = $1 AND e.id <= $4 ORDER BY e.id DESC LIMIT 1) \
                         UNION ALL \
@@ -374,12 +374,33 @@ pub async fn read_shared(
         {
             continue;
         }
-        shared.metrics.stats_shared.inc();
-        shared
+        // Versions follow commits, not snapshots: a result computed before the one held
+        // here may be read after it.
+        let message: String = row.get(1);
+        let theirs = message_as_of(&message);
+        if shared
             .hub
-            .publish_stats(tenant, Utf8Bytes::from(row.get::<_, String>(1)));
+            .publish_stats_unless(tenant, Utf8Bytes::from(message), |held| {
+                message_as_of(held) > theirs
+            })
+        {
+            shared.metrics.stats_shared.inc();
+        }
     }
     Ok(())
+}
+
+/// The `as_of` of a `stats` message.
+fn message_as_of(text: &str) -> Option<i64> {
+    #[derive(serde::Deserialize)]
+    struct Data {
+        as_of: Option<i64>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Message {
+        data: Data,
+    }
+    serde_json::from_str::<Message>(text).ok()?.data.as_of
 }
 
 /// Keeps each zone's date current (the default zone and those of tenants with
@@ -421,5 +442,23 @@ pub async fn rollover(shared: Arc<Context>, mut shutdown: watch::Receiver<bool>)
             _ = zones.new_zone.notified() => {}
             _ = shutdown.changed() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_late_shared_result_is_told_apart_by_as_of() {
+        let newer = stats_message("t1", None, Some(12));
+        let older = stats_message("t1", None, Some(9));
+        let before_any_event = stats_message("t1", None, None);
+        assert_eq!(message_as_of(&newer), Some(12));
+        assert_eq!(message_as_of(&before_any_event), Some(0));
+        assert_eq!(message_as_of("not json"), None);
+        // What read_shared asks before publishing another daemon's result.
+        assert!(message_as_of(&newer) > message_as_of(&older));
+        assert!(message_as_of(&older) <= message_as_of(&newer));
     }
 }

@@ -42,11 +42,12 @@ function forgedToken() {
  * probe that got an answer. `rewrite` changes the socket's URL (the probe keeps the client's).
  */
 function counting(rewrite = (u) => u) {
-  const n = { sockets: 0, probes: [] };
+  const n = { sockets: 0, asked: 0, probes: [] };
   const WS = class extends WebSocket {
     constructor(u, protocols) { super(rewrite(u), protocols); n.sockets++; }
   };
   const probe = async (u, init) => {
+    n.asked++;
     const res = await fetch(u, init);
     n.probes.push(res.status);
     return res;
@@ -235,6 +236,23 @@ test("an unreachable daemon keeps the client reconnecting", { skip }, async () =
   assert.equal(client.state, "reconnecting");
   client.close();
   assert.deepEqual(n.probes, [], "no probe got an answer");
+  // One probe per failed attempt (the last attempt's may still be on its way).
+  assert.ok(n.asked >= n.sockets - 1 && n.asked <= n.sockets, `${n.asked} probes, ${n.sockets} sockets`);
+});
+
+test("a 401 that is not the daemon's verdict keeps the client reconnecting", { skip }, async () => {
+  // A proxy in front of the daemon answers the probe 401 without the daemon's JSON.
+  let asked = 0;
+  const proxy = async () => { asked++; return new Response("login required", { status: 401 }); };
+  const { n, WebSocket } = counting();
+  const client = new CitapulseClient({ url, token: forgedToken(), WebSocket, fetch: proxy, backoff: fast });
+  const states = new Set();
+  client.on("state", (s) => states.add(s));
+  client.connect();
+  await until(() => asked >= 3, "three probes");
+  client.close();
+  assert.ok(n.sockets >= 3, String(n.sockets));
+  assert.ok(!states.has("unauthorized"));
 });
 
 test("done", { skip }, () => { rl?.close(); });
