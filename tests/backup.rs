@@ -119,6 +119,21 @@ async fn next_event(c: &mut WsClient) -> i64 {
         .unwrap()
 }
 
+/// A client that had seen the first restored event gets the two after it, then a new
+/// write live, with the next id, and statistics that count it; returns it and that id.
+async fn resume_then_write(d: &Daemon, db: &Client, ids: &[i64]) -> (WsClient, i64) {
+    let mut r1 = WsClient::connect(d.addr, &tenant_token("a")).await;
+    r1.subscribe("a", Some(ids[0])).await;
+    assert_eq!(next_event(&mut r1).await, ids[1]);
+    assert_eq!(next_event(&mut r1).await, ids[2]);
+    insert(db).await;
+    let n1 = next_event(&mut r1).await;
+    assert_eq!(n1, ids[2] + 1);
+    r1.stats_until(|s| s["total_citas"] == 4 && s["as_of"] == n1)
+        .await;
+    (r1, n1)
+}
+
 async fn max_xid_below_oldest_running(client: &Client) -> bool {
     client
         .query_one(
@@ -179,18 +194,8 @@ async fn a_dump_restored_into_a_younger_cluster_is_delivered_once_after_after_re
     assert_eq!(again, 0);
 
     let d = Daemon::start(&url, |_| {}).await;
-    // A client that had seen the first event before the dump gets the two after it.
-    let mut r1 = WsClient::connect(d.addr, &tenant_token("a")).await;
-    r1.subscribe("a", Some(ids[0])).await;
-    assert_eq!(next_event(&mut r1).await, ids[1]);
-    assert_eq!(next_event(&mut r1).await, ids[2]);
-    // A new write is delivered live, with the next id, and counted (the restored shared
-    // statistics would have said 3 to every subscriber from here on).
-    insert(&db).await;
-    let n1 = next_event(&mut r1).await;
-    assert_eq!(n1, ids[2] + 1);
-    r1.stats_until(|s| s["total_citas"] == 4 && s["as_of"] == n1)
-        .await;
+    // (The restored shared statistics would have said 3 to every subscriber from here on.)
+    let (mut r1, n1) = resume_then_write(&d, &db, &ids).await;
     let mut r3 = WsClient::connect(d.addr, &tenant_token("a")).await;
     r3.subscribe("a", None).await;
     let first = r3.expect_type("stats").await;
@@ -237,15 +242,7 @@ async fn a_dump_restored_into_a_cluster_further_on_needs_no_remap() {
 
     // Without the step: the daemon starts, resumes and new writes are right.
     let d = Daemon::start(&url, |_| {}).await;
-    let mut r1 = WsClient::connect(d.addr, &tenant_token("a")).await;
-    r1.subscribe("a", Some(ids[0])).await;
-    assert_eq!(next_event(&mut r1).await, ids[1]);
-    assert_eq!(next_event(&mut r1).await, ids[2]);
-    insert(&db).await;
-    let n1 = next_event(&mut r1).await;
-    assert_eq!(n1, ids[2] + 1);
-    r1.stats_until(|s| s["total_citas"] == 4 && s["as_of"] == n1)
-        .await;
+    let (_r1, n1) = resume_then_write(&d, &db, &ids).await;
     let mut r2 = WsClient::connect(d.addr, &tenant_token("a")).await;
     r2.subscribe("a", Some(n1)).await;
     insert(&db).await;

@@ -916,16 +916,21 @@ async fn probe(req: &Request<Incoming>, peer: SocketAddr, shared: &Arc<Shared>) 
 /// `OPTIONS /ws`: the CORS preflight of a cross-origin probe (its `Authorization` header
 /// makes it one). No credentials: the answer is the same for every origin.
 fn probe_preflight() -> Response<Body> {
+    preflight("GET", "authorization")
+}
+
+/// A CORS preflight answer for any origin, without credentials, cached 10 minutes.
+fn preflight(methods: &'static str, headers: &'static str) -> Response<Body> {
     let mut res = respond(StatusCode::NO_CONTENT, "text/plain", "");
     allow_any_origin(&mut res);
     let h = res.headers_mut();
     h.insert(
         header::ACCESS_CONTROL_ALLOW_METHODS,
-        HeaderValue::from_static("GET"),
+        HeaderValue::from_static(methods),
     );
     h.insert(
         header::ACCESS_CONTROL_ALLOW_HEADERS,
-        HeaderValue::from_static("authorization"),
+        HeaderValue::from_static(headers),
     );
     h.insert(
         header::ACCESS_CONTROL_MAX_AGE,
@@ -960,25 +965,7 @@ async fn socketio(
     // may make it: the token travels in the request, never in a cookie, so a page
     // without one reads nothing.
     if req.method() == Method::OPTIONS {
-        let mut res = respond(StatusCode::NO_CONTENT, "text/plain", "");
-        let h = res.headers_mut();
-        h.insert(
-            header::ACCESS_CONTROL_ALLOW_ORIGIN,
-            HeaderValue::from_static("*"),
-        );
-        h.insert(
-            header::ACCESS_CONTROL_ALLOW_METHODS,
-            HeaderValue::from_static("GET, POST"),
-        );
-        h.insert(
-            header::ACCESS_CONTROL_ALLOW_HEADERS,
-            HeaderValue::from_static("authorization, content-type"),
-        );
-        h.insert(
-            header::ACCESS_CONTROL_MAX_AGE,
-            HeaderValue::from_static("600"),
-        );
-        return res;
+        return preflight("GET, POST", "authorization, content-type");
     }
     req.extensions_mut().insert(PeerAddr(peer));
     req.extensions_mut().insert(Keep(admitted.clone()));
@@ -1014,17 +1001,11 @@ async fn socketio(
                 Err(err) => tracing::debug!(peer = %peer, error = %err, "upgrade failed"),
             }
         });
-        res.headers_mut().insert(
-            header::ACCESS_CONTROL_ALLOW_ORIGIN,
-            HeaderValue::from_static("*"),
-        );
+        allow_any_origin(&mut res);
         return res;
     }
     let mut res = endpoint.serve(req).await;
-    res.headers_mut().insert(
-        header::ACCESS_CONTROL_ALLOW_ORIGIN,
-        HeaderValue::from_static("*"),
-    );
+    allow_any_origin(&mut res);
     res
 }
 
