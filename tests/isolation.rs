@@ -318,14 +318,20 @@ async fn a_listening_login_learns_nothing_and_stats_are_shared_by_version() {
 
     // Another daemon's result reaches this daemon's subscribers through the stats table
     // (the notification only wakes it): forge one as an instance "elsewhere" would.
-    let today: String = db
+    let row = db
         .client
-        .query_one("SELECT day FROM citapulse.stats WHERE tenant = 't1'", &[])
+        .query_one(
+            "SELECT day, message FROM citapulse.stats WHERE tenant = 't1'",
+            &[],
+        )
         .await
-        .unwrap()
-        .get(0);
+        .unwrap();
+    let today: String = row.get(0);
+    let held: Value = serde_json::from_str(row.get::<_, &str>(1)).unwrap();
+    // As new as the result held here (an older one would not be published).
     let message = json!({"type": "stats", "channel": "estadisticas:t1",
-                         "data": {"negocio_id": "t1", "total_citas": 4242}})
+                         "data": {"negocio_id": "t1", "total_citas": 4242,
+                                  "as_of": held["data"]["as_of"]}})
     .to_string();
     db.client
         .execute(
@@ -340,6 +346,28 @@ async fn a_listening_login_learns_nothing_and_stats_are_shared_by_version() {
         .await
         .unwrap();
     t1.stats_until(|s| s["total_citas"] == 4242).await;
+
+    // An older result read late (a lower as_of) is not published: after the next write
+    // the client's next numbers are this daemon's own.
+    let older = json!({"type": "stats", "channel": "estadisticas:t1",
+                       "data": {"negocio_id": "t1", "total_citas": 9999,
+                                "as_of": held["data"]["as_of"].as_i64().unwrap() - 1}})
+    .to_string();
+    db.client
+        .execute(
+            "UPDATE citapulse.stats SET message = $1, computed_by = 'elsewhere', \
+                    version = nextval('citapulse.stats_version') WHERE tenant = 't1'",
+            &[&older],
+        )
+        .await
+        .unwrap();
+    db.client
+        .batch_execute("NOTIFY citapulse_stats")
+        .await
+        .unwrap();
+    db.insert_cita("t1", "pendiente").await;
+    let next = t1.stats_until(|s| s["total_citas"] != 4242).await;
+    assert_eq!(next["data"]["total_citas"], 2, "{next}");
     d.stop().await;
 }
 
