@@ -295,3 +295,103 @@ async fn skip_ids_expires_every_resume_point_before_the_restore() {
     assert_eq!(next_event(&mut r).await, next + 1);
     d.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_distinct_ids_than_room_share_values_in_order_and_a_resume_misses_nothing() {
+    // A source whose log has thousands of distinct xid and horizon values (a move per
+    // row, each its own transaction), far on in transaction ids.
+    const ROWS: i64 = 3_000;
+    let source = dedicated_cluster().await;
+    let src = TestDb::on_cluster(&source).await;
+    burn_xids(&src.client, SOURCE_XIDS).await;
+    src.client
+        .batch_execute(&format!(
+            "DO $$ BEGIN FOR i IN 1..{ROWS} LOOP \
+               INSERT INTO citas (negocio_id, cliente_id, fecha, hora_inicio, estado) \
+                 VALUES ('a', 'c' || i, current_date, '09:00', 'pendiente'); COMMIT; \
+               PERFORM citapulse.move_inbox(); COMMIT; \
+             END LOOP; END $$"
+        ))
+        .await
+        .unwrap();
+    let target = dedicated_cluster().await;
+    let url = dump_and_restore(&src.url, &target).await;
+    let db = pg(&url).await;
+    let row = db
+        .query_one(
+            "SELECT (SELECT count(*) FROM (SELECT xid FROM citapulse.events \
+                                           UNION SELECT horizon FROM citapulse.events) v), \
+                    pg_snapshot_xmin(pg_current_snapshot())::text::bigint",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (distinct, room): (i64, i64) = (row.get(0), row.get(1));
+    assert!(
+        distinct > room,
+        "the case under test: {distinct} distinct values, room for {room}"
+    );
+    db.batch_execute(
+        "CREATE TABLE before AS SELECT id, xid::text::numeric AS xid, horizon::text::numeric AS horizon \
+           FROM citapulse.events",
+    )
+    .await
+    .unwrap();
+    let remapped: i64 = db
+        .query_one("SELECT remapped FROM citapulse.after_restore()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(remapped, ROWS);
+    assert!(max_xid_below_oldest_running(&db).await);
+    // Every relation between old values holds between the new ones, or they became equal:
+    // horizon <= xid within a row, and the order of xids and horizons across rows.
+    let row = db
+        .query_one(
+            "SELECT count(*) FILTER (WHERE (b1.xid < b2.xid AND e1.xid > e2.xid) \
+                                        OR (b1.xid > b2.xid AND e1.xid < e2.xid) \
+                                        OR (b1.horizon < b2.xid AND e1.horizon > e2.xid) \
+                                        OR (b1.horizon < b2.horizon AND e1.horizon > e2.horizon)), \
+                    count(*) \
+               FROM before b1 JOIN citapulse.events e1 ON e1.id = b1.id, \
+                    before b2 JOIN citapulse.events e2 ON e2.id = b2.id \
+              WHERE b2.id = b1.id + 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (broken, pairs): (i64, i64) = (row.get(0), row.get(1));
+    assert!(pairs >= ROWS / 2, "neighbouring rows compared: {pairs}");
+    assert_eq!(broken, 0, "order between neighbouring rows' values");
+    let inverted: i64 = db
+        .query_one(
+            "SELECT count(*) FROM citapulse.events WHERE horizon > xid",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(inverted, 0, "horizon <= xid in every row");
+
+    // A client that had seen the first event resumes: every later event, none missing.
+    let ids: Vec<i64> = db
+        .query("SELECT id FROM citapulse.events ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let d = Daemon::start(&url, |c| c.limits.queue_len = 10_000).await;
+    let mut r = WsClient::connect(d.addr, &tenant_token("a")).await;
+    r.subscribe("a", Some(ids[0])).await;
+    let got: std::collections::BTreeSet<i64> = r
+        .events(ids.len() - 1)
+        .await
+        .iter()
+        .map(|e| e["id"].as_i64().unwrap())
+        .collect();
+    let want: std::collections::BTreeSet<i64> = ids[1..].iter().copied().collect();
+    assert_eq!(got, want);
+    d.stop().await;
+    drop(source);
+}
