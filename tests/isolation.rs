@@ -329,15 +329,30 @@ async fn a_listening_login_learns_nothing_and_stats_are_shared_by_version() {
     let today: String = row.get(0);
     let held: Value = serde_json::from_str(row.get::<_, &str>(1)).unwrap();
     // As new as the result held here (an older one would not be published).
+    let held_as_of = held["data"]["as_of"].as_i64().unwrap();
+    share_from_elsewhere(&db, 4242, held_as_of, &today).await;
+    t1.stats_until(|s| s["total_citas"] == 4242).await;
+
+    // An older result read late (a lower as_of) is not published: after the next write
+    // the client's next numbers are this daemon's own.
+    share_from_elsewhere(&db, 9999, held_as_of - 1, &today).await;
+    db.insert_cita("t1", "pendiente").await;
+    let next = t1.stats_until(|s| s["total_citas"] != 4242).await;
+    assert_eq!(next["data"]["total_citas"], 2, "{next}");
+    d.stop().await;
+}
+
+/// Writes t1's shared statistics as another instance ("elsewhere") would, with this
+/// total and `as_of`, and wakes the daemons.
+async fn share_from_elsewhere(db: &TestDb, total: i64, as_of: i64, day: &str) {
     let message = json!({"type": "stats", "channel": "estadisticas:t1",
-                         "data": {"negocio_id": "t1", "total_citas": 4242,
-                                  "as_of": held["data"]["as_of"]}})
+                         "data": {"negocio_id": "t1", "total_citas": total, "as_of": as_of}})
     .to_string();
     db.client
         .execute(
             "UPDATE citapulse.stats SET message = $1, day = $2, computed_by = 'elsewhere', \
                     version = nextval('citapulse.stats_version') WHERE tenant = 't1'",
-            &[&message, &today],
+            &[&message, &day],
         )
         .await
         .unwrap();
@@ -345,30 +360,6 @@ async fn a_listening_login_learns_nothing_and_stats_are_shared_by_version() {
         .batch_execute("NOTIFY citapulse_stats")
         .await
         .unwrap();
-    t1.stats_until(|s| s["total_citas"] == 4242).await;
-
-    // An older result read late (a lower as_of) is not published: after the next write
-    // the client's next numbers are this daemon's own.
-    let older = json!({"type": "stats", "channel": "estadisticas:t1",
-                       "data": {"negocio_id": "t1", "total_citas": 9999,
-                                "as_of": held["data"]["as_of"].as_i64().unwrap() - 1}})
-    .to_string();
-    db.client
-        .execute(
-            "UPDATE citapulse.stats SET message = $1, computed_by = 'elsewhere', \
-                    version = nextval('citapulse.stats_version') WHERE tenant = 't1'",
-            &[&older],
-        )
-        .await
-        .unwrap();
-    db.client
-        .batch_execute("NOTIFY citapulse_stats")
-        .await
-        .unwrap();
-    db.insert_cita("t1", "pendiente").await;
-    let next = t1.stats_until(|s| s["total_citas"] != 4242).await;
-    assert_eq!(next["data"]["total_citas"], 2, "{next}");
-    d.stop().await;
 }
 
 #[tokio::test]
