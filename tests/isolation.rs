@@ -305,7 +305,13 @@ async fn a_listening_login_learns_nothing_and_stats_are_shared_by_version() {
         .query_one("SELECT citapulse.emit('t1', 'note', '{}')", &[])
         .await
         .unwrap();
-    t1.stats_until(|s| s["total_citas"] == 1).await;
+    // The daemon publishes before its shared row commits, so the result it holds is
+    // the one its client saw last once that covers t1's newest event (the note), not
+    // necessarily the row committed at the time of a read.
+    let newest = *db.event_ids("t1").await.last().unwrap();
+    let held = t1
+        .stats_until(|s| s["total_citas"] == 1 && s["as_of"].as_i64().is_some_and(|a| a >= newest))
+        .await;
     let mut channels = std::collections::BTreeSet::new();
     while channels.len() < 2 {
         let (channel, payload) = tokio::time::timeout(WAIT, heard.recv())
@@ -318,18 +324,14 @@ async fn a_listening_login_learns_nothing_and_stats_are_shared_by_version() {
 
     // Another daemon's result reaches this daemon's subscribers through the stats table
     // (the notification only wakes it): forge one as an instance "elsewhere" would.
-    let row = db
-        .client
-        .query_one(
-            "SELECT day, message FROM citapulse.stats WHERE tenant = 't1'",
-            &[],
-        )
-        .await
-        .unwrap();
-    let today: String = row.get(0);
-    let held: Value = serde_json::from_str(row.get::<_, &str>(1)).unwrap();
     // As new as the result held here (an older one would not be published).
     let held_as_of = held["data"]["as_of"].as_i64().unwrap();
+    let today: String = db
+        .client
+        .query_one("SELECT day FROM citapulse.stats WHERE tenant = 't1'", &[])
+        .await
+        .unwrap()
+        .get(0);
     share_from_elsewhere(&db, 4242, held_as_of, &today).await;
     t1.stats_until(|s| s["total_citas"] == 4242).await;
 
