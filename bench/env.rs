@@ -232,17 +232,21 @@ impl Server {
         Err(last_err.unwrap_or_else(|| failed("the Node.js peer did not start")))
     }
 
-    /// Starts this binary as the bare relays (`--relay`) forwarding `db_url`'s NOTIFYs.
-    pub async fn relay(db_url: &str, log_dir: &Path) -> Result<Self> {
+    /// Starts this binary as the bare relays (`--relay`) forwarding `db_url`'s NOTIFYs,
+    /// or reading `keyed` by key on empty ones (`--relay-keyed`).
+    pub async fn relay(db_url: &str, keyed: Option<&str>, log_dir: &Path) -> Result<Self> {
         let exe = std::env::current_exe().ctx("finding citapulse-bench's own path")?;
         let mut last_err = None;
         for _ in 0..3 {
             let port = free_port()?;
-            let mut cmd = base_command(&exe, log_dir, "relay")?;
+            let mut cmd = base_command(&exe, log_dir, keyed.map_or("relay", |_| "relay-keyed"))?;
             cmd.arg("--relay")
                 .arg(format!("127.0.0.1:{port}"))
                 .arg("--relay-db")
                 .arg(db_url);
+            if let Some(table) = keyed {
+                cmd.arg("--relay-keyed").arg(table);
+            }
             match Self::launch(Kind::Relay, cmd, port).await {
                 Ok(server) => return Ok(server),
                 Err(e) => last_err = Some(e),

@@ -38,6 +38,10 @@ pub enum Target {
     CitapulseNotify,
     /// The Node.js baseline.
     Node,
+    /// The bare Rust relay of NOTIFY payloads (`crate::relay`, what pg_eventserv does).
+    Relay,
+    /// The keyed relay: empty NOTIFYs, one read by key per wake-up (`crate::relay`).
+    RelayKeyed,
 }
 
 impl Target {
@@ -47,6 +51,8 @@ impl Target {
             Target::Citapulse => "citapulse (default: adaptive)",
             Target::CitapulseNotify => "citapulse (notify pinned)",
             Target::Node => "Node.js (pg + ws)",
+            Target::Relay => "bare relay (NOTIFY payload)",
+            Target::RelayKeyed => "keyed relay (empty NOTIFY, read by key)",
         }
     }
 
@@ -60,6 +66,8 @@ impl Target {
             Target::Citapulse => "citapulse",
             Target::CitapulseNotify => "citapulse_notify",
             Target::Node => "node",
+            Target::Relay => "relay",
+            Target::RelayKeyed => "relay_keyed",
         }
     }
 
@@ -68,6 +76,8 @@ impl Target {
             Target::Floor => "citas_floor",
             Target::Citapulse | Target::CitapulseNotify => "citas",
             Target::Node => "citas_bare",
+            Target::Relay => "citas_relay_row",
+            Target::RelayKeyed => "citas_relay_keyed",
         }
     }
 }
@@ -390,11 +400,20 @@ pub async fn scenario(b: &Bench) -> Result<Section> {
     } else {
         &[200.0, 1000.0, 5000.0]
     };
-    let subs: &[usize] = if b.quick { &[1, 5] } else { &[1, 100] };
+    let subs: &[usize] = if !b.subscribers.is_empty() {
+        &b.subscribers
+    } else if b.quick {
+        &[1, 5]
+    } else {
+        &[1, 100]
+    };
     let background = if b.quick { 3 } else { BACKGROUND_TENANTS };
 
     let admin = b.db.connect().await?;
     let node = b.node("bench_bare", &mut section).await;
+    let logs = b.out_dir.join("logs");
+    let relay = Server::relay(&b.db.url, None, &logs).await?;
+    let relay_keyed = Server::relay(&b.db.url, Some(Target::RelayKeyed.table()), &logs).await?;
     // Idle subscribers on other tenants, so the hubs hold 1 000 tenants with subscribers.
     let idle_on = |server: &Server| {
         client::connect_many(server.addr, &b.tokens, background, 1000, 64, 4096, |i| {
@@ -429,7 +448,7 @@ pub async fn scenario(b: &Bench) -> Result<Section> {
             if !b.quick && rate <= 1000.0 {
                 targets.push(Target::CitapulseNotify);
             }
-            targets.push(Target::Node);
+            targets.extend([Target::Node, Target::Relay, Target::RelayKeyed]);
             for target in targets {
                 if target.is_citapulse() && current.as_ref().map(|c| c.0) != Some(target) {
                     if let Some((_, daemon, clients)) = current.take() {
@@ -451,6 +470,8 @@ pub async fn scenario(b: &Bench) -> Result<Section> {
                 }
                 let server = match target {
                     Target::Node => node.as_ref(),
+                    Target::Relay => Some(&relay),
+                    Target::RelayKeyed => Some(&relay_keyed),
                     _ => current.as_ref().map(|c| &c.1),
                 };
                 let Some(server) = server else { continue };
@@ -499,6 +520,8 @@ pub async fn scenario(b: &Bench) -> Result<Section> {
     if let Some(node) = node {
         node.stop().await;
     }
+    relay.stop().await;
+    relay_keyed.stop().await;
 
     let medians: BTreeMap<(u64, usize, Target), Outcome> = results
         .iter()
@@ -527,16 +550,19 @@ pub async fn scenario(b: &Bench) -> Result<Section> {
         ],
     );
     let mut ratios = Table::new(
-        "Ratios in the same run (ack clock; < 1 means citapulse is lower)",
+        "Ratios in the same run (ack clock; < 1 means the contestant is lower)",
         &[
             "commits/s",
             "subs",
-            "citapulse",
+            "contestant",
             "p50 vs floor",
             "p99 vs floor",
             "p50 vs Node",
             "p99 vs Node",
             "CPU/100k vs Node",
+            "p50 vs bare relay",
+            "p99 vs bare relay",
+            "CPU/100k vs bare relay",
         ],
     );
     let mut json_runs = Vec::new();
@@ -574,11 +600,12 @@ pub async fn scenario(b: &Bench) -> Result<Section> {
             "median": out.json(),
             "runs": results.get(&(rate, n, target)).map(|rs| rs.iter().map(Outcome::json).collect::<Vec<_>>()),
         }));
-        if !target.is_citapulse() {
+        if !target.is_citapulse() && target != Target::RelayKeyed {
             continue;
         }
         let floor = medians.get(&(rate, 0, Target::Floor));
         let node = medians.get(&(rate, n, Target::Node));
+        let relay = medians.get(&(rate, n, Target::Relay));
         ratios.row(vec![
             rate.to_string(),
             n.to_string(),
@@ -588,6 +615,11 @@ pub async fn scenario(b: &Bench) -> Result<Section> {
             node.map_or("–".into(), |x| ratio(out.from_ack.p50, x.from_ack.p50)),
             node.map_or("–".into(), |x| ratio(out.from_ack.p99, x.from_ack.p99)),
             node.map_or("–".into(), |x| {
+                ratio(out.cpu_per_100k(), x.cpu_per_100k())
+            }),
+            relay.map_or("–".into(), |x| ratio(out.from_ack.p50, x.from_ack.p50)),
+            relay.map_or("–".into(), |x| ratio(out.from_ack.p99, x.from_ack.p99)),
+            relay.map_or("–".into(), |x| {
                 ratio(out.cpu_per_100k(), x.cpu_per_100k())
             }),
         ]);

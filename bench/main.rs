@@ -75,6 +75,9 @@ struct Args {
     /// Latency: commit rates to run (commits/s, comma-separated; default 200,1000,5000).
     #[arg(long, value_delimiter = ',')]
     rates: Vec<f64>,
+    /// Latency: subscriber counts on the written tenant (comma-separated; default 1,100).
+    #[arg(long, value_delimiter = ',')]
+    subscribers: Vec<usize>,
     /// Subscribers on the hot tenant in the fan-out scenario.
     #[arg(long, default_value_t = 10_000)]
     fanout: usize,
@@ -109,6 +112,9 @@ struct Args {
     /// Internal: the database whose NOTIFYs the relay forwards.
     #[arg(long, hide = true)]
     relay_db: Option<String>,
+    /// Internal: the relay reads this table by key on empty NOTIFYs instead.
+    #[arg(long, hide = true)]
+    relay_keyed: Option<String>,
 }
 
 /// The scenarios, in issue 10's order.
@@ -174,6 +180,8 @@ pub struct Bench {
     pub duration: Duration,
     /// Latency: the commit rates (empty: the default set).
     pub rates: Vec<f64>,
+    /// Latency: the subscriber counts (empty: the default set).
+    pub subscribers: Vec<usize>,
     /// Fan-out: subscribers on the hot tenant.
     pub fanout: usize,
     /// Fan-out: total sockets wanted.
@@ -261,7 +269,7 @@ fn default_daemon_bin() -> PathBuf {
 async fn run(args: Args) -> Result<()> {
     if let (Some(listen), Some(db)) = (args.relay, &args.relay_db) {
         env::raise_nofile();
-        return relay::serve(listen, db).await;
+        return relay::serve(listen, db, args.relay_keyed.as_deref()).await;
     }
     let started = Instant::now();
     let nofile = env::raise_nofile();
@@ -328,6 +336,7 @@ async fn run(args: Args) -> Result<()> {
                 .max(0.2),
         ),
         rates: args.rates.clone(),
+        subscribers: args.subscribers.clone(),
         fanout: args.fanout,
         fanout_max: args.fanout_max,
         out_dir,

@@ -1,9 +1,16 @@
-//! The floor of the Socket.IO goal: the smallest relays that could meet it, run as a child
-//! process (`citapulse-bench --relay ADDR --relay-db URL`) and measured with the same Node
-//! clients as the daemon. It LISTENs on [`CHANNEL`] and sends each NOTIFY payload, as it
-//! is, to every client: over `/ws` with tungstenite (a bare WebSocket relay: one broadcast
-//! channel, a task per socket) and over `/socket.io/` with socketioxide as it comes
-//! (a room broadcast, one encoding per event). No tokens, log, queues, resume or limits.
+//! The floors of the Socket.IO and latency goals: the smallest relays that could meet
+//! them, run as a child process (`citapulse-bench --relay ADDR --relay-db URL`) and
+//! measured with the same clients as the daemon. It LISTENs on [`CHANNEL`] and sends each
+//! NOTIFY payload, as it is, to every client (what pg_eventserv does): over `/ws` with
+//! tungstenite (a bare WebSocket relay: one broadcast channel, a task per socket) and over
+//! `/socket.io/` with socketioxide as it comes (a room broadcast, one encoding per event).
+//! No tokens, log, queues, resume or limits.
+//!
+//! With `--relay-keyed TABLE` it is instead the floor of any design whose notifications
+//! carry nothing (citapulse's rule: any login may LISTEN): it LISTENs on
+//! [`KEYED_CHANNEL`], whose NOTIFYs are empty, and on each wake-up reads the table's rows
+//! above the highest id it sent, by key, and sends them. One read per wake-up and nothing
+//! else: not lossless (a lower id that commits late is skipped), so a floor only.
 
 use std::net::SocketAddr;
 
@@ -25,11 +32,14 @@ use crate::error::{Context, Result};
 /// The NOTIFY channel the relay LISTENs on.
 pub const CHANNEL: &str = "bench_relay";
 
+/// The NOTIFY channel of the keyed relay (empty payloads).
+pub const KEYED_CHANNEL: &str = "bench_relay_keyed";
+
 /// What a client gets once it is in: the Node clients count themselves ready on it.
 const READY: &str = r#"{"type":"stats","data":{}}"#;
 
-/// Serves until killed.
-pub async fn serve(listen: SocketAddr, db_url: &str) -> Result<()> {
+/// Serves until killed; `keyed`: the table the keyed relay reads (see the module).
+pub async fn serve(listen: SocketAddr, db_url: &str, keyed: Option<&str>) -> Result<()> {
     let (events, _) = broadcast::channel::<Utf8Bytes>(1 << 16);
     // `/health` and `/ws` are the inner service; socketioxide takes `/socket.io/`.
     let inner = Inner(events.clone());
@@ -47,6 +57,9 @@ pub async fn serve(listen: SocketAddr, db_url: &str) -> Result<()> {
     let (db, mut connection) = tokio_postgres::connect(db_url, NoTls)
         .await
         .ctx("connecting the relay's listener")?;
+    let wake = std::sync::Arc::new(tokio::sync::Notify::new());
+    let woken = wake.clone();
+    let payloads = events.clone();
     tokio::spawn(async move {
         while let Some(Ok(msg)) =
             futures_util::future::poll_fn(|cx| connection.poll_message(cx)).await
@@ -54,14 +67,26 @@ pub async fn serve(listen: SocketAddr, db_url: &str) -> Result<()> {
             let AsyncMessage::Notification(n) = msg else {
                 continue;
             };
+            if n.channel() == KEYED_CHANNEL {
+                woken.notify_one();
+                continue;
+            }
             let text = n.payload();
-            let _ = events.send(Utf8Bytes::from(text.to_string()));
+            let _ = payloads.send(Utf8Bytes::from(text.to_string()));
             if let Ok(raw) = serde_json::from_str::<&RawValue>(text) {
                 let _ = io.to("all").emit("cita_created", raw).await;
             }
         }
     });
-    db.batch_execute(&format!("LISTEN {CHANNEL}"))
+    let db = std::sync::Arc::new(db);
+    let channel = match keyed {
+        Some(table) => {
+            read_by_key(db.clone(), table, wake, events).await?;
+            KEYED_CHANNEL
+        }
+        None => CHANNEL,
+    };
+    db.batch_execute(&format!("LISTEN {channel}"))
         .await
         .ctx("LISTEN")?;
 
@@ -126,6 +151,14 @@ async fn relay_ws(
     mut rx: broadcast::Receiver<Utf8Bytes>,
 ) {
     let (mut sink, mut stream) = ws.split();
+    // The daemon's handshake, which the Rust clients wait for; the Node ones ignore it.
+    if sink
+        .send(Message::text(r#"{"type":"connected"}"#))
+        .await
+        .is_err()
+    {
+        return;
+    }
     loop {
         match stream.next().await {
             Some(Ok(Message::Text(_))) => break,
@@ -133,8 +166,10 @@ async fn relay_ws(
             _ => return,
         }
     }
-    if sink.send(Message::text(READY)).await.is_err() {
-        return;
+    for text in [r#"{"type":"subscribed"}"#, READY] {
+        if sink.send(Message::text(text)).await.is_err() {
+            return;
+        }
     }
     tokio::spawn(async move { while let Some(Ok(_)) = stream.next().await {} });
     loop {
@@ -156,4 +191,40 @@ async fn relay_ws(
             Err(broadcast::error::RecvError::Closed) => return,
         }
     }
+}
+
+/// The keyed relay's reader: from the table's highest id at start, on each wake-up, every
+/// row above the highest id sent, in id order, as the daemon's message shape.
+async fn read_by_key(
+    db: std::sync::Arc<tokio_postgres::Client>,
+    table: &str,
+    wake: std::sync::Arc<tokio::sync::Notify>,
+    events: broadcast::Sender<Utf8Bytes>,
+) -> Result<()> {
+    let start = db
+        .query_one(&format!("SELECT coalesce(max(id), 0) FROM {table}"), &[])
+        .await
+        .ctx("reading the keyed table's highest id")?;
+    let mut last: i64 = start.get(0);
+    let read = db
+        .prepare(&format!(
+            "SELECT id, json_build_object('type', 'cita_created', \
+                    'data', json_build_object('row', row_to_json(t)))::text \
+               FROM {table} t WHERE id > $1 ORDER BY id"
+        ))
+        .await
+        .ctx("preparing the keyed read")?;
+    tokio::spawn(async move {
+        loop {
+            wake.notified().await;
+            let Ok(rows) = db.query(&read, &[&last]).await else {
+                return;
+            };
+            for row in rows {
+                last = row.get(0);
+                let _ = events.send(Utf8Bytes::from(row.get::<_, String>(1)));
+            }
+        }
+    });
+    Ok(())
 }

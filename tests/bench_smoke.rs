@@ -89,9 +89,9 @@ fn quick_mode_runs_every_scenario() {
     for name in ["latency", "wakeup_modes", "fanout", "trigger_cost", "stats"] {
         assert!(scenarios.get(name).is_some(), "no {name} in {results}");
     }
-    // Latency: citapulse and the floor delivered every committed row.
+    // Latency: citapulse, the floor and the bare relay delivered every committed row.
     let runs = scenarios["latency"]["runs"].as_array().unwrap();
-    for contestant in ["citapulse", "floor"] {
+    for contestant in ["citapulse", "floor", "relay"] {
         let run = runs
             .iter()
             .find(|r| r["contestant"] == contestant)
@@ -100,6 +100,15 @@ fn quick_mode_runs_every_scenario() {
         assert!(m["commits"].as_u64().unwrap() > 0, "{run}");
         assert_eq!(m["deliveries_received"], m["deliveries_expected"], "{run}");
     }
+    // The keyed relay is a floor, not lossless (a late lower id is skipped): it ran.
+    let keyed = runs
+        .iter()
+        .find(|r| r["contestant"] == "relay_keyed")
+        .unwrap_or_else(|| panic!("no relay_keyed run in {runs:?}"));
+    assert!(
+        keyed["median"]["deliveries_received"].as_u64().unwrap() > 0,
+        "{keyed}"
+    );
     // Fan-out: every probe reached every subscriber.
     let fanout = &scenarios["fanout"]["servers"]["citapulse"];
     let probes = fanout["probes_hot_only"].as_array().unwrap();

@@ -38,6 +38,8 @@ fn help_lists_every_scenario_and_flag() {
         "--pgbench-clients",
         "--pgbench-scripts",
         "--capture",
+        "--rates",
+        "--subscribers",
     ] {
         assert!(help.contains(word), "{word:?} missing from:\n{help}");
     }
