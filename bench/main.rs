@@ -23,6 +23,7 @@ mod latency;
 mod people;
 mod relay;
 mod report;
+mod restore;
 mod scale;
 mod socketio;
 mod stats;
@@ -145,6 +146,8 @@ enum Scenario {
     Flood,
     /// 1 000 Socket.IO clients against the same clients on `/ws`: latency, CPU per delivery.
     Socketio,
+    /// `citapulse.after_restore()` on a restored log of 100 000 and 1 000 000 rows.
+    Restore,
 }
 
 /// No scenario runs longer than this (a full one takes a few minutes).
@@ -152,7 +155,7 @@ const SCENARIO_LIMIT: Duration = Duration::from_secs(20 * 60);
 /// Nor, in quick mode, longer than this.
 const QUICK_SCENARIO_LIMIT: Duration = Duration::from_secs(60);
 
-const ORDER: [Scenario; 11] = [
+const ORDER: [Scenario; 12] = [
     Scenario::Latency,
     Scenario::Modes,
     Scenario::Fanout,
@@ -164,6 +167,7 @@ const ORDER: [Scenario; 11] = [
     Scenario::Enrich,
     Scenario::Flood,
     Scenario::Socketio,
+    Scenario::Restore,
 ];
 
 /// What every scenario needs.
@@ -369,6 +373,7 @@ async fn run(args: Args) -> Result<()> {
                 Scenario::Enrich => enrich::scenario(&bench).await,
                 Scenario::Flood => flood::scenario(&bench).await,
                 Scenario::Socketio => socketio::scenario(&bench).await,
+                Scenario::Restore => restore::scenario(&bench).await,
                 Scenario::All => Err(failed("`all` is expanded before this point")),
             }
         };

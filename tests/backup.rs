@@ -395,3 +395,82 @@ async fn more_distinct_ids_than_room_share_values_in_order_and_a_resume_misses_n
     d.stop().await;
     drop(source);
 }
+
+/// A restored log of a clinic chain's size: 100 000 rows whose xids and horizons lie in
+/// this cluster's future (written as a restore leaves them), more distinct values than
+/// there is room for below the oldest running transaction. One call maps them all, in
+/// one set-based pass: every value below the oldest running transaction, order and
+/// `horizon <= xid` kept, and the daemon starts on the result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_log_of_100_000_rows_is_remapped_in_one_call_keeping_order() {
+    const ROWS: i64 = 100_000;
+    let db = TestDb::new().await;
+    // Distinct xids far in the future, each row's horizon a little below its xid (and
+    // below the previous rows' xids now and then, as concurrent moves leave them).
+    db.client
+        .batch_execute(&format!(
+            "INSERT INTO citapulse.events (tenant, kind, op, row_data, xid, horizon) \
+             SELECT 'a', 'appointment', 'INSERT', jsonb_build_object('id', g), \
+                    (f.base + 2 * g)::text::xid8, (f.base + 2 * g - (g % 5))::text::xid8 \
+               FROM generate_series(1, {ROWS}) g, \
+                    (SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint + 10000000 AS base) f; \
+             CREATE TABLE before AS SELECT id, xid::text::numeric AS xid, horizon::text::numeric AS horizon \
+               FROM citapulse.events"
+        ))
+        .await
+        .unwrap();
+    let row = db
+        .client
+        .query_one(
+            "SELECT (SELECT count(*) FROM (SELECT xid FROM before UNION SELECT horizon FROM before) v), \
+                    pg_snapshot_xmin(pg_current_snapshot())::text::bigint",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (distinct, room): (i64, i64) = (row.get(0), row.get(1));
+    assert!(
+        distinct > room,
+        "the case under test: {distinct} distinct values, room for {room}"
+    );
+
+    let remapped: i64 = db
+        .client
+        .query_one("SELECT remapped FROM citapulse.after_restore()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(remapped, ROWS);
+    assert!(max_xid_below_oldest_running(&db.client).await);
+    let row = db
+        .client
+        .query_one(
+            "SELECT count(*) FILTER (WHERE (b1.xid < b2.xid AND e1.xid > e2.xid) \
+                                        OR (b1.horizon < b2.xid AND e1.horizon > e2.xid) \
+                                        OR (b1.horizon < b2.horizon AND e1.horizon > e2.horizon)), \
+                    count(*), \
+                    count(*) FILTER (WHERE e1.horizon > e1.xid) \
+               FROM before b1 JOIN citapulse.events e1 ON e1.id = b1.id \
+                    JOIN before b2 ON b2.id = b1.id + 1 JOIN citapulse.events e2 ON e2.id = b2.id",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (broken, pairs, inverted): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!(pairs, ROWS - 1, "neighbouring rows compared");
+    assert_eq!(broken, 0, "order between neighbouring rows' values");
+    assert_eq!(inverted, 0, "horizon <= xid in every row");
+
+    // The daemon starts on it and delivers the next write live, after the restored ids.
+    let d = Daemon::start(&db.url, |_| {}).await;
+    let mut c = WsClient::subscribed(d.addr, "a").await;
+    let newest: i64 = db
+        .client
+        .query_one("SELECT max(id) FROM citapulse.events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    insert(&db.client).await;
+    assert!(next_event(&mut c).await > newest);
+    d.stop().await;
+}

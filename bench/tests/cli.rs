@@ -24,6 +24,7 @@ fn help_lists_every_scenario_and_flag() {
         "stats",
         "people",
         "time",
+        "restore",
         "--quick",
         "--out",
         "--daemon-bin",
