@@ -32,13 +32,14 @@ async fn timed(db: &tokio_postgres::Client, sql: &str) -> Result<f64> {
     Ok(t.elapsed().as_secs_f64())
 }
 
-/// INSERT, UPDATE, DELETE of `n` rows of `tenants` tenants on `table`: seconds each.
+/// INSERT, UPDATE, a move of every row to another tenant (an UPDATE of the tenant
+/// column) and DELETE of `n` rows of `tenants` tenants on `table`: seconds each.
 async fn statements(
     db: &tokio_postgres::Client,
     table: &str,
     n: usize,
     tenant: &str,
-) -> Result<[f64; 3]> {
+) -> Result<[f64; 4]> {
     let insert = timed(
         db,
         &format!(
@@ -49,11 +50,16 @@ async fn statements(
     )
     .await?;
     let update = timed(db, &format!("UPDATE {table} SET estado = 'confirmada'")).await?;
+    let moved = timed(
+        db,
+        &format!("UPDATE {table} SET negocio_id = negocio_id || 'm'"),
+    )
+    .await?;
     let delete = timed(db, &format!("DELETE FROM {table}")).await?;
     db.batch_execute("TRUNCATE citapulse.inbox; CHECKPOINT")
         .await
         .ctx("cleaning the inbox")?;
-    Ok([insert, update, delete])
+    Ok([insert, update, moved, delete])
 }
 
 /// An unwatched copy of `citas`, and a floor: a copy whose bare statement triggers write
@@ -119,8 +125,9 @@ async fn bulk(bench: &Bench, section: &mut Section) -> Result<Value> {
             "tenants",
             "INSERT",
             "UPDATE",
+            "tenant move (UPDATE)",
             "DELETE",
-            "floor I/U/D",
+            "floor I/U/M/D",
         ],
     );
     let mut out = serde_json::Map::new();
@@ -136,10 +143,13 @@ async fn bulk(bench: &Bench, section: &mut Section) -> Result<Value> {
                 .await
                 .ctx("floor log")?;
         }
-        let med = |runs: &[[f64; 3]], i: usize| median(runs.iter().map(|r| r[i]));
+        let med = |runs: &[[f64; 4]], i: usize| median(runs.iter().map(|r| r[i]));
         let mut cells = vec![n.to_string(), label.clone()];
         let mut json = serde_json::Map::new();
-        for (i, op) in ["insert", "update", "delete"].iter().enumerate() {
+        for (i, op) in ["insert", "update", "tenant_move", "delete"]
+            .iter()
+            .enumerate()
+        {
             let (p, w, f) = (med(&plain, i), med(&watched, i), med(&floor, i));
             cells.push(format!("{:.2} vs {:.2} ({})", w, p, ratio(w, p)));
             json.insert(
@@ -149,10 +159,11 @@ async fn bulk(bench: &Bench, section: &mut Section) -> Result<Value> {
             );
         }
         cells.push(format!(
-            "{} / {} / {}",
+            "{} / {} / {} / {}",
             ratio(med(&floor, 0), med(&plain, 0)),
             ratio(med(&floor, 1), med(&plain, 1)),
-            ratio(med(&floor, 2), med(&plain, 2))
+            ratio(med(&floor, 2), med(&plain, 2)),
+            ratio(med(&floor, 3), med(&plain, 3))
         ));
         table.row(cells);
         out.insert(format!("{n} rows, {label}"), Value::Object(json));

@@ -169,6 +169,150 @@ async fn a_statement_of_100_000_rows_of_as_many_tenants_logs_every_row() {
     assert!(r.get::<_, bool>(2));
 }
 
+/// What a tenant move wrote to the inbox, per row.
+#[derive(Debug)]
+struct Logged {
+    tenant: Option<String>,
+    op: String,
+    event_type: Option<String>,
+    /// The negocio_id of the new row and of the old row.
+    new_tenant: Option<String>,
+    old_tenant: Option<String>,
+    moved: bool,
+    /// A calendar_refresh's `rows`.
+    rows: Option<i64>,
+}
+
+/// Every inbox row, oldest first; empties the inbox.
+async fn moves(db: &TestDb) -> Vec<Logged> {
+    let rows = db
+        .client
+        .query(
+            "SELECT tenant, op, event_type, row_data ->> 'negocio_id', old_data ->> 'negocio_id', \
+                    coalesce(payload -> 'moved' = 'true'::jsonb, false), (payload ->> 'rows')::int8 \
+               FROM citapulse.inbox ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap();
+    db.client
+        .batch_execute("DELETE FROM citapulse.inbox")
+        .await
+        .unwrap();
+    rows.iter()
+        .map(|r| Logged {
+            tenant: r.get(0),
+            op: r.get(1),
+            event_type: r.get(2),
+            new_tenant: r.get(3),
+            old_tenant: r.get(4),
+            moved: r.get(5),
+            rows: r.get(6),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_statement_moving_100_000_rows_to_other_tenants_tells_both_sides() {
+    let db = TestDb::new().await;
+    db.client.batch_execute(STATEMENT_GUARD).await.unwrap();
+    // 99 990 rows of one tenant and 5 each of two others; then one statement moves the
+    // big tenant's rows to a new tenant and a's rows to b, and touches b's own.
+    db.client
+        .batch_execute(
+            "INSERT INTO citas (negocio_id, cliente_id, fecha, estado) \
+             SELECT CASE WHEN g % 20000 = 7 THEN 'a' WHEN g % 20000 = 9 THEN 'b' ELSE 'big' END, \
+                    'c' || g, current_date, 'pendiente' \
+               FROM generate_series(1, 100000) g; \
+             DELETE FROM citapulse.inbox; \
+             UPDATE citas SET negocio_id = CASE negocio_id WHEN 'big' THEN 'big2' WHEN 'a' THEN 'b' ELSE negocio_id END, \
+                              estado = 'confirmada'",
+        )
+        .await
+        .unwrap();
+    let written = moves(&db).await;
+    // Both sides of the big move are folded, each into one calendar_refresh of its tenant.
+    let mut refreshes: Vec<(String, Option<i64>)> = written
+        .iter()
+        .filter(|w| w.event_type.as_deref() == Some("calendar_refresh"))
+        .map(|w| (w.tenant.clone().unwrap(), w.rows))
+        .collect();
+    refreshes.sort();
+    assert_eq!(
+        refreshes,
+        [("big".into(), Some(99_990)), ("big2".into(), Some(99_990))]
+    );
+    // a's five rows leave a (the old row only) and reach b (the new row only), both
+    // marked moved; b's own five are plain updates.
+    let rows: Vec<_> = written.iter().filter(|w| w.event_type.is_none()).collect();
+    let of = |tenant: &str, moved: bool| -> Vec<&Logged> {
+        rows.iter()
+            .filter(|w| w.tenant.as_deref() == Some(tenant) && w.moved == moved)
+            .copied()
+            .collect()
+    };
+    let (left, arrived, own) = (of("a", true), of("b", true), of("b", false));
+    assert_eq!(
+        (left.len(), arrived.len(), own.len(), rows.len()),
+        (5, 5, 5, 15),
+        "{written:?}"
+    );
+    let a = Some("a".to_string());
+    let b = Some("b".to_string());
+    for w in left {
+        assert_eq!(
+            (w.op.as_str(), &w.new_tenant, &w.old_tenant),
+            ("DELETE", &None, &a)
+        );
+    }
+    for w in arrived {
+        assert_eq!(
+            (w.op.as_str(), &w.new_tenant, &w.old_tenant),
+            ("INSERT", &b, &None)
+        );
+    }
+    for w in own {
+        assert_eq!(
+            (w.op.as_str(), &w.new_tenant, &w.old_tenant),
+            ("UPDATE", &b, &b)
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_statement_moving_100_000_rows_of_as_many_tenants_logs_both_halves_of_every_row() {
+    let db = TestDb::new().await;
+    db.client.batch_execute(STATEMENT_GUARD).await.unwrap();
+    db.client
+        .batch_execute(
+            "INSERT INTO citas (negocio_id, cliente_id) SELECT 't' || g, 'c' || g FROM generate_series(1, 100000) g; \
+             DELETE FROM citapulse.inbox; \
+             UPDATE citas SET negocio_id = negocio_id || 'x'",
+        )
+        .await
+        .unwrap();
+    let r = db
+        .client
+        .query_one(
+            "SELECT count(*) FILTER (WHERE op = 'DELETE' AND tenant = old_data ->> 'negocio_id' \
+                                       AND row_data IS NULL AND payload -> 'moved' = 'true'::jsonb), \
+                    count(*) FILTER (WHERE op = 'INSERT' AND tenant = row_data ->> 'negocio_id' \
+                                       AND tenant = (SELECT o.old_data ->> 'negocio_id' FROM citapulse.inbox o \
+                                                      WHERE o.id = i.id - 1) || 'x' \
+                                       AND old_data IS NULL AND payload -> 'moved' = 'true'::jsonb), \
+                    count(*) \
+               FROM citapulse.inbox i",
+            &[],
+        )
+        .await
+        .unwrap();
+    // Each row: its removal from the old tenant, then its arrival in the new one.
+    assert_eq!(
+        (r.get::<_, i64>(0), r.get::<_, i64>(1), r.get::<_, i64>(2)),
+        (100_000, 100_000, 200_000)
+    );
+}
+
 /// Places `n` appointments of `tenant` starting `minutes` and `secs` from now (UTC).
 async fn appointments(db: &TestDb, tenant: &str, n: i32, minutes: f64, secs: f64) {
     db.client
