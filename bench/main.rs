@@ -107,6 +107,10 @@ struct Args {
     /// costs in latency); the writers keep the cluster's settings.
     #[arg(long)]
     daemon_url_params: Option<String>,
+    /// Environment given to every daemon the bench starts, KEY=VALUE, repeatable (e.g.
+    /// `TOKIO_WORKER_THREADS=1`, to measure the runtime's thread hops).
+    #[arg(long, value_parser = parse_env_pair)]
+    daemon_env: Vec<(String, String)>,
     /// Internal: serve the bare relays of the socketio scenario's floor on this address.
     #[arg(long, hide = true, requires = "relay_db")]
     relay: Option<std::net::SocketAddr>,
@@ -196,6 +200,7 @@ pub struct Bench {
     pub pgbench: crate::trigger::Plan,
     daemon_bin: PathBuf,
     daemon_url: String,
+    daemon_env: Vec<(String, String)>,
     node_dir: Option<PathBuf>,
     node_skip_reason: Option<String>,
 }
@@ -207,11 +212,17 @@ impl Bench {
         let admin = self.db.connect().await?;
         self.db.reset_wakeup(&admin).await?;
         drop(admin);
+        let mut env: Vec<(&str, String)> = self
+            .daemon_env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.clone()))
+            .collect();
+        env.extend(extra.iter().cloned());
         Server::citapulse(
             &self.daemon_bin,
             &self.daemon_url,
             mode,
-            extra,
+            &env,
             &self.out_dir.join("logs"),
         )
         .await
@@ -330,6 +341,7 @@ async fn run(args: Args) -> Result<()> {
     };
     let bench = Bench {
         daemon_url,
+        daemon_env: args.daemon_env.clone(),
         db,
         tokens: Tokens::new()?,
         quick: args.quick,
@@ -450,5 +462,13 @@ fn main() -> ExitCode {
             eprintln!("citapulse-bench: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `KEY=VALUE` of `--daemon-env`.
+fn parse_env_pair(text: &str) -> std::result::Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_string(), value.to_string())),
+        _ => Err(format!("expected KEY=VALUE, got {text:?}")),
     }
 }

@@ -41,6 +41,7 @@ fn help_lists_every_scenario_and_flag() {
         "--capture",
         "--rates",
         "--subscribers",
+        "--daemon-env",
     ] {
         assert!(help.contains(word), "{word:?} missing from:\n{help}");
     }
