@@ -113,6 +113,10 @@ pub struct Metrics {
     pub stats_query_seconds: Histogram,
     /// Time from the log row's creation to the event being queued to clients.
     pub delivery_lag_seconds: Histogram,
+    /// Round trip of the reader's move-and-read statement.
+    pub log_read_seconds: Histogram,
+    /// Time from a wake-up notification's arrival to its events being queued to clients.
+    pub wakeup_to_queued_seconds: Histogram,
     /// LISTEN connection (re)establishments after the first.
     pub listener_reconnects: Counter,
     /// Whether LISTEN is live (1) or not (0).
@@ -163,6 +167,8 @@ impl Metrics {
             .into_iter(),
         );
         let latency = || Histogram::new(exponential_buckets(0.0001, 2.0, 18));
+        // The reader's stages take tens of microseconds when all is well.
+        let fine = || Histogram::new(exponential_buckets(0.000_025, 2.0, 20));
         let m = Self {
             connections: Gauge::default(),
             socketio_connections: Gauge::default(),
@@ -191,6 +197,8 @@ impl Metrics {
             stats_errors: Counter::default(),
             stats_query_seconds: latency(),
             delivery_lag_seconds: latency(),
+            log_read_seconds: fine(),
+            wakeup_to_queued_seconds: fine(),
             listener_reconnects: Counter::default(),
             listener_up: Gauge::default(),
             log_reads: Family::default(),
@@ -345,6 +353,16 @@ impl Metrics {
             "delivery_lag_seconds",
             "Log row creation to event queued to clients",
             m.delivery_lag_seconds.clone(),
+        );
+        r.register(
+            "log_read_seconds",
+            "Round trip of the reader's move-and-read statement",
+            m.log_read_seconds.clone(),
+        );
+        r.register(
+            "wakeup_to_queued_seconds",
+            "Wake-up notification's arrival to its events queued to clients",
+            m.wakeup_to_queued_seconds.clone(),
         );
         r.register(
             "listener_reconnects",

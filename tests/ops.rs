@@ -44,6 +44,10 @@ async fn metrics_move_with_traffic() {
     assert!(m("citapulse_stats_queries_total") >= 1.0);
     assert!(m("citapulse_stats_query_seconds_count") >= 1.0);
     assert!(m("citapulse_delivery_lag_seconds_count") >= 3.0);
+    assert!(m("citapulse_log_read_seconds_count") >= 1.0);
+    assert!(m("citapulse_log_read_seconds_sum") > 0.0);
+    // Exposed; counted only when a notification's read finds rows (a poll may take them).
+    assert!(text.contains("citapulse_wakeup_to_queued_seconds_count{"));
     assert!(m("citapulse_log_reads_total") >= 1.0);
     assert!(
         text.lines()

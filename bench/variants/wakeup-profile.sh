@@ -5,11 +5,16 @@
 #   - per statement (pg_stat_statements, track = all): calls and mean execution time of
 #     the daemon's move-and-read statement, the move inside it, and the app's INSERT;
 #   - the daemon process's CPU per committed row (utime and stime from /proc);
+#   - the daemon's own stage clocks (/metrics, means over the run): the move-and-read
+#     statement's round trip, a notification's arrival to its events handed to
+#     delivery, and a row's creation to that hand-off;
 #   - with perf installed, the share of the daemon's samples in the kernel and in
 #     context switches (perf record -g, 2 000 Hz).
 #   cargo build --release --bin citapulse
 #   bench/variants/wakeup-profile.sh              # RATE=1000 SECS=10
-# Env: RATE, SECS, DAEMON_BIN (default target/release/citapulse), PGBIN, KEEP=1.
+# Env: RATE, SECS, DAEMON_BIN (default target/release/citapulse), PGBIN, KEEP=1,
+#      DAEMON_URL_PARAMS (added to the daemon's database URL, e.g.
+#      options=-c%20synchronous_commit%3Doff).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd); proj=$(cd "$here/../.." && pwd)
 RATE=${RATE:-1000} SECS=${SECS:-10}
@@ -40,7 +45,8 @@ psql -q "$url" -c "CREATE EXTENSION pg_stat_statements" >/dev/null
 psql -q "$url" -f "$proj/sql/install.sql" >/dev/null 2>&1
 psql -q "$url" -f "$proj/sql/example_schema.sql" >/dev/null 2>&1
 export DATABASE_URL=$url JWT_SECRET=wakeup-profile-secret-0123456789abcdef
-CITAPULSE_LISTEN=127.0.0.1:$wsport CITAPULSE_LOG__LEVEL=warn "$DAEMON_BIN" serve >"$work/daemon.log" 2>&1 &
+DATABASE_URL="$url${DAEMON_URL_PARAMS:+?$DAEMON_URL_PARAMS}" \
+  CITAPULSE_LISTEN=127.0.0.1:$wsport CITAPULSE_LOG__LEVEL=warn "$DAEMON_BIN" serve >"$work/daemon.log" 2>&1 &
 daemon=$!
 for _ in $(seq 50); do curl -sf "127.0.0.1:$wsport/health" >/dev/null && break; sleep 0.2; done
 token=$("$DAEMON_BIN" token --tenant t1 | tail -1)
@@ -68,6 +74,12 @@ tck=$(getconf CLK_TCK)
 echo "commits: $commits at $RATE/s for $SECS s"
 awk -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v n="$commits" -v t="$tck" \
   'BEGIN { printf "daemon CPU per committed row: %.1f us (user %.1f, system %.1f)\n", (u+s)/t/n*1e6, u/t/n*1e6, s/t/n*1e6 }'
+curl -s "127.0.0.1:$wsport/metrics" | awk '
+  /^citapulse_(log_read|wakeup_to_queued|delivery_lag)_seconds_(sum|count)/ {
+    split($1, k, "{"); v[k[1]] = $2 }
+  END { n = split("log_read wakeup_to_queued delivery_lag", names, " ")
+        for (i = 1; i <= n; i++) { b = "citapulse_" names[i] "_seconds"
+          if (v[b "_count"] > 0) printf "daemon clock, mean %s: %.3f ms over %d\n", names[i], v[b "_sum"] / v[b "_count"] * 1000, v[b "_count"] } }'
 psql -q "$url" -c "SELECT calls, round(mean_exec_time::numeric, 3) AS mean_ms,
     CASE WHEN query LIKE 'WITH want AS MATERIALIZED%' THEN 'daemon: move-and-read statement'
          WHEN query LIKE 'WITH moved AS (%DELETE FROM citapulse.inbox%' THEN '  of which the move (take_inbox)'

@@ -182,7 +182,7 @@ impl Listener {
             vacuum: None,
         };
         reader.mode.enforce_pinned(&client).await?;
-        reader.drain(WakeCause::CatchUp).await?;
+        reader.drain(WakeCause::CatchUp, None).await?;
         self.reconnects.up(&shared, reader.cursor.last_id);
 
         let mut next_poll = Instant::now() + reader.mode.poll_every();
@@ -190,10 +190,14 @@ impl Listener {
             tokio::time::interval(crate::stats::shared_check_period(&shared.config.stats));
         stats_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let mut woke_at = None;
             let why = tokio::select! {
                 _ = shutdown.changed() => return Ok(()),
                 woke = wakeups.notify.recv() => match woke {
-                    Some(()) => WakeCause::Notify,
+                    Some(at) => {
+                        woke_at = Some(at);
+                        WakeCause::Notify
+                    }
                     None => return Err(DbError::Closed),
                 },
                 _ = tokio::time::sleep_until(next_poll) => WakeCause::Poll,
@@ -211,7 +215,7 @@ impl Listener {
                     continue;
                 }
             };
-            reader.drain(why).await?;
+            reader.drain(why, woke_at).await?;
             reader.mode.maybe_switch(&client).await?;
             next_poll = why.next_poll(next_poll, Instant::now(), reader.mode.poll_every());
         }
@@ -241,8 +245,8 @@ async fn listen(
 
 /// The notifications of one connection, sorted by channel.
 struct Wakeups {
-    /// The triggers' wake-ups.
-    notify: mpsc::Receiver<()>,
+    /// The triggers' wake-ups: when the first one not yet read arrived.
+    notify: mpsc::Receiver<Instant>,
     /// Results computed by other daemons: a wake-up, the rows are read by version.
     shared_stats: mpsc::Receiver<()>,
     _driver: AbortOnDrop,
@@ -252,7 +256,7 @@ impl Wakeups {
     /// Drives `connection`: tokio-postgres only surfaces notifications to whoever polls
     /// the connection. Channels of one slot: a pending wake-up covers any later one.
     fn forward(mut connection: db::PgConnection) -> Self {
-        let (wake_tx, notify) = mpsc::channel::<()>(1);
+        let (wake_tx, notify) = mpsc::channel::<Instant>(1);
         let (stats_tx, shared_stats) = mpsc::channel::<()>(1);
         let driver = tokio::spawn(async move {
             while let Some(msg) = poll_fn(|cx| connection.poll_message(cx)).await {
@@ -263,7 +267,7 @@ impl Wakeups {
                         let _ = stats_tx.try_send(());
                     }
                     Ok(AsyncMessage::Notification(_)) => {
-                        let _ = wake_tx.try_send(());
+                        let _ = wake_tx.try_send(Instant::now());
                     }
                     Ok(_) => {}
                     Err(err) => {
@@ -342,8 +346,10 @@ impl Reader<'_> {
         }));
     }
 
-    /// Moves and reads until the log has nothing more, delivering as it goes.
-    async fn drain(&mut self, why: WakeCause) -> Result<(), DbError> {
+    /// Moves and reads until the log has nothing more, delivering as it goes;
+    /// `woke_at`: when the notification that woke it arrived (timed to the first
+    /// delivery).
+    async fn drain(&mut self, why: WakeCause, mut woke_at: Option<Instant>) -> Result<(), DbError> {
         let shared = self.shared;
         let client = self.client;
         loop {
@@ -353,6 +359,7 @@ impl Reader<'_> {
             let shape_for: Option<Vec<String>> = (tenants.len() <= SHAPE_FOR_AT_MOST)
                 .then(|| tenants.iter().map(|t| t.to_string()).collect());
             // Moves what the triggers committed into the log and reads it, in one statement.
+            let started = Instant::now();
             let mut batch = db::read_batch(
                 client,
                 &self.read,
@@ -361,6 +368,10 @@ impl Reader<'_> {
                 shape_for.as_deref(),
             )
             .await?;
+            shared
+                .metrics
+                .log_read_seconds
+                .observe(started.elapsed().as_secs_f64());
             if batch
                 .events
                 .iter()
@@ -381,6 +392,12 @@ impl Reader<'_> {
                     .store(self.cursor.last_id, Ordering::Release);
                 let now = crate::stats::unix_time_f64();
                 let dispatched = deliver(shared, batch.events, now);
+                if let Some(at) = woke_at.take() {
+                    shared
+                        .metrics
+                        .wakeup_to_queued_seconds
+                        .observe(at.elapsed().as_secs_f64());
+                }
                 shared.stats.mark_events(&dispatched.touched);
                 if !dispatched.unshaped.is_empty() {
                     // Subscribed while the read ran: read those whole, deliver them now.
