@@ -145,6 +145,70 @@ async fn max_xid_below_oldest_running(client: &Client) -> bool {
         .get(0)
 }
 
+/// Asserts the case under test: the log has more distinct xid and horizon values than
+/// there is room for below the oldest running transaction (some must share).
+async fn more_values_than_room(db: &Client) {
+    let row = db
+        .query_one(
+            "SELECT (SELECT count(*) FROM (SELECT xid FROM citapulse.events \
+                                           UNION SELECT horizon FROM citapulse.events) v), \
+                    pg_snapshot_xmin(pg_current_snapshot())::text::bigint",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (distinct, room): (i64, i64) = (row.get(0), row.get(1));
+    assert!(
+        distinct > room,
+        "the case under test: {distinct} distinct values, room for {room}"
+    );
+}
+
+/// Runs `after_restore()` and checks it remapped `rows` rows below the oldest running
+/// transaction, keeping every relation between old values between the new ones (or making
+/// them equal): horizon <= xid within a row, and the order of xids and horizons across
+/// neighbouring rows.
+async fn remap_keeping_order(db: &Client, rows: i64) {
+    db.batch_execute(
+        "CREATE TABLE before AS SELECT id, xid::text::numeric AS xid, horizon::text::numeric AS horizon \
+           FROM citapulse.events",
+    )
+    .await
+    .unwrap();
+    let remapped: i64 = db
+        .query_one("SELECT remapped FROM citapulse.after_restore()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(remapped, rows);
+    assert!(max_xid_below_oldest_running(db).await);
+    let row = db
+        .query_one(
+            "SELECT count(*) FILTER (WHERE (b1.xid < b2.xid AND e1.xid > e2.xid) \
+                                        OR (b1.xid > b2.xid AND e1.xid < e2.xid) \
+                                        OR (b1.horizon < b2.xid AND e1.horizon > e2.xid) \
+                                        OR (b1.horizon < b2.horizon AND e1.horizon > e2.horizon)), \
+                    count(*) \
+               FROM before b1 JOIN citapulse.events e1 ON e1.id = b1.id \
+                    JOIN before b2 ON b2.id = b1.id + 1 JOIN citapulse.events e2 ON e2.id = b2.id",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (broken, pairs): (i64, i64) = (row.get(0), row.get(1));
+    assert!(pairs >= rows / 2, "neighbouring rows compared: {pairs}");
+    assert_eq!(broken, 0, "order between neighbouring rows' values");
+    let inverted: i64 = db
+        .query_one(
+            "SELECT count(*) FROM citapulse.events WHERE horizon > xid",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(inverted, 0, "horizon <= xid in every row");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dump_restored_into_a_younger_cluster_is_delivered_once_after_after_restore() {
     let (_source, src, ids) = source_with_events().await;
@@ -317,61 +381,8 @@ async fn more_distinct_ids_than_room_share_values_in_order_and_a_resume_misses_n
     let target = dedicated_cluster().await;
     let url = dump_and_restore(&src.url, &target).await;
     let db = pg(&url).await;
-    let row = db
-        .query_one(
-            "SELECT (SELECT count(*) FROM (SELECT xid FROM citapulse.events \
-                                           UNION SELECT horizon FROM citapulse.events) v), \
-                    pg_snapshot_xmin(pg_current_snapshot())::text::bigint",
-            &[],
-        )
-        .await
-        .unwrap();
-    let (distinct, room): (i64, i64) = (row.get(0), row.get(1));
-    assert!(
-        distinct > room,
-        "the case under test: {distinct} distinct values, room for {room}"
-    );
-    db.batch_execute(
-        "CREATE TABLE before AS SELECT id, xid::text::numeric AS xid, horizon::text::numeric AS horizon \
-           FROM citapulse.events",
-    )
-    .await
-    .unwrap();
-    let remapped: i64 = db
-        .query_one("SELECT remapped FROM citapulse.after_restore()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(remapped, ROWS);
-    assert!(max_xid_below_oldest_running(&db).await);
-    // Every relation between old values holds between the new ones, or they became equal:
-    // horizon <= xid within a row, and the order of xids and horizons across rows.
-    let row = db
-        .query_one(
-            "SELECT count(*) FILTER (WHERE (b1.xid < b2.xid AND e1.xid > e2.xid) \
-                                        OR (b1.xid > b2.xid AND e1.xid < e2.xid) \
-                                        OR (b1.horizon < b2.xid AND e1.horizon > e2.xid) \
-                                        OR (b1.horizon < b2.horizon AND e1.horizon > e2.horizon)), \
-                    count(*) \
-               FROM before b1 JOIN citapulse.events e1 ON e1.id = b1.id, \
-                    before b2 JOIN citapulse.events e2 ON e2.id = b2.id \
-              WHERE b2.id = b1.id + 1",
-            &[],
-        )
-        .await
-        .unwrap();
-    let (broken, pairs): (i64, i64) = (row.get(0), row.get(1));
-    assert!(pairs >= ROWS / 2, "neighbouring rows compared: {pairs}");
-    assert_eq!(broken, 0, "order between neighbouring rows' values");
-    let inverted: i64 = db
-        .query_one(
-            "SELECT count(*) FROM citapulse.events WHERE horizon > xid",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(inverted, 0, "horizon <= xid in every row");
+    more_values_than_room(&db).await;
+    remap_keeping_order(&db, ROWS).await;
 
     // A client that had seen the first event resumes: every later event, none missing.
     let ids: Vec<i64> = db
@@ -413,53 +424,12 @@ async fn a_restored_log_of_100_000_rows_is_remapped_in_one_call_keeping_order() 
              SELECT 'a', 'appointment', 'INSERT', jsonb_build_object('id', g), \
                     (f.base + 2 * g)::text::xid8, (f.base + 2 * g - (g % 5))::text::xid8 \
                FROM generate_series(1, {ROWS}) g, \
-                    (SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint + 10000000 AS base) f; \
-             CREATE TABLE before AS SELECT id, xid::text::numeric AS xid, horizon::text::numeric AS horizon \
-               FROM citapulse.events"
+                    (SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint + 10000000 AS base) f"
         ))
         .await
         .unwrap();
-    let row = db
-        .client
-        .query_one(
-            "SELECT (SELECT count(*) FROM (SELECT xid FROM before UNION SELECT horizon FROM before) v), \
-                    pg_snapshot_xmin(pg_current_snapshot())::text::bigint",
-            &[],
-        )
-        .await
-        .unwrap();
-    let (distinct, room): (i64, i64) = (row.get(0), row.get(1));
-    assert!(
-        distinct > room,
-        "the case under test: {distinct} distinct values, room for {room}"
-    );
-
-    let remapped: i64 = db
-        .client
-        .query_one("SELECT remapped FROM citapulse.after_restore()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(remapped, ROWS);
-    assert!(max_xid_below_oldest_running(&db.client).await);
-    let row = db
-        .client
-        .query_one(
-            "SELECT count(*) FILTER (WHERE (b1.xid < b2.xid AND e1.xid > e2.xid) \
-                                        OR (b1.horizon < b2.xid AND e1.horizon > e2.xid) \
-                                        OR (b1.horizon < b2.horizon AND e1.horizon > e2.horizon)), \
-                    count(*), \
-                    count(*) FILTER (WHERE e1.horizon > e1.xid) \
-               FROM before b1 JOIN citapulse.events e1 ON e1.id = b1.id \
-                    JOIN before b2 ON b2.id = b1.id + 1 JOIN citapulse.events e2 ON e2.id = b2.id",
-            &[],
-        )
-        .await
-        .unwrap();
-    let (broken, pairs, inverted): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
-    assert_eq!(pairs, ROWS - 1, "neighbouring rows compared");
-    assert_eq!(broken, 0, "order between neighbouring rows' values");
-    assert_eq!(inverted, 0, "horizon <= xid in every row");
+    more_values_than_room(&db.client).await;
+    remap_keeping_order(&db.client, ROWS).await;
 
     // The daemon starts on it and delivers the next write live, after the restored ids.
     let d = Daemon::start(&db.url, |_| {}).await;

@@ -16,6 +16,12 @@ use support::*;
 /// quadratic bulk path took minutes): the statement fails instead of the test hanging.
 const STATEMENT_GUARD: &str = "SET statement_timeout = '120s'";
 
+/// 99 990 rows of tenant `big`, 5 each of `a` and `b`, interleaved in the statement.
+const BIG_AND_TWO_SMALL: &str = "INSERT INTO citas (negocio_id, cliente_id, fecha, estado) \
+     SELECT CASE WHEN g % 20000 = 7 THEN 'a' WHEN g % 20000 = 9 THEN 'b' ELSE 'big' END, \
+            'c' || g, current_date, 'pendiente' \
+       FROM generate_series(1, 100000) g";
+
 /// (tenant, event_type, row or payload, old row) of an inbox row.
 type Written = (Option<String>, Option<String>, Value, Value);
 
@@ -61,16 +67,7 @@ fn refresh_of(written: &[Written]) -> &Written {
 async fn statements_of_100_000_rows_fold_big_tenants_and_keep_small_ones_in_order() {
     let db = TestDb::new().await;
     db.client.batch_execute(STATEMENT_GUARD).await.unwrap();
-    // 99 990 rows of one tenant, 5 each of two others, interleaved in the statement.
-    db.client
-        .batch_execute(
-            "INSERT INTO citas (negocio_id, cliente_id, fecha, estado) \
-             SELECT CASE WHEN g % 20000 = 7 THEN 'a' WHEN g % 20000 = 9 THEN 'b' ELSE 'big' END, \
-                    'c' || g, current_date, 'pendiente' \
-               FROM generate_series(1, 100000) g",
-        )
-        .await
-        .unwrap();
+    db.client.batch_execute(BIG_AND_TWO_SMALL).await.unwrap();
     let written = inbox(&db).await;
     assert_eq!(written.len(), 11);
     let refresh = refresh_of(&written);
@@ -219,15 +216,12 @@ async fn a_statement_moving_100_000_rows_to_other_tenants_tells_both_sides() {
     // 99 990 rows of one tenant and 5 each of two others; then one statement moves the
     // big tenant's rows to a new tenant and a's rows to b, and touches b's own.
     db.client
-        .batch_execute(
-            "INSERT INTO citas (negocio_id, cliente_id, fecha, estado) \
-             SELECT CASE WHEN g % 20000 = 7 THEN 'a' WHEN g % 20000 = 9 THEN 'b' ELSE 'big' END, \
-                    'c' || g, current_date, 'pendiente' \
-               FROM generate_series(1, 100000) g; \
+        .batch_execute(&format!(
+            "{BIG_AND_TWO_SMALL}; \
              DELETE FROM citapulse.inbox; \
              UPDATE citas SET negocio_id = CASE negocio_id WHEN 'big' THEN 'big2' WHEN 'a' THEN 'b' ELSE negocio_id END, \
-                              estado = 'confirmada'",
-        )
+                              estado = 'confirmada'"
+        ))
         .await
         .unwrap();
     let written = moves(&db).await;
