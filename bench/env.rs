@@ -517,3 +517,23 @@ pub async fn machine(db: &Database) -> serde_json::Value {
         "nofile_limit": raise_nofile(),
     })
 }
+
+/// Waits (up to 5 s) until no daemon session is left: a stopped daemon's backends may
+/// still be ending their last transaction.
+pub async fn wait_for_daemon_sessions_to_end(admin: &Client) -> Result<()> {
+    for _ in 0..100 {
+        let left: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'citapulse%'",
+                &[],
+            )
+            .await
+            .ctx("waiting for the previous daemon's sessions to end")?
+            .get(0);
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    Ok(())
+}

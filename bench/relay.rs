@@ -217,8 +217,13 @@ async fn read_by_key(
     tokio::spawn(async move {
         loop {
             wake.notified().await;
-            let Ok(rows) = db.query(&read, &[&last]).await else {
-                return;
+            let rows = match db.query(&read, &[&last]).await {
+                Ok(rows) => rows,
+                Err(e) => {
+                    // Every later run would wait out its drain for nothing: stop loudly.
+                    eprintln!("keyed relay: the read failed: {e}");
+                    std::process::exit(1);
+                }
             };
             for row in rows {
                 last = row.get(0);

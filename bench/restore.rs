@@ -31,6 +31,8 @@ pub async fn scenario(b: &Bench) -> Result<Section> {
         &[100_000, 1_000_000]
     };
     let db = b.db.connect().await?;
+    // after_restore refuses while a daemon is connected (the scenarios before stop theirs).
+    crate::env::wait_for_daemon_sessions_to_end(&db).await?;
     let mut table = Table::new(
         "citapulse.after_restore() on a restored log, every row's xid and horizon in the future (ms, one call)",
         &[

@@ -203,22 +203,8 @@ async fn prepare(
     config: Config,
     script: &str,
 ) -> Result<()> {
-    // A stopped daemon's backends may still be ending their last transaction: TRUNCATE
-    // would then deadlock with them (seen once), so wait until they are gone.
-    for _ in 0..100 {
-        let left: i64 = admin
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'citapulse%'",
-                &[],
-            )
-            .await
-            .ctx("waiting for the previous daemon's sessions to end")?
-            .get(0);
-        if left == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // TRUNCATE would deadlock with a stopped daemon's last transaction (seen once).
+    crate::env::wait_for_daemon_sessions_to_end(admin).await?;
     leave_wal_mode(admin).await?;
     admin
         .batch_execute(

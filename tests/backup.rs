@@ -166,12 +166,13 @@ async fn more_values_than_room(db: &Client) {
 
 /// Runs `after_restore()` and checks it remapped `rows` rows below the oldest running
 /// transaction, keeping every relation between old values between the new ones (or making
-/// them equal): horizon <= xid within a row, and the order of xids and horizons across
-/// neighbouring rows.
+/// them equal): horizon <= xid within a row, and the order between the xids and horizons
+/// of rows up to three ids apart.
 async fn remap_keeping_order(db: &Client, rows: i64) {
     db.batch_execute(
         "CREATE TABLE before AS SELECT id, xid::text::numeric AS xid, horizon::text::numeric AS horizon \
-           FROM citapulse.events",
+           FROM citapulse.events; \
+         ALTER TABLE before ADD PRIMARY KEY (id); ANALYZE before",
     )
     .await
     .unwrap();
@@ -187,10 +188,15 @@ async fn remap_keeping_order(db: &Client, rows: i64) {
             "SELECT count(*) FILTER (WHERE (b1.xid < b2.xid AND e1.xid > e2.xid) \
                                         OR (b1.xid > b2.xid AND e1.xid < e2.xid) \
                                         OR (b1.horizon < b2.xid AND e1.horizon > e2.xid) \
-                                        OR (b1.horizon < b2.horizon AND e1.horizon > e2.horizon)), \
+                                        OR (b1.horizon > b2.xid AND e1.horizon < e2.xid) \
+                                        OR (b1.xid < b2.horizon AND e1.xid > e2.horizon) \
+                                        OR (b1.xid > b2.horizon AND e1.xid < e2.horizon) \
+                                        OR (b1.horizon < b2.horizon AND e1.horizon > e2.horizon) \
+                                        OR (b1.horizon > b2.horizon AND e1.horizon < e2.horizon)), \
                     count(*) \
                FROM before b1 JOIN citapulse.events e1 ON e1.id = b1.id \
-                    JOIN before b2 ON b2.id = b1.id + 1 JOIN citapulse.events e2 ON e2.id = b2.id",
+                    JOIN before b2 ON b2.id BETWEEN b1.id + 1 AND b1.id + 3 \
+                    JOIN citapulse.events e2 ON e2.id = b2.id",
             &[],
         )
         .await

@@ -12,6 +12,10 @@
 #     context switches (perf record -g, 2 000 Hz).
 #   cargo build --release --bin citapulse
 #   bench/variants/wakeup-profile.sh              # RATE=1000 SECS=10
+#   PHASES=1 SECS=5 bench/variants/wakeup-profile.sh
+# PHASES=1 also logs every statement's protocol phases (log_min_duration_statement = 0)
+# and prints the percentiles of the reader statement's bind and execute times; the
+# logging slows everything else, so take the other figures from a run without it.
 # Env: RATE, SECS, DAEMON_BIN (default target/release/citapulse), PGBIN, KEEP=1,
 #      DAEMON_URL_PARAMS (added to the daemon's database URL, e.g.
 #      options=-c%20synchronous_commit%3Doff).
@@ -23,8 +27,9 @@ pgbin=${PGBIN:-/usr/lib/postgresql/15/bin}
 [ -x "$DAEMON_BIN" ] || { echo "no daemon at $DAEMON_BIN: cargo build --release --bin citapulse" >&2; exit 1; }
 work=$(mktemp -d); chmod 777 "$work"; port=$((30000 + RANDOM % 10000)); wsport=$((port + 1))
 asp() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
-daemon="" sub=""
+daemon="" sub="" perf_pid=""
 cleanup() {
+  [ -n "$perf_pid" ] && kill "$perf_pid" 2>/dev/null || true
   [ -n "$sub" ] && kill "$sub" 2>/dev/null || true
   [ -n "$daemon" ] && kill "$daemon" 2>/dev/null || true
   asp "$pgbin/pg_ctl" -D "$work/data" -m immediate stop >/dev/null 2>&1 || true
@@ -39,16 +44,21 @@ unix_socket_directories = '$work'
 shared_preload_libraries = 'pg_stat_statements'
 pg_stat_statements.track = all
 CONF
+if [ "${PHASES:-0}" = 1 ]; then
+  printf "log_min_duration_statement = 0\nlog_line_prefix = '%%a|'\n" >> "$work/data/postgresql.conf"
+fi
 asp "$pgbin/pg_ctl" -D "$work/data" -l "$work/pg.log" -w start >/dev/null
 url="postgresql://postgres@127.0.0.1:$port/postgres"
+psql() { "$pgbin/psql" -X -v ON_ERROR_STOP=1 "$@"; }
 psql -q "$url" -c "CREATE EXTENSION pg_stat_statements" >/dev/null
-psql -q "$url" -f "$proj/sql/install.sql" >/dev/null 2>&1
-psql -q "$url" -f "$proj/sql/example_schema.sql" >/dev/null 2>&1
+psql -q "$url" -f "$proj/sql/install.sql" >/dev/null 2>"$work/install.err" || { cat "$work/install.err" >&2; exit 1; }
+psql -q "$url" -f "$proj/sql/example_schema.sql" >/dev/null 2>"$work/example.err" || { cat "$work/example.err" >&2; exit 1; }
 export DATABASE_URL=$url JWT_SECRET=wakeup-profile-secret-0123456789abcdef
 DATABASE_URL="$url${DAEMON_URL_PARAMS:+?$DAEMON_URL_PARAMS}" \
   CITAPULSE_LISTEN=127.0.0.1:$wsport CITAPULSE_LOG__LEVEL=warn "$DAEMON_BIN" serve >"$work/daemon.log" 2>&1 &
 daemon=$!
 for _ in $(seq 50); do curl -sf "127.0.0.1:$wsport/health" >/dev/null && break; sleep 0.2; done
+curl -sf "127.0.0.1:$wsport/health" >/dev/null || { echo "the daemon did not come up:" >&2; cat "$work/daemon.log" >&2; exit 1; }
 token=$("$DAEMON_BIN" token --tenant t1 | tail -1)
 cat > "$work/sub.js" <<JS
 const WebSocket = require("$proj/bench/peers/node/node_modules/ws");
@@ -58,6 +68,8 @@ ws.on("message", () => {});
 JS
 node "$work/sub.js" & sub=$!
 sleep 1
+subscribers=$(curl -s "127.0.0.1:$wsport/metrics" | awk '/^citapulse_subscriptions[{ ]/ {print $2}')
+[ "${subscribers:-0}" = 1 ] || { echo "the subscriber did not subscribe (node and bench/peers/node/node_modules needed)" >&2; exit 1; }
 echo "INSERT INTO citas (negocio_id, cliente_id, profesional_id, fecha, hora_inicio, hora_fin, estado) \
 VALUES ('t1', 'c', 'p1', current_date, '09:00', '09:30', 'pendiente');" > "$work/ins.sql"
 psql -q "$url" -c "SELECT pg_stat_statements_reset()" >/dev/null
@@ -67,8 +79,9 @@ if command -v perf >/dev/null; then
   perf record -q -F 2000 -g -p "$daemon" -o "$work/perf.data" -- sleep "$SECS" >/dev/null 2>&1 &
   perf_pid=$!
 fi
-commits=$(pgbench -n -f "$work/ins.sql" -c 2 -R "$RATE" -T "$SECS" "$url" 2>/dev/null \
+commits=$("$pgbin/pgbench" -n -f "$work/ins.sql" -c 2 -R "$RATE" -T "$SECS" "$url" 2>"$work/pgbench.err" \
   | awk '/number of transactions actually processed/ {print $NF}')
+[ -n "$commits" ] && [ "$commits" -gt 0 ] || { echo "pgbench failed:" >&2; cat "$work/pgbench.err" >&2; exit 1; }
 read -r u1 s1 < <(cpu)
 tck=$(getconf CLK_TCK)
 echo "commits: $commits at $RATE/s for $SECS s"
@@ -89,10 +102,18 @@ psql -q "$url" -c "SELECT calls, round(mean_exec_time::numeric, 3) AS mean_ms,
  WHERE query LIKE 'WITH want AS MATERIALIZED%' OR query LIKE 'WITH moved AS (%DELETE FROM citapulse.inbox%'
     OR query LIKE 'INSERT INTO citas %' OR query LIKE 'INSERT INTO citapulse.inbox%'
  ORDER BY statement"
-if [ -n "${perf_pid:-}" ]; then
+if [ -n "$perf_pid" ]; then
   wait "$perf_pid" || true
+  perf_pid=""
   perf report -i "$work/perf.data" --no-children --sort dso --stdio -g none 2>/dev/null \
-    | awk '/%/ {sub(/[[:space:]-]+$/, ""); print "perf, daemon samples by object: " $0}' | head -4
+    | awk '/%/ {sub(/[[:space:]-]+$/, ""); print "perf, daemon samples by object: " $0}' | head -4 || true
   perf report -i "$work/perf.data" --no-children --sort symbol --stdio -g none 2>/dev/null \
-    | awk '/%/ {sub(/[[:space:]-]+$/, ""); print "perf, top symbols: " $0}' | head -6
+    | awk '/%/ {sub(/[[:space:]-]+$/, ""); print "perf, top symbols: " $0}' | head -6 || true
+fi
+if [ "${PHASES:-0}" = 1 ]; then
+  for phase in bind execute; do
+    grep "^citapulse-listener|LOG:  duration: .* $phase " "$work/pg.log" \
+      | sed -E 's/.*duration: ([0-9.]+) ms.*/\1/' | sort -n \
+      | awk -v p="$phase" '{v[NR] = $1} END { if (NR) printf "reader statement %s, ms: p10 %s p50 %s p90 %s p99 %s (n %d)\n", p, v[int(NR*0.1)+1], v[int(NR*0.5)+1], v[int(NR*0.9)+1], v[int(NR*0.99)+1], NR }'
+  done
 fi

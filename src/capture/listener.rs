@@ -180,6 +180,7 @@ impl Listener {
             mode: ModeControl::new(&shared),
             unvacuumed: 0,
             vacuum: None,
+            last_rows_read: None,
         };
         reader.mode.enforce_pinned(&client).await?;
         reader.drain(WakeCause::CatchUp, None).await?;
@@ -298,6 +299,9 @@ struct Reader<'a> {
     unvacuumed: u64,
     /// The vacuum running, if any.
     vacuum: Option<tokio::task::JoinHandle<()>>,
+    /// When the last read that returned rows started: a notification that arrived
+    /// before it was for rows that read already took.
+    last_rows_read: Option<Instant>,
 }
 
 /// Hands events to the hub, through the `[[enrich]]` lookups when there are any.
@@ -348,7 +352,9 @@ impl Reader<'_> {
 
     /// Moves and reads until the log has nothing more, delivering as it goes;
     /// `woke_at`: when the notification that woke it arrived (timed to the first
-    /// delivery).
+    /// delivery). PostgreSQL delivers a notification on this connection only between
+    /// its statements, so a commit made during a read is stamped when that read ends:
+    /// the clock starts at the arrival, not at the commit.
     async fn drain(&mut self, why: WakeCause, mut woke_at: Option<Instant>) -> Result<(), DbError> {
         let shared = self.shared;
         let client = self.client;
@@ -372,6 +378,10 @@ impl Reader<'_> {
                 .metrics
                 .log_read_seconds
                 .observe(started.elapsed().as_secs_f64());
+            // Its rows were taken by an earlier read: not this read's clock.
+            if woke_at.is_some_and(|at| self.last_rows_read.is_some_and(|last| at < last)) {
+                woke_at = None;
+            }
             if batch
                 .events
                 .iter()
@@ -386,6 +396,7 @@ impl Reader<'_> {
                 .observe(batch.events.len() as f64);
             self.mode.observe(batch.events.len(), batch.triggers_notify);
             if !batch.events.is_empty() {
+                self.last_rows_read = Some(started);
                 shared.metrics.events_read.inc_by(batch.events.len() as u64);
                 shared
                     .reader_position
