@@ -25,14 +25,12 @@ const BIG_AND_TWO_SMALL: &str = "INSERT INTO citas (negocio_id, cliente_id, fech
 /// (tenant, event_type, row or payload, old row) of an inbox row.
 type Written = (Option<String>, Option<String>, Value, Value);
 
-/// The inbox rows a statement wrote, oldest first.
-async fn inbox(db: &TestDb) -> Vec<Written> {
+/// `columns` of every inbox row, oldest first; empties the inbox.
+async fn take_inbox(db: &TestDb, columns: &str) -> Vec<tokio_postgres::Row> {
     let rows = db
         .client
         .query(
-            "SELECT tenant, event_type, coalesce(row_data, 'null'), coalesce(old_data, 'null'), \
-                    coalesce(payload, 'null') \
-               FROM citapulse.inbox ORDER BY id",
+            &format!("SELECT {columns} FROM citapulse.inbox ORDER BY id"),
             &[],
         )
         .await
@@ -41,18 +39,29 @@ async fn inbox(db: &TestDb) -> Vec<Written> {
         .batch_execute("DELETE FROM citapulse.inbox")
         .await
         .unwrap();
-    rows.iter()
-        .map(|r| {
-            let payload: Value = r.get(4);
-            let row: Value = r.get(2);
-            (
-                r.get(0),
-                r.get(1),
-                if payload.is_null() { row } else { payload },
-                r.get(3),
-            )
-        })
-        .collect()
+    rows
+}
+
+/// The inbox rows a statement wrote, oldest first.
+async fn inbox(db: &TestDb) -> Vec<Written> {
+    take_inbox(
+        db,
+        "tenant, event_type, coalesce(row_data, 'null'), coalesce(old_data, 'null'), \
+         coalesce(payload, 'null')",
+    )
+    .await
+    .iter()
+    .map(|r| {
+        let payload: Value = r.get(4);
+        let row: Value = r.get(2);
+        (
+            r.get(0),
+            r.get(1),
+            if payload.is_null() { row } else { payload },
+            r.get(3),
+        )
+    })
+    .collect()
 }
 
 /// The one calendar_refresh among what a statement wrote.
@@ -182,31 +191,23 @@ struct Logged {
 
 /// Every inbox row, oldest first; empties the inbox.
 async fn moves(db: &TestDb) -> Vec<Logged> {
-    let rows = db
-        .client
-        .query(
-            "SELECT tenant, op, event_type, row_data ->> 'negocio_id', old_data ->> 'negocio_id', \
-                    coalesce(payload -> 'moved' = 'true'::jsonb, false), (payload ->> 'rows')::int8 \
-               FROM citapulse.inbox ORDER BY id",
-            &[],
-        )
-        .await
-        .unwrap();
-    db.client
-        .batch_execute("DELETE FROM citapulse.inbox")
-        .await
-        .unwrap();
-    rows.iter()
-        .map(|r| Logged {
-            tenant: r.get(0),
-            op: r.get(1),
-            event_type: r.get(2),
-            new_tenant: r.get(3),
-            old_tenant: r.get(4),
-            moved: r.get(5),
-            rows: r.get(6),
-        })
-        .collect()
+    take_inbox(
+        db,
+        "tenant, op, event_type, row_data ->> 'negocio_id', old_data ->> 'negocio_id', \
+         coalesce(payload -> 'moved' = 'true'::jsonb, false), (payload ->> 'rows')::int8",
+    )
+    .await
+    .iter()
+    .map(|r| Logged {
+        tenant: r.get(0),
+        op: r.get(1),
+        event_type: r.get(2),
+        new_tenant: r.get(3),
+        old_tenant: r.get(4),
+        moved: r.get(5),
+        rows: r.get(6),
+    })
+    .collect()
 }
 
 #[tokio::test]
