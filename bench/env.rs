@@ -233,19 +233,33 @@ impl Server {
     }
 
     /// Starts this binary as the bare relays (`--relay`) forwarding `db_url`'s NOTIFYs,
-    /// or reading `keyed` by key on empty ones (`--relay-keyed`).
-    pub async fn relay(db_url: &str, keyed: Option<&str>, log_dir: &Path) -> Result<Self> {
+    /// or reading `keyed` by key on empty ones (`--relay-keyed`), or with `direct`
+    /// writing every socket from the NOTIFY's task (`--relay-direct`).
+    pub async fn relay(
+        db_url: &str,
+        keyed: Option<&str>,
+        direct: bool,
+        log_dir: &Path,
+    ) -> Result<Self> {
         let exe = std::env::current_exe().ctx("finding citapulse-bench's own path")?;
         let mut last_err = None;
         for _ in 0..3 {
             let port = free_port()?;
-            let mut cmd = base_command(&exe, log_dir, keyed.map_or("relay", |_| "relay-keyed"))?;
+            let name = match (keyed, direct) {
+                (Some(_), _) => "relay-keyed",
+                (None, true) => "relay-direct",
+                (None, false) => "relay",
+            };
+            let mut cmd = base_command(&exe, log_dir, name)?;
             cmd.arg("--relay")
                 .arg(format!("127.0.0.1:{port}"))
                 .arg("--relay-db")
                 .arg(db_url);
             if let Some(table) = keyed {
                 cmd.arg("--relay-keyed").arg(table);
+            }
+            if direct {
+                cmd.arg("--relay-direct");
             }
             match Self::launch(Kind::Relay, cmd, port).await {
                 Ok(server) => return Ok(server),

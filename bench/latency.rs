@@ -42,6 +42,8 @@ pub enum Target {
     Relay,
     /// The keyed relay: empty NOTIFYs, one read by key per wake-up (`crate::relay`).
     RelayKeyed,
+    /// The bare relay writing every socket from the NOTIFY's task (`crate::relay`).
+    RelayDirect,
 }
 
 impl Target {
@@ -53,6 +55,7 @@ impl Target {
             Target::Node => "Node.js (pg + ws)",
             Target::Relay => "bare relay (NOTIFY payload)",
             Target::RelayKeyed => "keyed relay (empty NOTIFY, read by key)",
+            Target::RelayDirect => "direct-write relay (NOTIFY payload, no task per socket)",
         }
     }
 
@@ -68,6 +71,7 @@ impl Target {
             Target::Node => "node",
             Target::Relay => "relay",
             Target::RelayKeyed => "relay_keyed",
+            Target::RelayDirect => "relay_direct",
         }
     }
 
@@ -76,7 +80,7 @@ impl Target {
             Target::Floor => "citas_floor",
             Target::Citapulse | Target::CitapulseNotify => "citas",
             Target::Node => "citas_bare",
-            Target::Relay => "citas_relay_row",
+            Target::Relay | Target::RelayDirect => "citas_relay_row",
             Target::RelayKeyed => "citas_relay_keyed",
         }
     }
@@ -128,6 +132,19 @@ pub struct Outcome {
     pub end_mode: String,
     /// Subscribers the server closed during the run (e.g. slow-consumer 4008).
     pub closed: usize,
+    /// Per commit, its first delivery to any subscriber (ack clock): the server's way
+    /// from the commit to its first socket write, plus one client's read.
+    pub first: Summary,
+    /// Per commit, from its first delivery to its last (over every subscriber that got
+    /// it): the fan-out, server and harness together.
+    pub spread: Summary,
+    /// citapulse: the mean of its own clock from a notification's arrival to its events
+    /// queued for every subscriber (`citapulse_wakeup_to_queued_seconds`), ms; NaN for
+    /// the others.
+    pub queued_mean: f64,
+    /// citapulse: the mean round trip of its move-and-read statement
+    /// (`citapulse_log_read_seconds`), ms; NaN for the others.
+    pub read_mean: f64,
 }
 
 impl Outcome {
@@ -165,6 +182,10 @@ impl Outcome {
             late_p50: m(|r| r.late_p50),
             stats_messages: runs.iter().map(|r| r.stats_messages).sum(),
             closed: runs.iter().map(|r| r.closed).sum(),
+            first: Summary::median_of(&runs.iter().map(|r| r.first).collect::<Vec<_>>()),
+            spread: Summary::median_of(&runs.iter().map(|r| r.spread).collect::<Vec<_>>()),
+            queued_mean: m(|r| r.queued_mean),
+            read_mean: m(|r| r.read_mean),
             end_mode: runs
                 .iter()
                 .map(|r| r.end_mode.as_str())
@@ -190,6 +211,10 @@ impl Outcome {
             "stats_messages": self.stats_messages,
             "wakeup_mode_at_end": self.end_mode,
             "subscribers_closed_by_server": self.closed,
+            "first_delivery": self.first.json(),
+            "fan_out_spread": self.spread.json(),
+            "daemon_wakeup_to_queued_mean_ms": round(self.queued_mean, 4),
+            "daemon_log_read_mean_ms": round(self.read_mean, 4),
         })
     }
 }
@@ -302,6 +327,8 @@ fn analyse(
     let mut late = Vec::new();
     let mut before_ack = 0;
     let mut count = 0;
+    // Per commit (index seq - warm - 1): its first and last delivery, and how many.
+    let mut span = vec![(u64::MAX, 0u64, 0u32); commits.saturating_sub(u64::from(warm)) as usize];
     for r in received {
         for &(seq, at) in &r.events {
             count += 1;
@@ -312,6 +339,11 @@ fn analyse(
             let acked = timeline.acked(seq);
             if sent == 0 || acked == 0 {
                 continue;
+            }
+            if let Some((first, last, n)) = span.get_mut((seq - warm - 1) as usize) {
+                *first = (*first).min(at);
+                *last = (*last).max(at);
+                *n += 1;
             }
             from_send.push(at.saturating_sub(sent));
             if at < acked {
@@ -324,6 +356,18 @@ fn analyse(
             } else if u64::from(seq) > commits.saturating_sub(u64::from(fifth)) {
                 late.push(lat);
             }
+        }
+    }
+    let mut first = Vec::with_capacity(span.len());
+    let mut spread = Vec::with_capacity(span.len());
+    for (i, &(at, last, n)) in span.iter().enumerate() {
+        if n == 0 {
+            continue;
+        }
+        let seq = warm + 1 + i as u32;
+        first.push(at.saturating_sub(timeline.acked(seq)));
+        if n > 1 {
+            spread.push(last - at);
         }
     }
     Outcome {
@@ -341,6 +385,10 @@ fn analyse(
         stats_messages: received.iter().map(|r| r.stats.len() as u64).sum(),
         end_mode: String::new(),
         closed: received.iter().filter(|r| r.closed).count(),
+        first: Summary::of_ns(first),
+        spread: Summary::of_ns(spread),
+        queued_mean: f64::NAN,
+        read_mean: f64::NAN,
     }
 }
 
@@ -385,6 +433,21 @@ async fn floor_listener(
 
 /// Writers for a target rate: 2 up to 1 000 commits/s (issue 10), 16 above (commits
 /// that NOTIFY serialise on their WAL flush, so few writers cannot reach 5 000/s).
+/// The daemon's clock from a notification's arrival to its events queued.
+const QUEUED_CLOCK: &str = "citapulse_wakeup_to_queued_seconds";
+/// The daemon's clock of the move-and-read statement's round trip.
+const READ_CLOCK: &str = "citapulse_log_read_seconds";
+
+/// One of citapulse's clocks so far: its sum (s) and count; NaN for the others.
+async fn daemon_clock(server: &Server, target: Target, name: &str) -> (f64, f64) {
+    if !target.is_citapulse() {
+        return (f64::NAN, f64::NAN);
+    }
+    let sum = server.metric(&format!("{name}_sum")).await;
+    let count = server.metric(&format!("{name}_count")).await;
+    (sum.unwrap_or(f64::NAN), count.unwrap_or(f64::NAN))
+}
+
 fn writers_for(rate: f64) -> usize {
     if rate <= 1000.0 { 2 } else { 16 }
 }
@@ -412,8 +475,10 @@ pub async fn scenario(b: &Bench) -> Result<Section> {
     let admin = b.db.connect().await?;
     let node = b.node("bench_bare", &mut section).await;
     let logs = b.out_dir.join("logs");
-    let relay = Server::relay(&b.db.url, None, &logs).await?;
-    let relay_keyed = Server::relay(&b.db.url, Some(Target::RelayKeyed.table()), &logs).await?;
+    let relay = Server::relay(&b.db.url, None, false, &logs).await?;
+    let relay_keyed =
+        Server::relay(&b.db.url, Some(Target::RelayKeyed.table()), false, &logs).await?;
+    let relay_direct = Server::relay(&b.db.url, None, true, &logs).await?;
     // Idle subscribers on other tenants, so the hubs hold 1 000 tenants with subscribers.
     let idle_on = |server: &Server| {
         client::connect_many(server.addr, &b.tokens, background, 1000, 64, 4096, |i| {
@@ -448,7 +513,12 @@ pub async fn scenario(b: &Bench) -> Result<Section> {
             if !b.quick && rate <= 1000.0 {
                 targets.push(Target::CitapulseNotify);
             }
-            targets.extend([Target::Node, Target::Relay, Target::RelayKeyed]);
+            targets.extend([
+                Target::Node,
+                Target::Relay,
+                Target::RelayKeyed,
+                Target::RelayDirect,
+            ]);
             for target in targets {
                 if target.is_citapulse() && current.as_ref().map(|c| c.0) != Some(target) {
                     if let Some((_, daemon, clients)) = current.take() {
@@ -472,6 +542,7 @@ pub async fn scenario(b: &Bench) -> Result<Section> {
                     Target::Node => node.as_ref(),
                     Target::Relay => Some(&relay),
                     Target::RelayKeyed => Some(&relay_keyed),
+                    Target::RelayDirect => Some(&relay_direct),
                     _ => current.as_ref().map(|c| &c.1),
                 };
                 let Some(server) = server else { continue };
@@ -488,9 +559,15 @@ pub async fn scenario(b: &Bench) -> Result<Section> {
                         duration: b.duration,
                     };
                     let tenant = format!("lat_{}_{round}_{rate}_{n}", target.key());
+                    let queued = daemon_clock(server, target, QUEUED_CLOCK).await;
+                    let read = daemon_clock(server, target, READ_CLOCK).await;
                     let mut out = run(b, spec, Some(server), &tenant).await?;
                     if target.is_citapulse() {
                         out.end_mode = server.wakeup_mode().await;
+                        let (sum, count) = daemon_clock(server, target, QUEUED_CLOCK).await;
+                        out.queued_mean = (sum - queued.0) / (count - queued.1) * 1000.0;
+                        let (sum, count) = daemon_clock(server, target, READ_CLOCK).await;
+                        out.read_mean = (sum - read.0) / (count - read.1) * 1000.0;
                     }
                     eprintln!(
                         "  latency round {round} {} {rate}/s × {n}: ack p50 {} ms p99 {} ms, {}/{} delivered, {} closed",
@@ -522,6 +599,7 @@ pub async fn scenario(b: &Bench) -> Result<Section> {
     }
     relay.stop().await;
     relay_keyed.stop().await;
+    relay_direct.stop().await;
 
     let medians: BTreeMap<(u64, usize, Target), Outcome> = results
         .iter()
@@ -565,8 +643,45 @@ pub async fn scenario(b: &Bench) -> Result<Section> {
             "CPU/100k vs bare relay",
         ],
     );
+    let mut split = Table::new(
+        "Where a fan-out's time goes (ack clock, ms): per commit, its first delivery to any subscriber, and the spread from its first delivery to its last",
+        &[
+            "commits/s",
+            "subs",
+            "contestant",
+            "ack p50",
+            "first p50",
+            "first p99",
+            "spread p50",
+            "spread p99",
+            "citapulse: notification → queued for all, mean",
+            "citapulse: its read's round trip, mean",
+        ],
+    );
     let mut json_runs = Vec::new();
     for (&(rate, n, target), out) in &medians {
+        if target != Target::Floor {
+            split.row(vec![
+                rate.to_string(),
+                n.to_string(),
+                target.name().into(),
+                num(out.from_ack.p50),
+                num(out.first.p50),
+                num(out.first.p99),
+                num(out.spread.p50),
+                num(out.spread.p99),
+                if out.queued_mean.is_nan() {
+                    "–".into()
+                } else {
+                    num(out.queued_mean)
+                },
+                if out.read_mean.is_nan() {
+                    "–".into()
+                } else {
+                    num(out.read_mean)
+                },
+            ]);
+        }
         main.row(vec![
             format!("{rate} ({})", num(out.achieved)),
             if target == Target::Floor {
@@ -600,7 +715,7 @@ pub async fn scenario(b: &Bench) -> Result<Section> {
             "median": out.json(),
             "runs": results.get(&(rate, n, target)).map(|rs| rs.iter().map(Outcome::json).collect::<Vec<_>>()),
         }));
-        if !target.is_citapulse() && target != Target::RelayKeyed {
+        if !target.is_citapulse() && !matches!(target, Target::RelayKeyed | Target::RelayDirect) {
             continue;
         }
         let floor = medians.get(&(rate, 0, Target::Floor));
@@ -626,6 +741,7 @@ pub async fn scenario(b: &Bench) -> Result<Section> {
     }
     section.tables.push(main);
     section.tables.push(ratios);
+    section.tables.push(split);
     section.notes.push(format!(
         "wake-up mode switches made by the daemons during the scenario: {switches} (the wakeup row is reset to notify before every citapulse run)"
     ));

@@ -120,6 +120,9 @@ struct Args {
     /// Internal: the relay reads this table by key on empty NOTIFYs instead.
     #[arg(long, hide = true)]
     relay_keyed: Option<String>,
+    /// Internal: the bare relay writes to every socket from the NOTIFY's task.
+    #[arg(long, hide = true)]
+    relay_direct: bool,
 }
 
 /// The scenarios, in issue 10's order.
@@ -284,7 +287,7 @@ fn default_daemon_bin() -> PathBuf {
 async fn run(args: Args) -> Result<()> {
     if let (Some(listen), Some(db)) = (args.relay, &args.relay_db) {
         env::raise_nofile();
-        return relay::serve(listen, db, args.relay_keyed.as_deref()).await;
+        return relay::serve(listen, db, args.relay_keyed.as_deref(), args.relay_direct).await;
     }
     let started = Instant::now();
     let nofile = env::raise_nofile();

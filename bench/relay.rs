@@ -11,8 +11,15 @@
 //! [`KEYED_CHANNEL`], whose NOTIFYs are empty, and on each wake-up reads the table's rows
 //! above the highest id it sent, by key, and sends them. One read per wake-up and nothing
 //! else: not lossless (a lower id that commits late is skipped), so a floor only.
+//!
+//! With `--relay-direct` the bare relay has no task per socket: the task that receives a
+//! NOTIFY encodes its frame once and writes it to every socket itself, non-blocking (a
+//! socket whose buffer is full is dropped, which received/expected shows). The floor of
+//! a design that writes from the dispatch instead of waking a writer per subscriber.
 
+use std::io::Write;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::Full;
@@ -38,11 +45,18 @@ pub const KEYED_CHANNEL: &str = "bench_relay_keyed";
 /// What a client gets once it is in: the Node clients count themselves ready on it.
 const READY: &str = r#"{"type":"stats","data":{}}"#;
 
-/// Serves until killed; `keyed`: the table the keyed relay reads (see the module).
-pub async fn serve(listen: SocketAddr, db_url: &str, keyed: Option<&str>) -> Result<()> {
+/// Serves until killed; `keyed`: the table the keyed relay reads; `direct`: write from
+/// the NOTIFY's task (see the module).
+pub async fn serve(
+    listen: SocketAddr,
+    db_url: &str,
+    keyed: Option<&str>,
+    direct: bool,
+) -> Result<()> {
     let (events, _) = broadcast::channel::<Utf8Bytes>(1 << 16);
+    let sockets = direct.then(|| Arc::new(Sockets::default()));
     // `/health` and `/ws` are the inner service; socketioxide takes `/socket.io/`.
-    let inner = Inner(events.clone());
+    let inner = Inner(events.clone(), sockets.clone());
     let (service, io) = SocketIo::builder()
         .req_path("/socket.io")
         .max_buffer_size(1 << 16)
@@ -57,7 +71,7 @@ pub async fn serve(listen: SocketAddr, db_url: &str, keyed: Option<&str>) -> Res
     let (db, mut connection) = tokio_postgres::connect(db_url, NoTls)
         .await
         .ctx("connecting the relay's listener")?;
-    let wake = std::sync::Arc::new(tokio::sync::Notify::new());
+    let wake = Arc::new(tokio::sync::Notify::new());
     let woken = wake.clone();
     let payloads = events.clone();
     tokio::spawn(async move {
@@ -72,13 +86,17 @@ pub async fn serve(listen: SocketAddr, db_url: &str, keyed: Option<&str>) -> Res
                 continue;
             }
             let text = n.payload();
+            if let Some(sockets) = &sockets {
+                sockets.write_all(text);
+                continue;
+            }
             let _ = payloads.send(Utf8Bytes::from(text.to_string()));
             if let Ok(raw) = serde_json::from_str::<&RawValue>(text) {
                 let _ = io.to("all").emit("cita_created", raw).await;
             }
         }
     });
-    let db = std::sync::Arc::new(db);
+    let db = Arc::new(db);
     let channel = match keyed {
         Some(table) => {
             read_by_key(db.clone(), table, wake, events).await?;
@@ -108,9 +126,40 @@ pub async fn serve(listen: SocketAddr, db_url: &str, keyed: Option<&str>) -> Res
     }
 }
 
-/// `/health` and the bare WebSocket relay at `/ws`.
+/// `/health` and the bare WebSocket relay at `/ws`; the sockets written directly, in
+/// direct mode.
 #[derive(Clone)]
-struct Inner(broadcast::Sender<Utf8Bytes>);
+struct Inner(broadcast::Sender<Utf8Bytes>, Option<Arc<Sockets>>);
+
+/// The direct relay's subscribed sockets.
+#[derive(Default)]
+struct Sockets(Mutex<Vec<std::net::TcpStream>>);
+
+impl Sockets {
+    /// Encodes `text` as one unmasked text frame and writes it to every socket now, one
+    /// non-blocking `send` each; a socket that cannot take it whole at once is dropped.
+    fn write_all(&self, text: &str) {
+        let len = text.len();
+        let mut frame = Vec::with_capacity(len + 10);
+        frame.push(0x81);
+        match u16::try_from(len) {
+            Ok(short) if short < 126 => frame.push(short as u8),
+            Ok(short) => {
+                frame.push(126);
+                frame.extend_from_slice(&short.to_be_bytes());
+            }
+            Err(_) => {
+                frame.push(127);
+                frame.extend_from_slice(&(len as u64).to_be_bytes());
+            }
+        }
+        frame.extend_from_slice(text.as_bytes());
+        let Ok(mut sockets) = self.0.lock() else {
+            return;
+        };
+        sockets.retain_mut(|socket| matches!(socket.write(&frame), Ok(n) if n == frame.len()));
+    }
+}
 
 impl Service<Request<Incoming>> for Inner {
     type Response = Response<Full<Bytes>>;
@@ -123,9 +172,10 @@ impl Service<Request<Incoming>> for Inner {
             "/ws" => match hyper_tungstenite::upgrade(&mut req, None) {
                 Ok((res, socket)) => {
                     let rx = self.0.subscribe();
+                    let direct = self.1.clone();
                     tokio::spawn(async move {
                         if let Ok(ws) = socket.await {
-                            relay_ws(ws, rx).await;
+                            relay_ws(ws, rx, direct).await;
                         }
                     });
                     res
@@ -145,10 +195,12 @@ fn status(code: u16) -> Response<Full<Bytes>> {
 }
 
 /// One `/ws` client: `stats` once it subscribes, then every payload; each read of the
-/// broadcast channel is fed, and flushed when nothing more is waiting.
+/// broadcast channel is fed, and flushed when nothing more is waiting. In direct mode the
+/// subscribed socket is handed to `direct` instead (nothing reads it after that).
 async fn relay_ws(
     ws: hyper_tungstenite::HyperWebsocketStream,
     mut rx: broadcast::Receiver<Utf8Bytes>,
+    direct: Option<Arc<Sockets>>,
 ) {
     let (mut sink, mut stream) = ws.split();
     // The daemon's handshake, which the Rust clients wait for; the Node ones ignore it.
@@ -170,6 +222,19 @@ async fn relay_ws(
         if sink.send(Message::text(text)).await.is_err() {
             return;
         }
+    }
+    if let Some(direct) = direct {
+        // Out of the runtime: a plain non-blocking socket, written with `send`.
+        let tcp = sink
+            .reunite(stream)
+            .ok()
+            .map(|ws| ws.into_inner().into_inner())
+            .and_then(|upgraded| upgraded.downcast::<TokioIo<tokio::net::TcpStream>>().ok())
+            .and_then(|parts| parts.io.into_inner().into_std().ok());
+        if let (Some(tcp), Ok(mut sockets)) = (tcp, direct.0.lock()) {
+            sockets.push(tcp);
+        }
+        return;
     }
     tokio::spawn(async move { while let Some(Ok(_)) = stream.next().await {} });
     loop {
@@ -196,9 +261,9 @@ async fn relay_ws(
 /// The keyed relay's reader: from the table's highest id at start, on each wake-up, every
 /// row above the highest id sent, in id order, as the daemon's message shape.
 async fn read_by_key(
-    db: std::sync::Arc<tokio_postgres::Client>,
+    db: Arc<tokio_postgres::Client>,
     table: &str,
-    wake: std::sync::Arc<tokio::sync::Notify>,
+    wake: Arc<tokio::sync::Notify>,
     events: broadcast::Sender<Utf8Bytes>,
 ) -> Result<()> {
     let start = db

@@ -13,9 +13,13 @@
 #   cargo build --release --bin citapulse
 #   bench/variants/wakeup-profile.sh              # RATE=1000 SECS=10
 #   PHASES=1 SECS=5 bench/variants/wakeup-profile.sh
+#   BACKEND_PERF=1 bench/variants/wakeup-profile.sh
 # PHASES=1 also logs every statement's protocol phases (log_min_duration_statement = 0)
 # and prints the percentiles of the reader statement's bind and execute times; the
 # logging slows everything else, so take the other figures from a run without it.
+# BACKEND_PERF=1 samples the reader's PostgreSQL backend (citapulse-listener) instead of
+# the daemon, and prints where its time goes: its top functions, self and inclusive (the
+# backend's own symbols only: the server binary is stripped of static ones).
 # Env: RATE, SECS, DAEMON_BIN (default target/release/citapulse), PGBIN, KEEP=1,
 #      DAEMON_URL_PARAMS (added to the daemon's database URL, e.g.
 #      options=-c%20synchronous_commit%3Doff).
@@ -75,8 +79,13 @@ VALUES ('t1', 'c', 'p1', current_date, '09:00', '09:30', 'pendiente');" > "$work
 psql -q "$url" -c "SELECT pg_stat_statements_reset()" >/dev/null
 cpu() { awk '{print $14, $15}' "/proc/$daemon/stat"; }
 read -r u0 s0 < <(cpu)
+perf_target=$daemon
+if [ "${BACKEND_PERF:-0}" = 1 ]; then
+  perf_target=$(psql -qtA "$url" -c "SELECT pid FROM pg_stat_activity WHERE application_name = 'citapulse-listener'")
+  [ -n "$perf_target" ] || { echo "no citapulse-listener backend" >&2; exit 1; }
+fi
 if command -v perf >/dev/null; then
-  perf record -q -F 2000 -g -p "$daemon" -o "$work/perf.data" -- sleep "$SECS" >/dev/null 2>&1 &
+  perf record -q -F 2000 -g -p "$perf_target" -o "$work/perf.data" -- sleep "$SECS" >/dev/null 2>&1 &
   perf_pid=$!
 fi
 commits=$("$pgbin/pgbench" -n -f "$work/ins.sql" -c 2 -R "$RATE" -T "$SECS" "$url" 2>"$work/pgbench.err" \
@@ -108,7 +117,11 @@ if [ -n "$perf_pid" ]; then
   perf report -i "$work/perf.data" --no-children --sort dso --stdio -g none 2>/dev/null \
     | awk '/%/ {sub(/[[:space:]-]+$/, ""); print "perf, daemon samples by object: " $0}' | head -4 || true
   perf report -i "$work/perf.data" --no-children --sort symbol --stdio -g none 2>/dev/null \
-    | awk '/%/ {sub(/[[:space:]-]+$/, ""); print "perf, top symbols: " $0}' | head -6 || true
+    | awk '/%/ {sub(/[[:space:]-]+$/, ""); print "perf, top symbols: " $0}' | head -"${PERF_TOP:-6}" || true
+  if [ "${BACKEND_PERF:-0}" = 1 ]; then
+    perf report -i "$work/perf.data" --children --sort symbol --stdio -g none 2>/dev/null \
+      | awk '/%/ {sub(/[[:space:]-]+$/, ""); print "perf, inclusive: " $0}' | head -"${PERF_TOP:-40}" || true
+  fi
 fi
 if [ "${PHASES:-0}" = 1 ]; then
   for phase in bind execute; do
