@@ -524,7 +524,9 @@ pub async fn prepare_reader(client: &Client) -> Result<tokio_postgres::Statement
 /// says how many were wanted), and the reader reads again. The move's own rows are
 /// invisible to the other arms of this statement, and the next reads skip them by xid
 /// (see [`Taken`]). The move commits without waiting for its WAL flush: one lost in a
-/// crash leaves its rows in the inbox, to move again with the same ids.
+/// crash leaves its rows in the inbox, to move again with the same ids. With nothing to
+/// move (a poll, or a notification whose rows an earlier read took) the move is not
+/// called at all: an empty one still costs a function call and its plan's start-up.
 pub fn reader_sql() -> String {
     format!(
         "WITH want AS MATERIALIZED ( \
@@ -545,7 +547,7 @@ pub fn reader_sql() -> String {
            WHERE e.id > $1 AND e.xid <> ALL($7::text[]::xid8[]) ORDER BY e.id LIMIT $3) \
          UNION ALL \
          SELECT {READER_COLUMNS}, NULL, NULL, NULL, e.xid::text, NULL \
-           FROM want w, citapulse.take_inbox(w.ids) e"
+           FROM want w, citapulse.take_inbox(w.ids) e WHERE cardinality(w.ids) > 0"
     )
 }
 

@@ -75,49 +75,11 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Runs until shutdown on a thread of its own: connect, LISTEN, catch up, then read on
-/// every wake-up or poll; on failure reconnect with capped exponential backoff and
-/// jitter.
-///
-/// Why a thread: on the shared runtime a wake-up waits in the workers' queues behind
-/// every socket write queued before it (one per subscriber per event), at each of its
-/// hops (the notification, the reply to the read); on its own thread the kernel runs it
-/// as soon as the database answers. What it hands on (the hub's queues, enrichment's
-/// tasks) stays on the shared runtime.
-pub async fn run(shared: Arc<Context>, shutdown: watch::Receiver<bool>) {
-    let main = tokio::runtime::Handle::current();
-    let (ended_tx, ended) = tokio::sync::oneshot::channel::<()>();
-    let started = std::thread::Builder::new()
-        .name("capture-reader".into())
-        .spawn(move || {
-            match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(runtime) => runtime.block_on(run_here(shared, shutdown, main)),
-                Err(err) => {
-                    tracing::error!(error = %err, "cannot start the capture thread's runtime")
-                }
-            }
-            // Dropped also by a panic: either way the supervisor sees the listener end.
-            drop(ended_tx);
-        });
-    match started {
-        Ok(_) => {
-            let _ = ended.await;
-        }
-        Err(err) => tracing::error!(error = %err, "cannot start the capture thread"),
-    }
-}
-
-async fn run_here(
-    shared: Arc<Context>,
-    mut shutdown: watch::Receiver<bool>,
-    main: tokio::runtime::Handle,
-) {
+/// Runs until shutdown: connect, LISTEN, catch up, then read on every wake-up or poll;
+/// on failure reconnect with capped exponential backoff and jitter.
+pub async fn run(shared: Arc<Context>, mut shutdown: watch::Receiver<bool>) {
     let mut listener = Listener {
         shared,
-        main,
         cursor: None,
         resolver: Resolver::default(),
         reconnects: Reconnects::default(),
@@ -138,8 +100,6 @@ async fn run_here(
 /// What survives reconnects: the cursor, the resolver's cache and the backoff.
 struct Listener {
     shared: Arc<Context>,
-    /// The shared runtime, where delivery's tasks run.
-    main: tokio::runtime::Handle,
     /// Where the next read starts; `None` until the first session reads the log's head.
     cursor: Option<Cursor>,
     resolver: Resolver,
@@ -213,7 +173,6 @@ impl Listener {
 
         let mut reader = Reader {
             shared: &shared,
-            main: &self.main,
             client: &client,
             read,
             cursor,
@@ -330,8 +289,6 @@ impl Wakeups {
 /// One session's reading side: its connection and statements, and the state it advances.
 struct Reader<'a> {
     shared: &'a Context,
-    /// The shared runtime: tasks that delivery starts belong there.
-    main: &'a tokio::runtime::Handle,
     client: &'a tokio_postgres::Client,
     /// The move-and-read statement (`db::reader_sql`).
     read: tokio_postgres::Statement,
@@ -347,16 +304,13 @@ struct Reader<'a> {
     last_rows_read: Option<Instant>,
 }
 
-/// Hands events to the hub, through the `[[enrich]]` lookups when there are any (whose
-/// tasks start on `main`, the shared runtime).
+/// Hands events to the hub, through the `[[enrich]]` lookups when there are any.
 fn deliver(
     shared: &Context,
-    main: &tokio::runtime::Handle,
     events: Vec<crate::db::LogEvent>,
     now: f64,
 ) -> crate::delivery::hub::Dispatched {
     if shared.enrich.is_active() {
-        let _on_main = main.enter();
         shared.enrich.dispatch(events, now)
     } else {
         shared.hub.dispatch(&events, now)
@@ -448,7 +402,7 @@ impl Reader<'_> {
                     .reader_position
                     .store(self.cursor.last_id, Ordering::Release);
                 let now = crate::stats::unix_time_f64();
-                let dispatched = deliver(shared, self.main, batch.events, now);
+                let dispatched = deliver(shared, batch.events, now);
                 if let Some(at) = woke_at.take() {
                     shared
                         .metrics
@@ -459,7 +413,7 @@ impl Reader<'_> {
                 if !dispatched.unshaped.is_empty() {
                     // Subscribed while the read ran: read those whole, deliver them now.
                     let whole = db::events_by_id(client, &dispatched.unshaped).await?;
-                    let again = deliver(shared, self.main, whole, now);
+                    let again = deliver(shared, whole, now);
                     shared.stats.mark_events(&again.touched);
                 }
             }
