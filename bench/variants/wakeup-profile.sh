@@ -20,7 +20,7 @@
 # BACKEND_PERF=1 samples the reader's PostgreSQL backend (citapulse-listener) instead of
 # the daemon, and prints where its time goes: its top functions, self and inclusive (the
 # backend's own symbols only: the server binary is stripped of static ones).
-# Env: RATE, SECS, DAEMON_BIN (default target/release/citapulse), PGBIN, KEEP=1,
+# Env: RATE, SECS, SUBSCRIBERS (1), DAEMON_BIN (default target/release/citapulse), PGBIN, KEEP=1,
 #      DAEMON_URL_PARAMS (added to the daemon's database URL, e.g.
 #      options=-c%20synchronous_commit%3Doff).
 set -euo pipefail
@@ -66,14 +66,16 @@ curl -sf "127.0.0.1:$wsport/health" >/dev/null || { echo "the daemon did not com
 token=$("$DAEMON_BIN" token --tenant t1 | tail -1)
 cat > "$work/sub.js" <<JS
 const WebSocket = require("$proj/bench/peers/node/node_modules/ws");
-const ws = new WebSocket("ws://127.0.0.1:$wsport/ws", {headers: {Authorization: "Bearer $token"}});
-ws.on("open", () => ws.send(JSON.stringify({type: "subscribe", data: {channel: "estadisticas:t1"}})));
-ws.on("message", () => {});
+for (let i = 0; i < ${SUBSCRIBERS:-1}; i++) {
+  const ws = new WebSocket("ws://127.0.0.1:$wsport/ws", {headers: {Authorization: "Bearer $token"}});
+  ws.on("open", () => ws.send(JSON.stringify({type: "subscribe", data: {channel: "estadisticas:t1"}})));
+  ws.on("message", () => {});
+}
 JS
 node "$work/sub.js" & sub=$!
 sleep 1
 subscribers=$(curl -s "127.0.0.1:$wsport/metrics" | awk '/^citapulse_subscriptions[{ ]/ {print $2}')
-[ "${subscribers:-0}" = 1 ] || { echo "the subscriber did not subscribe (node and bench/peers/node/node_modules needed)" >&2; exit 1; }
+[ "${subscribers:-0}" = "${SUBSCRIBERS:-1}" ] || { echo "the subscribers did not subscribe (node and bench/peers/node/node_modules needed)" >&2; exit 1; }
 echo "INSERT INTO citas (negocio_id, cliente_id, profesional_id, fecha, hora_inicio, hora_fin, estado) \
 VALUES ('t1', 'c', 'p1', current_date, '09:00', '09:30', 'pendiente');" > "$work/ins.sql"
 psql -q "$url" -c "SELECT pg_stat_statements_reset()" >/dev/null
