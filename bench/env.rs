@@ -234,21 +234,24 @@ impl Server {
 
     /// Starts this binary as the bare relays (`--relay`) forwarding `db_url`'s NOTIFYs,
     /// or reading `keyed` by key on empty ones (`--relay-keyed`), or with `direct`
-    /// writing every socket from the NOTIFY's task (`--relay-direct`).
+    /// writing every socket from the NOTIFY's task (`--relay-direct`), or with `hold`
+    /// holding each write's first frame that long (`--relay-hold-ms`).
     pub async fn relay(
         db_url: &str,
         keyed: Option<&str>,
         direct: bool,
+        hold: Option<Duration>,
         log_dir: &Path,
     ) -> Result<Self> {
         let exe = std::env::current_exe().ctx("finding citapulse-bench's own path")?;
         let mut last_err = None;
         for _ in 0..3 {
             let port = free_port()?;
-            let name = match (keyed, direct) {
-                (Some(_), _) => "relay-keyed",
-                (None, true) => "relay-direct",
-                (None, false) => "relay",
+            let name = match (keyed, direct, hold) {
+                (Some(_), _, _) => "relay-keyed",
+                (None, true, _) => "relay-direct",
+                (None, false, Some(_)) => "relay-coalesce",
+                (None, false, None) => "relay",
             };
             let mut cmd = base_command(&exe, log_dir, name)?;
             cmd.arg("--relay")
@@ -260,6 +263,9 @@ impl Server {
             }
             if direct {
                 cmd.arg("--relay-direct");
+            }
+            if let Some(hold) = hold {
+                cmd.arg("--relay-hold-ms").arg(hold.as_millis().to_string());
             }
             match Self::launch(Kind::Relay, cmd, port).await {
                 Ok(server) => return Ok(server),

@@ -44,6 +44,8 @@ pub enum Target {
     RelayKeyed,
     /// The bare relay writing every socket from the NOTIFY's task (`crate::relay`).
     RelayDirect,
+    /// The bare relay holding each write's first frame (`--relay-coalesce-ms`).
+    RelayCoalesce,
 }
 
 impl Target {
@@ -56,6 +58,7 @@ impl Target {
             Target::Relay => "bare relay (NOTIFY payload)",
             Target::RelayKeyed => "keyed relay (empty NOTIFY, read by key)",
             Target::RelayDirect => "direct-write relay (NOTIFY payload, no task per socket)",
+            Target::RelayCoalesce => "coalescing relay (bare, each write's first frame held)",
         }
     }
 
@@ -72,6 +75,7 @@ impl Target {
             Target::Relay => "relay",
             Target::RelayKeyed => "relay_keyed",
             Target::RelayDirect => "relay_direct",
+            Target::RelayCoalesce => "relay_coalesce",
         }
     }
 
@@ -80,7 +84,7 @@ impl Target {
             Target::Floor => "citas_floor",
             Target::Citapulse | Target::CitapulseNotify => "citas",
             Target::Node => "citas_bare",
-            Target::Relay | Target::RelayDirect => "citas_relay_row",
+            Target::Relay | Target::RelayDirect | Target::RelayCoalesce => "citas_relay_row",
             Target::RelayKeyed => "citas_relay_keyed",
         }
     }
@@ -475,10 +479,20 @@ pub async fn scenario(b: &Bench) -> Result<Section> {
     let admin = b.db.connect().await?;
     let node = b.node("bench_bare", &mut section).await;
     let logs = b.out_dir.join("logs");
-    let relay = Server::relay(&b.db.url, None, false, &logs).await?;
-    let relay_keyed =
-        Server::relay(&b.db.url, Some(Target::RelayKeyed.table()), false, &logs).await?;
-    let relay_direct = Server::relay(&b.db.url, None, true, &logs).await?;
+    let relay = Server::relay(&b.db.url, None, false, None, &logs).await?;
+    let relay_keyed = Server::relay(
+        &b.db.url,
+        Some(Target::RelayKeyed.table()),
+        false,
+        None,
+        &logs,
+    )
+    .await?;
+    let relay_direct = Server::relay(&b.db.url, None, true, None, &logs).await?;
+    let relay_coalesce = match b.relay_coalesce {
+        Some(hold) => Some(Server::relay(&b.db.url, None, false, Some(hold), &logs).await?),
+        None => None,
+    };
     // Idle subscribers on other tenants, so the hubs hold 1 000 tenants with subscribers.
     let idle_on = |server: &Server| {
         client::connect_many(server.addr, &b.tokens, background, 1000, 64, 4096, |i| {
@@ -518,6 +532,7 @@ pub async fn scenario(b: &Bench) -> Result<Section> {
                 Target::Relay,
                 Target::RelayKeyed,
                 Target::RelayDirect,
+                Target::RelayCoalesce,
             ]);
             for target in targets {
                 if target.is_citapulse() && current.as_ref().map(|c| c.0) != Some(target) {
@@ -543,6 +558,7 @@ pub async fn scenario(b: &Bench) -> Result<Section> {
                     Target::Relay => Some(&relay),
                     Target::RelayKeyed => Some(&relay_keyed),
                     Target::RelayDirect => Some(&relay_direct),
+                    Target::RelayCoalesce => relay_coalesce.as_ref(),
                     _ => current.as_ref().map(|c| &c.1),
                 };
                 let Some(server) = server else { continue };
@@ -600,6 +616,9 @@ pub async fn scenario(b: &Bench) -> Result<Section> {
     relay.stop().await;
     relay_keyed.stop().await;
     relay_direct.stop().await;
+    if let Some(relay) = relay_coalesce {
+        relay.stop().await;
+    }
 
     let medians: BTreeMap<(u64, usize, Target), Outcome> = results
         .iter()
@@ -715,7 +734,12 @@ pub async fn scenario(b: &Bench) -> Result<Section> {
             "median": out.json(),
             "runs": results.get(&(rate, n, target)).map(|rs| rs.iter().map(Outcome::json).collect::<Vec<_>>()),
         }));
-        if !target.is_citapulse() && !matches!(target, Target::RelayKeyed | Target::RelayDirect) {
+        if !target.is_citapulse()
+            && !matches!(
+                target,
+                Target::RelayKeyed | Target::RelayDirect | Target::RelayCoalesce
+            )
+        {
             continue;
         }
         let floor = medians.get(&(rate, 0, Target::Floor));

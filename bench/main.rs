@@ -79,6 +79,10 @@ struct Args {
     /// Latency: subscriber counts on the written tenant (comma-separated; default 1,100).
     #[arg(long, value_delimiter = ',')]
     subscribers: Vec<usize>,
+    /// Latency: also run a bare relay that holds each socket's first frame this many ms
+    /// so that later ones share its write (what coalescing costs in latency, saves in CPU).
+    #[arg(long)]
+    relay_coalesce_ms: Option<u64>,
     /// Subscribers on the hot tenant in the fan-out scenario.
     #[arg(long, default_value_t = 10_000)]
     fanout: usize,
@@ -123,6 +127,9 @@ struct Args {
     /// Internal: the bare relay writes to every socket from the NOTIFY's task.
     #[arg(long, hide = true)]
     relay_direct: bool,
+    /// Internal: the bare relay holds each socket's first frame this many ms.
+    #[arg(long, hide = true)]
+    relay_hold_ms: Option<u64>,
 }
 
 /// The scenarios, in issue 10's order.
@@ -193,6 +200,8 @@ pub struct Bench {
     pub rates: Vec<f64>,
     /// Latency: the subscriber counts (empty: the default set).
     pub subscribers: Vec<usize>,
+    /// Latency: the hold of the coalescing relay, if it runs.
+    pub relay_coalesce: Option<Duration>,
     /// Fan-out: subscribers on the hot tenant.
     pub fanout: usize,
     /// Fan-out: total sockets wanted.
@@ -287,7 +296,14 @@ fn default_daemon_bin() -> PathBuf {
 async fn run(args: Args) -> Result<()> {
     if let (Some(listen), Some(db)) = (args.relay, &args.relay_db) {
         env::raise_nofile();
-        return relay::serve(listen, db, args.relay_keyed.as_deref(), args.relay_direct).await;
+        return relay::serve(
+            listen,
+            db,
+            args.relay_keyed.as_deref(),
+            args.relay_direct,
+            args.relay_hold_ms,
+        )
+        .await;
     }
     let started = Instant::now();
     let nofile = env::raise_nofile();
@@ -356,6 +372,7 @@ async fn run(args: Args) -> Result<()> {
         ),
         rates: args.rates.clone(),
         subscribers: args.subscribers.clone(),
+        relay_coalesce: args.relay_coalesce_ms.map(Duration::from_millis),
         fanout: args.fanout,
         fanout_max: args.fanout_max,
         out_dir,

@@ -16,6 +16,10 @@
 //! NOTIFY encodes its frame once and writes it to every socket itself, non-blocking (a
 //! socket whose buffer is full is dropped, which received/expected shows). The floor of
 //! a design that writes from the dispatch instead of waking a writer per subscriber.
+//!
+//! With `--relay-hold-ms N` each socket's task holds the first frame of a write for N ms,
+//! so that frames arriving meanwhile share its write: what coalescing costs in latency
+//! and saves in CPU.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -52,11 +56,13 @@ pub async fn serve(
     db_url: &str,
     keyed: Option<&str>,
     direct: bool,
+    hold_ms: Option<u64>,
 ) -> Result<()> {
     let (events, _) = broadcast::channel::<Utf8Bytes>(1 << 16);
     let sockets = direct.then(|| Arc::new(Sockets::default()));
+    let hold = hold_ms.map(std::time::Duration::from_millis);
     // `/health` and `/ws` are the inner service; socketioxide takes `/socket.io/`.
-    let inner = Inner(events.clone(), sockets.clone());
+    let inner = Inner(events.clone(), sockets.clone(), hold);
     let (service, io) = SocketIo::builder()
         .req_path("/socket.io")
         .max_buffer_size(1 << 16)
@@ -127,9 +133,13 @@ pub async fn serve(
 }
 
 /// `/health` and the bare WebSocket relay at `/ws`; the sockets written directly, in
-/// direct mode.
+/// direct mode; how long a write's first frame is held, when coalescing.
 #[derive(Clone)]
-struct Inner(broadcast::Sender<Utf8Bytes>, Option<Arc<Sockets>>);
+struct Inner(
+    broadcast::Sender<Utf8Bytes>,
+    Option<Arc<Sockets>>,
+    Option<std::time::Duration>,
+);
 
 /// The direct relay's subscribed sockets.
 #[derive(Default)]
@@ -172,10 +182,10 @@ impl Service<Request<Incoming>> for Inner {
             "/ws" => match hyper_tungstenite::upgrade(&mut req, None) {
                 Ok((res, socket)) => {
                     let rx = self.0.subscribe();
-                    let direct = self.1.clone();
+                    let (direct, hold) = (self.1.clone(), self.2);
                     tokio::spawn(async move {
                         if let Ok(ws) = socket.await {
-                            relay_ws(ws, rx, direct).await;
+                            relay_ws(ws, rx, direct, hold).await;
                         }
                     });
                     res
@@ -196,11 +206,13 @@ fn status(code: u16) -> Response<Full<Bytes>> {
 
 /// One `/ws` client: `stats` once it subscribes, then every payload; each read of the
 /// broadcast channel is fed, and flushed when nothing more is waiting. In direct mode the
-/// subscribed socket is handed to `direct` instead (nothing reads it after that).
+/// subscribed socket is handed to `direct` instead (nothing reads it after that). With
+/// `hold`, a write's first frame waits that long for company.
 async fn relay_ws(
     ws: hyper_tungstenite::HyperWebsocketStream,
     mut rx: broadcast::Receiver<Utf8Bytes>,
     direct: Option<Arc<Sockets>>,
+    hold: Option<std::time::Duration>,
 ) {
     let (mut sink, mut stream) = ws.split();
     // The daemon's handshake, which the Rust clients wait for; the Node ones ignore it.
@@ -242,6 +254,9 @@ async fn relay_ws(
             Ok(text) => {
                 if sink.feed(Message::Text(text)).await.is_err() {
                     return;
+                }
+                if let Some(hold) = hold {
+                    tokio::time::sleep(hold).await;
                 }
                 while let Ok(more) = rx.try_recv() {
                     if sink.feed(Message::Text(more)).await.is_err() {

@@ -171,8 +171,14 @@ pub async fn scenario(bench: &Bench) -> Result<Section> {
     db.batch_execute(RELAY_SQL)
         .await
         .ctx("creating the relay's table")?;
-    let relay =
-        crate::env::Server::relay(&bench.db.url, None, false, &bench.out_dir.join("logs")).await?;
+    let relay = crate::env::Server::relay(
+        &bench.db.url,
+        None,
+        false,
+        None,
+        &bench.out_dir.join("logs"),
+    )
+    .await?;
     let mut runs = Vec::new();
     for &rate in &rates {
         for _ in 0..rounds {
