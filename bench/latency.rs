@@ -687,18 +687,19 @@ pub async fn scenario(b: &Bench) -> Result<Section> {
                 num(out.from_ack.p50),
                 num(out.first.p50),
                 num(out.first.p99),
-                num(out.spread.p50),
-                num(out.spread.p99),
-                if out.queued_mean.is_nan() {
-                    "–".into()
+                // One subscriber: no spread.
+                if n > 1 {
+                    num(out.spread.p50)
                 } else {
-                    num(out.queued_mean)
-                },
-                if out.read_mean.is_nan() {
                     "–".into()
-                } else {
-                    num(out.read_mean)
                 },
+                if n > 1 {
+                    num(out.spread.p99)
+                } else {
+                    "–".into()
+                },
+                num(out.queued_mean),
+                num(out.read_mean),
             ]);
         }
         main.row(vec![
