@@ -23,6 +23,21 @@ struct PgBouncer {
 
 impl Drop for PgBouncer {
     fn drop(&mut self) {
+        // As root the child is `runuser`, whose death PgBouncer would outlive: stop
+        // PgBouncer itself, by the pid it wrote.
+        if let Some(pid) = std::fs::read_to_string(self.dir.join("pgbouncer.pid"))
+            .ok()
+            .and_then(|pid| pid.trim().parse::<u32>().ok())
+        {
+            let _ = citapulse_testkit::process::send_signal(pid, libc::SIGTERM);
+            // `runuser` reaps it and exits (bounded: then it is killed below).
+            for _ in 0..200 {
+                if matches!(self.child.try_wait(), Ok(Some(_))) {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -75,6 +90,7 @@ impl PgBouncer {
                  [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
                  auth_type = trust\nauth_file = {d}/users.txt\npool_mode = {pool_mode}\n\
                  default_pool_size = 20\nmax_client_conn = 200\nlogfile = {d}/pgbouncer.log\n\
+                 pidfile = {d}/pgbouncer.pid\n\
                  ignore_startup_parameters = extra_float_digits,options\nadmin_users = {user}\n"
             ),
         )
