@@ -232,40 +232,35 @@ impl Server {
         Err(last_err.unwrap_or_else(|| failed("the Node.js peer did not start")))
     }
 
-    /// Starts this binary as the bare relays (`--relay`) forwarding `db_url`'s NOTIFYs,
-    /// or reading `keyed` by key on empty ones (`--relay-keyed`), or with `direct`
-    /// writing every socket from the NOTIFY's task (`--relay-direct`), or with `hold`
-    /// holding each write's first frame that long (`--relay-hold-ms`).
-    pub async fn relay(
-        db_url: &str,
-        keyed: Option<&str>,
-        direct: bool,
-        hold: Option<Duration>,
-        log_dir: &Path,
-    ) -> Result<Self> {
+    /// Starts this binary as one of the relays (`--relay`, see [`RelayMode`]) of
+    /// `db_url`'s NOTIFYs.
+    pub async fn relay(db_url: &str, mode: RelayMode<'_>, log_dir: &Path) -> Result<Self> {
         let exe = std::env::current_exe().ctx("finding citapulse-bench's own path")?;
         let mut last_err = None;
         for _ in 0..3 {
             let port = free_port()?;
-            let name = match (keyed, direct, hold) {
-                (Some(_), _, _) => "relay-keyed",
-                (None, true, _) => "relay-direct",
-                (None, false, Some(_)) => "relay-coalesce",
-                (None, false, None) => "relay",
+            let name = match mode {
+                RelayMode::Bare => "relay",
+                RelayMode::Keyed(_) => "relay-keyed",
+                RelayMode::Direct => "relay-direct",
+                RelayMode::Hold(_) => "relay-coalesce",
             };
             let mut cmd = base_command(&exe, log_dir, name)?;
             cmd.arg("--relay")
                 .arg(format!("127.0.0.1:{port}"))
                 .arg("--relay-db")
                 .arg(db_url);
-            if let Some(table) = keyed {
-                cmd.arg("--relay-keyed").arg(table);
-            }
-            if direct {
-                cmd.arg("--relay-direct");
-            }
-            if let Some(hold) = hold {
-                cmd.arg("--relay-hold-ms").arg(hold.as_millis().to_string());
+            match mode {
+                RelayMode::Bare => {}
+                RelayMode::Keyed(table) => {
+                    cmd.arg("--relay-keyed").arg(table);
+                }
+                RelayMode::Direct => {
+                    cmd.arg("--relay-direct");
+                }
+                RelayMode::Hold(hold) => {
+                    cmd.arg("--relay-hold-ms").arg(hold.as_millis().to_string());
+                }
             }
             match Self::launch(Kind::Relay, cmd, port).await {
                 Ok(server) => return Ok(server),
@@ -536,6 +531,19 @@ pub async fn machine(db: &Database) -> serde_json::Value {
         "node": node,
         "nofile_limit": raise_nofile(),
     })
+}
+
+/// Which relay of `crate::relay` [`Server::relay`] starts.
+#[derive(Debug, Clone, Copy)]
+pub enum RelayMode<'a> {
+    /// NOTIFY payloads to every socket, a task per socket.
+    Bare,
+    /// Empty NOTIFYs answered by one read by key of this table.
+    Keyed(&'a str),
+    /// Bare, but every socket written from the NOTIFY's task.
+    Direct,
+    /// Bare, each write's first frame held this long.
+    Hold(Duration),
 }
 
 /// Waits (up to 5 s) until no daemon session is left: a stopped daemon's backends may

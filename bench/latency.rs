@@ -17,7 +17,7 @@ use tokio_postgres::{AsyncMessage, NoTls};
 
 use crate::Bench;
 use crate::client::{self, Received, ns_since, parse_seq};
-use crate::env::{Server, own_cpu_seconds};
+use crate::env::{RelayMode, Server, own_cpu_seconds};
 use crate::error::{Context, Result, failed};
 use crate::report::{Section, Summary, Table, median, num, ratio, round};
 use crate::writer::{self, Load, Timeline};
@@ -435,8 +435,6 @@ async fn floor_listener(
     Ok((client, task))
 }
 
-/// Writers for a target rate: 2 up to 1 000 commits/s (issue 10), 16 above (commits
-/// that NOTIFY serialise on their WAL flush, so few writers cannot reach 5 000/s).
 /// The daemon's clock from a notification's arrival to its events queued.
 const QUEUED_CLOCK: &str = "citapulse_wakeup_to_queued_seconds";
 /// The daemon's clock of the move-and-read statement's round trip.
@@ -452,6 +450,13 @@ async fn daemon_clock(server: &Server, target: Target, name: &str) -> (f64, f64)
     (sum.unwrap_or(f64::NAN), count.unwrap_or(f64::NAN))
 }
 
+/// The mean of a clock between two readings of [`daemon_clock`], ms.
+fn mean_ms_between(before: (f64, f64), after: (f64, f64)) -> f64 {
+    (after.0 - before.0) / (after.1 - before.1) * 1000.0
+}
+
+/// Writers for a target rate: 2 up to 1 000 commits/s (issue 10), 16 above (commits
+/// that NOTIFY serialise on their WAL flush, so few writers cannot reach 5 000/s).
 fn writers_for(rate: f64) -> usize {
     if rate <= 1000.0 { 2 } else { 16 }
 }
@@ -479,18 +484,12 @@ pub async fn scenario(b: &Bench) -> Result<Section> {
     let admin = b.db.connect().await?;
     let node = b.node("bench_bare", &mut section).await;
     let logs = b.out_dir.join("logs");
-    let relay = Server::relay(&b.db.url, None, false, None, &logs).await?;
-    let relay_keyed = Server::relay(
-        &b.db.url,
-        Some(Target::RelayKeyed.table()),
-        false,
-        None,
-        &logs,
-    )
-    .await?;
-    let relay_direct = Server::relay(&b.db.url, None, true, None, &logs).await?;
+    let relay = Server::relay(&b.db.url, RelayMode::Bare, &logs).await?;
+    let keyed = RelayMode::Keyed(Target::RelayKeyed.table());
+    let relay_keyed = Server::relay(&b.db.url, keyed, &logs).await?;
+    let relay_direct = Server::relay(&b.db.url, RelayMode::Direct, &logs).await?;
     let relay_coalesce = match b.relay_coalesce {
-        Some(hold) => Some(Server::relay(&b.db.url, None, false, Some(hold), &logs).await?),
+        Some(hold) => Some(Server::relay(&b.db.url, RelayMode::Hold(hold), &logs).await?),
         None => None,
     };
     // Idle subscribers on other tenants, so the hubs hold 1 000 tenants with subscribers.
@@ -580,10 +579,10 @@ pub async fn scenario(b: &Bench) -> Result<Section> {
                     let mut out = run(b, spec, Some(server), &tenant).await?;
                     if target.is_citapulse() {
                         out.end_mode = server.wakeup_mode().await;
-                        let (sum, count) = daemon_clock(server, target, QUEUED_CLOCK).await;
-                        out.queued_mean = (sum - queued.0) / (count - queued.1) * 1000.0;
-                        let (sum, count) = daemon_clock(server, target, READ_CLOCK).await;
-                        out.read_mean = (sum - read.0) / (count - read.1) * 1000.0;
+                        let queued_after = daemon_clock(server, target, QUEUED_CLOCK).await;
+                        out.queued_mean = mean_ms_between(queued, queued_after);
+                        let read_after = daemon_clock(server, target, READ_CLOCK).await;
+                        out.read_mean = mean_ms_between(read, read_after);
                     }
                     eprintln!(
                         "  latency round {round} {} {rate}/s × {n}: ack p50 {} ms p99 {} ms, {}/{} delivered, {} closed",

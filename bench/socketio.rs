@@ -173,9 +173,7 @@ pub async fn scenario(bench: &Bench) -> Result<Section> {
         .ctx("creating the relay's table")?;
     let relay = crate::env::Server::relay(
         &bench.db.url,
-        None,
-        false,
-        None,
+        crate::env::RelayMode::Bare,
         &bench.out_dir.join("logs"),
     )
     .await?;
